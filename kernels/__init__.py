@@ -1,0 +1,1 @@
+"""Triton kernels of fastnas, installed as ``fastnas.kernels``."""
