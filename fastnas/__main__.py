@@ -1,0 +1,4 @@
+from .search import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""The architecture step of DARTS's bilevel optimisation, first and second order.
+
+First order: α ← α − ξ_α ∇α L_val(w, α).
+Second order (DARTS eq. 7): one virtual SGD step w′ = w − η (m + ∇w L_train(w, α) + λw) (m: the weight optimiser's
+momentum), then ∇α L_val(w′, α) − η ∇²α,w L_train(w, α) ∇w′ L_val(w′, α), the Hessian-vector product taken by
+finite differences, (∇α L_train(w⁺, α) − ∇α L_train(w⁻, α)) / (2ε), w± = w ± ε ∇w′ L_val, ε = 0.01 / ‖∇w′ L_val‖.
+The virtual step runs through ``torch.func.functional_call``: no module is cloned, and the network's own weights
+and batch-norm statistics are left untouched.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .supernet import SuperNet
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Architect:
+    def __init__(self, model: SuperNet, criterion: LossFn, lr: float = 3e-4, betas=(0.5, 0.999),
+                 weight_decay: float = 1e-3, order: int = 1, network_momentum: float = 0.9,
+                 network_weight_decay: float = 3e-4, forward: Callable | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order}")
+        self.model, self.criterion, self.order = model, criterion, order
+        self.network_momentum, self.network_weight_decay = network_momentum, network_weight_decay
+        self.forward = forward or model  # the (possibly compiled) callable that runs the model
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None  # fp16 loss scaling
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+    def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,
+             eta: float, network_optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """One update of the architecture weights; returns the validation loss (detached)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.order == 1:
+            loss, grads = self._first_order(x_valid, y_valid)
+        else:
+            loss, grads = self._second_order(x_train, y_train, x_valid, y_valid, eta, network_optimizer)
+        for a, g in zip(self.model.arch_parameters(), grads):
+            a.grad = g
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # unscales, skips the step on inf/nan, adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return loss.detach()
+
+    # -- first order ------------------------------------------------------------------------------------------------
+    def _first_order(self, x: torch.Tensor, y: torch.Tensor):
+        loss = self.criterion(self.forward(x), y)
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        # only the alphas: no weight gradient is computed or accumulated
+        return loss, torch.autograd.grad(scaled, self.model.arch_parameters())
+
+    # -- second order -----------------------------------------------------------------------------------------------
+    def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**params, **buffers}, (x,))
+
+    def _second_order(self, x_train, y_train, x_valid, y_valid, eta: float, network_optimizer):
+        model = self.model
+        names, weights = zip(*model.named_weight_parameters())
+        arch_names = ("alphas_normal", "alphas_reduce")
+        alphas = dict(zip(arch_names, model.arch_parameters()))
+        # private copies of the batch-norm statistics: the virtual steps must not move the real ones
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+        # virtual step w' = w - eta * (momentum + dL_train/dw + wd * w)
+        loss_train = self.criterion(self._call({**dict(zip(names, weights)), **alphas}, buffers, x_train), y_train)
+        dw = torch.autograd.grad(loss_train, weights)
+        with torch.no_grad():
+            unrolled = []
+            for w, g in zip(weights, dw):
+                step = g + self.network_weight_decay * w
+                buf = network_optimizer.state.get(w, {}).get("momentum_buffer")
+                if buf is not None:
+                    step = step + self.network_momentum * buf
+                unrolled.append((w - eta * step).requires_grad_(True))
+
+        # validation loss at w': gradient for alpha and for w'
+        loss_valid = self.criterion(self._call({**dict(zip(names, unrolled)), **alphas}, buffers, x_valid), y_valid)
+        grads = torch.autograd.grad(loss_valid, list(alphas.values()) + unrolled)
+        d_alpha, d_unrolled = grads[: len(alphas)], grads[len(alphas):]
+
+        # finite-difference Hessian-vector product at w
+        hvp = self._hessian_vector_product(names, weights, alphas, buffers, d_unrolled, x_train, y_train)
+        return loss_valid, [da - eta * h for da, h in zip(d_alpha, hvp)]
+
+    def _hessian_vector_product(self, names, weights, alphas, buffers, vector, x, y, r: float = 1e-2):
+        norm = torch.sqrt(sum((v.double() ** 2).sum() for v in vector))
+        eps = (r / norm).item() if norm > 0 else 0.0
+        if eps == 0.0:  # the validation gradient vanished: no second-order correction
+            return [torch.zeros_like(a) for a in alphas.values()]
+        grads = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                shifted = [w + sign * eps * v for w, v in zip(weights, vector)]
+            loss = self.criterion(self._call({**dict(zip(names, shifted)), **alphas}, buffers, x), y)
+            grads.append(torch.autograd.grad(loss, list(alphas.values())))
+        return [(gp - gn) / (2 * eps) for gp, gn in zip(*grads)]
+
+
+def weight_step(model: nn.Module, forward: Callable, criterion: LossFn, optimizer: torch.optim.Optimizer,
+                x: torch.Tensor, y: torch.Tensor, grad_clip: float | None, arch_parameters=(),
+                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of the network weights with the architecture frozen (no α gradient is built or kept).
+
+    Returns (loss, logits), detached."""
+    optimizer.zero_grad(set_to_none=True)
+    frozen = [a for a in arch_parameters if a.requires_grad]
+    for a in frozen:
+        a.requires_grad_(False)
+    try:
+        logits = forward(x)
+        loss = criterion(logits, y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    finally:
+        for a in frozen:
+            a.requires_grad_(True)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.detach(), logits.detach()

@@ -1,0 +1,105 @@
+"""Run configurations and their presets, shared by search and retraining."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class SearchConfig:
+    """Every knob of a search. Defaults are DARTS's (Liu et al., 2018) where it has one."""
+
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    limit: int | None = None  # keep only the first N training images (smoke tests)
+    primitives: str = "at-darts"
+    C: int = 16
+    layers: int = 8
+    steps: int = 4
+    multiplier: int = 4
+    stem_multiplier: int = 3
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 3e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    train_portion: float = 0.5
+    order: int = 1
+    warmup_epochs: int = 0  # epochs of weight steps only, before the architecture starts to move
+    seed: int = 2
+    workers: int = 0
+    device: str = "auto"
+    backend: str = "auto"
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    partial_channels: int = 1
+    max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "arch_betas" in d:
+            d["arch_betas"] = tuple(d["arch_betas"])
+        return cls(**d)
+
+    def validate(self) -> None:
+        checks = [
+            (self.order in (1, 2), f"--order must be 1 or 2, got {self.order}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.C >= 2 and self.C % 2 == 0, f"--C must be even and >= 2, got {self.C}"),
+            (self.layers >= 1, f"--layers must be >= 1, got {self.layers}"),
+            (0.0 < self.train_portion < 1.0, f"--train-portion must be in (0, 1), got {self.train_portion}"),
+            (self.amp in ("off", "bf16", "fp16"), f"--amp must be off, bf16 or fp16, got {self.amp!r}"),
+            (self.partial_channels >= 1, f"--partial-channels must be >= 1, got {self.partial_channels}"),
+            (not (self.order == 2 and self.amp == "fp16"),
+             "--order 2 with --amp fp16 is refused: the finite-difference Hessian-vector product needs more range "
+             "than fp16 gives; use --amp bf16 or --order 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+SEARCH_PRESETS: dict[str, dict[str, Any]] = {
+    # DARTS (Liu et al., 2018), second order: the setting of its best CIFAR-10 cell
+    "darts": dict(dataset="cifar10", primitives="darts", epochs=50, batch_size=64, order=2),
+    # Shin and Bae: DARTS + channel/spatial attention, 50 epochs, batch 128, SGD 0.025 / 0.9 / 3e-4
+    "at-darts": dict(dataset="cifar10", primitives="at-darts", epochs=50, batch_size=128, lr=0.025,
+                     momentum=0.9, weight_decay=3e-4, order=2),
+    # a real search on the embedded digits, a few minutes on 2 CPU cores
+    "quick": dict(dataset="digits", primitives="at-darts", C=8, layers=5, epochs=12, batch_size=64,
+                  arch_lr=3e-3, order=1),
+}
+
+
+def preset(name: str, presets: dict[str, dict[str, Any]] = SEARCH_PRESETS) -> dict[str, Any]:
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return dict(presets[name])
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with the overrides that were given (None means not given)."""
+    out = dict(base)
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    return out
+
+

@@ -1,0 +1,149 @@
+"""Genotypes: the discrete cells that a search derives, with JSON and DARTS-string round trips."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+Edge = tuple[str, int]  # (op name, index of the input state: 0 = c_{k-2}, 1 = c_{k-1}, 2.. = intermediate nodes)
+
+
+class Genotype(NamedTuple):
+    """A cell pair as DARTS writes it: two (op, input) edges per intermediate node, and the concatenated nodes."""
+
+    normal: list[Edge]
+    normal_concat: list[int]
+    reduce: list[Edge]
+    reduce_concat: list[int]
+
+    def __str__(self) -> str:
+        return (f"Genotype(normal={self.normal!r}, normal_concat={self.normal_concat!r}, "
+                f"reduce={self.reduce!r}, reduce_concat={self.reduce_concat!r})")
+
+    @property
+    def steps(self) -> int:
+        return len(self.normal) // 2
+
+    def ops(self) -> set[str]:
+        return {op for op, _ in self.normal + self.reduce}
+
+    def to_dict(self) -> dict:
+        return {
+            "normal": [[op, i] for op, i in self.normal],
+            "normal_concat": list(self.normal_concat),
+            "reduce": [[op, i] for op, i in self.reduce],
+            "reduce_concat": list(self.reduce_concat),
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Genotype":
+        try:
+            g = cls(
+                normal=[(str(op), int(i)) for op, i in d["normal"]],
+                normal_concat=[int(i) for i in d["normal_concat"]],
+                reduce=[(str(op), int(i)) for op, i in d["reduce"]],
+                reduce_concat=[int(i) for i in d["reduce_concat"]],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"not a genotype: {exc!r} in {d!r:.200}") from None
+        g.validate()
+        return g
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "Genotype":
+        p = Path(text_or_path)
+        text = p.read_text() if (not str(text_or_path).lstrip().startswith("{") and p.exists()) else str(text_or_path)
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"genotype JSON is malformed: {exc}") from None
+
+    @classmethod
+    def parse(cls, text: str) -> "Genotype":
+        """Read ``Genotype(normal=[...], normal_concat=..., ...)`` as DARTS-family code prints it, without ``eval``.
+
+        ``normal_concat=range(2, 6)`` is accepted, as are the JSON form and a bare dict.
+        """
+        text = text.strip()
+        if text.startswith("{"):
+            return cls.from_json(text)
+        try:
+            node = ast.parse(text, mode="eval").body
+        except SyntaxError as exc:
+            raise ConfigError(f"cannot parse genotype string: {exc.msg} in {text!r:.200}") from None
+        if not (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Genotype"):
+            raise ConfigError(f"expected 'Genotype(normal=..., ...)', got {text!r:.200}")
+        fields = {}
+        for kw in node.keywords:
+            fields[kw.arg] = _literal(kw.value)
+        for name, value in zip(cls._fields, node.args):
+            fields[name] = _literal(value)
+        return cls.from_dict(fields)
+
+    def validate(self, known_ops: Sequence[str] | None = None, steps: int | None = None) -> None:
+        """Check structure (two edges per node, inputs that exist) and, optionally, op names and step count."""
+        for kind, edges, concat in (("normal", self.normal, self.normal_concat), ("reduce", self.reduce, self.reduce_concat)):
+            if len(edges) % 2 or not edges:
+                raise ConfigError(f"genotype {kind} cell needs two edges per node, got {len(edges)} edges")
+            n = len(edges) // 2
+            if steps is not None and n != steps:
+                raise ConfigError(f"genotype {kind} cell has {n} nodes, the network expects {steps}")
+            for k, (op, i) in enumerate(edges):
+                if not 0 <= i < 2 + k // 2:
+                    raise ConfigError(f"genotype {kind} edge {k} ({op!r}, {i}) reads a state that does not exist yet")
+                if known_ops is not None and op not in known_ops:
+                    raise ConfigError(f"genotype {kind} cell uses unknown op {op!r}; known ops: {', '.join(known_ops)}")
+            if not concat or any(not 0 <= c < 2 + n for c in concat):
+                raise ConfigError(f"genotype {kind}_concat {concat} names states outside 0..{n + 1}")
+
+
+def _literal(node: ast.AST):
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "range":
+        return list(range(*[ast.literal_eval(a) for a in node.args]))
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise ConfigError(f"genotype strings may hold only literals and range(...), found {ast.unparse(node)!r}") from None
+
+
+def derive_cell(weights: torch.Tensor, primitives: Sequence[str], steps: int,
+                edge_weights: torch.Tensor | None = None) -> list[Edge]:
+    """DARTS's rule: per node keep the two incoming edges whose strongest non-``none`` weight is largest, each with
+    its strongest non-``none`` op. ``edge_weights`` (PC-DARTS edge normalisation) scale each edge before ranking."""
+    w = weights.detach().double().cpu()
+    if edge_weights is not None:
+        w = w * edge_weights.detach().double().cpu()[:, None]
+    keep = [k for k, p in enumerate(primitives) if p != "none"]
+    gene, start = [], 0
+    for i in range(steps):
+        n = i + 2
+        block = w[start:start + n][:, keep]
+        strength = block.max(dim=1).values.tolist()
+        ranked = sorted(range(n), key=lambda j: -strength[j])[:2]  # stable: ties go to the lower input index
+        for j in ranked:
+            row = block[j].tolist()
+            best = max(range(len(row)), key=lambda k: (row[k], -k))  # ties go to the first op
+            gene.append((primitives[keep[best]], j))
+        start += n
+    return gene
+
+
+def derive(normal: torch.Tensor, reduce: torch.Tensor, primitives: Sequence[str], steps: int, multiplier: int,
+           edge_normal: torch.Tensor | None = None, edge_reduce: torch.Tensor | None = None) -> Genotype:
+    """A genotype from softmax weights of shape [edges, ops] for each cell type."""
+    concat = list(range(2 + steps - multiplier, steps + 2))
+    return Genotype(
+        normal=derive_cell(normal, primitives, steps, edge_normal), normal_concat=concat,
+        reduce=derive_cell(reduce, primitives, steps, edge_reduce), reduce_concat=concat,
+    )

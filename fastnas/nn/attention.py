@@ -1,0 +1,56 @@
+"""CBAM attention gates (Woo et al., 2018) on the fused ops, importable into any model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+def mlp_hidden_width(channels: int, reduction: int) -> int:
+    """Width of the channel gate's bottleneck: ``max(1, C // r)``."""
+    return max(1, channels // reduction)
+
+
+class ChannelAttention(nn.Module):
+    """Channel gate: avg- and max-pool over H×W, one shared MLP (C → C/r → C), add, sigmoid, scale channels."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        if channels < 1 or reduction < 1:
+            raise ValueError(f"ChannelAttention needs channels >= 1 and reduction >= 1, got {channels} and {reduction}")
+        hidden = mlp_hidden_width(channels, reduction)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, mx = ops.channel_pool(x)
+        n = avg.shape[0]
+        both = self.mlp(torch.cat([avg, mx], dim=0))  # one MLP pass for both pooled vectors
+        return ops.channel_scale(x, both[:n] + both[n:])
+
+
+class SpatialAttention(nn.Module):
+    """Spatial gate: max- and mean-pool over C, k×k conv (2 → 1) with batch norm, sigmoid, scale positions."""
+
+    def __init__(self, kernel_size: int = 7, affine: bool = True) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"SpatialAttention needs an odd kernel_size, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.bn(self.conv(ops.spatial_pool(x)))
+        return ops.spatial_scale(x, logits)
+
+
+class CBAM(nn.Module):
+    """Channel gate followed by spatial gate, as in CBAM."""
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, spatial: bool = True) -> None:
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction)
+        self.spatial = SpatialAttention(kernel_size) if spatial else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))

@@ -1,0 +1,151 @@
+"""What search and retraining share at run time: device, seeding, AMP, run folders and logging."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from . import ops
+from .errors import ConfigError
+
+log = logging.getLogger("fastnas")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_backend(name: str, device: torch.device) -> str:
+    """Select the fused-op backend globally and return the concrete one used on ``device``."""
+    ops.set_backend(name)
+    try:
+        return ops.resolve_backend(device)
+    except ops.BackendUnavailable as exc:
+        raise ConfigError(str(exc)) from None
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def new_run_dir(root: str | Path, prefix: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{prefix}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{prefix}-{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
+    """Log to the run folder's ``log.txt`` and to stderr (through tqdm, so progress bars stay intact)."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    if run_dir is not None:
+        fh = logging.FileHandler(run_dir / "log.txt")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    if verbose:
+        log.addHandler(_TqdmHandler(fmt))
+
+
+class _TqdmHandler(logging.Handler):
+    def __init__(self, fmt: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(fmt)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    from .checkpoint import write_text_atomic
+
+    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
+
+
+class Meter:
+    """Running average of loss and accuracy, and throughput in images per second."""
+
+    def __init__(self) -> None:
+        self.loss = 0.0
+        self.correct = 0
+        self.n = 0
+        self.start = time.perf_counter()
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        b = target.shape[0]
+        self.loss += float(loss) * b
+        self.correct += int((logits.argmax(dim=1) == target).sum())
+        self.n += b
+
+    @property
+    def avg_loss(self) -> float:
+        return self.loss / max(self.n, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * self.correct / max(self.n, 1)
+
+    @property
+    def throughput(self) -> float:
+        return self.n / max(time.perf_counter() - self.start, 1e-9)
+
+
+@torch.no_grad()
+def evaluate(forward, loader, criterion, device: torch.device, amp: str = "off",
+             channels_last: bool = False) -> Meter:
+    meter = Meter()
+    for x, y in loader:
+        x, y = to_device(x, y, device, channels_last)
+        with autocast(amp, device):
+            logits = forward(x)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            loss = criterion(logits.float(), y)
+        meter.update(loss, logits, y)
+    return meter
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[dict]:
+    out: dict = {}
+    t = time.perf_counter()
+    yield out
+    out["seconds"] = time.perf_counter() - t

@@ -1,0 +1,319 @@
+"""Architecture search: ``python -m fastnas.search``.
+
+Runs DARTS's bilevel search over the attention-augmented space (first or second order) and writes a run folder:
+``config.json``, ``log.txt``, ``alphas.json`` (softmax weights per epoch), ``checkpoint.pt`` (each epoch, atomic),
+``genotype.json`` / ``genotype.txt``, ``normal.png`` / ``reduce.png`` (the derived cells), ``alphas.png`` (how the
+weights moved) and ``analysis.txt`` (which edges chose attention).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint, config as cfgmod, runtime
+from .analysis import attention_report
+from .architect import Architect, weight_step
+from .config import SEARCH_PRESETS, SearchConfig
+from .data import search_loaders, set_epoch
+from .errors import CheckpointError, ConfigError, FastNASError
+from .genotype import Genotype
+from .runtime import log
+from .supernet import SuperNet, check_input_size
+from .viz import plot_alpha_history, plot_cell
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    history: list[dict]
+    run_dir: Path | None
+    valid_accuracy: float
+
+
+class Search:
+    """One search run: model, data, both optimisers and the loop; resumable from its checkpoint."""
+
+    def __init__(self, cfg: SearchConfig, run_dir: Path | None = None, progress: bool = True) -> None:
+        cfg.validate()
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.device = runtime.pick_device(cfg.device)
+        self.backend = runtime.select_backend(cfg.backend, self.device)
+        if cfg.amp == "bf16" and self.device.type == "cpu" and cfg.backend == "triton":
+            raise ConfigError("--amp bf16 with the triton backend needs a GPU")
+        runtime.seed_everything(cfg.seed)
+
+        self.train_loader, self.valid_loader, self.info = search_loaders(
+            cfg.dataset, cfg.batch_size, cfg.train_portion, cfg.data_dir, cfg.download, cfg.seed, cfg.workers,
+            cfg.limit)
+        check_input_size(self.info.image_size, self.info.image_size, cfg.layers)
+        self.model = self.build_model().to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = nn.CrossEntropyLoss()
+        self.forward = self._make_forward()
+        self.optimizer = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.arch_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.architect = Architect(self.model, self._loss, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
+                                   cfg.order, cfg.momentum, cfg.weight_decay, forward=self.forward,
+                                   scaler=self.arch_scaler)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    # -- construction -----------------------------------------------------------------------------------------------
+    def build_model(self) -> SuperNet:
+        cfg = self.cfg
+        return SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
+                        cfg.stem_multiplier, in_channels=self.info.in_channels)
+
+    def _make_forward(self):
+        model, cfg, device = self.model, self.cfg, self.device
+        run = torch.compile(model) if cfg.compile else model
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with runtime.autocast(cfg.amp, device):
+                return run(x)
+        return forward
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits.float(), y)
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "kind": "search", "config": self.cfg.to_dict(), "epoch": self.epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "arch_optimizer": self.architect.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "arch_scaler": self.arch_scaler.state_dict(),
+            "rng": checkpoint.rng_state(), "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "search":
+            raise CheckpointError(f"this is a {state.get('kind')!r} checkpoint, not a search checkpoint")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.architect.optimizer.load_state_dict(state["arch_optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.arch_scaler.load_state_dict(state["arch_scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint does not fit this configuration: {str(exc).splitlines()[0]}") from None
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.run_dir is not None:
+            checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
+
+    # -- loop -------------------------------------------------------------------------------------------------------
+    def train_epoch(self) -> runtime.Meter:
+        cfg = self.cfg
+        self.model.train()
+        set_epoch(self.train_loader, self.epoch)
+        set_epoch(self.valid_loader, self.epoch)
+        valid_iter = iter(self.valid_loader)
+        lr = self.scheduler.get_last_lr()[0]
+        meter = runtime.Meter()
+        total = len(self.train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(self.train_loader))
+        bar = tqdm(self.train_loader, total=total, desc=f"search {self.epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not self.progress, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            if step >= total:
+                break
+            x, y = runtime.to_device(x, y, self.device, cfg.channels_last)
+            if self.epoch >= cfg.warmup_epochs:
+                try:
+                    xv, yv = next(valid_iter)
+                except StopIteration:
+                    valid_iter = iter(self.valid_loader)
+                    xv, yv = next(valid_iter)
+                xv, yv = runtime.to_device(xv, yv, self.device, cfg.channels_last)
+                self.architect.step(x, y, xv, yv, lr, self.optimizer)
+            loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
+                                       self.model.arch_parameters(), self.scaler)
+            meter.update(loss, logits, y)
+            bar.set_postfix(loss=f"{meter.avg_loss:.3f}", acc=f"{meter.accuracy:.1f}",
+                            img_s=f"{meter.throughput:.0f}")
+        bar.close()
+        self.scheduler.step()
+        return meter
+
+    def run(self) -> SearchResult:
+        cfg = self.cfg
+        log.info(f"search: {cfg.dataset}, space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, "
+                 f"{cfg.layers} cells, order {cfg.order}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+                 f"device {self.device}, backend {self.backend}, amp {cfg.amp}")
+        log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
+        valid = None
+        while self.epoch < cfg.epochs:
+            with runtime.timed() as t:
+                train = self.train_epoch()
+                valid = runtime.evaluate(self.forward, self.valid_loader, self._loss, self.device, cfg.amp,
+                                         cfg.channels_last)
+            self.epoch += 1
+            w_normal, w_reduce = self.model.arch_weights()
+            self.history.append({
+                "epoch": self.epoch, "train_loss": train.avg_loss, "train_acc": train.accuracy,
+                "valid_loss": valid.avg_loss, "valid_acc": valid.accuracy, "seconds": t["seconds"],
+                "genotype": str(self.model.genotype()),
+                "normal": w_normal.detach().cpu().tolist(), "reduce": w_reduce.detach().cpu().tolist(),
+            })
+            log.info(f"epoch {self.epoch}/{cfg.epochs}: train loss {train.avg_loss:.4f} acc {train.accuracy:.2f}% | "
+                     f"valid loss {valid.avg_loss:.4f} acc {valid.accuracy:.2f}% | {train.throughput:.0f} img/s | "
+                     f"{t['seconds']:.1f}s")
+            self.write_epoch_outputs()
+            self.save_checkpoint()
+        genotype = self.model.genotype()
+        self.write_final_outputs(genotype)
+        return SearchResult(genotype, self.history, self.run_dir,
+                            self.history[-1]["valid_acc"] if self.history else float("nan"))
+
+    # -- outputs ----------------------------------------------------------------------------------------------------
+    def write_epoch_outputs(self) -> None:
+        if self.run_dir is None:
+            return
+        runtime.write_json({"primitives": list(self.model.primitives), "edges": self.model.edge_names(),
+                            "epochs": self.history}, self.run_dir / "alphas.json")
+
+    def write_final_outputs(self, genotype: Genotype) -> None:
+        report = attention_report(genotype)
+        log.info(f"genotype: {genotype}")
+        log.info("attention analysis:\n" + report)
+        if self.run_dir is None:
+            return
+        genotype.to_json(self.run_dir / "genotype.json")
+        (self.run_dir / "genotype.txt").write_text(str(genotype) + "\n")
+        (self.run_dir / "analysis.txt").write_text(report + "\n")
+        plot_cell(genotype.normal, genotype.normal_concat, self.run_dir / "normal.png", "normal cell")
+        plot_cell(genotype.reduce, genotype.reduce_concat, self.run_dir / "reduce.png", "reduction cell")
+        plot_alpha_history(self.history, self.model.primitives, self.model.edge_names(), self.run_dir / "alphas.png")
+        log.info(f"outputs in {self.run_dir}")
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastnas.search",
+        description="Differentiable architecture search (DARTS) over a space with CBAM attention ops. "
+                    "Without arguments: the 'quick' preset, a real search on the embedded digits dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--preset", default="quick", choices=sorted(SEARCH_PRESETS),
+        help="base settings: 'darts' (DARTS paper, CIFAR-10, 2nd order), 'at-darts' (Shin and Bae: CIFAR-10, 50 "
+             "epochs, batch 128), 'quick' (embedded digits, minutes on a CPU); options below override it")
+    add("--out", default="runs", help="folder under which the run folder is created")
+    add("--run-dir", default=None, help="exact run folder to write (default: OUT/search-PRESET-TIME)")
+    add("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    add("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100"], help="dataset (digits ships with the package)")
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python")
+    g.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-dir")
+    g.add_argument("--train-portion", type=float, help="fraction of the training set for the weights (rest: alphas)")
+    g.add_argument("--limit", type=int, help="use only the first N training images")
+    g.add_argument("--workers", type=int, help="data loader worker processes")
+    g = p.add_argument_group("search space and network")
+    g.add_argument("--primitives", help="space name (darts, at-darts) or comma-separated op names")
+    g.add_argument("--C", "--init-channels", dest="C", type=int, help="initial channels")
+    g.add_argument("--layers", type=int, help="number of cells")
+    g.add_argument("--steps", type=int, help="intermediate nodes per cell")
+    g.add_argument("--multiplier", type=int, help="nodes concatenated into the cell output")
+    g.add_argument("--stem-multiplier", type=int, help="stem width as a multiple of C")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--order", type=int, choices=[1, 2], help="first- or second-order architecture gradient")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="weight SGD learning rate (cosine-annealed)")
+    g.add_argument("--lr-min", type=float, help="final weight learning rate")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--grad-clip", type=float, help="weight gradient norm clip")
+    g.add_argument("--arch-lr", type=float, help="architecture Adam learning rate")
+    g.add_argument("--arch-weight-decay", type=float)
+    g.add_argument("--warmup-epochs", type=int, help="epochs of weight-only steps before alphas move")
+    g.add_argument("--max-steps", type=int, help="stop each epoch after N steps (smoke tests)")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
+    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the supernet")
+    g.add_argument("--partial-channels", type=int, help="PC-DARTS: sample 1/K of the channels on each edge")
+    return p
+
+
+OPTION_KEYS = [f for f in SearchConfig.__dataclass_fields__]
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    base = cfgmod.merge(SearchConfig().to_dict(), cfgmod.preset(args.preset))
+    overrides = {k: getattr(args, k) for k in OPTION_KEYS if hasattr(args, k)}
+    return SearchConfig.from_dict(cfgmod.merge(base, overrides))
+
+
+def explicit_options(argv: Sequence[str]) -> list[str]:
+    return [a.split("=")[0] for a in argv if a.startswith("--")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except FastNASError as exc:
+        print(f"fastnas.search: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastnas.search: interrupted; the last completed epoch is in the checkpoint (resume with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.resume:
+        run_dir = Path(args.resume)
+        state = checkpoint.load(run_dir)
+        cfg = SearchConfig.from_dict(state["config"])
+        ignored = [o for o in explicit_options(argv) if o not in ("--resume", "--no-progress", "--epochs")]
+        if args.epochs is not None:
+            cfg.epochs = args.epochs
+        runtime.setup_logging(run_dir)
+        if ignored:
+            log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
+        search = Search(cfg, run_dir, progress=not args.no_progress)
+        search.load_state_dict(state)
+        log.info(f"resumed {run_dir} after epoch {search.epoch}")
+    else:
+        cfg = config_from_args(args)
+        if not explicit_options(argv):
+            print("fastnas.search: running the 'quick' preset (a real search on the embedded digits dataset).\n"
+                  "  The papers' searches on CIFAR-10: python -m fastnas.search --preset at-darts --data-dir DIR\n"
+                  "  (or --preset darts); add --download to fetch CIFAR-10 there. See --help for every option.",
+                  file=sys.stderr)
+        cfg.validate()
+        run_dir = Path(args.run_dir) if args.run_dir else runtime.new_run_dir(args.out, f"search-{args.preset}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runtime.setup_logging(run_dir)
+        search = Search(cfg, run_dir, progress=not args.no_progress)
+        runtime.write_json({"preset": args.preset, **cfg.to_dict()}, run_dir / "config.json")
+    result = search.run()
+    print(str(result.genotype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
