@@ -1,0 +1,174 @@
+// Shared by the CPU and CUDA implementations of the fastnas ops: argument checks (same exception types and messages
+// as fastnas/ops/_checks.py) and the layout rules that the fake (meta) implementations in fastnas/ops/_cpp.py mirror.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/TensorUtils.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fastnas {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Checks. TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError in Python.
+
+inline std::string dtype_name(c10::ScalarType t) {
+  return std::string("torch.") + std::string(c10::getDtypeNames(t).first);
+}
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+inline bool is_float(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline void check_float(const char* op, const std::string& arg, const Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined(), "fastnas.", op, ": ", arg, " is an undefined tensor");
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), "fastnas.", op, ": ", arg, " has dtype ", dtype_name(t.scalar_type()),
+                   ", expected one of float32, float64, bfloat16, float16");
+}
+
+inline void check_4d(const char* op, const std::string& arg, const Tensor& t) {
+  check_float(op, arg, t);
+  TORCH_CHECK_VALUE(t.dim() == 4, "fastnas.", op, ": ", arg, " must be 4-D [N, C, H, W], got shape ",
+                    shape_str(t.sizes()));
+}
+
+inline void check_same_device(const char* op, const std::string& arg, const Tensor& t, const std::string& ref_arg,
+                              const Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "fastnas.", op, ": ", arg, " is on ", t.device(), ", expected ",
+                    ref.device(), " (the device of ", ref_arg, ")");
+}
+
+inline void check_device_type(const char* op, const std::string& arg, const Tensor& t, c10::DeviceType type) {
+  TORCH_CHECK_VALUE(t.device().type() == type, "fastnas.", op, ": ", arg, " is on ", t.device(), ", expected a ",
+                    c10::DeviceTypeName(type, /*lower_case=*/true), " tensor");
+}
+
+inline void check_mixed_sum(at::TensorList xs, const Tensor& weights) {
+  const char* op = "mixed_sum";
+  TORCH_CHECK_VALUE(!xs.empty(), "fastnas.mixed_sum: xs must hold at least one tensor");
+  check_float(op, "xs[0]", xs[0]);
+  const Tensor& x0 = xs[0];
+  for (size_t k = 1; k < xs.size(); ++k) {
+    const std::string arg = "xs[" + std::to_string(k) + "]";
+    check_float(op, arg, xs[k]);
+    TORCH_CHECK_VALUE(xs[k].sizes().equals(x0.sizes()), "fastnas.mixed_sum: ", arg, " has shape ",
+                      shape_str(xs[k].sizes()), ", expected ", shape_str(x0.sizes()), " (the shape of xs[0])");
+    TORCH_CHECK_TYPE(xs[k].scalar_type() == x0.scalar_type(), "fastnas.mixed_sum: ", arg, " has dtype ",
+                     dtype_name(xs[k].scalar_type()), ", expected ", dtype_name(x0.scalar_type()),
+                     " (the dtype of xs[0])");
+    check_same_device(op, arg, xs[k], "xs[0]", x0);
+  }
+  check_float(op, "weights", weights);
+  const int64_t K = static_cast<int64_t>(xs.size());
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == K, "fastnas.mixed_sum: weights must have shape [", K,
+                    "] (one per input), got ", shape_str(weights.sizes()));
+  check_same_device(op, "weights", weights, "xs[0]", x0);
+}
+
+inline void check_scale(const char* op, const Tensor& x, const Tensor& logits, at::IntArrayRef expected) {
+  check_4d(op, "x", x);
+  check_float(op, "logits", logits);
+  TORCH_CHECK_VALUE(logits.sizes().equals(expected), "fastnas.", op, ": logits must have shape ", shape_str(expected),
+                    " for x of shape ", shape_str(x.sizes()), ", got ", shape_str(logits.sizes()));
+  check_same_device(op, "logits", logits, "x", x);
+}
+
+inline void check_channel_scale(const Tensor& x, const Tensor& logits) {
+  check_4d("channel_scale", "x", x);
+  check_scale("channel_scale", x, logits, {x.size(0), x.size(1)});
+}
+
+inline void check_spatial_scale(const Tensor& x, const Tensor& logits) {
+  check_4d("spatial_scale", "x", x);
+  check_scale("spatial_scale", x, logits, {x.size(0), 1, x.size(2), x.size(3)});
+}
+
+inline void check_channel_pool(const Tensor& x) {
+  check_4d("channel_pool", "x", x);
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) > 0, "fastnas.channel_pool: x has no spatial elements (shape ",
+                    shape_str(x.sizes()), "), the max is undefined");
+}
+
+inline void check_spatial_pool(const Tensor& x) {
+  check_4d("spatial_pool", "x", x);
+  TORCH_CHECK_VALUE(x.size(1) > 0, "fastnas.spatial_pool: x has no channels (shape ", shape_str(x.sizes()),
+                    "), the max is undefined");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Layouts. Kernels have two fast paths for 4-D tensors: NCHW (contiguous) and NHWC (channels_last). Anything else is
+// copied into one of them first. Outputs that have the shape of an input are allocated with empty_like (which keeps
+// a dense input's strides); if that is neither NCHW nor NHWC, the kernel writes a contiguous temporary and copies.
+
+enum class Layout { NCHW, NHWC };
+
+inline c10::MemoryFormat memory_format(Layout l) {
+  return l == Layout::NHWC ? c10::MemoryFormat::ChannelsLast : c10::MemoryFormat::Contiguous;
+}
+
+// The fast path an existing 4-D tensor can use without a copy (NCHW when it can use neither).
+inline Layout layout_of(const Tensor& t) {
+  if (t.is_contiguous()) return Layout::NCHW;
+  if (t.is_contiguous(c10::MemoryFormat::ChannelsLast)) return Layout::NHWC;
+  return Layout::NCHW;
+}
+
+// True when t is channels_last-contiguous and not plain contiguous: the pools then produce channels_last results and
+// gradients. fastnas/ops/_cpp.py (_prefers_channels_last) must agree.
+inline bool prefers_channels_last(const Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(c10::MemoryFormat::ChannelsLast);
+}
+
+inline Tensor in_layout(const Tensor& t, Layout l) { return t.contiguous(memory_format(l)); }
+
+// A same-shape output for `like` (empty_like semantics) and the buffer the kernel writes: the output itself when it
+// is NCHW or NHWC, else a contiguous temporary that finish_output copies back.
+struct Output {
+  Tensor out;
+  Tensor buffer;
+  Layout layout;
+  void finish() {
+    if (!buffer.is_same(out)) out.copy_(buffer);
+  }
+};
+
+inline Output make_output(const Tensor& like, c10::optional<c10::ScalarType> dtype = c10::nullopt) {
+  Output o;
+  o.out = dtype ? at::empty_like(like, like.options().dtype(*dtype)) : at::empty_like(like);
+  if (o.out.is_contiguous()) {
+    o.layout = Layout::NCHW;
+    o.buffer = o.out;
+  } else if (o.out.dim() == 4 && o.out.is_contiguous(c10::MemoryFormat::ChannelsLast)) {
+    o.layout = Layout::NHWC;
+    o.buffer = o.out;
+  } else {
+    o.layout = Layout::NCHW;
+    o.buffer = at::empty(o.out.sizes(), o.out.options().memory_format(c10::MemoryFormat::Contiguous));
+  }
+  return o;
+}
+
+// t with exactly the strides of `ref` (same shape and dtype; ref is non-overlapping and dense).
+inline Tensor with_strides_of(const Tensor& t, const Tensor& ref) {
+  if (t.strides().equals(ref.strides()) && t.storage_offset() >= 0) return t;
+  Tensor r = at::empty_like(ref);
+  r.copy_(t);
+  return r;
+}
+
+// Accumulation dtype: float64 for float64, else float32.
+inline c10::ScalarType acc_dtype(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace fastnas

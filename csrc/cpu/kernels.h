@@ -1,0 +1,608 @@
+// CPU kernels of the fastnas ops, on raw pointers. Vectorised with at::vec::Vectorized, multi-threaded with
+// at::parallel_for, accumulating in at::opmath_type<T> (float for half types, double for double).
+//
+// Every reduction is deterministic: the work is cut into chunks whose bounds depend on the problem size only (never on
+// the number of threads), each chunk sums in a fixed order, and the chunk partials are added in a fixed order.
+//
+// Included by one translation unit per CPU capability; everything here lives in a namespace named after it.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace fastnas::cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Elements per parallel task of a streaming kernel.
+constexpr int64_t kGrain = 32768;
+// Elements per deterministic partial sum of mixed_sum's weight gradient (a chunk of grad stays in L1 for all K).
+constexpr int64_t kChunk = 4096;
+
+template <typename T>
+struct VecT {
+  using A = at::opmath_type<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t W = V::size();
+
+  static C10_ALWAYS_INLINE V load(const T* p) {
+    if constexpr (std::is_same_v<T, A>) {
+      return V::loadu(p);
+    } else {
+      V v;
+      at::vec::load_to_float<T>(p, v);
+      return v;
+    }
+  }
+  static C10_ALWAYS_INLINE void store(T* p, const V& v) {
+    if constexpr (std::is_same_v<T, A>) {
+      v.store(p);
+    } else {
+      at::vec::convert_from_float<T>(v, v).store(p, W);
+    }
+  }
+};
+
+template <typename A>
+C10_ALWAYS_INLINE A sigmoid(A v) {
+  return A(1) / (A(1) + std::exp(-v));
+}
+
+template <typename A>
+C10_ALWAYS_INLINE A hsum(const Vectorized<A>& v) {
+  __at_align__ A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A s = buf[0];
+  for (int64_t l = 1; l < Vectorized<A>::size(); ++l) s += buf[l];
+  return s;
+}
+
+// Does candidate (value v at index i) replace the current best (value m at index j < i)? NaN wins, then larger.
+template <typename A>
+C10_ALWAYS_INLINE bool beats_later(A v, A m) {
+  return !std::isnan(m) && (std::isnan(v) || v > m);
+}
+
+// A running (sum, max, first argmax) over a row; the vector lanes see indices l, l + W, l + 2W, ... in order.
+template <typename A>
+struct PoolAcc {
+  A sum = 0;
+  A max = 0;
+  int64_t arg = 0;
+};
+
+// Vector update of a running max/argmax: take v where it is larger, or NaN while the running max is not.
+template <typename V>
+C10_ALWAYS_INLINE V take_mask(const V& v, const V& m) {
+  return (v > m) | (v.isnan() & (m == m));
+}
+
+// Sum, NaN-propagating max and index of the first maximum of p[0..n) (n >= 1), in one pass.
+template <typename T>
+PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  PoolAcc<A> r;
+  int64_t i = 0;
+  if (n >= W) {
+    V vs = VT::load(p);
+    V vm = vs;
+    V vi = V::arange(A(0), A(1));  // index of each lane's running max (exact: n < 2^24 for float, checked by caller)
+    const V step(static_cast<A>(W));
+    V vidx = vi + step;
+    for (i = W; i + W <= n; i += W) {
+      V v = VT::load(p + i);
+      vs = vs + v;
+      V take = take_mask(v, vm);
+      vm = V::blendv(vm, v, take);
+      vi = V::blendv(vi, vidx, take);
+      vidx = vidx + step;
+    }
+    __at_align__ A m[W];
+    __at_align__ A id[W];
+    vm.store(m);
+    vi.store(id);
+    r.sum = hsum(vs);
+    A best = m[0];
+    A besti = id[0];
+    for (int64_t l = 1; l < W; ++l) {
+      bool take;
+      if (std::isnan(best)) {
+        take = std::isnan(m[l]) && id[l] < besti;
+      } else {
+        take = std::isnan(m[l]) || m[l] > best || (m[l] == best && id[l] < besti);
+      }
+      if (take) {
+        best = m[l];
+        besti = id[l];
+      }
+    }
+    r.max = best;
+    r.arg = static_cast<int64_t>(besti);
+  } else {
+    r.sum = A(p[0]);
+    r.max = A(p[0]);
+    r.arg = 0;
+    i = 1;
+  }
+  for (; i < n; ++i) {
+    A v = A(p[i]);
+    r.sum += v;
+    if (beats_later(v, r.max)) {
+      r.max = v;
+      r.arg = i;
+    }
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------ mixed_sum
+
+template <typename T>
+void mixed_sum_fwd(const std::vector<const T*>& xs, const at::opmath_type<T>* w, T* out, int64_t n) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  const int64_t K = static_cast<int64_t>(xs.size());
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+    for (; i + 2 * W <= e; i += 2 * W) {
+      V w0(w[0]);
+      V a0 = VT::load(xs[0] + i) * w0;
+      V a1 = VT::load(xs[0] + i + W) * w0;
+      for (int64_t k = 1; k < K; ++k) {
+        V wk(w[k]);
+        a0 = at::vec::fmadd(VT::load(xs[k] + i), wk, a0);
+        a1 = at::vec::fmadd(VT::load(xs[k] + i + W), wk, a1);
+      }
+      VT::store(out + i, a0);
+      VT::store(out + i + W, a1);
+    }
+    for (; i < e; ++i) {
+      A acc = A(xs[0][i]) * w[0];
+      for (int64_t k = 1; k < K; ++k) acc += A(xs[k][i]) * w[k];
+      out[i] = T(acc);
+    }
+  });
+}
+
+// grad_xs[k] = w[k] * g (when gxs is not empty) and grad_w[k] = sum g * xs[k] (when xs is not empty), one pass.
+template <typename T>
+void mixed_sum_bwd(const T* g, const std::vector<const T*>& xs, const at::opmath_type<T>* w,
+                   const std::vector<T*>& gxs, at::opmath_type<T>* gw, int64_t K, int64_t n) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  const bool want_x = !gxs.empty();
+  const bool want_w = !xs.empty();
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<A> partial(want_w ? nchunks * K : 0);
+  at::parallel_for(0, nchunks, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t lo = c * kChunk;
+      const int64_t hi = std::min(n, lo + kChunk);
+      for (int64_t k = 0; k < K; ++k) {
+        const V wk(w[k]);
+        int64_t i = lo;
+        if (want_w) {
+          const T* x = xs[k];
+          V acc(A(0));
+          A tail = 0;
+          if (want_x) {
+            T* gx = gxs[k];
+            for (; i + W <= hi; i += W) {
+              V gv = VT::load(g + i);
+              VT::store(gx + i, gv * wk);
+              acc = at::vec::fmadd(gv, VT::load(x + i), acc);
+            }
+            for (; i < hi; ++i) {
+              A gi = A(g[i]);
+              gx[i] = T(gi * w[k]);
+              tail += gi * A(x[i]);
+            }
+          } else {
+            for (; i + W <= hi; i += W) acc = at::vec::fmadd(VT::load(g + i), VT::load(x + i), acc);
+            for (; i < hi; ++i) tail += A(g[i]) * A(x[i]);
+          }
+          partial[c * K + k] = hsum(acc) + tail;
+        } else {
+          T* gx = gxs[k];
+          for (; i + W <= hi; i += W) VT::store(gx + i, VT::load(g + i) * wk);
+          for (; i < hi; ++i) gx[i] = T(A(g[i]) * w[k]);
+        }
+      }
+    }
+  });
+  if (want_w) {
+    for (int64_t k = 0; k < K; ++k) {
+      A s = 0;
+      for (int64_t c = 0; c < nchunks; ++c) s += partial[c * K + k];
+      gw[k] = s;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ channel_pool
+
+// x [rows, hw] -> avg[rows], max[rows], arg[rows]
+template <typename T>
+void channel_pool_nchw(const T* x, T* avg, T* mx, int32_t* arg, int64_t rows, int64_t hw) {
+  using A = at::opmath_type<T>;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / hw), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      PoolAcc<A> p = reduce_row(x + r * hw, hw);
+      avg[r] = T(p.sum / A(hw));
+      mx[r] = T(p.max);
+      arg[r] = static_cast<int32_t>(p.arg);
+    }
+  });
+}
+
+// x [N, HW, C] -> avg[N, C], max[N, C], arg[N, C]
+template <typename T>
+void channel_pool_nhwc(const T* x, T* avg, T* mx, int32_t* arg, int64_t N, int64_t C, int64_t HW) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / (HW * C)), [&](int64_t b, int64_t e) {
+    std::vector<A> s(C), m(C), id(C);
+    for (int64_t n = b; n < e; ++n) {
+      const T* xn = x + n * HW * C;
+      for (int64_t c = 0; c < C; ++c) {
+        s[c] = m[c] = A(xn[c]);
+        id[c] = 0;
+      }
+      for (int64_t h = 1; h < HW; ++h) {
+        const T* row = xn + h * C;
+        const V vh(static_cast<A>(h));
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
+          V v = VT::load(row + c);
+          V vm = V::loadu(m.data() + c);
+          V take = take_mask(v, vm);
+          (V::loadu(s.data() + c) + v).store(s.data() + c);
+          V::blendv(vm, v, take).store(m.data() + c);
+          V::blendv(V::loadu(id.data() + c), vh, take).store(id.data() + c);
+        }
+        for (; c < C; ++c) {
+          A v = A(row[c]);
+          s[c] += v;
+          if (beats_later(v, m[c])) {
+            m[c] = v;
+            id[c] = static_cast<A>(h);
+          }
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        avg[n * C + c] = T(s[c] / A(HW));
+        mx[n * C + c] = T(m[c]);
+        arg[n * C + c] = static_cast<int32_t>(id[c]);
+      }
+    }
+  });
+}
+
+// grad x = ga / HW everywhere, plus gm at the argmax. ga, gm, arg: [rows]; out [rows, hw]
+template <typename T>
+void channel_pool_bwd_nchw(const T* ga, const T* gm, const int32_t* arg, T* out, int64_t rows, int64_t hw) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / hw), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const A a = A(ga[r]) / A(hw);
+      T* o = out + r * hw;
+      const V va(a);
+      int64_t i = 0;
+      for (; i + W <= hw; i += W) VT::store(o + i, va);
+      for (; i < hw; ++i) o[i] = T(a);
+      o[arg[r]] = T(a + A(gm[r]));
+    }
+  });
+}
+
+// out [N, HW, C]
+template <typename T>
+void channel_pool_bwd_nhwc(const T* ga, const T* gm, const int32_t* arg, T* out, int64_t N, int64_t C, int64_t HW) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / (HW * C)), [&](int64_t b, int64_t e) {
+    std::vector<A> a(C);
+    for (int64_t n = b; n < e; ++n) {
+      for (int64_t c = 0; c < C; ++c) a[c] = A(ga[n * C + c]) / A(HW);
+      T* on = out + n * HW * C;
+      for (int64_t h = 0; h < HW; ++h) {
+        T* row = on + h * C;
+        int64_t c = 0;
+        for (; c + W <= C; c += W) VT::store(row + c, V::loadu(a.data() + c));
+        for (; c < C; ++c) row[c] = T(a[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) on[int64_t(arg[n * C + c]) * C + c] = T(a[c] + A(gm[n * C + c]));
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ spatial_pool
+
+// Positions per task of the NCHW spatial kernels (their per-task buffers stay in L1).
+constexpr int64_t kSpatialBlock = 1024;
+
+// x [N, C, HW] -> out [N, 2, HW] (max, mean), arg [N, HW]
+template <typename T>
+void spatial_pool_nchw(const T* x, T* out, int32_t* arg, int64_t N, int64_t C, int64_t HW) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  const int64_t nb = (HW + kSpatialBlock - 1) / kSpatialBlock;
+  const A invC = A(1) / A(C);
+  at::parallel_for(0, N * nb, std::max<int64_t>(1, kGrain / (C * std::min(HW, kSpatialBlock))), [&](int64_t b,
+                                                                                                    int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / nb;
+      const int64_t lo = (t % nb) * kSpatialBlock;
+      const int64_t hi = std::min(HW, lo + kSpatialBlock);
+      const T* xn = x + n * C * HW;
+      T* omax = out + n * 2 * HW;
+      T* omean = omax + HW;
+      int32_t* an = arg + n * HW;
+      int64_t i = lo;
+      for (; i + 2 * W <= hi; i += 2 * W) {
+        V m0 = VT::load(xn + i), m1 = VT::load(xn + i + W);
+        V s0 = m0, s1 = m1;
+        V i0(A(0)), i1(A(0));
+        for (int64_t c = 1; c < C; ++c) {
+          const V vc(static_cast<A>(c));
+          V v0 = VT::load(xn + c * HW + i), v1 = VT::load(xn + c * HW + i + W);
+          s0 = s0 + v0;
+          s1 = s1 + v1;
+          V t0 = take_mask(v0, m0), t1 = take_mask(v1, m1);
+          m0 = V::blendv(m0, v0, t0);
+          m1 = V::blendv(m1, v1, t1);
+          i0 = V::blendv(i0, vc, t0);
+          i1 = V::blendv(i1, vc, t1);
+        }
+        VT::store(omax + i, m0);
+        VT::store(omax + i + W, m1);
+        VT::store(omean + i, s0 * V(invC));
+        VT::store(omean + i + W, s1 * V(invC));
+        __at_align__ A ib[2 * W];
+        i0.store(ib);
+        i1.store(ib + W);
+        for (int64_t l = 0; l < 2 * W; ++l) an[i + l] = static_cast<int32_t>(ib[l]);
+      }
+      for (; i < hi; ++i) {
+        A m = A(xn[i]), s = m;
+        int32_t id = 0;
+        for (int64_t c = 1; c < C; ++c) {
+          A v = A(xn[c * HW + i]);
+          s += v;
+          if (beats_later(v, m)) {
+            m = v;
+            id = static_cast<int32_t>(c);
+          }
+        }
+        omax[i] = T(m);
+        omean[i] = T(s * invC);
+        an[i] = id;
+      }
+    }
+  });
+}
+
+// x [N*HW, C] -> out [N*HW, 2] (max, mean), arg [N*HW]
+template <typename T>
+void spatial_pool_nhwc(const T* x, T* out, int32_t* arg, int64_t rows, int64_t C) {
+  using A = at::opmath_type<T>;
+  const A invC = A(1) / A(C);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      PoolAcc<A> p = reduce_row(x + r * C, C);
+      out[2 * r] = T(p.max);
+      out[2 * r + 1] = T(p.sum * invC);
+      arg[r] = static_cast<int32_t>(p.arg);
+    }
+  });
+}
+
+// g [N, 2, HW] -> grad x [N, C, HW] = g[:, 1] / C + (c == arg) * g[:, 0]
+template <typename T>
+void spatial_pool_bwd_nchw(const T* g, const int32_t* arg, T* out, int64_t N, int64_t C, int64_t HW) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  const int64_t nb = (HW + kSpatialBlock - 1) / kSpatialBlock;
+  const A invC = A(1) / A(C);
+  at::parallel_for(0, N * nb, std::max<int64_t>(1, kGrain / (C * std::min(HW, kSpatialBlock))), [&](int64_t b,
+                                                                                                    int64_t e) {
+    __at_align__ A mean[kSpatialBlock], gmax[kSpatialBlock], idx[kSpatialBlock];
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / nb;
+      const int64_t lo = (t % nb) * kSpatialBlock;
+      const int64_t len = std::min(HW, lo + kSpatialBlock) - lo;
+      const T* g0 = g + n * 2 * HW + lo;
+      const T* g1 = g0 + HW;
+      const int32_t* an = arg + n * HW + lo;
+      for (int64_t i = 0; i < len; ++i) {
+        mean[i] = A(g1[i]) * invC;
+        gmax[i] = A(g0[i]);
+        idx[i] = static_cast<A>(an[i]);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        T* o = out + (n * C + c) * HW + lo;
+        const V vc(static_cast<A>(c));
+        const V zero(A(0));
+        int64_t i = 0;
+        for (; i + W <= len; i += W) {
+          V hit = V::blendv(zero, V::loadu(gmax + i), V::loadu(idx + i) == vc);
+          VT::store(o + i, V::loadu(mean + i) + hit);
+        }
+        for (; i < len; ++i) o[i] = T(an[i] == c ? mean[i] + gmax[i] : mean[i]);
+      }
+    }
+  });
+}
+
+// g [N*HW, 2] -> grad x [N*HW, C]
+template <typename T>
+void spatial_pool_bwd_nhwc(const T* g, const int32_t* arg, T* out, int64_t rows, int64_t C) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  const A invC = A(1) / A(C);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const A mean = A(g[2 * r + 1]) * invC;
+      T* o = out + r * C;
+      const V vm(mean);
+      int64_t c = 0;
+      for (; c + W <= C; c += W) VT::store(o + c, vm);
+      for (; c < C; ++c) o[c] = T(mean);
+      o[arg[r]] = T(mean + A(g[2 * r]));
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ scales
+
+// Row-wise product: out[r, :] = x[r, :] * s[r] (channel_scale NCHW) for rows of length len.
+template <typename T>
+void scale_rows_by_scalar(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* xr = x + r * len;
+      T* o = out + r * len;
+      const V vs(s[r]);
+      int64_t i = 0;
+      for (; i + W <= len; i += W) VT::store(o + i, VT::load(xr + i) * vs);
+      for (; i < len; ++i) o[i] = T(A(xr[i]) * s[r]);
+    }
+  });
+}
+
+// Row-wise product with a vector: out[r, :] = x[r, :] * s[(r / group) % ngroups, :] for rows of length len.
+// channel_scale NHWC: rows = N*HW, group = HW, s [N, C]; spatial_scale NCHW: rows = N*C, group = C, s [N, HW].
+template <typename T>
+void scale_rows_by_vector(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len, int64_t group) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* xr = x + r * len;
+      const A* sr = s + (r / group) * len;
+      T* o = out + r * len;
+      int64_t i = 0;
+      for (; i + W <= len; i += W) VT::store(o + i, VT::load(xr + i) * V::loadu(sr + i));
+      for (; i < len; ++i) o[i] = T(A(xr[i]) * sr[i]);
+    }
+  });
+}
+
+// Backward of scale_rows_by_scalar: gx[r, :] = g[r, :] * s[r] (if gx), d[r] = sum_i g[r, i] * x[r, i].
+template <typename T>
+void scale_rows_by_scalar_bwd(const T* g, const T* x, const at::opmath_type<T>* s, T* gx, at::opmath_type<T>* d,
+                              int64_t rows, int64_t len) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* gr = g + r * len;
+      const T* xr = x + r * len;
+      const V vs(s[r]);
+      V acc(A(0));
+      A tail = 0;
+      int64_t i = 0;
+      if (gx) {
+        T* o = gx + r * len;
+        for (; i + W <= len; i += W) {
+          V gv = VT::load(gr + i);
+          VT::store(o + i, gv * vs);
+          acc = at::vec::fmadd(gv, VT::load(xr + i), acc);
+        }
+        for (; i < len; ++i) {
+          A gi = A(gr[i]);
+          o[i] = T(gi * s[r]);
+          tail += gi * A(xr[i]);
+        }
+      } else {
+        for (; i + W <= len; i += W) acc = at::vec::fmadd(VT::load(gr + i), VT::load(xr + i), acc);
+        for (; i < len; ++i) tail += A(gr[i]) * A(xr[i]);
+      }
+      d[r] = hsum(acc) + tail;
+    }
+  });
+}
+
+// Backward of scale_rows_by_vector, reducing over the rows of each group:
+// gx[r, :] = g[r, :] * s[grp, :] (if gx), d[grp, :] = sum over the rows r of group grp of g[r, :] * x[r, :].
+// One task per group: its rows are summed in order.
+template <typename T>
+void scale_rows_by_vector_bwd(const T* g, const T* x, const at::opmath_type<T>* s, T* gx, at::opmath_type<T>* d,
+                              int64_t groups, int64_t group, int64_t len) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / std::max<int64_t>(len * group, 1)), [&](int64_t b,
+                                                                                                    int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const A* sn = s + n * len;
+      A* dn = d + n * len;
+      std::fill(dn, dn + len, A(0));
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t r = n * group + j;
+        const T* gr = g + r * len;
+        const T* xr = x + r * len;
+        int64_t i = 0;
+        if (gx) {
+          T* o = gx + r * len;
+          for (; i + W <= len; i += W) {
+            V gv = VT::load(gr + i);
+            VT::store(o + i, gv * V::loadu(sn + i));
+            at::vec::fmadd(gv, VT::load(xr + i), V::loadu(dn + i)).store(dn + i);
+          }
+          for (; i < len; ++i) {
+            A gi = A(gr[i]);
+            o[i] = T(gi * sn[i]);
+            dn[i] += gi * A(xr[i]);
+          }
+        } else {
+          for (; i + W <= len; i += W)
+            at::vec::fmadd(VT::load(gr + i), VT::load(xr + i), V::loadu(dn + i)).store(dn + i);
+          for (; i < len; ++i) dn[i] += A(gr[i]) * A(xr[i]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastnas::cpu

@@ -1,0 +1,342 @@
+// CPU implementations of the fastnas operators: checks, allocation, layout choice, dtype dispatch. The arithmetic is
+// in kernels.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "kernels.h"
+
+namespace fastnas::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr c10::DeviceType kDev = c10::DeviceType::CPU;
+
+// The float index lanes of the pooling kernels are exact below 2^24.
+void check_index_range(const char* op, int64_t n) {
+  TORCH_CHECK_VALUE(n < (int64_t(1) << 24), "fastnas.", op, ": the reduced dimension has ", n,
+                    " elements, expected fewer than 2^24");
+}
+
+// weights / logits as a contiguous tensor of the accumulation type of `like`
+Tensor as_acc(const Tensor& t, c10::ScalarType like) { return t.to(acc_dtype(like)).contiguous(); }
+
+template <typename A>
+Tensor sigmoid_of(const Tensor& logits_acc) {
+  Tensor s = at::empty_like(logits_acc);
+  const A* l = logits_acc.data_ptr<A>();
+  A* o = s.data_ptr<A>();
+  const int64_t n = s.numel();
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) o[i] = sigmoid(l[i]);
+  });
+  return s;
+}
+
+// grad logits = s (1 - s) d, written into a tensor like `logits` (its dtype and strides)
+template <typename A>
+Tensor logits_grad(const Tensor& s, const Tensor& d, const Tensor& logits) {
+  const A* sp = s.data_ptr<A>();
+  A* dp = d.data_ptr<A>();
+  for (int64_t i = 0; i < d.numel(); ++i) dp[i] = sp[i] * (A(1) - sp[i]) * dp[i];
+  Tensor out = at::empty_like(logits);
+  out.copy_(d.view(logits.sizes()));
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ mixed_sum
+
+Tensor mixed_sum(at::TensorList xs, const Tensor& weights) {
+  check_mixed_sum(xs, weights);
+  check_device_type("mixed_sum", "xs[0]", xs[0], kDev);
+  Tensor out = at::empty_like(xs[0]);
+  if (out.numel() == 0) return out;
+  std::vector<Tensor> xd;
+  xd.reserve(xs.size());
+  for (const Tensor& x : xs) xd.push_back(with_strides_of(x, out));
+  Tensor w = as_acc(weights, out.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fastnas::mixed_sum", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> ptrs;
+    for (const Tensor& x : xd) ptrs.push_back(x.const_data_ptr<scalar_t>());
+    mixed_sum_fwd<scalar_t>(ptrs, w.const_data_ptr<A>(), out.data_ptr<scalar_t>(), out.numel());
+  });
+  return out;
+}
+
+void check_grad(const char* op, const Tensor& grad, const Tensor& like) {
+  check_float(op, "grad", grad);
+  TORCH_CHECK_VALUE(grad.sizes().equals(like.sizes()), "fastnas.", op, ": grad has shape ", shape_str(grad.sizes()),
+                    ", expected ", shape_str(like.sizes()));
+  TORCH_CHECK_TYPE(grad.scalar_type() == like.scalar_type(), "fastnas.", op, ": grad has dtype ",
+                   dtype_name(grad.scalar_type()), ", expected ", dtype_name(like.scalar_type()));
+  check_same_device(op, "grad", grad, "the input", like);
+}
+
+// shared by both backward ops: xs empty -> no weight gradient
+std::tuple<std::vector<Tensor>, Tensor> mixed_sum_bwd_impl(const Tensor& grad, at::TensorList xs,
+                                                           const Tensor& weights, bool need_xs_grad) {
+  const int64_t K = weights.size(0);
+  std::vector<Tensor> gxs;
+  if (need_xs_grad) {
+    for (int64_t k = 0; k < K; ++k) gxs.push_back(at::empty_like(grad));
+  }
+  // the element order every operand is brought to: that of the (dense) gradients
+  Tensor gd_like = !gxs.empty() ? gxs[0] : grad.is_non_overlapping_and_dense() ? grad : at::empty_like(grad);
+  const bool want_w = !xs.empty();
+  Tensor gw_acc = at::zeros({want_w ? K : 0}, grad.options().dtype(acc_dtype(grad.scalar_type())));
+  if (grad.numel() > 0 && (need_xs_grad || want_w)) {
+    Tensor g = with_strides_of(grad, gd_like);
+    std::vector<Tensor> xd;
+    for (const Tensor& x : xs) xd.push_back(with_strides_of(x, gd_like));
+    Tensor w = as_acc(weights, grad.scalar_type());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::mixed_sum_backward", [&] {
+      using A = at::opmath_type<scalar_t>;
+      std::vector<const scalar_t*> xp;
+      for (const Tensor& x : xd) xp.push_back(x.const_data_ptr<scalar_t>());
+      std::vector<scalar_t*> gp;
+      for (Tensor& t : gxs) gp.push_back(t.data_ptr<scalar_t>());
+      mixed_sum_bwd<scalar_t>(g.const_data_ptr<scalar_t>(), xp, w.const_data_ptr<A>(), gp,
+                              want_w ? gw_acc.data_ptr<A>() : nullptr, K, grad.numel());
+    });
+  }
+  Tensor gw = want_w ? at::empty_like(weights) : at::empty({0}, weights.options());
+  if (want_w) gw.copy_(gw_acc);
+  return {gxs, gw};
+}
+
+std::tuple<std::vector<Tensor>, Tensor> mixed_sum_backward(const Tensor& grad, at::TensorList xs,
+                                                           const Tensor& weights, bool need_xs_grad) {
+  check_mixed_sum(xs, weights);
+  check_device_type("mixed_sum", "xs[0]", xs[0], kDev);
+  check_grad("mixed_sum", grad, xs[0]);
+  return mixed_sum_bwd_impl(grad, xs, weights, need_xs_grad);
+}
+
+std::vector<Tensor> mixed_sum_backward_xs(const Tensor& grad, const Tensor& weights) {
+  check_float("mixed_sum", "grad", grad);
+  check_float("mixed_sum", "weights", weights);
+  check_device_type("mixed_sum", "grad", grad, kDev);
+  check_same_device("mixed_sum", "weights", weights, "grad", grad);
+  TORCH_CHECK_VALUE(weights.dim() == 1, "fastnas.mixed_sum: weights must be 1-D, got shape ",
+                    shape_str(weights.sizes()));
+  return std::get<0>(mixed_sum_bwd_impl(grad, {}, weights, true));
+}
+
+// ------------------------------------------------------------------------------------------------ channel_pool
+
+std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x_in) {
+  check_channel_pool(x_in);
+  check_device_type("channel_pool", "x", x_in, kDev);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  check_index_range("channel_pool", HW);
+  Tensor avg = at::empty({N, C}, x_in.options());
+  Tensor mx = at::empty({N, C}, x_in.options());
+  Tensor arg = at::empty({N, C}, x_in.options().dtype(at::kInt));
+  if (N * C == 0) return {avg, mx, arg};
+  const Layout L = layout_of(x_in);
+  Tensor x = in_layout(x_in, L);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::channel_pool", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (L == Layout::NCHW) {
+      channel_pool_nchw<scalar_t>(xp, avg.data_ptr<scalar_t>(), mx.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(),
+                                  N * C, HW);
+    } else {
+      channel_pool_nhwc<scalar_t>(xp, avg.data_ptr<scalar_t>(), mx.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), N,
+                                  C, HW);
+    }
+  });
+  return {avg, mx, arg};
+}
+
+Tensor channel_pool_backward(const Tensor& grad_avg, const Tensor& grad_max, const Tensor& argmax, int64_t H,
+                             int64_t W, bool channels_last) {
+  check_float("channel_pool", "grad_avg", grad_avg);
+  check_device_type("channel_pool", "grad_avg", grad_avg, kDev);
+  TORCH_CHECK_VALUE(grad_avg.dim() == 2 && grad_max.sizes().equals(grad_avg.sizes()) &&
+                        argmax.sizes().equals(grad_avg.sizes()),
+                    "fastnas.channel_pool: backward expects grad_avg, grad_max and argmax of one shape [N, C]");
+  TORCH_CHECK_TYPE(grad_max.scalar_type() == grad_avg.scalar_type() && argmax.scalar_type() == at::kInt,
+                   "fastnas.channel_pool: backward expects grad_max of the dtype of grad_avg and an int32 argmax");
+  const int64_t N = grad_avg.size(0), C = grad_avg.size(1), HW = H * W;
+  const Layout L = channels_last ? Layout::NHWC : Layout::NCHW;
+  Tensor out = at::empty({N, C, H, W}, grad_avg.options().memory_format(memory_format(L)));
+  if (out.numel() == 0) return out;
+  Tensor ga = grad_avg.contiguous(), gm = grad_max.contiguous().to(ga.scalar_type()), arg = argmax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ga.scalar_type(), "fastnas::channel_pool_backward", [&] {
+    const scalar_t* gap = ga.const_data_ptr<scalar_t>();
+    const scalar_t* gmp = gm.const_data_ptr<scalar_t>();
+    const int32_t* ap = arg.const_data_ptr<int32_t>();
+    if (L == Layout::NCHW) {
+      channel_pool_bwd_nchw<scalar_t>(gap, gmp, ap, out.data_ptr<scalar_t>(), N * C, HW);
+    } else {
+      channel_pool_bwd_nhwc<scalar_t>(gap, gmp, ap, out.data_ptr<scalar_t>(), N, C, HW);
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ spatial_pool
+
+std::tuple<Tensor, Tensor> spatial_pool(const Tensor& x_in) {
+  check_spatial_pool(x_in);
+  check_device_type("spatial_pool", "x", x_in, kDev);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), HW = H * W;
+  check_index_range("spatial_pool", C);
+  const Layout L = prefers_channels_last(x_in) ? Layout::NHWC : Layout::NCHW;
+  Tensor out = at::empty({N, 2, H, W}, x_in.options().memory_format(memory_format(L)));
+  Tensor arg = at::empty({N, H, W}, x_in.options().dtype(at::kInt));
+  if (N * HW == 0) return {out, arg};
+  Tensor x = in_layout(x_in, L);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::spatial_pool", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (L == Layout::NCHW) {
+      spatial_pool_nchw<scalar_t>(xp, out.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), N, C, HW);
+    } else {
+      spatial_pool_nhwc<scalar_t>(xp, out.data_ptr<scalar_t>(), arg.data_ptr<int32_t>(), N * HW, C);
+    }
+  });
+  return {out, arg};
+}
+
+Tensor spatial_pool_backward(const Tensor& grad, const Tensor& argmax, int64_t C, bool channels_last) {
+  check_4d("spatial_pool", "grad", grad);
+  check_device_type("spatial_pool", "grad", grad, kDev);
+  const int64_t N = grad.size(0), H = grad.size(2), W = grad.size(3), HW = H * W;
+  TORCH_CHECK_VALUE(grad.size(1) == 2 && argmax.dim() == 3 && argmax.size(0) == N && argmax.size(1) == H &&
+                        argmax.size(2) == W,
+                    "fastnas.spatial_pool: backward expects grad [N, 2, H, W] and argmax [N, H, W]");
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.spatial_pool: backward expects an int32 argmax");
+  const Layout L = channels_last ? Layout::NHWC : Layout::NCHW;
+  Tensor out = at::empty({N, C, H, W}, grad.options().memory_format(memory_format(L)));
+  if (out.numel() == 0) return out;
+  Tensor g = in_layout(grad, L), arg = argmax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "fastnas::spatial_pool_backward", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const int32_t* ap = arg.const_data_ptr<int32_t>();
+    if (L == Layout::NCHW) {
+      spatial_pool_bwd_nchw<scalar_t>(gp, ap, out.data_ptr<scalar_t>(), N, C, HW);
+    } else {
+      spatial_pool_bwd_nhwc<scalar_t>(gp, ap, out.data_ptr<scalar_t>(), N * HW, C);
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ scales
+
+enum class Gate { Channel, Spatial };
+
+// The four (gate, layout) cases map onto two row kernels: a row of x is scaled either by one gate value (scalar) or
+// element-wise by a row of gate values (vector).
+struct RowPlan {
+  bool scalar;        // scale_rows_by_scalar (else by_vector)
+  int64_t rows, len;  // x viewed as [rows, len]
+  int64_t group;      // by_vector: rows per gate row; by_scalar backward: unused
+};
+
+RowPlan plan(Gate gate, Layout L, int64_t N, int64_t C, int64_t HW) {
+  if (gate == Gate::Channel) {
+    return L == Layout::NCHW ? RowPlan{true, N * C, HW, 1} : RowPlan{false, N * HW, C, HW};
+  }
+  return L == Layout::NCHW ? RowPlan{false, N * C, HW, C} : RowPlan{true, N * HW, C, 1};
+}
+
+Tensor scale_forward(Gate gate, const Tensor& x_in, const Tensor& logits) {
+  Output o = make_output(x_in);
+  if (x_in.numel() == 0) return o.out;
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  Tensor x = in_layout(x_in, o.layout);
+  Tensor l = as_acc(logits, x.scalar_type());
+  const RowPlan p = plan(gate, o.layout, N, C, HW);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::scale", [&] {
+    using A = at::opmath_type<scalar_t>;
+    Tensor s = sigmoid_of<A>(l);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = o.buffer.data_ptr<scalar_t>();
+    if (p.scalar) {
+      scale_rows_by_scalar<scalar_t>(xp, s.const_data_ptr<A>(), op, p.rows, p.len);
+    } else {
+      scale_rows_by_vector<scalar_t>(xp, s.const_data_ptr<A>(), op, p.rows, p.len, p.group);
+    }
+  });
+  o.finish();
+  return o.out;
+}
+
+std::tuple<Tensor, Tensor> scale_backward(Gate gate, const char* op, const Tensor& grad, const Tensor& x_in,
+                                          const Tensor& logits, bool need_x_grad) {
+  check_grad(op, grad, x_in);
+  Output o = make_output(grad);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  Tensor gx = need_x_grad ? o.out : at::empty({0}, grad.options());
+  Tensor l = as_acc(logits, x_in.scalar_type());
+  Tensor d = at::zeros(l.sizes(), l.options());
+  Tensor glog;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "fastnas::scale_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    Tensor s = sigmoid_of<A>(l);
+    if (x_in.numel() > 0) {
+      Tensor g = in_layout(grad, o.layout), x = in_layout(x_in, o.layout);
+      const RowPlan p = plan(gate, o.layout, N, C, HW);
+      scalar_t* gxp = need_x_grad ? o.buffer.data_ptr<scalar_t>() : nullptr;
+      if (p.scalar) {
+        scale_rows_by_scalar_bwd<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                           s.const_data_ptr<A>(), gxp, d.data_ptr<A>(), p.rows, p.len);
+      } else {
+        scale_rows_by_vector_bwd<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                           s.const_data_ptr<A>(), gxp, d.data_ptr<A>(), p.rows / p.group, p.group,
+                                           p.len);
+      }
+      if (need_x_grad) o.finish();
+    }
+    glog = logits_grad<A>(s, d, logits);
+  });
+  return {gx, glog};
+}
+
+Tensor channel_scale(const Tensor& x, const Tensor& logits) {
+  check_channel_scale(x, logits);
+  check_device_type("channel_scale", "x", x, kDev);
+  return scale_forward(Gate::Channel, x, logits);
+}
+
+std::tuple<Tensor, Tensor> channel_scale_backward(const Tensor& grad, const Tensor& x, const Tensor& logits,
+                                                  bool need_x_grad) {
+  check_channel_scale(x, logits);
+  check_device_type("channel_scale", "x", x, kDev);
+  return scale_backward(Gate::Channel, "channel_scale", grad, x, logits, need_x_grad);
+}
+
+Tensor spatial_scale(const Tensor& x, const Tensor& logits) {
+  check_spatial_scale(x, logits);
+  check_device_type("spatial_scale", "x", x, kDev);
+  return scale_forward(Gate::Spatial, x, logits);
+}
+
+std::tuple<Tensor, Tensor> spatial_scale_backward(const Tensor& grad, const Tensor& x, const Tensor& logits,
+                                                  bool need_x_grad) {
+  check_spatial_scale(x, logits);
+  check_device_type("spatial_scale", "x", x, kDev);
+  return scale_backward(Gate::Spatial, "spatial_scale", grad, x, logits, need_x_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
+  m.impl("mixed_sum", &mixed_sum);
+  m.impl("mixed_sum_backward", &mixed_sum_backward);
+  m.impl("mixed_sum_backward_xs", &mixed_sum_backward_xs);
+  m.impl("channel_pool", &channel_pool);
+  m.impl("channel_pool_backward", &channel_pool_backward);
+  m.impl("spatial_pool", &spatial_pool);
+  m.impl("spatial_pool_backward", &spatial_pool_backward);
+  m.impl("channel_scale", &channel_scale);
+  m.impl("channel_scale_backward", &channel_scale_backward);
+  m.impl("spatial_scale", &spatial_scale);
+  m.impl("spatial_scale_backward", &spatial_scale_backward);
+}
+
+}  // namespace fastnas::cpu

@@ -1,0 +1,52 @@
+// The operator schemas of fastnas, defined once. CPU kernels live in cpu/, CUDA kernels in cuda/; the fake (meta)
+// implementations and the autograd formulas are registered from Python (fastnas/ops/_cpp.py).
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#ifdef FASTNAS_WITH_CUDA
+namespace fastnas::cuda {
+std::vector<int64_t> arch_list();  // cuda/ops_cuda.cu
+}
+#endif
+
+namespace {
+std::vector<int64_t> cuda_arch_list() {
+#ifdef FASTNAS_WITH_CUDA
+  return fastnas::cuda::arch_list();
+#else
+  return {};
+#endif
+}
+}  // namespace
+
+TORCH_LIBRARY(fastnas, m) {
+  // sum_k weights[k] * xs[k]
+  m.def("mixed_sum(Tensor[] xs, Tensor weights) -> Tensor");
+  // weights need a gradient: (grad of every xs[k] (empty list unless need_xs_grad), grad of weights) in one pass
+  m.def("mixed_sum_backward(Tensor grad, Tensor[] xs, Tensor weights, bool need_xs_grad) -> (Tensor[], Tensor)");
+  // only the xs need a gradient: weights[k] * grad for every k (the inputs are not needed)
+  m.def("mixed_sum_backward_xs(Tensor grad, Tensor weights) -> Tensor[]");
+
+  // (mean over H*W, max over H*W, int32 index of the first maximum in H*W)
+  m.def("channel_pool(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def("channel_pool_backward(Tensor grad_avg, Tensor grad_max, Tensor argmax, SymInt H, SymInt W, "
+        "bool channels_last) -> Tensor");
+
+  // ([N, 2, H, W] with the max over C in channel 0 and the mean in channel 1, int32 index of the first maximal channel)
+  m.def("spatial_pool(Tensor x) -> (Tensor, Tensor)");
+  m.def("spatial_pool_backward(Tensor grad, Tensor argmax, SymInt C, bool channels_last) -> Tensor");
+
+  // x * sigmoid(logits)[:, :, None, None]
+  m.def("channel_scale(Tensor x, Tensor logits) -> Tensor");
+  // (grad x (an empty tensor unless need_x_grad), grad logits)
+  m.def("channel_scale_backward(Tensor grad, Tensor x, Tensor logits, bool need_x_grad) -> (Tensor, Tensor)");
+
+  // x * sigmoid(logits), logits [N, 1, H, W]
+  m.def("spatial_scale(Tensor x, Tensor logits) -> Tensor");
+  m.def("spatial_scale_backward(Tensor grad, Tensor x, Tensor logits, bool need_x_grad) -> (Tensor, Tensor)");
+
+  // build facts: the CUDA architectures compiled in (empty without CUDA)
+  m.def("cuda_arch_list() -> int[]", &cuda_arch_list);
+}
