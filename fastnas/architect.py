@@ -20,15 +20,23 @@ from .supernet import SuperNet
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _grad(loss: torch.Tensor, inputs) -> list[torch.Tensor]:
+    """d loss / d inputs, with zeros for inputs the loss does not use (e.g. alphas_normal without normal cells)."""
+    inputs = list(inputs)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
 class Architect:
     def __init__(self, model: SuperNet, criterion: LossFn, lr: float = 3e-4, betas=(0.5, 0.999),
                  weight_decay: float = 1e-3, order: int = 1, network_momentum: float = 0.9,
                  network_weight_decay: float = 3e-4, forward: Callable | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, fd_radius: float = 1e-2) -> None:
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
         self.model, self.criterion, self.order = model, criterion, order
         self.network_momentum, self.network_weight_decay = network_momentum, network_weight_decay
+        self.fd_radius = fd_radius  # ε·‖v‖ of the finite difference: 0.01 in DARTS
         self.forward = forward or model  # the (possibly compiled) callable that runs the model
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None  # fp16 loss scaling
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
@@ -55,7 +63,7 @@ class Architect:
         loss = self.criterion(self.forward(x), y)
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
         # only the alphas: no weight gradient is computed or accumulated
-        return loss, torch.autograd.grad(scaled, self.model.arch_parameters())
+        return loss, _grad(scaled, self.model.arch_parameters())
 
     # -- second order -----------------------------------------------------------------------------------------------
     def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,7 @@ class Architect:
 
         # virtual step w' = w - eta * (momentum + dL_train/dw + wd * w)
         loss_train = self.criterion(self._call({**dict(zip(names, weights)), **alphas}, buffers, x_train), y_train)
-        dw = torch.autograd.grad(loss_train, weights)
+        dw = _grad(loss_train, weights)
         with torch.no_grad():
             unrolled = []
             for w, g in zip(weights, dw):
@@ -83,14 +91,15 @@ class Architect:
 
         # validation loss at w': gradient for alpha and for w'
         loss_valid = self.criterion(self._call({**dict(zip(names, unrolled)), **alphas}, buffers, x_valid), y_valid)
-        grads = torch.autograd.grad(loss_valid, list(alphas.values()) + unrolled)
+        grads = _grad(loss_valid, list(alphas.values()) + unrolled)
         d_alpha, d_unrolled = grads[: len(alphas)], grads[len(alphas):]
 
         # finite-difference Hessian-vector product at w
-        hvp = self._hessian_vector_product(names, weights, alphas, buffers, d_unrolled, x_train, y_train)
+        hvp = self._hessian_vector_product(names, weights, alphas, buffers, d_unrolled, x_train, y_train,
+                                           self.fd_radius)
         return loss_valid, [da - eta * h for da, h in zip(d_alpha, hvp)]
 
-    def _hessian_vector_product(self, names, weights, alphas, buffers, vector, x, y, r: float = 1e-2):
+    def _hessian_vector_product(self, names, weights, alphas, buffers, vector, x, y, r: float):
         norm = torch.sqrt(sum((v.double() ** 2).sum() for v in vector))
         eps = (r / norm).item() if norm > 0 else 0.0
         if eps == 0.0:  # the validation gradient vanished: no second-order correction
@@ -100,7 +109,7 @@ class Architect:
             with torch.no_grad():
                 shifted = [w + sign * eps * v for w, v in zip(weights, vector)]
             loss = self.criterion(self._call({**dict(zip(names, shifted)), **alphas}, buffers, x), y)
-            grads.append(torch.autograd.grad(loss, list(alphas.values())))
+            grads.append(_grad(loss, alphas.values()))
         return [(gp - gn) / (2 * eps) for gp, gn in zip(*grads)]
 
 

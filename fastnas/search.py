@@ -107,6 +107,7 @@ class Search:
             self.optimizer.load_state_dict(state["optimizer"])
             self.architect.optimizer.load_state_dict(state["arch_optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.T_max = self.cfg.epochs  # a resume may extend the run: the cosine spans the new total
             self.scaler.load_state_dict(state["scaler"])
             self.arch_scaler.load_state_dict(state["arch_scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -151,14 +152,16 @@ class Search:
         self.scheduler.step()
         return meter
 
-    def run(self) -> SearchResult:
+    def run(self, until_epoch: int | None = None) -> SearchResult:
+        """Search until ``cfg.epochs`` (or stop after ``until_epoch``, as an interrupted run would)."""
         cfg = self.cfg
+        stop = cfg.epochs if until_epoch is None else min(until_epoch, cfg.epochs)
         log.info(f"search: {cfg.dataset}, space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, "
                  f"{cfg.layers} cells, order {cfg.order}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
                  f"device {self.device}, backend {self.backend}, amp {cfg.amp}")
         log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
         valid = None
-        while self.epoch < cfg.epochs:
+        while self.epoch < stop:
             with runtime.timed() as t:
                 train = self.train_epoch()
                 valid = runtime.evaluate(self.forward, self.valid_loader, self._loss, self.device, cfg.amp,
@@ -177,7 +180,8 @@ class Search:
             self.write_epoch_outputs()
             self.save_checkpoint()
         genotype = self.model.genotype()
-        self.write_final_outputs(genotype)
+        if self.epoch == cfg.epochs:
+            self.write_final_outputs(genotype)
         return SearchResult(genotype, self.history, self.run_dir,
                             self.history[-1]["valid_acc"] if self.history else float("nan"))
 

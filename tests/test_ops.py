@@ -261,3 +261,13 @@ def test_backend_selection_is_scoped_and_observable():
 def test_backend_for_wrong_device_is_refused():
     with pytest.raises(ops.BackendUnavailable, match="cuda"):
         ops.resolve_backend("cpu", "cuda")
+
+
+def test_backend_as_decorator_selects_only_while_running():
+    @ops.backend("reference")
+    def inside():
+        return ops.get_backend()
+
+    assert ops.get_backend() == "auto"
+    assert inside() == "reference"
+    assert ops.get_backend() == "auto"

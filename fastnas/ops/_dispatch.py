@@ -96,11 +96,14 @@ def set_backend(name: str) -> None:
 
 
 class backend:
-    """Select a backend: immediately when called, and back to the previous one when used as a context manager.
+    """Select a backend: immediately when called, and back to the previous one when used as a context manager
+    or as a decorator (like ``torch.set_grad_enabled``).
 
     >>> fastnas.ops.backend("cpu")            # global from now on
     >>> with fastnas.ops.backend("reference"):  # only inside the block
     ...     y = fastnas.ops.mixed_sum(xs, w)
+    >>> @fastnas.ops.backend("reference")      # only while the function runs
+    ... def f(): ...
     """
 
     def __init__(self, name: str) -> None:
@@ -113,6 +116,17 @@ class backend:
 
     def __exit__(self, *exc: object) -> None:
         set_backend(self.previous)
+
+    def __call__(self, fn: Callable) -> Callable:
+        import functools
+
+        set_backend(self.previous)  # decorating selects nothing by itself
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with backend(self.name):
+                return fn(*args, **kwargs)
+        return wrapper
 
     def __repr__(self) -> str:
         return f"fastnas.ops.backend({self.name!r})"
