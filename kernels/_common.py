@@ -10,18 +10,33 @@ integer arguments equal to 1, so the unit-stride axis is known at compile time a
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-INT32_MAX = 2**31 - 1
+INT32_MAX = tl.constexpr(2**31 - 1)  # a constexpr global, so kernels may use it
+
+
+# Set by kernels._aot while it records launches: block sizes are then chosen for the GPU even under the interpreter,
+# and ``launch`` hands each launch to the hook instead of running it.
+_gpu_configs_forced = False
+_launch_hook: Callable[..., Any] | None = None
 
 
 def interpreted() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``): block sizes are then chosen
+    for few programs, not for a GPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and not _gpu_configs_forced
+
+
+def launch(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)``, or the recording hook of :mod:`kernels._aot` when one is set."""
+    if _launch_hook is not None:
+        _launch_hook(kernel, grid, args, kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def next_pow2(n: int) -> int:
@@ -195,7 +210,7 @@ def sum_partials(part: torch.Tensor, out: torch.Tensor, logits: torch.Tensor | N
         lg = logits
     else:
         p, sl_n, sl_p, lg = 1, 0, 0, part
-    sum_partials_kernel[(triton.cdiv(m, bm),)](
+    launch(sum_partials_kernel, (triton.cdiv(m, bm),),
         part, lg, out, split, m, p, sl_n, sl_p,
         SIGMOID_GRAD=logits is not None, BS=bs, BM=bm, num_warps=1 if interpreted() else 4,
     )

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, acc_is_fp64, interpreted, next_pow2, sum_partials
+from ._common import acc_dtype, acc_is_fp64, interpreted, launch, next_pow2, sm_count, sum_partials
 
 MAX_K = 8
 
@@ -113,19 +113,23 @@ def _mixed_sum_bwd_kernel(
 # launch-size choice
 
 
-def block_config(n_elements: int, elem_bytes: int) -> tuple[int, int]:
+def block_config(n_elements: int, elem_bytes: int, device: torch.device | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps) for the flat kernels.
 
-    GPU: 16 KiB of each input per program (4096 fp32 / 8192 half / 2048 fp64 elements) on 8 warps: every thread has
-    four 16-byte vector loads of each of the K inputs in flight, and at the DARTS search shape (1 Mi elements)
-    there are 256 programs, about two per SM, each streaming K + 1 tensors. Small tensors shrink the block to the
-    tensor. Under the interpreter, one program covers up to 64 Ki elements.
+    GPU: at most 16 KiB of each input per program (4096 fp32 / 8192 half / 2048 fp64 elements), halved down to
+    1024 elements until there are at least four programs per SM; 4 warps up to 2048 elements, 8 above, so every
+    thread holds whole 16-byte vectors of each of the K inputs (K·2 or more loads in flight per thread). At the
+    DARTS search shape (1 Mi fp32 elements) that is BLOCK 1024, 1024 programs. Under the interpreter one program
+    covers up to 64 Ki elements.
     """
     if interpreted():
         return min(next_pow2(max(n_elements, 1)), 1 << 16), 1
-    block = max(16384 // max(elem_bytes, 1), 128)
+    block = max(16384 // max(elem_bytes, 1), 1024)
+    target = 4 * (sm_count(device) if device is not None else 132)
+    while block > 1024 and triton.cdiv(n_elements, block) < target:
+        block //= 2
     block = min(block, max(next_pow2(n_elements), 128))
-    return block, 8 if block >= 2048 else 4
+    return block, 8 if block > 2048 else 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ def mixed_sum_forward(xs: Sequence[torch.Tensor], weights: torch.Tensor, block: 
     weights = weights.contiguous()
     k_total = len(xs)
     acc64 = acc_is_fp64(out.dtype)
-    cfg_block, num_warps = block_config(n, out.element_size())
+    cfg_block, num_warps = block_config(n, out.element_size(), out.device)
     block = block or cfg_block
     grid = (triton.cdiv(n, block),)
     chunks = [(k0, min(k0 + MAX_K, k_total)) for k0 in range(0, k_total, MAX_K)]
@@ -162,7 +166,7 @@ def mixed_sum_forward(xs: Sequence[torch.Tensor], weights: torch.Tensor, block: 
         # partial sums of a multi-chunk K stay in the accumulation dtype between launches
         dst = out if last else torch.empty(out.shape, dtype=acc_dtype(out.dtype), device=out.device)
         ptrs = list(xs[k0:k1]) + [xs[k0]] * (MAX_K - (k1 - k0))
-        _mixed_sum_fwd_kernel[grid](
+        launch(_mixed_sum_fwd_kernel, grid,
             dst, acc_in if acc_in is not None else dst, weights, *ptrs, n, k0,
             K=k1 - k0, HAS_ACC_IN=acc_in is not None, ACC64=acc64, BLOCK=block, num_warps=num_warps,
         )
@@ -196,7 +200,7 @@ def mixed_sum_backward(
         xs = _same_layout(xs, ref)
     weights = weights.contiguous()
     acc64 = acc_is_fp64(grad.dtype)
-    cfg_block, num_warps = block_config(n, grad.element_size())
+    cfg_block, num_warps = block_config(n, grad.element_size(), grad.device)
     block = block or cfg_block
     programs = triton.cdiv(n, block)
     part = torch.empty((programs, k_total), dtype=acc_dtype(grad.dtype), device=grad.device) if need_w else grad
@@ -204,7 +208,7 @@ def mixed_sum_backward(
         k1 = min(k0 + MAX_K, k_total)
         gptrs = (gxs[k0:k1] if need_xs else [grad] * (k1 - k0)) + [grad] * (MAX_K - (k1 - k0))
         xptrs = (list(xs[k0:k1]) if need_w else [grad] * (k1 - k0)) + [grad] * (MAX_K - (k1 - k0))
-        _mixed_sum_bwd_kernel[(programs,)](
+        launch(_mixed_sum_bwd_kernel, (programs,),
             grad, weights, part, *gptrs, *xptrs, n, k0, k_total,
             K=k1 - k0, NEED_X=need_xs, NEED_W=need_w, ACC64=acc64, BLOCK=block, num_warps=num_warps,
         )

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TileConfig, acc_dtype, acc_is_fp64, as_npr, npr_strides, sum_partials, tile_config
+from ._common import TileConfig, launch, acc_dtype, acc_is_fp64, as_npr, npr_strides, sum_partials, tile_config
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def scale_forward(x: torch.Tensor, logits: torch.Tensor, spatial: bool, y: torch
     n, p, r = _dims(x, spatial)
     cfg = cfg or config(x, spatial, backward=False)
     npb = triton.cdiv(p, cfg.bp)
-    scale_fwd_kernel[(n * npb * cfg.split,)](
+    launch(scale_fwd_kernel, (n * npb * cfg.split,),
         y, x, lg, p, r, npb, cfg.split, cfg.r_chunk,
         *npr_strides(y, spatial), *npr_strides(x, spatial), *lg.stride(),
         ACC64=acc_is_fp64(x.dtype), BP=cfg.bp, BR=cfg.br, num_warps=cfg.num_warps,
@@ -173,7 +173,7 @@ def scale_backward(g: torch.Tensor, x: torch.Tensor | None, logits: torch.Tensor
     gx_ = gx if need_x else g
     x_ = x if need_l else g
     gl_ = gl2 if need_l else lg
-    scale_bwd_kernel[(n * npb * cfg.split,)](
+    launch(scale_bwd_kernel, (n * npb * cfg.split,),
         gx_, gl_, part if part is not None else g, g, x_, lg,
         p, r, npb, cfg.split, cfg.r_chunk, n * p,
         *npr_strides(gx_, spatial), *npr_strides(g, spatial), *npr_strides(x_, spatial), *lg.stride(),
