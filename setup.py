@@ -83,7 +83,7 @@ def _extensions():
 
     sources = ["csrc/fastnas.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-g0", "-fopenmp", "-fvisibility=hidden", "-DNDEBUG", "-Wno-unknown-pragmas"]
-    nvcc = ["-O3", "-g0", "-DNDEBUG", "-std=c++20", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "-DNDEBUG", "-std=c++20", "--expt-relaxed-constexpr"]
     macros = []
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
