@@ -95,6 +95,7 @@ def _scenarios() -> Iterator[tuple[str, Any]]:
     cases = [(darts, dt, "nchw") for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
     cases += [(darts, dt, "channels_last") for dt in (torch.float32, torch.bfloat16)]
     cases += [(odd, torch.float32, "nchw"), (odd, torch.float32, "channels_last")]
+    cases += [((1, 1, 64, 64), torch.float32, "nchw")]  # sizes and strides equal to 1 (specialised as constants)
 
     def make(shape, dtype, layout):
         x = torch.randn(shape).to(dtype)

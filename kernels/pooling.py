@@ -10,6 +10,10 @@ number and the first NaN wins, as in ``torch.max(dim)``. Each row is reduced by 
 result is deterministic. Outputs: mean, max (input dtype) and the argmax (int32), which the backward uses instead of
 a second pass over x.
 
+When N·P/BP programs alone would leave the GPU idle (channel_pool on channels_last: P = C is the contiguous axis, so
+rows cannot be cut finely), R is also split over programs: each writes its partial sum, maximum and first index to
+``[SPLIT, N·P]`` buffers, and ``pool_combine_kernel`` merges them in split order (the earlier split wins a tie).
+
 Backward (``pool_bwd_kernel``): grad x[n, p, r] = g_mean[n, p] / R + (r == argmax[n, p]) · g_max[n, p]; a pure write
 of x's size, one ``[BP, BR]`` tile per program.
 """
@@ -101,8 +105,9 @@ def pool_combine_kernel(
     total = tl.zeros((BM,), PSUM.dtype.element_ty)
     best = tl.full((BM,), float("-inf"), PMAX.dtype.element_ty)
     best_i = tl.full((BM,), INT32_MAX, tl.int32)
+    m_total = tl.full((), 0, tl.int64) + M  # int64 (M may arrive as the constexpr 1)
     for s in range(0, SPLIT):
-        off = s * M + m
+        off = s * m_total + m
         total += tl.load(PSUM + off, mask=mm, other=0.0)
         v = tl.load(PMAX + off, mask=mm, other=float("-inf"))
         i = tl.load(PIDX + off, mask=mm, other=INT32_MAX)

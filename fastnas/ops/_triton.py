@@ -111,6 +111,7 @@ def _(grad, xs, weights, need_xs, need_w):
 def _mixed_sum_setup(ctx, inputs, output):
     xs, weights = inputs
     needs = _needs(ctx, len(xs) + 1)
+    ctx.k = len(xs)
     ctx.need_xs, ctx.need_w = any(needs[: len(xs)]), needs[len(xs)]
     # the inputs are kept only for the weights' gradient; grad xs[k] = w[k]·g needs the weights alone
     ctx.save_for_backward(weights, *(xs if ctx.need_w else ()))
@@ -119,7 +120,7 @@ def _mixed_sum_setup(ctx, inputs, output):
 def _mixed_sum_grad(ctx, grad):
     weights, *xs = ctx.saved_tensors
     gxs, gw = _mixed_sum_backward(grad, xs, weights, ctx.need_xs, ctx.need_w)
-    return (gxs if ctx.need_xs else None), (gw if ctx.need_w else None)
+    return (gxs if ctx.need_xs else [None] * ctx.k), (gw if ctx.need_w else None)
 
 
 _mixed_sum.register_autograd(_mixed_sum_grad, setup_context=_mixed_sum_setup)
