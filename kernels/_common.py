@@ -39,6 +39,14 @@ def launch(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
         kernel[grid](*args, **kwargs)
 
 
+def tuning() -> tuple[int, int]:
+    """(bytes of input per program step, programs per SM wanted) for the GPU block choice: 8192 and 4 unless
+    ``FASTNAS_TRITON_TILE_BYTES`` / ``FASTNAS_TRITON_PROGRAMS_PER_SM`` say otherwise (read at every launch, so a
+    benchmark can sweep them: ``python -m fastnas.kernels.bench --sweep``)."""
+    return (int(os.environ.get("FASTNAS_TRITON_TILE_BYTES", 8192)),
+            int(os.environ.get("FASTNAS_TRITON_PROGRAMS_PER_SM", 4)))
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -137,7 +145,8 @@ def tile_config(
     not split: the fewest programs.
     """
     interp = interpreted()
-    tile = 1 << 16 if interp else 8192 // max(elem_bytes, 1)
+    tile_bytes, per_sm = tuning()
+    tile = 1 << 16 if interp else max(tile_bytes // max(elem_bytes, 1), 64)
     p2, r2 = next_pow2(max(p, 1)), next_pow2(max(r, 1))
     if p_unit_stride:
         bp = min(p2, tile, 64 if not interp else tile)
@@ -152,11 +161,11 @@ def tile_config(
         split = 1
     else:
         base = n * triton.cdiv(p, bp)
-        target = 4 * sm_count(device)
+        target = per_sm * sm_count(device)
         split = min(tiles_r, max(1, triton.cdiv(target, max(base, 1))))
     r_chunk = triton.cdiv(tiles_r, split) * br
     split = max(triton.cdiv(r, r_chunk), 1)
-    num_warps = 1 if interp else (8 if bp * br >= 2048 else 4)
+    num_warps = 1 if interp else (8 if bp * br >= 2048 else 4 if bp * br >= 512 else 2)
     return TileConfig(bp, br, split, r_chunk, num_warps)
 
 

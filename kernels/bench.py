@@ -127,7 +127,18 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", type=int, default=8, help="input sets rotated in the graph (working set > L2)")
     parser.add_argument("--no-autograd", action="store_true")
     parser.add_argument("--dry", action="store_true", help="tiny shape, CPU, interpreter: check the script")
+    parser.add_argument("--sweep", action="store_true",
+                        help="repeat for tile bytes 4096/8192/16384 x programs per SM 2/4/8 (kernels timing only)")
     args = parser.parse_args(argv)
+    if args.sweep:
+        rest = [a for a in (argv if argv is not None else __import__("sys").argv[1:]) if a != "--sweep"]
+        for tile_bytes in (4096, 8192, 16384):
+            for per_sm in (2, 4, 8):
+                os.environ["FASTNAS_TRITON_TILE_BYTES"], os.environ["FASTNAS_TRITON_PROGRAMS_PER_SM"] = \
+                    str(tile_bytes), str(per_sm)
+                print(f"== FASTNAS_TRITON_TILE_BYTES={tile_bytes} FASTNAS_TRITON_PROGRAMS_PER_SM={per_sm}")
+                main(rest + ["--no-autograd"])
+        return 0
 
     if args.dry:
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, acc_is_fp64, interpreted, launch, next_pow2, sm_count, sum_partials
+from ._common import acc_dtype, acc_is_fp64, interpreted, launch, next_pow2, sm_count, sum_partials, tuning
 
 MAX_K = 8
 
@@ -124,8 +124,9 @@ def block_config(n_elements: int, elem_bytes: int, device: torch.device | None =
     """
     if interpreted():
         return min(next_pow2(max(n_elements, 1)), 1 << 16), 1
-    block = max(16384 // max(elem_bytes, 1), 1024)
-    target = 4 * (sm_count(device) if device is not None else 132)
+    tile_bytes, per_sm = tuning()
+    block = max(2 * tile_bytes // max(elem_bytes, 1), 1024)
+    target = per_sm * (sm_count(device) if device is not None else 132)
     while block > 1024 and triton.cdiv(n_elements, block) < target:
         block //= 2
     block = min(block, max(next_pow2(n_elements), 128))
