@@ -1,0 +1,206 @@
+"""Fused ops and attention gates: every provider side by side (pytest-benchmark).
+
+Providers: ``reference`` (unfused eager PyTorch), ``reference_compiled`` (torch.compile of it), ``cpu`` /
+``cpu_compiled`` (the C++ backend, eager and inside torch.compile), ``cuda`` and ``triton`` (CUDA tensors only; skipped
+without a GPU). Cases: the five ops and the two whole attention gates (channel: pool -> shared MLP C -> C/16 -> C -> add
+-> scale; spatial: pool -> 7x7 conv 2 -> 1 + batch norm -> scale), forward and forward+backward, at the three DARTS
+search-stage shapes (batch 64: C=16 @ 32x32, 32 @ 16x16, 64 @ 8x8; K = 7 inputs for mixed_sum), fp32 and bf16.
+
+By default the torch.compile providers run at the stage-1 shape in fp32 only and bf16 runs at the stage-1 shape
+(each compilation costs seconds on a small machine); ``FASTNAS_BENCH_FULL=1`` runs the whole matrix.
+``benchmark.extra_info`` records provider, op, mode, shape, dtype, device and the bytes a fused implementation must
+move (for a roofline). Compare providers within one group: ``pytest benchmarks/ --benchmark-group-by=group``.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastnas.ops as ops
+from fastnas.ops import reference
+
+FULL = os.environ.get("FASTNAS_BENCH_FULL", "0") == "1"
+K = 7
+SHAPES = {"s1": (64, 16, 32, 32), "s2": (64, 32, 16, 16), "s3": (64, 64, 8, 8)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OPS = ("mixed_sum", "channel_pool", "channel_scale", "spatial_pool", "spatial_scale", "channel_gate", "spatial_gate")
+MODES = ("fwd", "fwdbwd")
+PROVIDERS = ("reference", "reference_compiled", "cpu", "cpu_compiled", "cuda", "triton")
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _device(provider: str) -> str:
+    if provider in ("cuda", "triton"):
+        return "cuda"
+    if provider in ("cpu", "cpu_compiled"):
+        return "cpu"
+    return "cuda" if HAS_CUDA and os.environ.get("FASTNAS_BENCH_REFERENCE_DEVICE", "cpu") == "cuda" else "cpu"
+
+
+def _backend(provider: str) -> str:
+    return provider.removesuffix("_compiled")
+
+
+def _skip_reason(provider: str, shape_id: str, dtype_id: str) -> str | None:
+    dev = _device(provider)
+    if dev == "cuda" and not HAS_CUDA:
+        return "no CUDA device"
+    try:
+        ops.resolve_backend(dev, _backend(provider))
+    except ops.BackendUnavailable as exc:
+        return str(exc)
+    if not FULL and (shape_id != "s1" and (provider.endswith("_compiled") or dtype_id == "bf16")):
+        return "reduced matrix (set FASTNAS_BENCH_FULL=1)"
+    if not FULL and provider.endswith("_compiled") and dtype_id == "bf16":
+        return "reduced matrix (set FASTNAS_BENCH_FULL=1)"
+    return None
+
+
+class ChannelGate(nn.Module):
+    """CBAM channel attention on the fused ops: (avg, max) pool -> shared MLP -> add -> sigmoid scale."""
+
+    def __init__(self, c: int, r: int = 16, backend: str = "reference") -> None:
+        super().__init__()
+        hidden = max(1, c // r)
+        self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=False), nn.Linear(hidden, c))
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, mx = ops.channel_pool(x, backend=self.backend)
+        logits = self.mlp(avg) + self.mlp(mx)
+        return ops.channel_scale(x, logits, backend=self.backend)
+
+
+class SpatialGate(nn.Module):
+    """CBAM spatial attention on the fused ops: (max, mean) over C -> 7x7 conv 2 -> 1 + BN -> sigmoid scale."""
+
+    def __init__(self, backend: str = "reference") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.bn(self.conv(ops.spatial_pool(x, backend=self.backend)))
+        return ops.spatial_scale(x, logits, backend=self.backend)
+
+
+def _bytes_moved(op: str, mode: str, shape, dtype: torch.dtype) -> int:
+    """Bytes a fused implementation must read and write (activation-sized tensors only)."""
+    n, c, h, w = shape
+    act = n * c * h * w * torch.tensor([], dtype=dtype).element_size()
+    small = n * h * w * torch.tensor([], dtype=dtype).element_size()  # one [N, 1, H, W] plane
+    fwd = {
+        "mixed_sum": (K + 1) * act,
+        "channel_pool": act,
+        "channel_scale": 2 * act,
+        "spatial_pool": act + 2 * small,
+        "spatial_scale": 2 * act + small,
+        "channel_gate": 3 * act,  # pool reads x; scale reads x, writes y
+        "spatial_gate": 3 * act + 3 * small,
+    }[op]
+    bwd = {
+        "mixed_sum": (1 + 2 * K) * act,  # read g and every x, write every grad x
+        "channel_pool": act,
+        "channel_scale": 3 * act,
+        "spatial_pool": act + 2 * small,
+        "spatial_scale": 3 * act + small,
+        "channel_gate": 4 * act + 2 * act,  # scale bwd + pool bwd + summing the two grads of x
+        "spatial_gate": 4 * act + 2 * act + 4 * small,
+    }[op]
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def _make_case(op: str, provider: str, shape, dtype: torch.dtype):
+    """(function to time, leaves that receive gradients, upstream grads) for one case."""
+    dev = _device(provider)
+    backend = _backend(provider)
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*s):
+        return torch.randn(*s, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
+
+    if op == "mixed_sum":
+        xs = [rand(*shape) for _ in range(K)]
+        weights = torch.softmax(torch.randn(K, generator=gen), 0).to(dev).requires_grad_()  # fp32, as under AMP
+        fn = lambda: ops.mixed_sum(xs, weights, backend=backend)  # noqa: E731
+        leaves = [*xs, weights]
+    elif op in ("channel_pool", "spatial_pool"):
+        x = rand(*shape)
+        fn = lambda: getattr(ops, op)(x, backend=backend)  # noqa: E731
+        leaves = [x]
+    elif op == "channel_scale":
+        x, logits = rand(*shape), rand(n, c)
+        fn = lambda: ops.channel_scale(x, logits, backend=backend)  # noqa: E731
+        leaves = [x, logits]
+    elif op == "spatial_scale":
+        x, logits = rand(*shape), rand(n, 1, h, w)
+        fn = lambda: ops.spatial_scale(x, logits, backend=backend)  # noqa: E731
+        leaves = [x, logits]
+    else:
+        module = (ChannelGate(c, backend=backend) if op == "channel_gate" else SpatialGate(backend=backend))
+        module = module.to(device=dev, dtype=dtype)
+        x = rand(*shape)
+        fn = lambda: module(x)  # noqa: E731
+        leaves = [x, *module.parameters()]
+    if provider.endswith("_compiled"):
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True)
+    return fn, leaves
+
+
+def _timed(fn, mode: str, leaves, dev: str):
+    grads = None
+
+    def fwd():
+        with torch.no_grad():
+            fn()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def fwdbwd():
+        nonlocal grads
+        out = fn()
+        outs = list(out) if isinstance(out, tuple) else [out]
+        if grads is None:
+            grads = [torch.randn_like(o) for o in outs]
+        torch.autograd.backward(outs, grads)
+        for t in leaves:
+            t.grad = None
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    return fwd if mode == "fwd" else fwdbwd
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bench(benchmark, provider, op, mode, shape_id, dtype_id):
+    why = _skip_reason(provider, shape_id, dtype_id)
+    if why:
+        pytest.skip(why)
+    shape, dtype, dev = SHAPES[shape_id], DTYPES[dtype_id], _device(provider)
+    fn, leaves = _make_case(op, provider, shape, dtype)
+    run = _timed(fn, mode, leaves, dev)
+    for _ in range(3):  # compile (for the compiled providers) and warm up, outside the timing
+        run()
+    t0 = time.perf_counter()
+    run()
+    once = time.perf_counter() - t0
+    rounds = int(max(5, min(60, 0.4 / max(once, 1e-6))))
+    benchmark.group = f"{op}-{mode}-{shape_id}-{dtype_id}"
+    benchmark.extra_info.update(
+        provider=provider, op=op, mode=mode, shape=list(shape), dtype=dtype_id, device=dev,
+        threads=torch.get_num_threads(), bytes=_bytes_moved(op, mode, shape, dtype),
+        k=K if op == "mixed_sum" else None,
+    )
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
