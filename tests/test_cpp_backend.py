@@ -103,6 +103,7 @@ def _compare(op, args, device, dtype):
 def test_library_provides_the_backends():
     assert ops.resolve_backend("cpu") == "cpu"
     assert ops.available_backends()["cpu"] == "available"
+    assert _cpp.cpu_capability() in ("avx2", "default")
     for name in ("mixed_sum", "channel_pool", "channel_scale", "spatial_pool", "spatial_scale"):
         assert name in _cpp.custom_ops
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnas::{name}", "CPU")
@@ -151,6 +152,43 @@ def test_built_library_is_not_older_than_its_sources():
         pytest.skip("not an in-tree (editable) build")
     stale = [s for s in sources if os.path.getmtime(s) > os.path.getmtime(lib) + 1]
     assert not stale, f"rebuild fastnas._C (pip install --no-build-isolation -e .): newer sources {stale}"
+
+
+@needs_lib
+def test_portable_cpu_kernels_match_the_reference():
+    """The kernels compiled for the baseline instruction set (used where AVX2 is missing) are right too."""
+    code = textwrap.dedent("""
+        import torch, fastnas.ops as ops
+        from fastnas.ops import reference as R, _cpp
+        assert _cpp.cpu_capability() == "default", _cpp.cpu_capability()
+        g = torch.Generator().manual_seed(0)
+        for shape in [(3, 37, 9, 11), (2, 16, 32, 32), (1, 3, 1, 70)]:
+            for cl in (False, True):
+                for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                    mk = lambda: torch.randn(shape, generator=g).to(dtype)
+                    x = mk()
+                    if cl:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    n, c, h, w = shape
+                    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+                    xs, wts = [mk() for _ in range(3)], torch.randn(3)
+                    cases = [("mixed_sum", (xs, wts)), ("channel_pool", (x,)), ("spatial_pool", (x,)),
+                             ("channel_scale", (x, torch.randn(n, c))), ("spatial_scale", (x, torch.randn(n, 1, h, w)))]
+                    for op, args in cases:
+                        torch.testing.assert_close(getattr(ops, op)(*args, backend="cpu"), getattr(R, op)(*args), **tol)
+                        xg = x.detach().requires_grad_()
+                        if op in ("channel_pool", "spatial_pool"):
+                            out = getattr(ops, op)(xg, backend="cpu")
+                            sum(o.square().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+                            xr = x.detach().requires_grad_()
+                            out = getattr(R, op)(xr)
+                            sum(o.square().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+                            torch.testing.assert_close(xg.grad, xr.grad, **tol)
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "FASTNAS_CPU_CAPABILITY": "default"})
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
 def test_missing_library_falls_back_to_reference():

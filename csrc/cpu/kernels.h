@@ -87,37 +87,47 @@ C10_ALWAYS_INLINE V take_mask(const V& v, const V& m) {
   return (v > m) | (v.isnan() & (m == m));
 }
 
-// Sum, NaN-propagating max and index of the first maximum of p[0..n) (n >= 1), in one pass.
+// Sum, NaN-propagating max and index of the first maximum of p[0..n) (n >= 1), in one pass. U independent vector
+// accumulators hide the latency of the add / max chains; every lane sees its indices in increasing order, so the final
+// lane reduction (NaN first, then larger, then smaller index) finds the first maximum.
 template <typename T>
 PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
   using VT = VecT<T>;
   using A = typename VT::A;
   using V = typename VT::V;
   constexpr int64_t W = VT::W;
+  constexpr int64_t U = 4;
   PoolAcc<A> r;
   int64_t i = 0;
-  if (n >= W) {
-    V vs = VT::load(p);
-    V vm = vs;
-    V vi = V::arange(A(0), A(1));  // index of each lane's running max (exact: n < 2^24 for float, checked by caller)
-    const V step(static_cast<A>(W));
-    V vidx = vi + step;
-    for (i = W; i + W <= n; i += W) {
-      V v = VT::load(p + i);
-      vs = vs + v;
-      V take = take_mask(v, vm);
-      vm = V::blendv(vm, v, take);
-      vi = V::blendv(vi, vidx, take);
-      vidx = vidx + step;
+  if (n >= U * W) {
+    V vs[U], vm[U], vi[U];
+    const V lane = V::arange(A(0), A(1));
+    for (int64_t u = 0; u < U; ++u) {
+      vs[u] = vm[u] = VT::load(p + u * W);
+      vi[u] = lane + V(static_cast<A>(u * W));  // exact: n < 2^24 for float, checked by the caller
     }
-    __at_align__ A m[W];
-    __at_align__ A id[W];
-    vm.store(m);
-    vi.store(id);
-    r.sum = hsum(vs);
+    V vidx = lane + V(static_cast<A>(U * W));
+    const V step(static_cast<A>(W));
+    for (i = U * W; i + U * W <= n; i += U * W) {
+      for (int64_t u = 0; u < U; ++u) {
+        V v = VT::load(p + i + u * W);
+        vs[u] = vs[u] + v;
+        V take = take_mask(v, vm[u]);
+        vm[u] = V::blendv(vm[u], v, take);
+        vi[u] = V::blendv(vi[u], vidx, take);
+        vidx = vidx + step;
+      }
+    }
+    __at_align__ A m[U * W];
+    __at_align__ A id[U * W];
+    for (int64_t u = 0; u < U; ++u) {
+      vm[u].store(m + u * W);
+      vi[u].store(id + u * W);
+    }
+    r.sum = hsum((vs[0] + vs[1]) + (vs[2] + vs[3]));
     A best = m[0];
     A besti = id[0];
-    for (int64_t l = 1; l < W; ++l) {
+    for (int64_t l = 1; l < U * W; ++l) {
       bool take;
       if (std::isnan(best)) {
         take = std::isnan(m[l]) && id[l] < besti;
@@ -137,6 +147,7 @@ PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
     r.arg = 0;
     i = 1;
   }
+  // the rest, in order (every index here is larger than those seen by the vectors)
   for (; i < n; ++i) {
     A v = A(p[i]);
     r.sum += v;

@@ -43,6 +43,12 @@ def cuda_arch_list() -> list[int]:
     return [] if _LOAD_ERROR is not None else list(torch.ops.fastnas.cuda_arch_list())
 
 
+def cpu_capability() -> str:
+    """Which CPU kernels are in use: "avx2" or "default" (the portable ones; FASTNAS_CPU_CAPABILITY=default forces
+    them); empty without the library."""
+    return "" if _LOAD_ERROR is not None else str(torch.ops.fastnas.cpu_capability())
+
+
 def _prefers_channels_last(x: torch.Tensor) -> bool:
     """Same rule as csrc/common.h prefers_channels_last: the pools keep a channels_last input's layout."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

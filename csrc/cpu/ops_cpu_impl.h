@@ -1,5 +1,8 @@
 // CPU implementations of the fastnas operators: checks, allocation, layout choice, dtype dispatch. The arithmetic is
-// in kernels.h.
+// in kernels.h. Compiled once per CPU capability (ops_cpu_default.cpp, ops_cpu_avx2.cpp), each copy in its own
+// namespace; register_cpu.cpp registers the best one the machine supports.
+#pragma once
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -8,6 +11,7 @@
 #include "kernels.h"
 
 namespace fastnas::cpu {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 using at::Tensor;
@@ -325,7 +329,8 @@ std::tuple<Tensor, Tensor> spatial_scale_backward(const Tensor& grad, const Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
+// the CPU kernels of this capability
+void register_impls(torch::Library& m) {
   m.impl("mixed_sum", &mixed_sum);
   m.impl("mixed_sum_backward", &mixed_sum_backward);
   m.impl("mixed_sum_backward_xs", &mixed_sum_backward_xs);
@@ -338,5 +343,7 @@ TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
   m.impl("spatial_scale", &spatial_scale);
   m.impl("spatial_scale_backward", &spatial_scale_backward);
 }
+
+}  // namespace CPU_CAPABILITY
 
 }  // namespace fastnas::cpu
