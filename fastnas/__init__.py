@@ -8,6 +8,7 @@
 """
 from . import genotypes, nn, ops
 from .errors import CheckpointError, ConfigError, DataError, FastNASError
+from .evalnet import EvalNet, load_model
 from .genotype import Genotype
 from .space import SPACES, register_op
 from .supernet import SuperNet
@@ -16,3 +17,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "FastNASError", "Genotype", "SPACES", "SuperNet",
            "genotypes", "nn", "ops", "register_op"]
+__all__ += ["EvalNet", "load_model"]
