@@ -103,3 +103,85 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of retraining a genotype (``python -m fastnas.train``). Defaults are DARTS's CIFAR-10 evaluation."""
+
+    genotype: str = "DARTS_V2"  # a known name, a Genotype(...) string or the JSON of one (runs store the string)
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    limit: int | None = None  # keep only the first N training images (smoke tests)
+    C: int = 36
+    layers: int = 20
+    steps: int = 4  # intermediate nodes per cell the genotype must have
+    stem_multiplier: int = 3
+    auxiliary: bool = True
+    auxiliary_weight: float = 0.4
+    drop_path_prob: float = 0.2  # reached at the end; epoch e (from 0) uses drop_path_prob * e / epochs
+    cutout: int = 16  # side of the cutout square, 0 for none
+    epochs: int = 600
+    batch_size: int = 96
+    eval_batch_size: int | None = None  # default: batch_size
+    lr: float = 0.025
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"
+    backend: str = "auto"
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
+            (self.C >= 2 and self.C % 2 == 0, f"--C must be even and >= 2, got {self.C}"),
+            (self.layers >= 1, f"--layers must be >= 1, got {self.layers}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (0.0 <= self.drop_path_prob < 1.0, f"--drop-path-prob must be in [0, 1), got {self.drop_path_prob}"),
+            (self.auxiliary_weight >= 0.0, f"--auxiliary-weight must be >= 0, got {self.auxiliary_weight}"),
+            (self.cutout >= 0, f"--cutout must be >= 0, got {self.cutout}"),
+            (self.lr > 0.0 and self.lr_min >= 0.0, f"--lr must be > 0 and --lr-min >= 0, got {self.lr}, {self.lr_min}"),
+            (self.amp in ("off", "bf16", "fp16"), f"--amp must be off, bf16 or fp16, got {self.amp!r}"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # DARTS's CIFAR-10 evaluation: 20 cells of C=36, 600 epochs, batch 96, cosine from 0.025, cutout 16,
+    # drop path 0.2, auxiliary weight 0.4, grad clip 5
+    "darts": dict(dataset="cifar10", C=36, layers=20, epochs=600, batch_size=96, lr=0.025, momentum=0.9,
+                  weight_decay=3e-4, cutout=16, drop_path_prob=0.2, auxiliary=True, auxiliary_weight=0.4,
+                  grad_clip=5.0),
+    # Shin and Bae's retraining: DARTS's, with batch 128
+    "at-darts": dict(dataset="cifar10", C=36, layers=20, epochs=600, batch_size=128, lr=0.025, momentum=0.9,
+                     weight_decay=3e-4, cutout=16, drop_path_prob=0.2, auxiliary=True, auxiliary_weight=0.4,
+                     grad_clip=5.0),
+    # the embedded digits, a few minutes on 2 CPU cores
+    "quick": dict(dataset="digits", C=16, layers=8, epochs=30, batch_size=64, lr=0.05, cutout=0,
+                  drop_path_prob=0.1, auxiliary=True, auxiliary_weight=0.4),
+}

@@ -1,0 +1,82 @@
+"""Test accuracy of a trained model: ``python -m fastnas.evaluate RUN_DIR``.
+
+Reads the run folder's ``model.safetensors`` and ``model.json`` (written by ``python -m fastnas.train``), evaluates
+on the test split of the dataset it was trained on, and prints the accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import runtime
+from .data import dataset_info, load_split
+from .errors import DataError, FastNASError
+from .evalnet import EvalNet, load_model
+
+
+def check_dataset(model: EvalNet, dataset: str) -> None:
+    """Refuse a dataset the model was not trained on (another number of channels, classes or image size)."""
+    trained = model.meta.get("dataset")
+    info = dataset_info(dataset)
+    if dataset != trained:
+        raise DataError(f"the model was trained on {trained!r} ({model.in_channels} channel(s), {model.num_classes} "
+                        f"classes, {model.input_size}x{model.input_size}); it cannot be evaluated on {dataset!r} "
+                        f"({info.in_channels} channel(s), {info.num_classes} classes, "
+                        f"{info.image_size}x{info.image_size})")
+
+
+def evaluate_run(run_dir, dataset: str | None = None, split: str = "test", data_dir=None, download: bool = False,
+                 batch_size: int = 256, device: str = "auto", backend: str = "auto", amp: str = "off",
+                 channels_last: bool = False, limit: int | None = None) -> runtime.Meter:
+    dev = runtime.pick_device(device)
+    runtime.select_backend(backend, dev)
+    model = load_model(run_dir, dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dataset = dataset or model.meta.get("dataset")
+    check_dataset(model, dataset)
+    data = load_split(dataset, train=split == "train", data_dir=data_dir, download=download, limit=limit)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    criterion = nn.CrossEntropyLoss()
+    return runtime.evaluate(model, loader, lambda logits, y: criterion(logits.float(), y), dev, amp, channels_last)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastnas.evaluate",
+                                description="Evaluate the model of a python -m fastnas.train run folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("run_dir", help="the run folder (holding model.safetensors and model.json)")
+    add("--dataset", choices=["digits", "cifar10", "cifar100"], help="default: the dataset the model was trained on")
+    add("--split", choices=["test", "train"], default="test")
+    add("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python")
+    add("--download", action="store_true", help="download CIFAR into --data-dir")
+    add("--limit", type=int, help="evaluate only the first N images")
+    add("--batch-size", type=int, default=256)
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
+    add("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision")
+    add("--channels-last", action="store_true", help="NHWC memory layout")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        meter = evaluate_run(args.run_dir, args.dataset, args.split, args.data_dir, args.download, args.batch_size,
+                             args.device, args.backend, args.amp, args.channels_last, args.limit)
+    except FastNASError as exc:
+        print(f"fastnas.evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.split} accuracy: {meter.accuracy:.2f}% ({meter.correct}/{meter.n} images), "
+          f"loss {meter.avg_loss:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Retrain a genotype from scratch: ``python -m fastnas.train --genotype PATH|NAME|STRING``.
+
+DARTS's evaluation protocol: an :class:`~fastnas.evalnet.EvalNet` trained with SGD (cosine learning rate to 0),
+an auxiliary loss, drop path rising linearly over the epochs, cutout, gradient clipping, and the test split evaluated
+after every epoch. The run folder holds ``config.json``, ``log.txt``, ``metrics.json`` (one record per epoch and the
+summary), ``checkpoint.pt`` (each epoch, atomic; ``--resume`` continues exactly), ``genotype.json`` and the model:
+``model.safetensors`` with ``model.json`` (architecture and dataset), which :func:`fastnas.load_model` and
+``python -m fastnas.evaluate RUN_DIR`` read.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import checkpoint, config as cfgmod, genotypes, runtime
+from .config import TRAIN_PRESETS, TrainConfig
+from .data import EpochShuffle, dataset_info, load_split, set_epoch
+from .errors import CheckpointError, ConfigError, FastNASError
+from .evalnet import EvalNet, save_model
+from .genotype import Genotype
+from .runtime import log
+from .space import registered_ops
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_genotype(spec: str | Genotype) -> Genotype:
+    """A genotype from a known name (``DARTS_V2``), a ``genotype.json`` / ``genotype.txt`` file, a search run folder
+    (its ``genotype.json``), or a ``Genotype(...)`` string / JSON text."""
+    if isinstance(spec, Genotype):
+        return spec
+    text = str(spec).strip()
+    if text in genotypes.KNOWN:
+        return genotypes.get(text)
+    if text.startswith(("Genotype(", "{")):
+        return Genotype.parse(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "genotype.json").exists():
+            raise ConfigError(f"{path} holds no genotype.json (a search run writes it when it finishes; "
+                              f"resume an unfinished one with python -m fastnas.search --resume {path})")
+        path = path / "genotype.json"
+    if path.is_file():
+        try:
+            content = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read genotype file {path}: {exc}") from None
+        return Genotype.parse(content)
+    raise ConfigError(f"--genotype {text!r} is neither a genotype file, a search run folder, a known name "
+                      f"({', '.join(genotypes.KNOWN)}) nor a 'Genotype(normal=..., ...)' string")
+
+
+def check_genotype(genotype: Genotype, steps: int) -> None:
+    """One clear error for a genotype this network cannot build: unknown ops, or another number of nodes."""
+    try:
+        genotype.validate(known_ops=registered_ops(), steps=steps)
+    except ConfigError as exc:
+        hint = " (pass --steps to match it)" if "network expects" in str(exc) else ""
+        raise ConfigError(f"{exc}{hint}") from None
+
+
+@dataclass
+class TrainResult:
+    best_test_acc: float
+    final_test_acc: float
+    param_count: int
+    history: list[dict]
+    run_dir: Path | None
+
+
+class Trainer:
+    """One retraining run: model, data, optimiser, schedule and the loop; resumable from its checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, progress: bool = True) -> None:
+        cfg.validate()
+        self.genotype = resolve_genotype(cfg.genotype)
+        check_genotype(self.genotype, cfg.steps)
+        cfg.genotype = str(self.genotype)  # the run stores the genotype itself, not where it came from
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.device = runtime.pick_device(cfg.device)
+        self.backend = runtime.select_backend(cfg.backend, self.device)
+        if cfg.amp == "bf16" and self.device.type == "cpu" and cfg.backend == "triton":
+            raise ConfigError("--amp bf16 with the triton backend needs a GPU")
+        runtime.seed_everything(cfg.seed)
+
+        self.info = dataset_info(cfg.dataset)
+        train_data = load_split(cfg.dataset, train=True, data_dir=cfg.data_dir, download=cfg.download, augment=True,
+                                cutout=cfg.cutout, limit=cfg.limit)
+        test_data = load_split(cfg.dataset, train=False, data_dir=cfg.data_dir, download=cfg.download)
+        self.train_loader = DataLoader(train_data, batch_size=cfg.batch_size,
+                                       sampler=EpochShuffle(range(len(train_data)), cfg.seed),
+                                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+        self.test_loader = DataLoader(test_data, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
+                                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+        self.model = self.build_model().to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = nn.CrossEntropyLoss()
+        self.forward = self._make_forward()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best_test_acc = 0.0
+
+    # -- construction -----------------------------------------------------------------------------------------------
+    def build_model(self) -> EvalNet:
+        cfg, info = self.cfg, self.info
+        return EvalNet(self.genotype, cfg.C, cfg.layers, info.num_classes, auxiliary=cfg.auxiliary,
+                       drop_path_prob=0.0, in_channels=info.in_channels, input_size=info.image_size,
+                       stem_multiplier=cfg.stem_multiplier, steps=cfg.steps)
+
+    def _make_forward(self):
+        model, cfg, device = self.model, self.cfg, self.device
+        run = torch.compile(model) if cfg.compile else model
+
+        def forward(x: torch.Tensor):
+            with runtime.autocast(cfg.amp, device):
+                return run(x)
+        return forward
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits.float(), y)
+
+    @property
+    def param_count(self) -> int:
+        """DARTS's count: every parameter but the auxiliary head's."""
+        return self.model.param_count(auxiliary=False)
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "kind": "train", "config": self.cfg.to_dict(), "epoch": self.epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": checkpoint.rng_state(), "history": self.history, "best_test_acc": self.best_test_acc,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "train":
+            raise CheckpointError(f"this is a {state.get('kind')!r} checkpoint, not a train checkpoint")
+        if state["config"].get("dataset") != self.cfg.dataset:
+            raise CheckpointError(f"the checkpoint was trained on {state['config'].get('dataset')!r}, "
+                                  f"not {self.cfg.dataset!r}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.T_max = self.cfg.epochs  # a resume may extend the run: the cosine spans the new total
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint does not fit this configuration: {str(exc).splitlines()[0]}") from None
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        self.best_test_acc = float(state["best_test_acc"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.run_dir is not None:
+            checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
+
+    # -- loop -------------------------------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on loss = CE(logits) + auxiliary_weight · CE(aux logits); returns (loss, logits), detached."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.forward(x)
+        logits, aux = out if isinstance(out, tuple) else (out, None)
+        loss = self._loss(logits, y)
+        if aux is not None and cfg.auxiliary_weight > 0:
+            loss = loss + cfg.auxiliary_weight * self._loss(aux, y)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), logits.detach()
+
+    def train_epoch(self) -> runtime.Meter:
+        cfg = self.cfg
+        self.model.train()
+        self.model.drop_path_prob = cfg.drop_path_prob * self.epoch / cfg.epochs
+        set_epoch(self.train_loader, self.epoch)
+        meter = runtime.Meter()
+        total = len(self.train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(self.train_loader))
+        bar = tqdm(self.train_loader, total=total, desc=f"train {self.epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not self.progress, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            if step >= total:
+                break
+            x, y = runtime.to_device(x, y, self.device, cfg.channels_last)
+            loss, logits = self.train_step(x, y)
+            meter.update(loss, logits, y)
+            bar.set_postfix(loss=f"{meter.avg_loss:.3f}", acc=f"{meter.accuracy:.1f}",
+                            img_s=f"{meter.throughput:.0f}")
+        bar.close()
+        return meter
+
+    def test(self) -> runtime.Meter:
+        self.model.eval()
+        return runtime.evaluate(self.forward, self.test_loader, self._loss, self.device, self.cfg.amp,
+                                self.cfg.channels_last)
+
+    def run(self, until_epoch: int | None = None) -> TrainResult:
+        """Train until ``cfg.epochs`` (or stop after ``until_epoch``, as an interrupted run would)."""
+        cfg = self.cfg
+        stop = cfg.epochs if until_epoch is None else min(until_epoch, cfg.epochs)
+        log.info(f"train: {cfg.dataset}, C={cfg.C}, {cfg.layers} cells, auxiliary {cfg.auxiliary}, "
+                 f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {self.device}, backend {self.backend}, "
+                 f"amp {cfg.amp}")
+        log.info(f"genotype: {self.genotype}")
+        log.info(f"param size = {self.param_count / 1e6:.6f}MB (millions of parameters without the auxiliary head, "
+                 f"as DARTS counts them; {self.model.param_count(auxiliary=True):,} with it)")
+        while self.epoch < stop:
+            lr = self.scheduler.get_last_lr()[0]
+            with runtime.timed() as t:
+                train = self.train_epoch()
+                self.scheduler.step()
+                test = self.test()
+            self.epoch += 1
+            self.best_test_acc = max(self.best_test_acc, test.accuracy)
+            self.history.append({
+                "epoch": self.epoch, "lr": lr, "drop_path_prob": self.model.drop_path_prob,
+                "train_loss": train.avg_loss, "train_acc": train.accuracy, "train_img_s": train.throughput,
+                "test_loss": test.avg_loss, "test_acc": test.accuracy, "best_test_acc": self.best_test_acc,
+                "seconds": t["seconds"],
+            })
+            log.info(f"epoch {self.epoch}/{cfg.epochs}: lr {lr:.6f} drop path {self.model.drop_path_prob:.3f} | "
+                     f"train loss {train.avg_loss:.4f} acc {train.accuracy:.2f}% | test loss {test.avg_loss:.4f} "
+                     f"acc {test.accuracy:.2f}% (best {self.best_test_acc:.2f}%) | {train.throughput:.0f} img/s | "
+                     f"{t['seconds']:.1f}s")
+            self.write_epoch_outputs()
+            self.save_checkpoint()
+        final = self.history[-1]["test_acc"] if self.history else float("nan")
+        if self.epoch == cfg.epochs:
+            log.info(f"final test accuracy {final:.2f}%, best {self.best_test_acc:.2f}%, "
+                     f"param size = {self.param_count / 1e6:.6f}MB")
+        return TrainResult(self.best_test_acc, final, self.param_count, self.history, self.run_dir)
+
+    # -- outputs ----------------------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        return {"epoch": self.epoch, "epochs": self.cfg.epochs, "finished": self.epoch == self.cfg.epochs,
+                "final_test_acc": last.get("test_acc"), "best_test_acc": self.best_test_acc,
+                "param_count": self.param_count, "param_size_M": round(self.param_count / 1e6, 6),
+                "param_count_with_auxiliary": self.model.param_count(auxiliary=True)}
+
+    def write_epoch_outputs(self) -> None:
+        if self.run_dir is None:
+            return
+        summary = self.summary()
+        runtime.write_json({**summary, "epochs": self.history}, self.run_dir / "metrics.json")
+        self.genotype.to_json(self.run_dir / "genotype.json")
+        save_model(self.model, self.run_dir, {"dataset": self.cfg.dataset, **summary})
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastnas.train",
+        description="Retrain a genotype from scratch with DARTS's evaluation protocol (auxiliary head, drop path, "
+                    "cutout, cosine lr). Without --preset: the 'quick' preset on the embedded digits dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--genotype", default=None,
+        help="a genotype.json or genotype.txt file, a search run folder, a known name "
+             f"({', '.join(genotypes.KNOWN)}) or a 'Genotype(normal=[...], ...)' string (default: DARTS_V2)")
+    add("--preset", default="quick", choices=sorted(TRAIN_PRESETS),
+        help="base settings: 'darts' (DARTS's CIFAR-10 evaluation: 600 epochs, batch 96), 'at-darts' (Shin and "
+             "Bae: 600 epochs, batch 128), 'quick' (embedded digits, minutes on a CPU); options below override it")
+    add("--out", default="runs", help="folder under which the run folder is created")
+    add("--run-dir", default=None, help="exact run folder to write (default: OUT/train-PRESET-TIME)")
+    add("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    add("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100"], help="dataset (digits ships with the package)")
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python")
+    g.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-dir")
+    g.add_argument("--limit", type=int, help="use only the first N training images")
+    g.add_argument("--cutout", type=int, help="cutout square side (0: none)")
+    g.add_argument("--workers", type=int, help="data loader worker processes")
+    g = p.add_argument_group("network")
+    g.add_argument("--C", "--init-channels", dest="C", type=int, help="initial channels")
+    g.add_argument("--layers", type=int, help="number of cells")
+    g.add_argument("--steps", type=int, help="intermediate nodes per cell (the genotype must have as many)")
+    g.add_argument("--stem-multiplier", type=int, help="stem width as a multiple of C")
+    g.add_argument("--auxiliary", action=argparse.BooleanOptionalAction, default=None,
+                   help="auxiliary classifier at 2/3 depth")
+    g.add_argument("--auxiliary-weight", type=float, help="weight of the auxiliary loss")
+    g.add_argument("--drop-path-prob", type=float, help="drop path probability reached at the last epoch")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--eval-batch-size", type=int, help="test batch size (default: --batch-size)")
+    g.add_argument("--lr", type=float, help="SGD learning rate (cosine-annealed)")
+    g.add_argument("--lr-min", type=float, help="final learning rate")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--grad-clip", type=float, help="gradient norm clip (0: none)")
+    g.add_argument("--max-steps", type=int, help="stop each epoch after N steps (smoke tests)")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
+    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+    return p
+
+
+OPTION_KEYS = [f for f in TrainConfig.__dataclass_fields__]
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = cfgmod.merge(TrainConfig().to_dict(), cfgmod.preset(args.preset, TRAIN_PRESETS))
+    overrides = {k: getattr(args, k) for k in OPTION_KEYS if hasattr(args, k)}
+    return TrainConfig.from_dict(cfgmod.merge(base, overrides))
+
+
+def explicit_options(argv: Sequence[str]) -> list[str]:
+    return [a.split("=")[0] for a in argv if a.startswith("--")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except FastNASError as exc:
+        print(f"fastnas.train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastnas.train: interrupted; the last completed epoch is in the checkpoint (resume with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.resume:
+        run_dir = Path(args.resume)
+        state = checkpoint.load(run_dir)
+        if state.get("kind") != "train":
+            raise CheckpointError(f"{run_dir} holds a {state.get('kind')!r} checkpoint, not a train checkpoint")
+        cfg = TrainConfig.from_dict(state["config"])
+        ignored = [o for o in explicit_options(argv) if o not in ("--resume", "--no-progress", "--epochs")]
+        if args.epochs is not None:
+            cfg.epochs = args.epochs
+        runtime.setup_logging(run_dir)
+        if ignored:
+            log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
+        trainer = Trainer(cfg, run_dir, progress=not args.no_progress)
+        trainer.load_state_dict(state)
+        log.info(f"resumed {run_dir} after epoch {trainer.epoch}")
+    else:
+        cfg = config_from_args(args)
+        source = cfg.genotype
+        if not explicit_options(argv):
+            print(f"fastnas.train: running the 'quick' preset on {source} (the embedded digits dataset).\n"
+                  "  Retrain a search's result: python -m fastnas.train --genotype RUN_DIR (or a genotype file, a "
+                  "name, a Genotype(...) string);\n  DARTS's CIFAR-10 evaluation: --preset darts --data-dir DIR. "
+                  "See --help for every option.", file=sys.stderr)
+        trainer = Trainer(cfg, None, progress=not args.no_progress)  # refuses bad input before any folder exists
+        run_dir = Path(args.run_dir) if args.run_dir else runtime.new_run_dir(args.out, f"train-{args.preset}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trainer.run_dir = run_dir
+        runtime.setup_logging(run_dir)
+        runtime.write_json({"preset": args.preset, "genotype_source": source, **cfg.to_dict()},
+                           run_dir / "config.json")
+    result = trainer.run()
+    print(f"test accuracy: final {result.final_test_acc:.2f}%, best {result.best_test_acc:.2f}%; "
+          f"param size = {result.param_count / 1e6:.6f}MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
