@@ -30,12 +30,16 @@ from .space import make_op, registered_ops
 from .supernet import check_input_size, reduction_layers
 
 
-def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
     """Zero whole samples of ``x`` with probability ``drop_prob`` and scale the kept ones by 1 / (1 − drop_prob)
-    (DARTS's per-sample Bernoulli mask; the expected value is unchanged). Returns a new tensor."""
-    if drop_prob <= 0.0:
+    (DARTS's per-sample Bernoulli mask; the expected value is unchanged). Returns a new tensor.
+
+    ``drop_prob`` may be a 0-dim tensor, so that a compiled network does not specialise on its value."""
+    if not isinstance(drop_prob, torch.Tensor) and drop_prob <= 0.0:
         return x
     keep = 1.0 - drop_prob
+    if isinstance(keep, torch.Tensor):
+        keep = keep.to(device=x.device, dtype=x.dtype)
     mask = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), dtype=x.dtype, device=x.device).bernoulli_(keep)
     return x * (mask / keep)
 
@@ -61,9 +65,11 @@ class EvalCell(nn.Module):
                                  for name, index in edges)
         self.droppable = [not isinstance(op, nn.Identity) for op in self.ops]
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float | torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``drop_prob``: a float, a 0-dim tensor (applied whatever its value) or None (no drop path)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        drop = self.training and drop_prob > 0.0
+        drop = self.training and drop_prob is not None and (isinstance(drop_prob, torch.Tensor) or drop_prob > 0.0)
         for k in range(self.steps):
             node = None
             for e in (2 * k, 2 * k + 1):
@@ -132,12 +138,13 @@ class EvalNet(nn.Module):
         if C < 2 or C % 2 or layers < 1 or num_classes < 1 or in_channels < 1:
             raise ConfigError(f"EvalNet needs an even C >= 2 and layers, num_classes, in_channels >= 1, got C={C}, "
                               f"layers={layers}, num_classes={num_classes}, in_channels={in_channels}")
-        if not 0.0 <= drop_path_prob < 1.0:
-            raise ConfigError(f"drop_path_prob must be in [0, 1), got {drop_path_prob}")
         check_input_size(input_size, input_size, layers)
         self.genotype = genotype
         self.C, self.layers, self.num_classes = C, layers, num_classes
         self.in_channels, self.input_size = in_channels, input_size
+        # the probability lives in a (non-saved) 0-dim buffer: torch.compile sees a tensor, not a constant that
+        # changes every epoch; only whether it is on is a Python value
+        self.register_buffer("_drop_prob", torch.zeros(()), persistent=False)
         self.drop_path_prob = drop_path_prob
 
         c_curr = stem_multiplier * C
@@ -164,13 +171,25 @@ class EvalNet(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
 
+    @property
+    def drop_path_prob(self) -> float:
+        return self._drop_path_prob
+
+    @drop_path_prob.setter
+    def drop_path_prob(self, p: float) -> None:
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"drop_path_prob must be in [0, 1), got {p}")
+        self._drop_path_prob, self._drop_on = float(p), p > 0.0
+        self._drop_prob.fill_(float(p))
+
     def forward(self, x: torch.Tensor):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(f"EvalNet expects input [N, {self.in_channels}, H, W], got {list(x.shape)}")
         aux = None
+        drop = self._drop_prob if self._drop_on else None
         s0 = s1 = self.stem(x)
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            s0, s1 = s1, cell(s0, s1, drop)
             if i == self.aux_index and self.auxiliary_head is not None and self.training:
                 aux = self.auxiliary_head(s1)
         logits = self.classifier(torch.flatten(self.global_pooling(s1), 1))

@@ -100,6 +100,19 @@ def test_drop_path_masks_whole_samples_and_keeps_the_mean():
     assert torch.all(per_sample.min(1).values == per_sample.max(1).values)  # one decision per sample
     assert abs(y.mean().item() - 1.0) < 0.05
     assert drop_path(x, 0.0) is x
+    t = drop_path(x, torch.tensor(0.25)).flatten(1)  # the 0-dim tensor form that a compiled network uses
+    assert set(t.unique().tolist()) == {0.0, torch.tensor(1 / 0.75).item()}
+    assert torch.all(t.min(1).values == t.max(1).values) and abs(t.mean().item() - 1.0) < 0.05
+
+
+def test_drop_path_probability_is_a_setting_not_state():
+    net = EvalNet(DARTS_V2, 4, 3, 10, in_channels=1, input_size=8, drop_path_prob=0.2)
+    assert net.drop_path_prob == pytest.approx(0.2) and float(net._drop_prob) == pytest.approx(0.2)
+    net.drop_path_prob = 0.1
+    assert float(net._drop_prob) == pytest.approx(0.1)
+    assert not any("drop" in k for k in net.state_dict())
+    with pytest.raises(fastnas.ConfigError, match="drop_path_prob"):
+        net.drop_path_prob = 1.0
 
 
 def test_drop_path_only_in_training_and_never_on_identity():
