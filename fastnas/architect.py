@@ -72,8 +72,7 @@ class Architect:
     def _second_order(self, x_train, y_train, x_valid, y_valid, eta: float, network_optimizer):
         model = self.model
         names, weights = zip(*model.named_weight_parameters())
-        arch_names = ("alphas_normal", "alphas_reduce")
-        alphas = dict(zip(arch_names, model.arch_parameters()))
+        alphas = dict(model.named_arch_parameters())
         # private copies of the batch-norm statistics: the virtual steps must not move the real ones
         buffers = {n: b.clone() for n, b in model.named_buffers()}
 

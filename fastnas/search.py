@@ -75,7 +75,8 @@ class Search:
     def build_model(self) -> SuperNet:
         cfg = self.cfg
         return SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
-                        cfg.stem_multiplier, in_channels=self.info.in_channels)
+                        cfg.stem_multiplier, in_channels=self.info.in_channels,
+                        partial_channels=cfg.partial_channels)
 
     def _make_forward(self):
         model, cfg, device = self.model, self.cfg, self.device

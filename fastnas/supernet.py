@@ -37,7 +37,7 @@ class SuperNet(nn.Module):
 
     def __init__(self, C: int = 16, layers: int = 8, num_classes: int = 10,
                  primitives: str | Sequence[str] = DEFAULT_SPACE, steps: int = 4, multiplier: int = 4,
-                 stem_multiplier: int = 3, in_channels: int = 3) -> None:
+                 stem_multiplier: int = 3, in_channels: int = 3, partial_channels: int = 1) -> None:
         super().__init__()
         if C < 1 or layers < 1 or num_classes < 1 or steps < 1:
             raise ConfigError(f"SuperNet needs C, layers, num_classes and steps >= 1, got {C}, {layers}, "
@@ -49,6 +49,9 @@ class SuperNet(nn.Module):
         self.primitives = resolve_primitives(primitives)
         self.C, self.layers, self.num_classes = C, layers, num_classes
         self.steps, self.multiplier, self.in_channels = steps, multiplier, in_channels
+        self.partial_channels = partial_channels
+        if partial_channels < 1 or C % partial_channels:
+            raise ConfigError(f"partial_channels must be >= 1 and divide C={C}, got {partial_channels}")
 
         c_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr))
@@ -61,7 +64,7 @@ class SuperNet(nn.Module):
             if reduction:
                 c_curr *= 2
             self.cells.append(SearchCell(self.primitives, steps, multiplier, c_prev_prev, c_prev, c_curr,
-                                         reduction, reduction_prev))
+                                         reduction, reduction_prev, partial_channels))
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, multiplier * c_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -70,10 +73,19 @@ class SuperNet(nn.Module):
         n_edges = sum(2 + i for i in range(steps))
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, len(self.primitives)))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges, len(self.primitives)))
+        if partial_channels > 1:  # PC-DARTS edge normalisation
+            self.betas_normal = nn.Parameter(1e-3 * torch.randn(n_edges))
+            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
 
     # -- parameters -------------------------------------------------------------------------------------------------
+    def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        names = ["alphas_normal", "alphas_reduce"] + (["betas_normal", "betas_reduce"] if self.partial_channels > 1
+                                                      else [])
+        return [(n, getattr(self, n)) for n in names]
+
     def arch_parameters(self) -> list[nn.Parameter]:
-        return [self.alphas_normal, self.alphas_reduce]
+        """α of both cell types (and the PC-DARTS edge weights β with partial channels)."""
+        return [p for _, p in self.named_arch_parameters()]
 
     def named_weight_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         arch = {id(p) for p in self.arch_parameters()}
@@ -86,21 +98,39 @@ class SuperNet(nn.Module):
         """Softmax over ops of each edge: (normal, reduce), each [edges, ops]."""
         return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
 
+    def edge_weights(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """PC-DARTS edge normalisation: softmax of β over the incoming edges of each node (normal, reduce)."""
+        if self.partial_channels == 1:
+            return None, None
+        return self._node_softmax(self.betas_normal), self._node_softmax(self.betas_reduce)
+
+    def _node_softmax(self, beta: torch.Tensor) -> torch.Tensor:
+        parts, start = [], 0
+        for i in range(self.steps):
+            parts.append(F.softmax(beta[start:start + 2 + i], dim=-1))
+            start += 2 + i
+        return torch.cat(parts)
+
     # -- forward ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(f"SuperNet expects input [N, {self.in_channels}, H, W], got {list(x.shape)}")
         check_input_size(x.shape[2], x.shape[3], self.layers)
         w_normal, w_reduce = self.arch_weights()
+        e_normal, e_reduce = self.edge_weights()
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            if cell.reduction:
+                s0, s1 = s1, cell(s0, s1, w_reduce, e_reduce)
+            else:
+                s0, s1 = s1, cell(s0, s1, w_normal, e_normal)
         return self.classifier(torch.flatten(self.global_pooling(s1), 1))
 
     # -- result -----------------------------------------------------------------------------------------------------
     def genotype(self) -> Genotype:
         w_normal, w_reduce = self.arch_weights()
-        return derive(w_normal, w_reduce, self.primitives, self.steps, self.multiplier)
+        e_normal, e_reduce = self.edge_weights()
+        return derive(w_normal, w_reduce, self.primitives, self.steps, self.multiplier, e_normal, e_reduce)
 
     def edge_names(self) -> list[str]:
         """Readable name of each edge row of the alphas: ``node0<-c_{k-2}`` ..."""

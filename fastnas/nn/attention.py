@@ -7,6 +7,9 @@ from torch import nn
 from .. import ops
 
 
+DEFAULT_REDUCTION = 16  # CBAM's r
+
+
 def mlp_hidden_width(channels: int, reduction: int) -> int:
     """Width of the channel gate's bottleneck: ``max(1, C // r)``."""
     return max(1, channels // reduction)
@@ -15,7 +18,7 @@ def mlp_hidden_width(channels: int, reduction: int) -> int:
 class ChannelAttention(nn.Module):
     """Channel gate: avg- and max-pool over H×W, one shared MLP (C → C/r → C), add, sigmoid, scale channels."""
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
+    def __init__(self, channels: int, reduction: int = DEFAULT_REDUCTION) -> None:
         super().__init__()
         if channels < 1 or reduction < 1:
             raise ValueError(f"ChannelAttention needs channels >= 1 and reduction >= 1, got {channels} and {reduction}")
@@ -47,7 +50,8 @@ class SpatialAttention(nn.Module):
 class CBAM(nn.Module):
     """Channel gate followed by spatial gate, as in CBAM."""
 
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, spatial: bool = True) -> None:
+    def __init__(self, channels: int, reduction: int = DEFAULT_REDUCTION, kernel_size: int = 7,
+                 spatial: bool = True) -> None:
         super().__init__()
         self.channel = ChannelAttention(channels, reduction)
         self.spatial = SpatialAttention(kernel_size) if spatial else nn.Identity()

@@ -1,9 +1,15 @@
-"""The DARTS search cell with node-level fusion of the MixedOps.
+"""The DARTS search cell with node-level fusion of the MixedOps, and PC-DARTS partial channels.
 
 In DARTS every edge is a MixedOp, Σ_o w_o · o(h), and a node sums its incoming edges. Here each intermediate node is
 one fused :func:`fastnas.ops.mixed_sum` over all candidate outputs of all its incoming edges, which is the same sum.
 ``none`` is never evaluated (its weight multiplies zeros), and ``skip_connect`` at stride 1 hands its input over
 without a copy.
+
+With partial channels K (PC-DARTS, Xu et al., 2020) each edge runs its candidates on the first C/K channels only and
+passes the rest by (max-pooled at stride 2); edge-normalisation weights β scale each edge. Channel shuffle is a
+permutation, so the node Σ_j β_j · shuffle(cat(Σ_o w_jo o(x_j[:C/K]), x_j[C/K:])) is computed as
+shuffle(cat(mixed_sum over all candidates with weights β_j·w_jo, mixed_sum over the bypasses with weights β_j)):
+still one fused sum per node and per part.
 """
 from __future__ import annotations
 
@@ -13,25 +19,42 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..space import make_op
+from ..errors import ConfigError
+from ..space import channel_attention_op, make_op
+from .attention import DEFAULT_REDUCTION
 from .operations import FactorizedReduce, ReLUConvBN
 
 
-def search_candidate(name: str, C: int, stride: int) -> nn.Module:
-    """A candidate op as the DARTS search MixedOp builds it: affine-free, pooling followed by affine-free BN."""
-    op = make_op(name, C, stride, affine=False)
+def search_candidate(name: str, C: int, stride: int, partial_channels: int = 1) -> nn.Module:
+    """A candidate op as the DARTS search MixedOp builds it: affine-free, pooling followed by affine-free BN.
+
+    With partial channels the channel-attention bottleneck keeps the width it has on all C channels
+    (``max(1, C // r)``), so sampling channels does not shrink the gate's MLP to nothing."""
+    width = C // partial_channels
+    if name == "channel_attention" and partial_channels > 1:
+        op = channel_attention_op(max(1, DEFAULT_REDUCTION // partial_channels))(width, stride, False)
+    else:
+        op = make_op(name, width, stride, affine=False)
     if "pool" in name:
-        op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+        op = nn.Sequential(op, nn.BatchNorm2d(width, affine=False))
     return op
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 class SearchCell(nn.Module):
     def __init__(self, primitives: Sequence[str], steps: int, multiplier: int, c_prev_prev: int, c_prev: int, C: int,
-                 reduction: bool, reduction_prev: bool) -> None:
+                 reduction: bool, reduction_prev: bool, partial_channels: int = 1) -> None:
         super().__init__()
+        if partial_channels < 1 or C % partial_channels:
+            raise ConfigError(f"partial channels {partial_channels} must divide the cell width {C}")
         self.reduction = reduction
         self.steps = steps
         self.multiplier = multiplier
+        self.partial_channels = partial_channels
         if reduction_prev:
             self.preprocess0 = FactorizedReduce(c_prev_prev, C, affine=False)
         else:
@@ -40,20 +63,42 @@ class SearchCell(nn.Module):
         # the columns of the architecture weights that have an op to run ('none' is skipped)
         self.active = [k for k, p in enumerate(primitives) if p != "none"]
         self.edges = nn.ModuleList()
+        self.strides = []
         for i in range(steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self.edges.append(nn.ModuleList(search_candidate(primitives[k], C, stride) for k in self.active))
+                self.strides.append(stride)
+                self.edges.append(nn.ModuleList(
+                    search_candidate(primitives[k], C, stride, partial_channels) for k in self.active))
+        # PC-DARTS: the bypassed channels of a stride-2 edge are max-pooled (ceil, so odd sizes match the ops)
+        self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if partial_channels > 1 and reduction else None
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``weights``: [edges, ops] softmax weights of this cell type."""
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+                edge_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``weights``: [edges, ops] softmax weights of this cell type; ``edge_weights``: [edges] (partial channels)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         active = weights[:, self.active] if len(self.active) != weights.shape[1] else weights
+        k = self.partial_channels
         offset = 0
         for _ in range(self.steps):
             n_in = len(states)
-            outputs = [op(h) for j, h in enumerate(states) for op in self.edges[offset + j]]
-            node_weights = active[offset:offset + n_in].reshape(-1)
-            states.append(ops.mixed_sum(outputs, node_weights))
+            node_weights = active[offset:offset + n_in]
+            if k == 1:
+                outputs = [op(h) for j, h in enumerate(states) for op in self.edges[offset + j]]
+                states.append(ops.mixed_sum(outputs, node_weights.reshape(-1)))
+            else:
+                states.append(self._partial_node(states, offset, node_weights, edge_weights[offset:offset + n_in]))
             offset += n_in
         return torch.cat(states[-self.multiplier:], dim=1)
+
+    def _partial_node(self, states: list[torch.Tensor], offset: int, node_weights: torch.Tensor,
+                      beta: torch.Tensor) -> torch.Tensor:
+        width = states[0].shape[1] // self.partial_channels
+        outputs, bypasses = [], []
+        for j, h in enumerate(states):
+            outputs += [op(h[:, :width]) for op in self.edges[offset + j]]
+            rest = h[:, width:]
+            bypasses.append(self.bypass_pool(rest) if self.strides[offset + j] == 2 else rest)
+        main = ops.mixed_sum(outputs, (node_weights * beta[:, None]).reshape(-1))
+        rest = ops.mixed_sum(bypasses, beta)
+        return channel_shuffle(torch.cat([main, rest], dim=1), self.partial_channels)
