@@ -120,6 +120,7 @@ def _make_case(op: str, provider: str, shape, dtype: torch.dtype):
     """(function to time, leaves that receive gradients, upstream grads) for one case."""
     dev = _device(provider)
     backend = _backend(provider)
+    ops.resolve_backend(dev, backend)  # loads the backend module now, outside any compiled region
     n, c, h, w = shape
     gen = torch.Generator().manual_seed(0)
 

@@ -125,8 +125,8 @@ inline Layout layout_of(const Tensor& t) {
   return Layout::NCHW;
 }
 
-// True when t is channels_last-contiguous and not plain contiguous: the pools then produce channels_last results and
-// gradients. fastnas/ops/_cpp.py (_prefers_channels_last) must agree.
+// True when t is channels_last-contiguous and not plain contiguous: the pools then read it on the NHWC path and
+// produce channels_last gradients. fastnas/ops/_cpp.py (_prefers_channels_last) must agree.
 inline bool prefers_channels_last(const Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(c10::MemoryFormat::ChannelsLast);
 }
@@ -166,6 +166,23 @@ inline Tensor with_strides_of(const Tensor& t, const Tensor& ref) {
   Tensor r = at::empty_like(ref);
   r.copy_(t);
   return r;
+}
+
+// The gradient of spatial_pool's [N, 2, H, W] output, element (n, k, hw) at g + n * s_n + k * s_c + hw * s_hw:
+// channels_last (the layout spatial_pool produces) and NCHW are used as they are, anything else is made
+// channels_last first.
+struct SpatialPoolGrad {
+  Tensor t;
+  int64_t s_n;
+  int64_t s_c;
+  int64_t s_hw;
+};
+
+inline SpatialPoolGrad spatial_pool_grad_view(const Tensor& g) {
+  const int64_t HW = g.size(2) * g.size(3);
+  if (g.is_contiguous(c10::MemoryFormat::ChannelsLast)) return {g, 2 * HW, 1, 2};
+  if (g.is_contiguous()) return {g, 2 * HW, HW, 1};
+  return {g.contiguous(c10::MemoryFormat::ChannelsLast), 2 * HW, 1, 2};
 }
 
 // Accumulation dtype: float64 for float64, else float32.

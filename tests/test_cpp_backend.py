@@ -374,6 +374,21 @@ def test_output_layout_follows_input(device, op):
 
 @needs_lib
 @pytest.mark.parametrize("device", DEVICES)
+def test_spatial_pool_result_is_channels_last_for_the_convolution(device):
+    """spatial_pool hands the 7x7 conv of a spatial gate (max, mean) pairs per position: channels_last [N, 2, H, W],
+    whatever x's layout; its backward takes the gradient in that layout (or any other)."""
+    x = torch.randn(2, 7, 5, 6, device=device, requires_grad=True)
+    out = ops.spatial_pool(x, backend=_backend(device))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, reference.spatial_pool(x))
+    for g in (torch.randn(2, 2, 5, 6, device=device), torch.randn(2, 2, 5, 6, device=device).transpose(2, 3).mT):
+        (gx,) = torch.autograd.grad(out, x, g, retain_graph=True)
+        (gr,) = torch.autograd.grad(reference.spatial_pool(x), x, g)
+        torch.testing.assert_close(gx, gr)
+
+
+@needs_lib
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_max_ties_and_nan_on_every_path(device, layout):
     """First maximum wins on both layouts and for rows longer than a vector; NaN wins over everything."""

@@ -189,10 +189,10 @@ std::tuple<Tensor, Tensor> spatial_pool(const Tensor& x_in) {
   check_device_type("spatial_pool", "x", x_in, kDev);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), HW = H * W;
   check_index_range("spatial_pool", C);
-  const Layout L = prefers_channels_last(x_in) ? Layout::NHWC : Layout::NCHW;
-  Tensor out = at::empty({N, 2, H, W}, x_in.options().memory_format(memory_format(L)));
+  Tensor out = at::empty({N, 2, H, W}, x_in.options().memory_format(c10::MemoryFormat::ChannelsLast));
   Tensor arg = at::empty({N, H, W}, x_in.options().dtype(at::kInt));
   if (N * HW == 0) return {out, arg};
+  const Layout L = prefers_channels_last(x_in) ? Layout::NHWC : Layout::NCHW;
   Tensor x = in_layout(x_in, L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::spatial_pool", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -205,25 +205,26 @@ std::tuple<Tensor, Tensor> spatial_pool(const Tensor& x_in) {
   return {out, arg};
 }
 
-Tensor spatial_pool_backward(const Tensor& grad, const Tensor& argmax, int64_t C, bool channels_last) {
-  check_4d("spatial_pool", "grad", grad);
-  check_device_type("spatial_pool", "grad", grad, kDev);
-  const int64_t N = grad.size(0), H = grad.size(2), W = grad.size(3), HW = H * W;
-  TORCH_CHECK_VALUE(grad.size(1) == 2 && argmax.dim() == 3 && argmax.size(0) == N && argmax.size(1) == H &&
+Tensor spatial_pool_backward(const Tensor& grad_in, const Tensor& argmax, int64_t C, bool channels_last) {
+  check_4d("spatial_pool", "grad", grad_in);
+  check_device_type("spatial_pool", "grad", grad_in, kDev);
+  const int64_t N = grad_in.size(0), H = grad_in.size(2), W = grad_in.size(3), HW = H * W;
+  TORCH_CHECK_VALUE(grad_in.size(1) == 2 && argmax.dim() == 3 && argmax.size(0) == N && argmax.size(1) == H &&
                         argmax.size(2) == W,
                     "fastnas.spatial_pool: backward expects grad [N, 2, H, W] and argmax [N, H, W]");
   TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.spatial_pool: backward expects an int32 argmax");
   const Layout L = channels_last ? Layout::NHWC : Layout::NCHW;
-  Tensor out = at::empty({N, C, H, W}, grad.options().memory_format(memory_format(L)));
+  Tensor out = at::empty({N, C, H, W}, grad_in.options().memory_format(memory_format(L)));
   if (out.numel() == 0) return out;
-  Tensor g = in_layout(grad, L), arg = argmax.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "fastnas::spatial_pool_backward", [&] {
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const SpatialPoolGrad g = spatial_pool_grad_view(grad_in);
+  Tensor arg = argmax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.t.scalar_type(), "fastnas::spatial_pool_backward", [&] {
+    const scalar_t* gp = g.t.const_data_ptr<scalar_t>();
     const int32_t* ap = arg.const_data_ptr<int32_t>();
     if (L == Layout::NCHW) {
-      spatial_pool_bwd_nchw<scalar_t>(gp, ap, out.data_ptr<scalar_t>(), N, C, HW);
+      spatial_pool_bwd_nchw<scalar_t>(gp, g.s_n, g.s_c, g.s_hw, ap, out.data_ptr<scalar_t>(), N, C, HW);
     } else {
-      spatial_pool_bwd_nhwc<scalar_t>(gp, ap, out.data_ptr<scalar_t>(), N * HW, C);
+      spatial_pool_bwd_nhwc<scalar_t>(gp, g.s_n, g.s_c, g.s_hw, ap, out.data_ptr<scalar_t>(), N * HW, C, HW);
     }
   });
   return out;
