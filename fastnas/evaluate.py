@@ -19,15 +19,24 @@ from .errors import DataError, FastNASError
 from .evalnet import EvalNet, load_model
 
 
-def check_dataset(model: EvalNet, dataset: str) -> None:
-    """Refuse a dataset the model was not trained on (another number of channels, classes or image size)."""
+def check_dataset(model: EvalNet, dataset: str | None) -> str:
+    """The dataset to evaluate on: the one the model was trained on. Another one is refused (it has another number
+    of channels, classes or image size, or other classes)."""
     trained = model.meta.get("dataset")
+    if dataset is None:
+        if trained is None:
+            raise DataError("the model does not record its dataset: pass --dataset")
+        return trained
     info = dataset_info(dataset)
-    if dataset != trained:
+    if trained is not None and dataset != trained:
         raise DataError(f"the model was trained on {trained!r} ({model.in_channels} channel(s), {model.num_classes} "
                         f"classes, {model.input_size}x{model.input_size}); it cannot be evaluated on {dataset!r} "
                         f"({info.in_channels} channel(s), {info.num_classes} classes, "
                         f"{info.image_size}x{info.image_size})")
+    if (info.in_channels, info.num_classes) != (model.in_channels, model.num_classes):
+        raise DataError(f"{dataset!r} has {info.in_channels} channel(s) and {info.num_classes} classes, the model "
+                        f"takes {model.in_channels} and gives {model.num_classes}")
+    return dataset
 
 
 def evaluate_run(run_dir, dataset: str | None = None, split: str = "test", data_dir=None, download: bool = False,
@@ -38,8 +47,7 @@ def evaluate_run(run_dir, dataset: str | None = None, split: str = "test", data_
     model = load_model(run_dir, dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dataset = dataset or model.meta.get("dataset")
-    check_dataset(model, dataset)
+    dataset = check_dataset(model, dataset)
     data = load_split(dataset, train=split == "train", data_dir=data_dir, download=download, limit=limit)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     criterion = nn.CrossEntropyLoss()

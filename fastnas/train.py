@@ -100,6 +100,8 @@ class Trainer:
                                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
         self.test_loader = DataLoader(test_data, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
                                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+        counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)
+        self.majority_baseline = 100.0 * float(counts.max()) / max(len(test_data), 1)  # always the commonest class
         self.model = self.build_model().to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -243,8 +245,8 @@ class Trainer:
             self.save_checkpoint()
         final = self.history[-1]["test_acc"] if self.history else float("nan")
         if self.epoch == cfg.epochs:
-            log.info(f"final test accuracy {final:.2f}%, best {self.best_test_acc:.2f}%, "
-                     f"param size = {self.param_count / 1e6:.6f}MB")
+            log.info(f"final test accuracy {final:.2f}%, best {self.best_test_acc:.2f}% (majority-class baseline "
+                     f"{self.majority_baseline:.2f}%), param size = {self.param_count / 1e6:.6f}MB")
         return TrainResult(self.best_test_acc, final, self.param_count, self.history, self.run_dir)
 
     # -- outputs ----------------------------------------------------------------------------------------------------
@@ -253,7 +255,8 @@ class Trainer:
         return {"epoch": self.epoch, "epochs": self.cfg.epochs, "finished": self.epoch == self.cfg.epochs,
                 "final_test_acc": last.get("test_acc"), "best_test_acc": self.best_test_acc,
                 "param_count": self.param_count, "param_size_M": round(self.param_count / 1e6, 6),
-                "param_count_with_auxiliary": self.model.param_count(auxiliary=True)}
+                "param_count_with_auxiliary": self.model.param_count(auxiliary=True),
+                "majority_baseline_acc": self.majority_baseline}
 
     def write_epoch_outputs(self) -> None:
         if self.run_dir is None:
