@@ -1,6 +1,7 @@
 """Retraining: the evaluation network (DARTS parity, attention ops, drop path), the loop, exact resume, the saved
 model, the train and evaluate command lines, and their errors. Everything runs on tiny shapes."""
 import json
+import os
 import re
 
 import pytest
@@ -278,3 +279,23 @@ def test_evaluate_errors(tmp_path, capsys):
     state["config"]["dataset"] = "cifar10"
     with pytest.raises(fastnas.CheckpointError, match="trained on 'cifar10', not 'digits'"):
         Trainer(tiny_train_config(), progress=False).load_state_dict(state)
+
+
+@pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("fp16", False)])
+def test_engine_options(amp, channels_last):
+    t = Trainer(tiny_train_config(genotype=str(ATTENTION), steps=2, amp=amp, channels_last=channels_last, epochs=1),
+                progress=False)
+    result = t.run()
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert 0 <= result.final_test_acc <= 100
+
+
+@pytest.mark.skipif(not os.environ.get("FASTNAS_SLOW_TESTS"),
+                    reason="torch.compile of the network takes minutes on 2 CPU cores; set FASTNAS_SLOW_TESTS=1")
+def test_compiled_training_matches_the_network():
+    t = Trainer(tiny_train_config(genotype=str(ATTENTION), steps=2, compile=True, epochs=2, max_steps=1,
+                                  backend="reference"), progress=False)
+    t.run()
+    x = torch.randn(5, 1, 8, 8)
+    t.model.eval()
+    torch.testing.assert_close(t.forward(x), t.model(x), rtol=1e-4, atol=1e-5)
