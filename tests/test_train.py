@@ -49,6 +49,8 @@ def test_parameter_count_matches_original_darts():
     without = EvalNet(DARTS_V2, 36, 20, 10, auxiliary=False)
     assert sum(p.numel() for p in without.parameters()) == 3_349_342
     assert with_aux.aux_index == 13 and with_aux.auxiliary_head.features[2].in_channels == 576
+    logits, aux = with_aux.train()(torch.randn(2, 3, 32, 32))  # the head sees 8x8 at 2/3 depth, as in DARTS
+    assert logits.shape == aux.shape == (2, 10)
 
 
 def test_auxiliary_head_has_darts_shape_on_cifar_and_adapts_to_small_inputs():
