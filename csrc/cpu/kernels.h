@@ -51,11 +51,54 @@ struct VecT {
       at::vec::convert_from_float<T>(v, v).store(p, W);
     }
   }
+  // Whether store_stream bypasses the cache for T (p must then be aligned to the vector size).
+  static constexpr bool kCanStream =
+#if defined(CPU_CAPABILITY_AVX2)
+      std::is_same_v<T, float> || std::is_same_v<T, double>;
+#else
+      false;
+#endif
+  // A non-temporal store: for big outputs that are not read again soon (saves the read-for-ownership of the line).
+  static C10_ALWAYS_INLINE void store_stream(T* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, v);
+      return;
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm256_stream_pd(p, v);
+      return;
+    }
+#endif
+    store(p, v);
+  }
 };
+
+// Orders non-temporal stores before whatever follows (end of a parallel task).
+C10_ALWAYS_INLINE void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Outputs at least this big (bytes per tensor) are written with non-temporal stores where possible.
+constexpr int64_t kStreamBytes = int64_t(1) << 21;
 
 template <typename A>
 C10_ALWAYS_INLINE A sigmoid(A v) {
   return A(1) / (A(1) + std::exp(-v));
+}
+
+// s[i] = sigmoid(l[i]), vectorised
+template <typename A>
+void sigmoid_into(const A* l, A* s, int64_t n) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    const V one(A(1));
+    int64_t i = b;
+    for (; i + W <= e; i += W) (one / (one + V::loadu(l + i).neg().exp())).store(s + i);
+    for (; i < e; ++i) s[i] = sigmoid(l[i]);
+  });
 }
 
 template <typename A>
@@ -87,9 +130,19 @@ C10_ALWAYS_INLINE V take_mask(const V& v, const V& m) {
   return (v > m) | (v.isnan() & (m == m));
 }
 
-// Sum, NaN-propagating max and index of the first maximum of p[0..n) (n >= 1), in one pass. U independent vector
-// accumulators hide the latency of the add / max chains; every lane sees its indices in increasing order, so the final
-// lane reduction (NaN first, then larger, then smaller index) finds the first maximum.
+// Merge two running (max, index) vectors lane by lane: the NaN, else the larger, else the smaller index.
+template <typename V>
+C10_ALWAYS_INLINE void merge_max(V& m, V& id, const V& m2, const V& id2) {
+  const V nan1 = m.isnan(), nan2 = m2.isnan();
+  const V earlier = id2 < id;
+  const V take = (m2 > m) | (nan2 & ~nan1) | ((m2 == m) & earlier) | (nan1 & nan2 & earlier);
+  m = V::blendv(m, m2, take);
+  id = V::blendv(id, id2, take);
+}
+
+// Sum, NaN-propagating max and index of the first maximum of p[0..n) (n >= 1), in one pass. Up to U independent
+// vector accumulators hide the latency of the add / max chains; each lane sees its indices in increasing order, and
+// merge_max / the final lane scan pick NaN first, then the larger value, then the smaller index.
 template <typename T>
 PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
   using VT = VecT<T>;
@@ -99,35 +152,50 @@ PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
   constexpr int64_t U = 4;
   PoolAcc<A> r;
   int64_t i = 0;
-  if (n >= U * W) {
+  if (n >= W) {
+    const int64_t u_n = n >= U * W ? U : 1;  // accumulators in use
     V vs[U], vm[U], vi[U];
     const V lane = V::arange(A(0), A(1));
-    for (int64_t u = 0; u < U; ++u) {
+    for (int64_t u = 0; u < u_n; ++u) {
       vs[u] = vm[u] = VT::load(p + u * W);
       vi[u] = lane + V(static_cast<A>(u * W));  // exact: n < 2^24 for float, checked by the caller
     }
-    V vidx = lane + V(static_cast<A>(U * W));
     const V step(static_cast<A>(W));
-    for (i = U * W; i + U * W <= n; i += U * W) {
-      for (int64_t u = 0; u < U; ++u) {
-        V v = VT::load(p + i + u * W);
-        vs[u] = vs[u] + v;
-        V take = take_mask(v, vm[u]);
-        vm[u] = V::blendv(vm[u], v, take);
-        vi[u] = V::blendv(vi[u], vidx, take);
+    if (u_n == U) {
+      V vidx = lane + V(static_cast<A>(U * W));
+      for (i = U * W; i + U * W <= n; i += U * W) {
+        for (int64_t u = 0; u < U; ++u) {
+          V v = VT::load(p + i + u * W);
+          vs[u] = vs[u] + v;
+          V take = take_mask(v, vm[u]);
+          vm[u] = V::blendv(vm[u], v, take);
+          vi[u] = V::blendv(vi[u], vidx, take);
+          vidx = vidx + step;
+        }
+      }
+      vs[0] = (vs[0] + vs[1]) + (vs[2] + vs[3]);
+      merge_max(vm[0], vi[0], vm[1], vi[1]);
+      merge_max(vm[2], vi[2], vm[3], vi[3]);
+      merge_max(vm[0], vi[0], vm[2], vi[2]);
+    } else {
+      V vidx = lane + step;
+      for (i = W; i + W <= n; i += W) {
+        V v = VT::load(p + i);
+        vs[0] = vs[0] + v;
+        V take = take_mask(v, vm[0]);
+        vm[0] = V::blendv(vm[0], v, take);
+        vi[0] = V::blendv(vi[0], vidx, take);
         vidx = vidx + step;
       }
     }
-    __at_align__ A m[U * W];
-    __at_align__ A id[U * W];
-    for (int64_t u = 0; u < U; ++u) {
-      vm[u].store(m + u * W);
-      vi[u].store(id + u * W);
-    }
-    r.sum = hsum((vs[0] + vs[1]) + (vs[2] + vs[3]));
+    __at_align__ A m[W];
+    __at_align__ A id[W];
+    vm[0].store(m);
+    vi[0].store(id);
+    r.sum = hsum(vs[0]);
     A best = m[0];
     A besti = id[0];
-    for (int64_t l = 1; l < U * W; ++l) {
+    for (int64_t l = 1; l < W; ++l) {
       bool take;
       if (std::isnan(best)) {
         take = std::isnan(m[l]) && id[l] < besti;
@@ -235,7 +303,7 @@ void mixed_sum_fwd(const std::vector<const T*>& xs, const at::opmath_type<T>* w,
 
 // One chunk [lo, hi) of the backward for K known at compile time: gx[k] = w[k] g (WantX), partial[k] = sum g xs[k]
 // (WantW), one pass over g and the inputs.
-template <typename T, int K, bool WantX, bool WantW>
+template <typename T, int K, bool WantX, bool WantW, bool Stream>
 C10_ALWAYS_INLINE void mixed_sum_bwd_chunk(const T* g, const T* const* xs_in, const at::opmath_type<T>* w,
                                            T* const* gx_in, at::opmath_type<T>* partial, int64_t lo, int64_t hi) {
   using VT = VecT<T>;
@@ -258,7 +326,13 @@ C10_ALWAYS_INLINE void mixed_sum_bwd_chunk(const T* g, const T* const* xs_in, co
   for (; i + W <= hi; i += W) {
     const V gv = VT::load(g + i);
     for (int k = 0; k < K; ++k) {
-      if constexpr (WantX) VT::store(gx[k] + i, gv * V(wk[k]));
+      if constexpr (WantX) {
+        if constexpr (Stream) {
+          VT::store_stream(gx[k] + i, gv * V(wk[k]));
+        } else {
+          VT::store(gx[k] + i, gv * V(wk[k]));
+        }
+      }
       if constexpr (WantW) acc[k] = at::vec::fmadd(gv, VT::load(xs[k] + i), acc[k]);
     }
   }
@@ -304,14 +378,24 @@ void mixed_sum_bwd_chunk_any(const T* g, const std::vector<const T*>& xs, const 
   }
 }
 
-template <typename T, int K, bool WantX, bool WantW>
+template <typename T, int K, bool WantX, bool WantW, typename A = at::opmath_type<T>>
 void mixed_sum_bwd_chunks(const T* g, const std::vector<const T*>& xs, const at::opmath_type<T>* w,
                           const std::vector<T*>& gxs, at::opmath_type<T>* partial, int64_t n, int64_t nchunks) {
+  // big gradients are written around the cache (chunk starts are multiples of kChunk elements: aligned when the
+  // tensors are)
+  bool stream = WantX && VecT<T>::kCanStream && n * int64_t(sizeof(T)) >= kStreamBytes;
+  for (T* p : gxs) stream = stream && reinterpret_cast<uintptr_t>(p) % sizeof(typename VecT<T>::V) == 0;
   at::parallel_for(0, nchunks, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      mixed_sum_bwd_chunk<T, K, WantX, WantW>(g, xs.data(), w, gxs.data(), WantW ? partial + c * K : nullptr,
-                                              c * kChunk, std::min(n, (c + 1) * kChunk));
+      const int64_t lo = c * kChunk, hi = std::min(n, (c + 1) * kChunk);
+      A* pc = WantW ? partial + c * K : nullptr;
+      if (stream) {
+        mixed_sum_bwd_chunk<T, K, WantX, WantW, true>(g, xs.data(), w, gxs.data(), pc, lo, hi);
+      } else {
+        mixed_sum_bwd_chunk<T, K, WantX, WantW, false>(g, xs.data(), w, gxs.data(), pc, lo, hi);
+      }
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -30,12 +30,7 @@ Tensor as_acc(const Tensor& t, c10::ScalarType like) { return t.to(acc_dtype(lik
 template <typename A>
 Tensor sigmoid_of(const Tensor& logits_acc) {
   Tensor s = at::empty_like(logits_acc);
-  const A* l = logits_acc.data_ptr<A>();
-  A* o = s.data_ptr<A>();
-  const int64_t n = s.numel();
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) o[i] = sigmoid(l[i]);
-  });
+  sigmoid_into<A>(logits_acc.const_data_ptr<A>(), s.data_ptr<A>(), s.numel());
   return s;
 }
 
