@@ -9,7 +9,8 @@ and batch-norm statistics are left untouched.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +19,19 @@ from torch.func import functional_call
 from .supernet import SuperNet
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def frozen(params) -> Iterator[None]:
+    """Turn off ``requires_grad`` of ``params`` for the block (only those that had it)."""
+    live = [p for p in params if p.requires_grad]
+    for p in live:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in live:
+            p.requires_grad_(True)
 
 
 def _grad(loss: torch.Tensor, inputs) -> list[torch.Tensor]:
@@ -119,16 +133,10 @@ def weight_step(model: nn.Module, forward: Callable, criterion: LossFn, optimize
 
     Returns (loss, logits), detached."""
     optimizer.zero_grad(set_to_none=True)
-    frozen = [a for a in arch_parameters if a.requires_grad]
-    for a in frozen:
-        a.requires_grad_(False)
-    try:
+    with frozen(arch_parameters):
         logits = forward(x)
         loss = criterion(logits, y)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-    finally:
-        for a in frozen:
-            a.requires_grad_(True)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip:

@@ -43,6 +43,7 @@ class SearchConfig:
     channels_last: bool = False
     compile: bool = False
     partial_channels: int = 1
+    memory_efficient: bool = True  # fastnas's memory plan; False stores every activation as DARTS does
     max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
 
     def to_dict(self) -> dict[str, Any]:

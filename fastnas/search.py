@@ -76,7 +76,7 @@ class Search:
         cfg = self.cfg
         return SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
                         cfg.stem_multiplier, in_channels=self.info.in_channels,
-                        partial_channels=cfg.partial_channels)
+                        partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient)
 
     def _make_forward(self):
         model, cfg, device = self.model, self.cfg, self.device
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the supernet")
     g.add_argument("--partial-channels", type=int, help="PC-DARTS: sample 1/K of the channels on each edge")
+    g.add_argument("--darts-memory", dest="memory_efficient", action="store_false", default=None,
+                   help="store every activation as the DARTS formulation does (no recomputation, no shared ReLU); "
+                        "for comparison")
     return p
 
 

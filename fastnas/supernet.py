@@ -30,14 +30,15 @@ def check_input_size(height: int, width: int, layers: int) -> None:
 class SuperNet(nn.Module):
     """The DARTS search network: stem, ``layers`` search cells (reductions at 1/3 and 2/3), classifier.
 
-    The architecture weights ``alphas_normal`` and ``alphas_reduce`` ([edges, ops], initialised 1e-3·randn) are
+    ``memory_efficient`` selects fastnas's memory plan (see :meth:`set_memory_efficient`). The architecture weights ``alphas_normal`` and ``alphas_reduce`` ([edges, ops], initialised 1e-3·randn) are
     parameters of the module, so they are saved and loaded with it; :meth:`arch_parameters` and
     :meth:`weight_parameters` keep them apart for the two optimisers.
     """
 
     def __init__(self, C: int = 16, layers: int = 8, num_classes: int = 10,
                  primitives: str | Sequence[str] = DEFAULT_SPACE, steps: int = 4, multiplier: int = 4,
-                 stem_multiplier: int = 3, in_channels: int = 3, partial_channels: int = 1) -> None:
+                 stem_multiplier: int = 3, in_channels: int = 3, partial_channels: int = 1,
+                 memory_efficient: bool = True) -> None:
         super().__init__()
         if C < 1 or layers < 1 or num_classes < 1 or steps < 1:
             raise ConfigError(f"SuperNet needs C, layers, num_classes and steps >= 1, got {C}, {layers}, "
@@ -69,6 +70,7 @@ class SuperNet(nn.Module):
             c_prev_prev, c_prev = c_prev, multiplier * c_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
+        self.set_memory_efficient(memory_efficient)
 
         n_edges = sum(2 + i for i in range(steps))
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, len(self.primitives)))
@@ -76,6 +78,15 @@ class SuperNet(nn.Module):
         if partial_channels > 1:  # PC-DARTS edge normalisation
             self.betas_normal = nn.Parameter(1e-3 * torch.randn(n_edges))
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
+
+    def set_memory_efficient(self, enabled: bool) -> None:
+        """fastnas's memory plan (default on): parameter-free candidates are recomputed in the backward, and
+        ``relu(state)`` is computed once for all candidates that begin with it. Off: every activation is stored, as
+        the DARTS formulation does. The arithmetic is the same either way."""
+        self.memory_efficient = enabled
+        for cell in self.cells:
+            cell.recompute_parameter_free = enabled
+            cell.share_relu = enabled
 
     # -- parameters -------------------------------------------------------------------------------------------------
     def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:

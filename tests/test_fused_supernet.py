@@ -112,3 +112,35 @@ def test_refused_combinations():
         Search(tiny_search_config(order=2, amp="fp16"), progress=False)
     with pytest.raises(fastnas.ConfigError, match="partial"):
         Search(tiny_search_config(C=6, partial_channels=4), progress=False)
+
+
+def _saved_bytes(net, x):
+    """Bytes that autograd keeps for the backward of one forward pass (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED[:1])
+def test_memory_plan_same_arithmetic_less_saved(backend):
+    """Recomputing the parameter-free candidates and sharing relu(state) changes nothing but what is stored:
+    the same loss, gradients and batch-norm statistics (updated once, not again by the recomputation)."""
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    plain, lean = _net(), _net()
+    plain.set_memory_efficient(False)
+    a = _loss_and_grads(plain, x, y, backend)
+    b = _loss_and_grads(lean, x, y, backend)
+    torch.testing.assert_close(b[1], a[1])
+    for name in a[2]:
+        torch.testing.assert_close(b[2][name], a[2][name], rtol=1e-5, atol=1e-6)
+    for (name, u), v in zip(plain.named_buffers(), lean.buffers()):
+        torch.testing.assert_close(v, u, msg=lambda m: f"{name}: {m}")
+    with fastnas.ops.backend(backend):
+        assert _saved_bytes(lean, x) < 0.8 * _saved_bytes(plain, x)

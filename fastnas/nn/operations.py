@@ -11,7 +11,19 @@ from torch import nn
 from .attention import ChannelAttention, SpatialAttention
 
 
-class ReLUConvBN(nn.Sequential):
+class LeadingReLU:
+    """Mixin for ops that begin with a (non in-place) ReLU: ``after_relu(relu(x)) == forward(x)``.
+
+    A search cell computes ``relu(h)`` once per state and hands it to every such candidate, instead of each
+    candidate storing its own copy for the backward."""
+
+    def after_relu(self, r: torch.Tensor) -> torch.Tensor:
+        for module in list(self)[1:]:
+            r = module(r)
+        return r
+
+
+class ReLUConvBN(LeadingReLU, nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
@@ -20,7 +32,7 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
-class DilConv(nn.Sequential):
+class DilConv(LeadingReLU, nn.Sequential):
     """ReLU → depthwise (dilated) conv → pointwise conv → BN."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, dilation: int,
@@ -33,8 +45,11 @@ class DilConv(nn.Sequential):
         )
 
 
-class SepConv(nn.Sequential):
+class SepConv(LeadingReLU, nn.Sequential):
     """Two stacked separable convolutions; the first one carries the stride."""
+
+    def after_relu(self, r: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0].after_relu(r))
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
@@ -43,7 +58,7 @@ class SepConv(nn.Sequential):
         )
 
 
-class FactorizedReduce(nn.Module):
+class FactorizedReduce(LeadingReLU, nn.Module):
     """Halve H and W with two offset 1×1 stride-2 convolutions whose outputs are concatenated."""
 
     def __init__(self, c_in: int, c_out: int, affine: bool = True):
@@ -56,7 +71,9 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.after_relu(self.relu(x))
+
+    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
         shifted = x[:, :, 1:, 1:]
         h_odd, w_odd = x.shape[-2] % 2, x.shape[-1] % 2
         if h_odd or w_odd:  # pad the shifted branch back so that odd sizes work too
@@ -75,16 +92,23 @@ class Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride].mul(0.0)
 
 
-class Gated(nn.Sequential):
+class Gated(LeadingReLU, nn.Sequential):
     """An attention gate, preceded by FactorizedReduce at stride 2 (as skip_connect is)."""
+
+    def after_relu(self, r: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0].after_relu(r))
 
 
 def _gated(gate: nn.Module, C: int, stride: int, affine: bool) -> nn.Module:
     return gate if stride == 1 else Gated(FactorizedReduce(C, C, affine), gate)
 
 
+class _ReLUSequential(LeadingReLU, nn.Sequential):
+    pass
+
+
 def _conv_7x1_1x7(C: int, stride: int, affine: bool) -> nn.Module:
-    return nn.Sequential(
+    return _ReLUSequential(
         nn.ReLU(inplace=False),
         nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
         nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),

@@ -22,7 +22,8 @@ from .. import ops
 from ..errors import ConfigError
 from ..space import channel_attention_op, make_op
 from .attention import DEFAULT_REDUCTION
-from .operations import FactorizedReduce, ReLUConvBN
+from .operations import FactorizedReduce, LeadingReLU, ReLUConvBN
+from .recompute import RecomputableBatchNorm, recompute
 
 
 def search_candidate(name: str, C: int, stride: int, partial_channels: int = 1) -> nn.Module:
@@ -36,8 +37,14 @@ def search_candidate(name: str, C: int, stride: int, partial_channels: int = 1) 
     else:
         op = make_op(name, width, stride, affine=False)
     if "pool" in name:
-        op = nn.Sequential(op, nn.BatchNorm2d(width, affine=False))
+        op = nn.Sequential(op, RecomputableBatchNorm(width, affine=False))
     return op
+
+
+def is_parameter_free(op: nn.Module) -> bool:
+    """No parameters: recomputing it in the backward is safe even when the weights are swapped by
+    ``functional_call`` (second order), and cheap (pooling and affine-free batch norm)."""
+    return next(op.parameters(), None) is None and not isinstance(op, nn.Identity)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -72,31 +79,71 @@ class SearchCell(nn.Module):
                     search_candidate(primitives[k], C, stride, partial_channels) for k in self.active))
         # PC-DARTS: the bypassed channels of a stride-2 edge are max-pooled (ceil, so odd sizes match the ops)
         self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if partial_channels > 1 and reduction else None
+        # which candidates (by position among the active ops) are parameter-free, per edge
+        self.parameter_free = [[is_parameter_free(op) for op in edge] for edge in self.edges]
+        self.recompute_parameter_free = True
+        self.share_relu = True
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``weights``: [edges, ops] softmax weights of this cell type; ``edge_weights``: [edges] (partial channels)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        relus: dict[int, torch.Tensor] = {}  # relu(state j), computed once for all candidates that start with it
         active = weights[:, self.active] if len(self.active) != weights.shape[1] else weights
         k = self.partial_channels
         offset = 0
         for _ in range(self.steps):
             n_in = len(states)
             node_weights = active[offset:offset + n_in]
-            if k == 1:
-                outputs = [op(h) for j, h in enumerate(states) for op in self.edges[offset + j]]
+            if k == 1 and self.recompute_parameter_free and torch.is_grad_enabled():
+                states.append(self._node_recomputing_parameter_free(states, offset, node_weights, relus))
+            elif k == 1:
+                outputs = [self._run(op, h, j, relus) for j, h in enumerate(states) for op in self.edges[offset + j]]
                 states.append(ops.mixed_sum(outputs, node_weights.reshape(-1)))
             else:
-                states.append(self._partial_node(states, offset, node_weights, edge_weights[offset:offset + n_in]))
+                states.append(self._partial_node(states, offset, node_weights, edge_weights[offset:offset + n_in],
+                                                 relus))
             offset += n_in
         return torch.cat(states[-self.multiplier:], dim=1)
 
+    def _run(self, op: nn.Module, h: torch.Tensor, j: int, relus: dict[int, torch.Tensor]) -> torch.Tensor:
+        if self.share_relu and isinstance(op, LeadingReLU):
+            if j not in relus:
+                relus[j] = torch.relu(h)
+            return op.after_relu(relus[j])
+        return op(h)
+
+    def _node_recomputing_parameter_free(self, states: list[torch.Tensor], offset: int,
+                                         node_weights: torch.Tensor, relus: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The node sum with the parameter-free candidates' share computed under :func:`recompute`: neither their
+        outputs nor their internals (max-pool indices, batch-norm inputs) are stored for the backward."""
+        kept, kept_w, free = [], [], []
+        for j, h in enumerate(states):
+            for c, op in enumerate(self.edges[offset + j]):
+                if self.parameter_free[offset + j][c]:
+                    free.append((j, c))
+                else:
+                    kept.append(self._run(op, h, j, relus))
+                    kept_w.append(node_weights[j, c])
+        if not free:
+            return ops.mixed_sum(kept, node_weights.reshape(-1))
+        edges = self.edges[offset:offset + len(states)]
+        backend = ops.get_backend()  # the backward's re-run must use the backend of this forward
+
+        def free_share(free_w: torch.Tensor, *hs: torch.Tensor) -> torch.Tensor:
+            return ops.mixed_sum([edges[j][c](hs[j]) for j, c in free], free_w, backend=backend)
+
+        free_w = torch.stack([node_weights[j, c] for j, c in free])
+        share = recompute(free_share, free_w, *states)
+        weights = torch.stack(kept_w + [torch.ones((), dtype=node_weights.dtype, device=node_weights.device)])
+        return ops.mixed_sum(kept + [share.to(kept[0].dtype) if kept else share], weights) if kept else share
+
     def _partial_node(self, states: list[torch.Tensor], offset: int, node_weights: torch.Tensor,
-                      beta: torch.Tensor) -> torch.Tensor:
+                      beta: torch.Tensor, relus: dict[int, torch.Tensor]) -> torch.Tensor:
         width = states[0].shape[1] // self.partial_channels
         outputs, bypasses = [], []
         for j, h in enumerate(states):
-            outputs += [op(h[:, :width]) for op in self.edges[offset + j]]
+            outputs += [self._run(op, h[:, :width], j, relus) for op in self.edges[offset + j]]
             rest = h[:, width:]
             bypasses.append(self.bypass_pool(rest) if self.strides[offset + j] == 2 else rest)
         main = ops.mixed_sum(outputs, (node_weights * beta[:, None]).reshape(-1))

@@ -1,0 +1,52 @@
+"""Recomputation of parameter-free work in the backward pass, instead of storing it.
+
+:func:`recompute` runs a function under non-reentrant activation checkpointing: its intermediate tensors are not
+kept, and the backward runs it again. Batch norms inside (the affine-free ones after DARTS's pooling candidates)
+update their running statistics only in the first run: :class:`RecomputableBatchNorm` sees the re-run.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_recomputing = False
+
+
+class _RecomputeMode:
+    """Marks the re-run; re-usable, since a graph kept for several backward passes recomputes more than once."""
+
+    def __enter__(self) -> None:
+        global _recomputing
+        self.previous, _recomputing = _recomputing, True
+
+    def __exit__(self, *exc: object) -> None:
+        global _recomputing
+        _recomputing = self.previous
+
+
+def _contexts():
+    return contextlib.nullcontext(), _RecomputeMode()
+
+
+def recompute(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``, keeping only ``args`` for the backward (which calls ``fn`` again)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts, determinism_check="none")
+
+
+class RecomputableBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose re-run inside :func:`recompute` normalises with batch statistics without moving the
+    running ones a second time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _recomputing and self.training and self.track_running_stats:
+            # the same computation on throw-away copies of the statistics (so the same tensors are saved)
+            return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True,
+                                self.momentum if self.momentum is not None else 0.1, self.eps)
+        return super().forward(x)
