@@ -420,6 +420,51 @@ def test_max_ties_and_nan_on_every_path(device, layout):
 
 @needs_lib
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("special", ["nan", "inf", "both_infs", "ties"])
+def test_pools_with_special_values(device, layout, special):
+    """NaN / inf / ties anywhere (vector lanes, tails): values as the reference, gradient to the first maximum."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 37, 9, 11, generator=gen)
+    flat = x.view(-1)
+    idx = torch.randperm(flat.numel(), generator=gen)[:40]
+    if special == "nan":
+        flat[idx] = float("nan")
+    elif special == "inf":
+        flat[idx] = float("inf")
+    elif special == "both_infs":
+        flat[idx[:20]] = float("inf")
+        flat[idx[20:]] = float("-inf")
+    else:
+        x = torch.randint(0, 3, x.shape, generator=gen).float()
+    x = _layout(x.to(device), layout)
+    backend = _backend(device)
+    for pool, dim in (("channel_pool", (2, 3)), ("spatial_pool", (1,))):
+        xg = x.detach().requires_grad_()
+        out = getattr(ops, pool)(xg, backend=backend)
+        ref = getattr(reference, pool)(x)
+        for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+            torch.testing.assert_close(o, r, equal_nan=True)
+        mx = out[1] if pool == "channel_pool" else out[:, :1]
+        mx.sum().backward()
+        # exactly one element per reduced group gets the max gradient: the first NaN, else the first maximum
+        if pool == "channel_pool":
+            rows = x.detach().reshape(*x.shape[:2], -1)
+            hit = xg.grad.reshape(*x.shape[:2], -1) != 0
+        else:
+            rows = x.detach().permute(0, 2, 3, 1)
+            hit = xg.grad.permute(0, 2, 3, 1) != 0
+        # NaN beats every number: where a row holds a NaN, only NaNs are candidates
+        has_nan = torch.isnan(rows).any(dim=-1, keepdim=True)
+        m = torch.where(torch.isnan(rows), float("-inf"), rows).max(dim=-1, keepdim=True).values
+        is_best = torch.where(has_nan, torch.isnan(rows), rows == m)
+        first = torch.zeros_like(is_best)
+        first.scatter_(-1, is_best.int().argmax(dim=-1, keepdim=True), True)
+        assert torch.equal(hit, first), f"{pool}: max gradient not at the first maximum"
+
+
+@needs_lib
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS)
 def test_expanded_upstream_gradient(device, op):
     """`.sum().backward()` hands the backward an expanded (stride-0) gradient."""

@@ -143,8 +143,11 @@ C10_ALWAYS_INLINE void merge_max(V& m, V& id, const V& m2, const V& id2) {
 // Sum, NaN-propagating max and index of the first maximum of p[0..n) (n >= 1), in one pass. Up to U independent
 // vector accumulators hide the latency of the add / max chains; each lane sees its indices in increasing order, and
 // merge_max / the final lane scan pick NaN first, then the larger value, then the smaller index.
-template <typename T>
-PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
+//
+// Exact = false skips the NaN tests in the hot loop (3 of its 8 vector operations): a NaN anywhere makes the sum NaN,
+// and reduce_row then redoes the row exactly. (So does a row holding both +inf and -inf: rare, and still right.)
+template <typename T, bool Exact>
+PoolAcc<at::opmath_type<T>> reduce_row_impl(const T* p, int64_t n) {
   using VT = VecT<T>;
   using A = typename VT::A;
   using V = typename VT::V;
@@ -167,7 +170,7 @@ PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
         for (int64_t u = 0; u < U; ++u) {
           V v = VT::load(p + i + u * W);
           vs[u] = vs[u] + v;
-          V take = take_mask(v, vm[u]);
+          V take = Exact ? take_mask(v, vm[u]) : (v > vm[u]);
           vm[u] = V::blendv(vm[u], v, take);
           vi[u] = V::blendv(vi[u], vidx, take);
           vidx = vidx + step;
@@ -182,7 +185,7 @@ PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
       for (i = W; i + W <= n; i += W) {
         V v = VT::load(p + i);
         vs[0] = vs[0] + v;
-        V take = take_mask(v, vm[0]);
+        V take = Exact ? take_mask(v, vm[0]) : (v > vm[0]);
         vm[0] = V::blendv(vm[0], v, take);
         vi[0] = V::blendv(vi[0], vidx, take);
         vidx = vidx + step;
@@ -224,6 +227,13 @@ PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
       r.arg = i;
     }
   }
+  return r;
+}
+
+template <typename T>
+C10_ALWAYS_INLINE PoolAcc<at::opmath_type<T>> reduce_row(const T* p, int64_t n) {
+  PoolAcc<at::opmath_type<T>> r = reduce_row_impl<T, false>(p, n);
+  if (C10_UNLIKELY(std::isnan(r.sum))) r = reduce_row_impl<T, true>(p, n);
   return r;
 }
 
@@ -481,7 +491,7 @@ void channel_pool_nhwc(const T* x, T* avg, T* mx, int32_t* arg, int64_t N, int64
         for (; c + W <= C; c += W) {
           V v = VT::load(row + c);
           V vm = V::loadu(m.data() + c);
-          V take = take_mask(v, vm);
+          V take = v > vm;  // NaN columns are redone exactly below
           (V::loadu(s.data() + c) + v).store(s.data() + c);
           V::blendv(vm, v, take).store(m.data() + c);
           V::blendv(V::loadu(id.data() + c), vh, take).store(id.data() + c);
@@ -496,6 +506,19 @@ void channel_pool_nhwc(const T* x, T* avg, T* mx, int32_t* arg, int64_t N, int64
         }
       }
       for (int64_t c = 0; c < C; ++c) {
+        if (C10_UNLIKELY(std::isnan(s[c]))) {  // a NaN in this column: the exact scan
+          A mm = A(xn[c]);
+          A ii = 0;
+          for (int64_t h = 1; h < HW; ++h) {
+            A v = A(xn[h * C + c]);
+            if (beats_later(v, mm)) {
+              mm = v;
+              ii = static_cast<A>(h);
+            }
+          }
+          m[c] = mm;
+          id[c] = ii;
+        }
         avg[n * C + c] = T(s[c] / A(HW));
         mx[n * C + c] = T(m[c]);
         arg[n * C + c] = static_cast<int32_t>(id[c]);
@@ -584,7 +607,7 @@ void spatial_pool_nchw(const T* x, T* out, int32_t* arg, int64_t N, int64_t C, i
           V v0 = VT::load(xn + c * HW + i), v1 = VT::load(xn + c * HW + i + W);
           s0 = s0 + v0;
           s1 = s1 + v1;
-          V t0 = take_mask(v0, m0), t1 = take_mask(v1, m1);
+          V t0 = v0 > m0, t1 = v1 > m1;  // NaN positions are redone exactly below
           m0 = V::blendv(m0, v0, t0);
           m1 = V::blendv(m1, v1, t1);
           i0 = V::blendv(i0, vc, t0);
@@ -598,9 +621,27 @@ void spatial_pool_nchw(const T* x, T* out, int32_t* arg, int64_t N, int64_t C, i
         VT::store(on + 2 * i + 2 * W, p2);
         VT::store(on + 2 * i + 3 * W, p3);
         __at_align__ A ib[2 * W];
+        __at_align__ A sb[2 * W];
         i0.store(ib);
         i1.store(ib + W);
-        for (int64_t l = 0; l < 2 * W; ++l) an[i + l] = static_cast<int32_t>(ib[l]);
+        s0.store(sb);
+        s1.store(sb + W);
+        for (int64_t l = 0; l < 2 * W; ++l) {
+          an[i + l] = static_cast<int32_t>(ib[l]);
+          if (C10_UNLIKELY(std::isnan(sb[l]))) {  // a NaN at this position: the exact scan
+            A m = A(xn[i + l]);
+            int32_t id = 0;
+            for (int64_t c = 1; c < C; ++c) {
+              A v = A(xn[c * HW + i + l]);
+              if (beats_later(v, m)) {
+                m = v;
+                id = static_cast<int32_t>(c);
+              }
+            }
+            on[2 * (i + l)] = T(m);
+            an[i + l] = id;
+          }
+        }
       }
       for (; i < hi; ++i) {
         A m = A(xn[i]), s = m;
