@@ -4,7 +4,8 @@
 // 256-bit intrinsics, and everything it defines lives in namespaces named AVX2. Only the code after the target
 // pragma is compiled for AVX2; the torch headers included before it keep the baseline target, so no inline function
 // shared with other translation units is ever emitted with AVX2 instructions.
-#if defined(__x86_64__) || defined(_M_X64)
+#include "capability.h"
+#if FASTNAS_HAVE_AVX2_KERNELS
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -2,6 +2,8 @@
 // portable ones).
 #include <torch/library.h>
 
+#include "capability.h"
+
 #include <cstdlib>
 #include <cstring>
 
@@ -9,7 +11,7 @@ namespace fastnas::cpu {
 namespace DEFAULT {
 void register_impls(torch::Library& m);  // ops_cpu_default.cpp
 }
-#if defined(__x86_64__) || defined(_M_X64)
+#if FASTNAS_HAVE_AVX2_KERNELS
 namespace AVX2 {
 void register_impls(torch::Library& m);  // ops_cpu_avx2.cpp
 }
@@ -18,7 +20,7 @@ void register_impls(torch::Library& m);  // ops_cpu_avx2.cpp
 const char* capability() {
   const char* forced = std::getenv("FASTNAS_CPU_CAPABILITY");
   if (forced != nullptr && std::strcmp(forced, "default") == 0) return "default";
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#if FASTNAS_HAVE_AVX2_KERNELS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     return "avx2";
@@ -39,7 +41,7 @@ TORCH_LIBRARY_FRAGMENT(fastnas, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
-#if defined(__x86_64__) || defined(_M_X64)
+#if FASTNAS_HAVE_AVX2_KERNELS
   if (std::strcmp(fastnas::cpu::capability(), "avx2") == 0) {
     fastnas::cpu::AVX2::register_impls(m);
     return;
