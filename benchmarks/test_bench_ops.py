@@ -205,3 +205,48 @@ def test_bench(benchmark, provider, op, mode, shape_id, dtype_id):
         k=K if op == "mixed_sum" else None,
     )
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+TARGETS = {  # issue's speed targets at the stage-1 shape (fp32, forward+backward): (min speedup vs eager reference)
+    "mixed_sum": 3.0,
+    "channel_gate": 2.0,
+    "spatial_gate": 2.0,
+}
+
+
+@pytest.mark.parametrize("op", list(TARGETS))
+def test_speed_targets_side_by_side(benchmark, op, capsys):
+    """The speed targets, measured side by side: the providers run interleaved round by round (so a busy machine slows
+    them alike), and extra_info records min and median of each plus the speedups of `cpu` over the eager reference
+    and over torch.compile of it. A benchmark, not a test: nothing is asserted."""
+    providers = [p for p in ("reference", "reference_compiled", "cpu") if _skip_reason(p, "s1", "fp32") is None]
+    if "cpu" not in providers:
+        pytest.skip("the cpu backend is unavailable")
+    shape, rounds = SHAPES["s1"], int(os.environ.get("FASTNAS_BENCH_TARGET_ROUNDS", "40"))
+    runs = {}
+    for p in providers:
+        fn, leaves = _make_case(op, p, shape, torch.float32)
+        runs[p] = _timed(fn, "fwdbwd", leaves, "cpu")
+        for _ in range(3):
+            runs[p]()
+    times = {p: [] for p in providers}
+    for _ in range(rounds):
+        for p in providers:
+            t0 = time.perf_counter()
+            runs[p]()
+            times[p].append(time.perf_counter() - t0)
+    stats = {p: {"min_ms": min(v) * 1e3, "median_ms": sorted(v)[len(v) // 2] * 1e3} for p, v in times.items()}
+    info = {"op": op, "mode": "fwdbwd", "shape": list(shape), "dtype": "fp32", "threads": torch.get_num_threads(),
+            "target_speedup_vs_reference": TARGETS[op], "providers": stats}
+    for p in ("reference", "reference_compiled"):
+        if p in stats:
+            info[f"speedup_vs_{p}_min"] = stats[p]["min_ms"] / stats["cpu"]["min_ms"]
+            info[f"speedup_vs_{p}_median"] = stats[p]["median_ms"] / stats["cpu"]["median_ms"]
+    benchmark.group = f"targets-{op}"
+    benchmark.extra_info.update(info, provider="cpu", bytes=_bytes_moved(op, "fwdbwd", shape, torch.float32))
+    benchmark.pedantic(runs["cpu"], rounds=5, iterations=1, warmup_rounds=1)
+    with capsys.disabled():
+        line = "  ".join(f"{p} {s['min_ms']:.2f}/{s['median_ms']:.2f} ms" for p, s in stats.items())
+        ratios = "  ".join(f"{k.removeprefix('speedup_vs_')} {v:.2f}x" for k, v in info.items() if k.startswith("speedup"))
+        print(f"\n[targets] {op} fwd+bwd s1 fp32, {torch.get_num_threads()} threads (min/median): {line}\n"
+              f"[targets] {op} speedup of cpu: {ratios} (target >= {TARGETS[op]}x vs reference, >= 1x vs compiled)")
