@@ -6,6 +6,10 @@ momentum), then ∇α L_val(w′, α) − η ∇²α,w L_train(w, α) ∇w′ L_
 finite differences, (∇α L_train(w⁺, α) − ∇α L_train(w⁻, α)) / (2ε), w± = w ± ε ∇w′ L_val, ε = 0.01 / ‖∇w′ L_val‖.
 The virtual step runs through ``torch.func.functional_call``: no module is cloned, and the network's own weights
 and batch-norm statistics are left untouched.
+
+Under torchrun both steps average their final gradients across ranks (:func:`fastnas.distributed.all_reduce_mean`)
+before the optimiser steps, so every rank applies the same update. In second order, each rank's virtual step and
+Hessian-vector product use its own batches (local ∇w L_train); the resulting architecture gradients are averaged.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import distributed
 from .supernet import SuperNet
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,6 +68,7 @@ class Architect:
             loss, grads = self._first_order(x_valid, y_valid)
         else:
             loss, grads = self._second_order(x_train, y_train, x_valid, y_valid, eta, network_optimizer)
+        distributed.all_reduce_mean(grads)  # no-op in a single process
         for a, g in zip(self.model.arch_parameters(), grads):
             a.grad = g
         if self.scaler is None:
@@ -137,6 +143,8 @@ def weight_step(model: nn.Module, forward: Callable, criterion: LossFn, optimize
         logits = forward(x)
         loss = criterion(logits, y)
         (scaler.scale(loss) if scaler is not None else loss).backward()
+    # under torchrun: the mean gradient over ranks (before unscaling, so an inf on any rank skips the step on all)
+    distributed.all_reduce_mean([p.grad for g in optimizer.param_groups for p in g["params"]])
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.transforms import v2 as T
 
 from .errors import DataError
@@ -146,10 +146,39 @@ class EpochShuffle(Sampler[int]):
         return len(self.indices)
 
 
+def shard_sampler(indices, seed: int, rank: int = 0, world_size: int = 1) -> Sampler[int]:
+    """Shuffled each epoch from (seed, epoch) alone. With ``world_size`` > 1, rank ``rank``'s shard of the same
+    shuffle (a ``DistributedSampler`` drawing :class:`EpochShuffle`'s permutation: rank r takes its positions r,
+    r + world_size, ...; every rank gets as many samples, the first few repeated when the split does not divide
+    evenly)."""
+    if world_size == 1:
+        return EpochShuffle(list(indices), seed)
+    inner = DistributedSampler(range(len(indices)), world_size, rank, shuffle=True, seed=seed * 100003,
+                               drop_last=False)
+    return _SubsetSampler(list(indices), inner)
+
+
+class _SubsetSampler(Sampler[int]):
+    """Positions drawn by ``inner`` mapped to ``indices``, with ``set_epoch`` passed through."""
+
+    def __init__(self, indices: list[int], inner: DistributedSampler) -> None:
+        self.indices, self.inner = indices, inner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter([self.indices[i] for i in self.inner])
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_dir=None, download: bool = False,
-                   seed: int = 0, workers: int = 0, limit: int | None = None):
+                   seed: int = 0, workers: int = 0, limit: int | None = None, rank: int = 0, world_size: int = 1):
     """DARTS's search split: the first ``train_portion`` of the training set trains the weights, the rest the
-    architecture. Returns (weight loader, architecture loader, info)."""
+    architecture. Returns (weight loader, architecture loader, info). With ``world_size`` > 1 each loader yields
+    rank ``rank``'s shard of its split (``batch_size`` images a batch on every rank)."""
     if not 0.0 < train_portion < 1.0:
         raise DataError(f"train_portion must be strictly between 0 and 1, got {train_portion}")
     data = load_split(name, train=True, data_dir=data_dir, download=download, augment=True, limit=limit)
@@ -158,7 +187,7 @@ def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_
         raise DataError(f"{len(data)} training images cannot be split with train_portion {train_portion}")
     loaders = []
     for part, indices in enumerate((range(split), range(split, len(data)))):
-        sampler = EpochShuffle(list(indices), seed + part)
+        sampler = shard_sampler(indices, seed + part, rank, world_size)
         loaders.append(DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                   drop_last=False, persistent_workers=workers > 0))
     return loaders[0], loaders[1], dataset_info(name)

@@ -13,18 +13,24 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from . import ops
+from . import distributed, ops
 from .errors import ConfigError
 
 log = logging.getLogger("fastnas")
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is one. Under torchrun, ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if dev.type == "cuda" and distributed.launched():
+        if dev.index is not None:
+            raise ConfigError(f"--device {name} under torchrun: each process takes cuda:LOCAL_RANK; pass --device "
+                              f"cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        dev = torch.device("cuda", distributed.local_rank())
     return dev
 
 
