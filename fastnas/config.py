@@ -138,6 +138,7 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA only)
     max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
 
     def to_dict(self) -> dict[str, Any]:

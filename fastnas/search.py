@@ -4,6 +4,10 @@ Runs DARTS's bilevel search over the attention-augmented space (first or second 
 ``config.json``, ``log.txt``, ``alphas.json`` (softmax weights per epoch), ``checkpoint.pt`` (each epoch, atomic),
 ``genotype.json`` / ``genotype.txt``, ``normal.png`` / ``reduce.png`` (the derived cells), ``alphas.png`` (how the
 weights moved) and ``analysis.txt`` (which edges chose attention).
+
+Under ``torchrun --nproc_per_node=N -m fastnas.search`` each process searches on its shard of both splits with
+``--batch-size`` images a batch (a global batch of N × batch size; learning rates are not scaled); the weight and
+architecture gradients are averaged across processes, and only rank 0 writes the run folder.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, config as cfgmod, runtime
+from . import checkpoint, config as cfgmod, distributed, runtime
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .config import SEARCH_PRESETS, SearchConfig
@@ -42,9 +46,11 @@ class SearchResult:
 class Search:
     """One search run: model, data, both optimisers and the loop; resumable from its checkpoint."""
 
-    def __init__(self, cfg: SearchConfig, run_dir: Path | None = None, progress: bool = True) -> None:
+    def __init__(self, cfg: SearchConfig, run_dir: Path | None = None, progress: bool = True,
+                 verify_sync: bool = False) -> None:
         cfg.validate()
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.verify_sync = verify_sync  # under torchrun: check after each epoch that all ranks hold the same state
         self.device = runtime.pick_device(cfg.device)
         self.backend = runtime.select_backend(cfg.backend, self.device)
         if cfg.amp == "bf16" and self.device.type == "cpu" and cfg.backend == "triton":
@@ -53,11 +59,12 @@ class Search:
 
         self.train_loader, self.valid_loader, self.info = search_loaders(
             cfg.dataset, cfg.batch_size, cfg.train_portion, cfg.data_dir, cfg.download, cfg.seed, cfg.workers,
-            cfg.limit)
+            cfg.limit, distributed.rank(), distributed.world_size())
         check_input_size(self.info.image_size, self.info.image_size, cfg.layers)
         self.model = self.build_model().to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights and alphas
         self.criterion = nn.CrossEntropyLoss()
         self.forward = self._make_forward()
         self.optimizer = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
@@ -124,6 +131,8 @@ class Search:
     def train_epoch(self) -> runtime.Meter:
         cfg = self.cfg
         self.model.train()
+        if distributed.active():  # each rank's draws depend on (seed, epoch, rank) alone: resume stays exact
+            distributed.seed_epoch(cfg.seed, self.epoch)
         set_epoch(self.train_loader, self.epoch)
         set_epoch(self.valid_loader, self.epoch)
         valid_iter = iter(self.valid_loader)
@@ -151,6 +160,7 @@ class Search:
                             img_s=f"{meter.throughput:.0f}")
         bar.close()
         self.scheduler.step()
+        distributed.reduce_meter(meter)
         return meter
 
     def run(self, until_epoch: int | None = None) -> SearchResult:
@@ -160,6 +170,9 @@ class Search:
         log.info(f"search: {cfg.dataset}, space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, "
                  f"{cfg.layers} cells, order {cfg.order}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
                  f"device {self.device}, backend {self.backend}, amp {cfg.amp}")
+        if distributed.active():
+            log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
+                     f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all")
         log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
         valid = None
         while self.epoch < stop:
@@ -167,6 +180,8 @@ class Search:
                 train = self.train_epoch()
                 valid = runtime.evaluate(self.forward, self.valid_loader, self._loss, self.device, cfg.amp,
                                          cfg.channels_last)
+                distributed.reduce_meter(valid)
+                distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
             self.epoch += 1
             w_normal, w_reduce = self.model.arch_weights()
             self.history.append({
@@ -178,6 +193,10 @@ class Search:
             log.info(f"epoch {self.epoch}/{cfg.epochs}: train loss {train.avg_loss:.4f} acc {train.accuracy:.2f}% | "
                      f"valid loss {valid.avg_loss:.4f} acc {valid.accuracy:.2f}% | {train.throughput:.0f} img/s | "
                      f"{t['seconds']:.1f}s")
+            if self.verify_sync:
+                digest = distributed.verify_sync(self.model, "alphas and weights")
+                log.info(f"verify-sync: epoch {self.epoch}: alphas and weights identical on all "
+                         f"{distributed.world_size()} processes (sha256 {digest})")
             self.write_epoch_outputs()
             self.save_checkpoint()
         genotype = self.model.genotype()
@@ -261,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--darts-memory", dest="memory_efficient", action="store_false", default=None,
                    help="store every activation as the DARTS formulation does (no recomputation, no shared ReLU); "
                         "for comparison")
+    distributed.add_cli_options(p)
     return p
 
 
@@ -280,46 +300,45 @@ def explicit_options(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args, argv)
-    except FastNASError as exc:
-        print(f"fastnas.search: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fastnas.search: interrupted; the last completed epoch is in the checkpoint (resume with --resume)",
-              file=sys.stderr)
-        return 130
+    return distributed.run_main("fastnas.search", lambda: _main(args, argv), (FastNASError,))
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.resume:
         run_dir = Path(args.resume)
-        state = checkpoint.load(run_dir)
+        state = checkpoint.load(run_dir)  # every process reads it: the folder must be visible to all of them
         cfg = SearchConfig.from_dict(state["config"])
-        ignored = [o for o in explicit_options(argv) if o not in ("--resume", "--no-progress", "--epochs")]
+        ignored = [o for o in explicit_options(argv) if o not in distributed.RESUME_OPTIONS]
         if args.epochs is not None:
             cfg.epochs = args.epochs
-        runtime.setup_logging(run_dir)
+        main_process = distributed.setup_processes(cfg.device, args.dist_timeout, run_dir)
         if ignored:
             log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
-        search = Search(cfg, run_dir, progress=not args.no_progress)
+        search = Search(cfg, run_dir if main_process else None, progress=main_process and not args.no_progress,
+                        verify_sync=args.verify_sync)
         search.load_state_dict(state)
         log.info(f"resumed {run_dir} after epoch {search.epoch}")
     else:
         cfg = config_from_args(args)
-        if not explicit_options(argv):
+        cfg.validate()
+        main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
+        if main_process and not explicit_options(argv):
             print("fastnas.search: running the 'quick' preset (a real search on the embedded digits dataset).\n"
                   "  The papers' searches on CIFAR-10: python -m fastnas.search --preset at-darts --data-dir DIR\n"
                   "  (or --preset darts); add --download to fetch CIFAR-10 there. See --help for every option.",
                   file=sys.stderr)
-        cfg.validate()
-        run_dir = Path(args.run_dir) if args.run_dir else runtime.new_run_dir(args.out, f"search-{args.preset}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        runtime.setup_logging(run_dir)
-        search = Search(cfg, run_dir, progress=not args.no_progress)
-        runtime.write_json({"preset": args.preset, **cfg.to_dict()}, run_dir / "config.json")
+        run_dir = None
+        if main_process:  # only rank 0 makes and writes the run folder
+            run_dir = Path(args.run_dir) if args.run_dir else runtime.new_run_dir(args.out, f"search-{args.preset}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            runtime.setup_logging(run_dir)
+        search = Search(cfg, run_dir, progress=main_process and not args.no_progress, verify_sync=args.verify_sync)
+        if run_dir is not None:
+            runtime.write_json({"preset": args.preset, **cfg.to_dict()}, run_dir / "config.json")
     result = search.run()
-    print(str(result.genotype))
+    distributed.barrier()  # the job ends when every process has finished
+    if main_process:
+        print(str(result.genotype))
     return 0
 
 

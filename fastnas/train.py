@@ -6,6 +6,11 @@ after every epoch. The run folder holds ``config.json``, ``log.txt``, ``metrics.
 summary), ``checkpoint.pt`` (each epoch, atomic; ``--resume`` continues exactly), ``genotype.json`` and the model:
 ``model.safetensors`` with ``model.json`` (architecture and dataset), which :func:`fastnas.load_model` and
 ``python -m fastnas.evaluate RUN_DIR`` read.
+
+Under ``torchrun --nproc_per_node=N -m fastnas.train`` the network is wrapped in ``DistributedDataParallel``; each
+process trains on its shard with ``--batch-size`` images a batch (a global batch of N × batch size; the learning rate
+is not scaled) and tests on its share of the test split; only rank 0 writes the run folder. ``--sync-bn`` (GPUs)
+normalises with statistics over all processes.
 """
 from __future__ import annotations
 
@@ -17,12 +22,13 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import checkpoint, config as cfgmod, genotypes, runtime
+from . import checkpoint, config as cfgmod, distributed, genotypes, runtime
 from .config import TRAIN_PRESETS, TrainConfig
-from .data import EpochShuffle, dataset_info, load_split, set_epoch
+from .data import dataset_info, load_split, set_epoch, shard_sampler
 from .errors import CheckpointError, ConfigError, FastNASError
 from .evalnet import EvalNet, save_model
 from .genotype import Genotype
@@ -79,8 +85,10 @@ class TrainResult:
 class Trainer:
     """One retraining run: model, data, optimiser, schedule and the loop; resumable from its checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, progress: bool = True,
+                 verify_sync: bool = False) -> None:
         cfg.validate()
+        self.verify_sync = verify_sync  # under torchrun: check after each epoch that all ranks hold the same weights
         self.genotype = resolve_genotype(cfg.genotype)
         check_genotype(self.genotype, cfg.steps)
         cfg.genotype = str(self.genotype)  # the run stores the genotype itself, not where it came from
@@ -89,16 +97,20 @@ class Trainer:
         self.backend = runtime.select_backend(cfg.backend, self.device)
         if cfg.amp == "bf16" and self.device.type == "cpu" and cfg.backend == "triton":
             raise ConfigError("--amp bf16 with the triton backend needs a GPU")
+        if cfg.sync_bn and self.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU")
         runtime.seed_everything(cfg.seed)
+        rank, world = distributed.rank(), distributed.world_size()
 
         self.info = dataset_info(cfg.dataset)
         train_data = load_split(cfg.dataset, train=True, data_dir=cfg.data_dir, download=cfg.download, augment=True,
                                 cutout=cfg.cutout, limit=cfg.limit)
         test_data = load_split(cfg.dataset, train=False, data_dir=cfg.data_dir, download=cfg.download)
         self.train_loader = DataLoader(train_data, batch_size=cfg.batch_size,
-                                       sampler=EpochShuffle(range(len(train_data)), cfg.seed),
+                                       sampler=shard_sampler(range(len(train_data)), cfg.seed, rank, world),
                                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
-        self.test_loader = DataLoader(test_data, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
+        test_share = test_data if world == 1 else Subset(test_data, range(rank, len(test_data), world))
+        self.test_loader = DataLoader(test_share, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
                                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
         counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)
         self.majority_baseline = 100.0 * float(counts.max()) / max(len(test_data), 1)  # always the commonest class
@@ -106,7 +118,18 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss()
-        self.forward = self._make_forward()
+        self.forward = self._make_forward(self.model)  # testing, and training in a single process
+        self.train_forward = self.forward
+        if distributed.active():
+            if cfg.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.forward = self._make_forward(self.model)
+            # DDP starts from rank 0's weights and averages the gradients in backward; batch-norm statistics are
+            # averaged at the end of each epoch instead of being broadcast at each step
+            ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=cfg.auxiliary and cfg.auxiliary_weight == 0)
+            self.train_forward = self._make_forward(ddp)
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
@@ -122,8 +145,8 @@ class Trainer:
                        drop_path_prob=0.0, in_channels=info.in_channels, input_size=info.image_size,
                        stem_multiplier=cfg.stem_multiplier, steps=cfg.steps)
 
-    def _make_forward(self):
-        model, cfg, device = self.model, self.cfg, self.device
+    def _make_forward(self, model: nn.Module):
+        cfg, device = self.cfg, self.device
         run = torch.compile(model) if cfg.compile else model
 
         def forward(x: torch.Tensor):
@@ -175,7 +198,7 @@ class Trainer:
         """One SGD step on loss = CE(logits) + auxiliary_weight · CE(aux logits); returns (loss, logits), detached."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward(x)
+        out = self.train_forward(x)
         logits, aux = out if isinstance(out, tuple) else (out, None)
         loss = self._loss(logits, y)
         if aux is not None and cfg.auxiliary_weight > 0:
@@ -192,6 +215,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.model.drop_path_prob = cfg.drop_path_prob * self.epoch / cfg.epochs
+        if distributed.active():  # each rank's draws depend on (seed, epoch, rank) alone: resume stays exact
+            distributed.seed_epoch(cfg.seed, self.epoch)
         set_epoch(self.train_loader, self.epoch)
         meter = runtime.Meter()
         total = len(self.train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(self.train_loader))
@@ -206,12 +231,16 @@ class Trainer:
             bar.set_postfix(loss=f"{meter.avg_loss:.3f}", acc=f"{meter.accuracy:.1f}",
                             img_s=f"{meter.throughput:.0f}")
         bar.close()
+        distributed.reduce_meter(meter)
+        distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
         return meter
 
     def test(self) -> runtime.Meter:
         self.model.eval()
-        return runtime.evaluate(self.forward, self.test_loader, self._loss, self.device, self.cfg.amp,
-                                self.cfg.channels_last)
+        meter = runtime.evaluate(self.forward, self.test_loader, self._loss, self.device, self.cfg.amp,
+                                 self.cfg.channels_last)
+        distributed.reduce_meter(meter)  # every rank tested its share: the whole test split
+        return meter
 
     def run(self, until_epoch: int | None = None) -> TrainResult:
         """Train until ``cfg.epochs`` (or stop after ``until_epoch``, as an interrupted run would)."""
@@ -220,6 +249,10 @@ class Trainer:
         log.info(f"train: {cfg.dataset}, C={cfg.C}, {cfg.layers} cells, auxiliary {cfg.auxiliary}, "
                  f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {self.device}, backend {self.backend}, "
                  f"amp {cfg.amp}")
+        if distributed.active():
+            log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
+                     f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all"
+                     f"{', SyncBatchNorm' if cfg.sync_bn else ''}")
         log.info(f"genotype: {self.genotype}")
         log.info(f"param size = {self.param_count / 1e6:.6f}MB (millions of parameters without the auxiliary head, "
                  f"as DARTS counts them; {self.model.param_count(auxiliary=True):,} with it)")
@@ -241,6 +274,10 @@ class Trainer:
                      f"train loss {train.avg_loss:.4f} acc {train.accuracy:.2f}% | test loss {test.avg_loss:.4f} "
                      f"acc {test.accuracy:.2f}% (best {self.best_test_acc:.2f}%) | {train.throughput:.0f} img/s | "
                      f"{t['seconds']:.1f}s")
+            if self.verify_sync:
+                digest = distributed.verify_sync(self.model)
+                log.info(f"verify-sync: epoch {self.epoch}: weights identical on all {distributed.world_size()} "
+                         f"processes (sha256 {digest})")
             self.write_epoch_outputs()
             self.save_checkpoint()
         final = self.history[-1]["test_acc"] if self.history else float("nan")
@@ -318,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
     g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun: batch-norm statistics over all processes (SyncBatchNorm; needs CUDA)")
+    distributed.add_cli_options(p)
     return p
 
 
@@ -337,15 +377,7 @@ def explicit_options(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args, argv)
-    except FastNASError as exc:
-        print(f"fastnas.train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fastnas.train: interrupted; the last completed epoch is in the checkpoint (resume with --resume)",
-              file=sys.stderr)
-        return 130
+    return distributed.run_main("fastnas.train", lambda: _main(args, argv), (FastNASError,))
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
@@ -355,33 +387,39 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         if state.get("kind") != "train":
             raise CheckpointError(f"{run_dir} holds a {state.get('kind')!r} checkpoint, not a train checkpoint")
         cfg = TrainConfig.from_dict(state["config"])
-        ignored = [o for o in explicit_options(argv) if o not in ("--resume", "--no-progress", "--epochs")]
+        ignored = [o for o in explicit_options(argv) if o not in distributed.RESUME_OPTIONS]
         if args.epochs is not None:
             cfg.epochs = args.epochs
-        runtime.setup_logging(run_dir)
+        main_process = distributed.setup_processes(cfg.device, args.dist_timeout, run_dir)
         if ignored:
             log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
-        trainer = Trainer(cfg, run_dir, progress=not args.no_progress)
+        trainer = Trainer(cfg, run_dir if main_process else None, progress=main_process and not args.no_progress,
+                          verify_sync=args.verify_sync)
         trainer.load_state_dict(state)
         log.info(f"resumed {run_dir} after epoch {trainer.epoch}")
     else:
         cfg = config_from_args(args)
         source = cfg.genotype
-        if not explicit_options(argv):
+        main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
+        if main_process and not explicit_options(argv):
             print(f"fastnas.train: running the 'quick' preset on {source} (the embedded digits dataset).\n"
                   "  Retrain a search's result: python -m fastnas.train --genotype RUN_DIR (or a genotype file, a "
                   "name, a Genotype(...) string);\n  DARTS's CIFAR-10 evaluation: --preset darts --data-dir DIR. "
                   "See --help for every option.", file=sys.stderr)
-        trainer = Trainer(cfg, None, progress=not args.no_progress)  # refuses bad input before any folder exists
-        run_dir = Path(args.run_dir) if args.run_dir else runtime.new_run_dir(args.out, f"train-{args.preset}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer.run_dir = run_dir
-        runtime.setup_logging(run_dir)
-        runtime.write_json({"preset": args.preset, "genotype_source": source, **cfg.to_dict()},
-                           run_dir / "config.json")
+        # refuses bad input before any folder exists
+        trainer = Trainer(cfg, None, progress=main_process and not args.no_progress, verify_sync=args.verify_sync)
+        if main_process:  # only rank 0 makes and writes the run folder
+            run_dir = Path(args.run_dir) if args.run_dir else runtime.new_run_dir(args.out, f"train-{args.preset}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trainer.run_dir = run_dir
+            runtime.setup_logging(run_dir)
+            runtime.write_json({"preset": args.preset, "genotype_source": source, **cfg.to_dict()},
+                               run_dir / "config.json")
     result = trainer.run()
-    print(f"test accuracy: final {result.final_test_acc:.2f}%, best {result.best_test_acc:.2f}%; "
-          f"param size = {result.param_count / 1e6:.6f}MB")
+    distributed.barrier()  # the job ends when every process has finished
+    if main_process:
+        print(f"test accuracy: final {result.final_test_acc:.2f}%, best {result.best_test_acc:.2f}%; "
+              f"param size = {result.param_count / 1e6:.6f}MB")
     return 0
 
 
