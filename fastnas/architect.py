@@ -56,7 +56,7 @@ class Architect:
         self.model, self.criterion, self.order = model, criterion, order
         self.network_momentum, self.network_weight_decay = network_momentum, network_weight_decay
         self.fd_radius = fd_radius  # ε·‖v‖ of the finite difference: 0.01 in DARTS
-        self.forward = forward or model  # the (possibly compiled) callable that runs the model
+        self.forward = forward if forward is not None else model  # the (possibly compiled) model
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None  # fp16 loss scaling
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 

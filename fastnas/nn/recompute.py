@@ -34,8 +34,11 @@ def _contexts():
 
 
 def recompute(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    """``fn(*args)``, keeping only ``args`` for the backward (which calls ``fn`` again)."""
-    if not torch.is_grad_enabled():
+    """``fn(*args)``, keeping only ``args`` for the backward (which calls ``fn`` again).
+
+    Under ``torch.compile`` the function is traced inline: the compiler's own partitioner decides what to recompute.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts, determinism_check="none")
 

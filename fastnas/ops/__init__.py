@@ -18,9 +18,12 @@ from ._dispatch import (
     backend,
     get_backend,
     implementation,
+    preload,
     resolve_backend,
     set_backend,
 )
+
+preload()
 
 __all__ = [
     "BACKEND_NAMES",

@@ -93,6 +93,14 @@ def set_backend(name: str) -> None:
     """Select the backend globally (``"auto"`` by default)."""
     global _current
     _current = _validate_name(name)
+    if name != "auto":
+        _load(name)  # import now, outside any code that torch.compile traces
+
+
+def preload() -> None:
+    """Import the backends that ``auto`` can pick on this machine, so that tracing never meets an import."""
+    for name in ("reference", "cpu") + (("cuda", "triton") if torch.cuda.is_available() else ()):
+        _load(name)
 
 
 class backend:
