@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -86,8 +87,8 @@ class Search:
                         partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient)
 
     def _make_forward(self):
-        model, cfg, device = self.model, self.cfg, self.device
-        run = torch.compile(model) if cfg.compile else model
+        cfg, device = self.cfg, self.device
+        run = runtime.CompiledOrEager(self.model) if cfg.compile else self.model
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with runtime.autocast(cfg.amp, device):
@@ -141,6 +142,8 @@ class Search:
         total = len(self.train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(self.train_loader))
         bar = tqdm(self.train_loader, total=total, desc=f"search {self.epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not self.progress, dynamic_ncols=True)
+        self._step_start = time.perf_counter()
+        self._cache_before = runtime.inductor_cache_counts()
         for step, (x, y) in enumerate(bar):
             if step >= total:
                 break
@@ -155,6 +158,8 @@ class Search:
                 self.architect.step(x, y, xv, yv, lr, self.optimizer)
             loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
                                        self.model.arch_parameters(), self.scaler)
+            if cfg.compile and self.epoch == 0 and step == 0:
+                self._report_compilation()
             meter.update(loss, logits, y)
             bar.set_postfix(loss=f"{meter.avg_loss:.3f}", acc=f"{meter.accuracy:.1f}",
                             img_s=f"{meter.throughput:.0f}")
@@ -162,6 +167,13 @@ class Search:
         self.scheduler.step()
         distributed.reduce_meter(meter)
         return meter
+
+    def _report_compilation(self) -> None:
+        """After the first (compiling) step: how long it took and whether Inductor's on-disk cache was warm."""
+        hits, misses = (a - b for a, b in zip(runtime.inductor_cache_counts(), self._cache_before))
+        state = "warm" if misses == 0 and hits > 0 else ("cold" if hits == 0 else "partly warm")
+        log.info(f"torch.compile: first search step (compiling) took {time.perf_counter() - self._step_start:.1f}s; "
+                 f"Inductor cache {state} ({hits} hits, {misses} misses)")
 
     def run(self, until_epoch: int | None = None) -> SearchResult:
         """Search until ``cfg.epochs`` (or stop after ``until_epoch``, as an interrupted run would)."""
