@@ -22,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastnas.ops as ops
-from fastnas.ops import reference
+from fastnas.ops import reference  # noqa: F401
+
+from benchmarks.roofline import bytes_moved, copy_time
 
 FULL = os.environ.get("FASTNAS_BENCH_FULL", "0") == "1"
 K = 7
@@ -91,29 +93,8 @@ class SpatialGate(nn.Module):
 
 
 def _bytes_moved(op: str, mode: str, shape, dtype: torch.dtype) -> int:
-    """Bytes a fused implementation must read and write (activation-sized tensors only)."""
-    n, c, h, w = shape
-    act = n * c * h * w * torch.tensor([], dtype=dtype).element_size()
-    small = n * h * w * torch.tensor([], dtype=dtype).element_size()  # one [N, 1, H, W] plane
-    fwd = {
-        "mixed_sum": (K + 1) * act,
-        "channel_pool": act,
-        "channel_scale": 2 * act,
-        "spatial_pool": act + 2 * small,
-        "spatial_scale": 2 * act + small,
-        "channel_gate": 3 * act,  # pool reads x; scale reads x, writes y
-        "spatial_gate": 3 * act + 3 * small,
-    }[op]
-    bwd = {
-        "mixed_sum": (1 + 2 * K) * act,  # read g and every x, write every grad x
-        "channel_pool": act,
-        "channel_scale": 3 * act,
-        "spatial_pool": act + 2 * small,
-        "spatial_scale": 3 * act + small,
-        "channel_gate": 4 * act + 2 * act,  # scale bwd + pool bwd + summing the two grads of x
-        "spatial_gate": 4 * act + 2 * act + 4 * small,
-    }[op]
-    return fwd if mode == "fwd" else fwd + bwd
+    """Bytes a fused implementation must read and write (activation-sized tensors only): see benchmarks.roofline."""
+    return bytes_moved(op, mode, shape, dtype, K)
 
 
 def _make_case(op: str, provider: str, shape, dtype: torch.dtype):
@@ -203,6 +184,7 @@ def test_bench(benchmark, provider, op, mode, shape_id, dtype_id):
         provider=provider, op=op, mode=mode, shape=list(shape), dtype=dtype_id, device=dev,
         threads=torch.get_num_threads(), bytes=_bytes_moved(op, mode, shape, dtype),
         k=K if op == "mixed_sum" else None,
+        floor_s=copy_time(_bytes_moved(op, mode, shape, dtype), dev),  # a copy moving the same bytes
     )
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
 
