@@ -86,7 +86,7 @@ SEARCH_PRESETS: dict[str, dict[str, Any]] = {
     "at-darts": dict(dataset="cifar10", primitives="at-darts", epochs=50, batch_size=128, lr=0.025,
                      momentum=0.9, weight_decay=3e-4, order=2),
     # a real search on the embedded digits, a few minutes on 2 CPU cores
-    "quick": dict(dataset="digits", primitives="at-darts", C=8, layers=5, epochs=12, batch_size=64,
+    "quick": dict(dataset="digits", primitives="at-darts", C=8, layers=5, epochs=10, batch_size=64,
                   arch_lr=3e-3, order=1),
 }
 
