@@ -5,8 +5,8 @@
 #     bash benchmarks/gpu_check.sh
 # Without a GPU it runs what the CPU allows (environment, build, a no-timing smoke run of the benchmarks, the report,
 # the Triton bench's dry run) and skips the GPU phases. GPU_CHECK_BUILD=0 skips the build (extension already built).
-# Files written (at most 8): check.log (everything), env.txt, tests.txt, bench.json, kernels_bench.txt, table.md,
-# plot.png.
+# Files written (at most 8): check.log (everything), env.txt, tests.txt, bench.json (ops), steps.json,
+# kernels_bench.txt, table.md, plot.png.
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -22,7 +22,8 @@ export PYTHONUNBUFFERED=1
 export FASTNAS_BENCH_REFERENCE_DEVICE=cuda   # the eager and compiled references run on the GPU too
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-# phase NAME SECONDS CMD...: run CMD under `timeout`, capped by what is left of the budget (keeping RESERVE seconds)
+# phase NAME SECONDS CMD...: run CMD under `timeout`, capped by what is left of the budget (keeping RESERVE seconds);
+# SIGINT first, so that an interrupted pytest still writes its partial --benchmark-json
 RESERVE=20
 phase() {
     local name=$1 box=$2; shift 2
@@ -30,7 +31,7 @@ phase() {
     (( box > avail )) && box=$avail
     if (( box < 10 )); then echo "== $name: skipped, no time left" | tee -a "$LOG"; return 124; fi
     echo "== $name (time box ${box}s, $(date +%T))" | tee -a "$LOG"
-    timeout -k 10 "$box" "$@" 2>&1 | tee -a "$LOG"
+    timeout -s INT -k 15 "$box" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     echo "== $name: rc=$rc after $(( $(date +%s) - START ))s" | tee -a "$LOG"
     return "$rc"
@@ -75,25 +76,29 @@ if [ "$HAS_GPU" = 1 ]; then
     phase tests 100 "$PY" -m pytest tests/test_ops.py tests/test_cpp_backend.py tests/test_triton_backend.py \
         tests/test_fused_supernet.py -q -k "cuda or triton" -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
     # 3. op and step benchmarks on the GPU (CPU providers and the CPU-only side-by-side cases deselected)
+    phase bench-ops 150 "$PY" -m pytest benchmarks/test_bench_ops.py -q -p no:cacheprovider \
+        -k "not cpu and not targets" --benchmark-json="$OUT/bench.json" --benchmark-group-by=group \
+        --benchmark-columns=min,median,rounds
     FASTNAS_BENCH_STEP_PROVIDERS=reference_darts,reference,cuda,cuda_pc4,triton \
-        phase benchmarks 170 "$PY" -m pytest benchmarks/ -q -p no:cacheprovider -k "not cpu and not targets" \
-        --benchmark-json="$OUT/bench.json" --benchmark-group-by=group --benchmark-columns=min,median,rounds
+        phase bench-steps 110 "$PY" -m pytest benchmarks/test_bench_step.py -q -p no:cacheprovider \
+        --benchmark-json="$OUT/steps.json" --benchmark-columns=min,median,rounds
     # 4. Triton kernels against the copy bandwidth (CUDA graphs, no Python overhead)
     phase kernels-bench 40 "$PY" -m fastnas.kernels.bench 2>&1 | tee "$OUT/kernels_bench.txt"
 else
     echo "== no CUDA device: GPU tests and benchmarks skipped" | tee -a "$LOG"
-    # the CPU-only checks of this script: the benchmark code runs (no timing), the report works on its output
+    # the CPU-only checks of this script: a tiny benchmark run (its JSON feeds the report), the Triton bench's dry run
     phase benchmark-smoke 120 env FASTNAS_BENCH_STEP_BATCH=2 FASTNAS_BENCH_RETRAIN_C=8 FASTNAS_BENCH_RETRAIN_LAYERS=3 \
-        FASTNAS_BENCH_STEP_MEMORY=0 "$PY" -m pytest benchmarks/ -q -p no:cacheprovider \
-        -k "(mixed_sum and s1 and fp32 and fwdbwd and not compiled) or search1" \
-        --benchmark-disable --benchmark-json="$OUT/bench.json"
-    phase kernels-bench-dry 60 "$PY" -m fastnas.kernels.bench --dry --dtypes float32 2>&1 \
+        FASTNAS_BENCH_STEP_ROUNDS=1 FASTNAS_BENCH_STEP_MEMORY=0 "$PY" -m pytest benchmarks/ -q -p no:cacheprovider \
+        -k "(mixed_sum and s1 and fp32 and fwdbwd and not compiled) or search1" --benchmark-json="$OUT/bench.json"
+    TRITON_INTERPRET=1 phase kernels-bench-dry 60 "$PY" -m fastnas.kernels.bench --dry --dtypes float32 2>&1 \
         | tee "$OUT/kernels_bench.txt"
 fi
 
 # 5. report
-if [ -s "$OUT/bench.json" ]; then
-    phase report 30 "$PY" -m benchmarks.report "$OUT/bench.json" --out "$OUT"
+JSONS=$(ls "$OUT"/bench.json "$OUT"/steps.json 2>/dev/null | while read -r f; do [ -s "$f" ] && echo "$f"; done)
+if [ -n "$JSONS" ]; then
+    # shellcheck disable=SC2086
+    phase report 30 "$PY" -m benchmarks.report $JSONS --out "$OUT"
 fi
 [ "$LINKED" = 1 ] && rm -f fastnas/kernels
 echo "== done in $(( $(date +%s) - START ))s; results in $OUT:" | tee -a "$LOG"
