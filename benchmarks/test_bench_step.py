@@ -47,8 +47,8 @@ DESCRIPTION = {
 
 
 def providers_for(kind: str) -> list[str]:
-    if ONLY:
-        names = ONLY
+    if ONLY:  # FASTNAS_BENCH_STEP_PROVIDERS: those of them that belong to this kind
+        names = [p for p in ONLY if p in DEFAULT[kind] + COMPILED[kind]]
     elif FULL:
         names = [p for p in STEP_PROVIDERS if kind == "search1" or ("darts" not in p and "pc4" not in p)]
     else:
