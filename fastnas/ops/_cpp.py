@@ -20,8 +20,21 @@ import torch
 from . import _checks
 
 _LOAD_ERROR: str | None = None
+
+
+def _registered_elsewhere() -> bool:
+    """The operators may already be in this process, from the CMake build loaded with torch.ops.load_library:
+    loading fastnas._C as well would define the same schemas twice (a fatal error in the dispatcher)."""
+    try:
+        torch.ops.fastnas.mixed_sum  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
 try:
-    from fastnas import _C  # noqa: F401  (loading the library registers torch.ops.fastnas.*)
+    if not _registered_elsewhere():
+        from fastnas import _C  # noqa: F401  (loading the library registers torch.ops.fastnas.*)
 except ImportError as exc:  # not built, or built against another torch
     _LOAD_ERROR = (f"the compiled library fastnas._C is not available ({exc}); "
                    "build it with `pip install --no-build-isolation -e .`")
