@@ -199,7 +199,7 @@ def plot(data: dict, path: str) -> None:
     fused = [p for p in PROVIDER_ORDER if p != "reference" and any(p in cases[k] for k in keys)]
     steps = step_results(data)
     fig, axes = plt.subplots(3, 1, figsize=(13, 12))
-    labels = [f"{k[0]}\n{SHAPE_NAMES.get(k[2], '')}" for k in keys]
+    labels = [f"{k[0].replace('_', ' ')} {SHAPE_NAMES.get(k[2], '')}" for k in keys]
     width = 0.8 / max(1, len(fused))
     for ax, what in ((axes[0], "speedup"), (axes[1], "floor")):
         provs = fused if what == "speedup" else ["reference"] + fused
@@ -214,7 +214,7 @@ def plot(data: dict, path: str) -> None:
                     v = _floor_fraction(r, bw)
                 vals.append(v if v is not None else float("nan"))
             ax.bar([j + (i - (len(provs) - 1) / 2) * width for j in range(len(keys))], vals, width, label=p)
-        ax.set_xticks(range(len(keys)), labels, fontsize=7)
+        ax.set_xticks(range(len(keys)), labels, fontsize=7, rotation=40, ha="right")
         if what == "speedup":
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_yscale("log")
@@ -222,7 +222,7 @@ def plot(data: dict, path: str) -> None:
             ax.set_title("Ops and gates, forward+backward, fp32 (median)")
         else:
             ax.set_ylabel("fraction of memory-bound floor")
-            ax.set_title("Fraction of the roofline floor (bytes moved / copy bandwidth / time)")
+            ax.set_title("Fraction of the memory-bound floor (time of a copy of the same bytes / time)")
         ax.legend(fontsize=8)
     ax = axes[2]
     if steps:
@@ -237,7 +237,7 @@ def plot(data: dict, path: str) -> None:
             ax.scatter(xs, m, marker="_", s=200, linewidths=3, color="k")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(steps)), [e["kind"] for e in steps])
-        ax.set_ylabel("time vs eager reference (bars)\npeak memory vs reference_darts (ticks)")
+        ax.set_ylabel("time vs eager reference (bars)\npeak memory vs reference_darts,\nelse vs reference (ticks)")
         ax.set_title("Whole steps")
         ax.legend(fontsize=8, ncol=4)
     else:
