@@ -8,6 +8,17 @@ from typing import Any
 from .errors import ConfigError
 
 
+def _to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _check_keys(cls: type, d: dict[str, Any]) -> None:
+    """Refuse configuration keys that ``cls`` does not have (a config file from another version, a typo)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+
+
 @dataclass
 class SearchConfig:
     """Every knob of a search. Defaults are DARTS's (Liu et al., 2018) where it has one."""
@@ -46,15 +57,11 @@ class SearchConfig:
     memory_efficient: bool = True  # fastnas's memory plan; False stores every activation as DARTS does
     max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    to_dict = _to_dict
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        _check_keys(cls, d)
         d = dict(d)
         if "arch_betas" in d:
             d["arch_betas"] = tuple(d["arch_betas"])
@@ -141,15 +148,11 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA only)
     max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    to_dict = _to_dict
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        _check_keys(cls, d)
         return cls(**d)
 
     def validate(self) -> None:
