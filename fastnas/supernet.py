@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .genotype import Genotype, derive
+from .nn.lean import LeanBatchNorm2d, LeanConv2d
 from .nn.search_cell import SearchCell
 from .space import DEFAULT_SPACE, resolve_primitives
 
@@ -81,12 +82,17 @@ class SuperNet(nn.Module):
 
     def set_memory_efficient(self, enabled: bool) -> None:
         """fastnas's memory plan (default on): parameter-free candidates are recomputed in the backward, and
-        ``relu(state)`` is computed once for all candidates that begin with it. Off: every activation is stored, as
-        the DARTS formulation does. The arithmetic is the same either way."""
+        ``relu(state)`` is computed once for all candidates that begin with it, affine-free batch norms keep their output
+        instead of their input and frozen convolutions keep no input (:mod:`fastnas.nn.lean`). Off: every activation is
+        stored, as the DARTS formulation does (and everything is twice differentiable). The arithmetic is the same
+        either way."""
         self.memory_efficient = enabled
         for cell in self.cells:
             cell.recompute_parameter_free = enabled
             cell.share_relu = enabled
+        for module in self.modules():
+            if isinstance(module, (LeanConv2d, LeanBatchNorm2d)):
+                module.memory_efficient = enabled
 
     # -- parameters -------------------------------------------------------------------------------------------------
     def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:

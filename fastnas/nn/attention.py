@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .lean import LeanBatchNorm2d, LeanConv2d
 
 
 DEFAULT_REDUCTION = 16  # CBAM's r
@@ -39,8 +40,8 @@ class SpatialAttention(nn.Module):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"SpatialAttention needs an odd kernel_size, got {kernel_size}")
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1, affine=affine)
+        self.conv = LeanConv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = LeanBatchNorm2d(1, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.bn(self.conv(ops.spatial_pool(x)))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .attention import ChannelAttention, SpatialAttention
+from .lean import LeanBatchNorm2d, LeanConv2d
 
 
 class LeadingReLU:
@@ -27,8 +28,8 @@ class ReLUConvBN(LeadingReLU, nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(c_out, affine=affine),
+            LeanConv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
+            LeanBatchNorm2d(c_out, affine=affine),
         )
 
 
@@ -39,9 +40,9 @@ class DilConv(LeadingReLU, nn.Sequential):
                  affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_in, kernel_size, stride, padding, dilation=dilation, groups=c_in, bias=False),
-            nn.Conv2d(c_in, c_out, 1, bias=False),
-            nn.BatchNorm2d(c_out, affine=affine),
+            LeanConv2d(c_in, c_in, kernel_size, stride, padding, dilation=dilation, groups=c_in, bias=False),
+            LeanConv2d(c_in, c_out, 1, bias=False),
+            LeanBatchNorm2d(c_out, affine=affine),
         )
 
 
@@ -66,9 +67,9 @@ class FactorizedReduce(LeadingReLU, nn.Module):
         if c_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+        self.conv_1 = LeanConv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = LeanConv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.bn = LeanBatchNorm2d(c_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.after_relu(self.relu(x))
@@ -110,9 +111,9 @@ class _ReLUSequential(LeadingReLU, nn.Sequential):
 def _conv_7x1_1x7(C: int, stride: int, affine: bool) -> nn.Module:
     return _ReLUSequential(
         nn.ReLU(inplace=False),
-        nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
-        nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
-        nn.BatchNorm2d(C, affine=affine),
+        LeanConv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+        LeanConv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+        LeanBatchNorm2d(C, affine=affine),
     )
 
 

@@ -1,0 +1,112 @@
+"""Convolution and batch norm that store less for the backward pass (part of the search's memory plan).
+
+* :class:`LeanConv2d`: when its weight needs no gradient (the architecture step of a first-order search freezes the
+  network weights), only the weight is kept for the backward; PyTorch's own convolution keeps its input as well, which
+  only the weight gradient needs.
+* :class:`LeanBatchNorm2d`: an affine-free batch norm in training mode keeps its *output* instead of its input. The
+  backward needs only x̂ = (x − μ)·σ⁻¹, which is the output itself; the tensor the next op consumes (a mixed_sum that
+  saves its inputs, a ReLU that saves its result) is then the one stored, and the input is freed.
+
+Both compute exactly what ``nn.Conv2d`` / ``nn.BatchNorm2d`` compute (same ATen kernels, forward and backward), and
+double backward through them is exact. ``memory_efficient = False`` on a module (``SuperNet.set_memory_efficient``
+does it for the whole network) selects PyTorch's own autograd. Under ``torch.compile`` the plain path is traced and
+AOTAutograd chooses what to save.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _lean_path_allowed(module: nn.Module) -> bool:
+    return getattr(module, "memory_efficient", True) and torch.is_grad_enabled() \
+        and not torch.compiler.is_compiling()
+
+
+class _FrozenWeightConv(torch.autograd.Function):
+    """conv2d whose weight needs no gradient: the backward computes the input gradient from the weight alone."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+        ctx.conf = (x.shape, x.dtype, x.device, x.stride(), stride, padding, dilation, groups)
+        ctx.save_for_backward(weight)
+        return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # linear in grad: under create_graph, ATen's convolution_backward is differentiable in grad (not in the
+        # stand-in, whose values are never read)
+        shape, dtype, device, strides, stride, padding, dilation, groups = ctx.conf
+        (weight,) = ctx.saved_tensors
+        # the input's values are not read when only the input gradient is asked for: an unfilled stand-in with the
+        # input's layout gives the kernel its shape and memory format
+        stand_in = torch.empty_strided(shape, strides, dtype=grad.dtype, device=device)  # (autocast: the dtype run)
+        grad_input = torch.ops.aten.convolution_backward(
+            grad, stand_in, weight.to(grad.dtype), None, stride, padding, dilation, False, [0, 0], groups,
+            [True, False, False])[0]
+        return grad_input.to(dtype), None, None, None, None, None
+
+
+class LeanConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that keeps only its weight for the backward while the weight is frozen (no bias, zero padding
+    mode: the convolutions of the search space)."""
+
+    memory_efficient = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.bias is None and self.padding_mode == "zeros" and not self.weight.requires_grad
+                and x.requires_grad and isinstance(self.padding, tuple) and _lean_path_allowed(self)):
+            return _FrozenWeightConv.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+        return super().forward(x)
+
+
+class _OutputSavingBatchNorm(torch.autograd.Function):
+    """Affine-free training-mode batch norm that saves its output y = x̂ and σ⁻¹ (both outputs) for the backward.
+
+    The backward is ATen's kernel; under ``create_graph`` it is written in differentiable ops of y and σ⁻¹, whose
+    own gradients come back here, so double backward is exact too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, running_mean, running_var, momentum: float, eps: float):
+        y, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, invstd)
+        return y, invstd
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor | None, grad_invstd: torch.Tensor | None):
+        y, invstd = ctx.saved_tensors
+        shape = (1, -1, 1, 1)
+        if grad_y is None:
+            grad_input = None
+        elif torch.is_grad_enabled():  # double backward: the same formula in differentiable ops
+            dims = (0, 2, 3)
+            grad_input = invstd.view(shape) * (grad_y - grad_y.mean(dims, keepdim=True)
+                                               - y * (grad_y * y).mean(dims, keepdim=True))
+        else:
+            # ATen's batch-norm backward with x̂ given as the input (mean 0, σ⁻¹ 1) and the true σ⁻¹ as the scale
+            # γ: γ·(g − mean(g) − x̂·mean(g·x̂)) is exactly the input gradient of the affine-free norm
+            grad_input = torch.ops.aten.native_batch_norm_backward(
+                grad_y, y, invstd, None, None, torch.zeros_like(invstd), torch.ones_like(invstd), True, 0.0,
+                [True, False, False])[0]
+        if grad_invstd is not None:  # σ⁻¹ = (var + eps)^(-1/2): ∂σ⁻¹/∂x = −σ⁻² · y / M per channel
+            count = y.numel() // y.shape[1]
+            term = -(grad_invstd * invstd * invstd / count).view(shape) * y
+            grad_input = term if grad_input is None else grad_input + term
+        return grad_input, None, None, None, None
+
+
+class LeanBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that, affine-free and training, saves its output rather than its input."""
+
+    memory_efficient = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.affine or not self.training or not self.track_running_stats or not x.requires_grad
+                or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or not _lean_path_allowed(self)
+                or torch.is_autocast_enabled(x.device.type)):
+            return super().forward(x)
+        self._check_input_dim(x)
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        return _OutputSavingBatchNorm.apply(x, self.running_mean, self.running_var, momentum, self.eps)[0]

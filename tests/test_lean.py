@@ -1,0 +1,104 @@
+"""LeanConv2d / LeanBatchNorm2d: the same numbers as nn.Conv2d / nn.BatchNorm2d, less stored for the backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastnas.nn.lean import LeanBatchNorm2d, LeanConv2d
+from fastnas.supernet import SuperNet
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _saved_storages(fn, *args) -> set[int]:
+    """Data pointers of every tensor autograd saves while running fn(*args)."""
+    ptrs: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptrs.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return ptrs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batch_norm_matches_torch(dtype, layout):
+    torch.manual_seed(0)
+    plain, lean = nn.BatchNorm2d(5, affine=False).to(dtype), LeanBatchNorm2d(5, affine=False).to(dtype)
+    x = (3 * torch.randn(4, 5, 7, 3, dtype=dtype) + 1).to(memory_format=layout).requires_grad_()
+    g = torch.randn(4, 5, 7, 3, dtype=dtype)
+    for _ in range(2):  # running statistics move alike, step after step
+        y_plain, y_lean = plain(x), lean(x)
+        torch.testing.assert_close(y_lean, y_plain, rtol=0, atol=0)
+        (gx_plain,), (gx_lean,) = torch.autograd.grad(y_plain, x, g), torch.autograd.grad(y_lean, x, g)
+        torch.testing.assert_close(gx_lean, gx_plain)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(lean, name), getattr(plain, name), rtol=0, atol=0)
+    assert y_lean.grad_fn.name() == "_OutputSavingBatchNormBackward"
+
+
+def test_batch_norm_saves_its_output_not_its_input():
+    bn = LeanBatchNorm2d(3, affine=False)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    pre = x * 2  # a tensor of its own, so that "the input was not saved" is visible
+    y_ptrs: list[int] = []
+
+    def run(t):
+        y = bn(t)
+        y_ptrs.append(y.untyped_storage().data_ptr())
+
+    saved = _saved_storages(run, pre)
+    assert pre.untyped_storage().data_ptr() not in saved
+    assert y_ptrs[0] in saved
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("conf", [(3, 1, 1, 1, True), (5, 2, 4, 2, True), (1, 1, 0, 1, False), ((1, 7), 2, (0, 3), 1, False)])
+def test_frozen_conv_matches_torch_and_keeps_no_input(layout, conf):
+    k, stride, padding, dilation, depthwise = conf
+    torch.manual_seed(1)
+    c_out = 6 if depthwise else 4
+    plain = nn.Conv2d(6, c_out, k, stride, padding, dilation, groups=6 if depthwise else 1, bias=False)
+    lean = LeanConv2d(6, c_out, k, stride, padding, dilation, groups=6 if depthwise else 1, bias=False)
+    lean.load_state_dict(plain.state_dict())
+    for m in (plain, lean):
+        m.weight.requires_grad_(False)
+    x = torch.randn(3, 6, 9, 11).to(memory_format=layout).requires_grad_()
+    pre = x * 1.5
+    y_plain, y_lean = plain(pre), lean(pre)
+    torch.testing.assert_close(y_lean, y_plain, rtol=0, atol=0)
+    g = torch.randn_like(y_plain)
+    torch.testing.assert_close(torch.autograd.grad(y_lean, x, g, retain_graph=True)[0],
+                               torch.autograd.grad(y_plain, x, g)[0])
+    assert pre.untyped_storage().data_ptr() not in _saved_storages(lean, pre)
+    lean.weight.requires_grad_(True)  # a trainable weight takes PyTorch's own path (its gradient needs the input)
+    assert pre.untyped_storage().data_ptr() in _saved_storages(lean, pre)
+
+
+def test_double_backward_is_exact():
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    bn = LeanBatchNorm2d(3, affine=False).double()
+    conv = LeanConv2d(3, 3, 3, 2, 2, dilation=2, groups=3, bias=False).double().requires_grad_(False)
+    assert torch.autograd.gradgradcheck(lambda t: bn(t), (x,))
+    assert torch.autograd.gradgradcheck(conv, (x,))
+
+
+def test_affine_eval_and_amp_take_the_plain_path():
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    assert LeanBatchNorm2d(3)(x).grad_fn.name() == "NativeBatchNormBackward0"  # affine
+    assert LeanBatchNorm2d(3, affine=False).eval()(x).grad_fn.name() != "_OutputSavingBatchNormBackward"
+    with torch.autocast("cpu", torch.bfloat16):
+        assert LeanBatchNorm2d(3, affine=False)(x).grad_fn.name() != "_OutputSavingBatchNormBackward"
+
+
+def test_memory_plan_switch_reaches_the_lean_modules():
+    net = SuperNet(8, 2, 3, "darts", steps=2, multiplier=2)
+    lean = [m for m in net.modules() if isinstance(m, (LeanConv2d, LeanBatchNorm2d))]
+    assert lean and all(m.memory_efficient for m in lean)
+    net.set_memory_efficient(False)
+    assert not any(m.memory_efficient for m in lean)
