@@ -7,7 +7,8 @@ A search step is what ``Search.train_epoch`` runs per batch: ``Architect.step`` 
 auxiliary head, CE + 0.4 · CE(aux), backward, clip 5, SGD, drop path 0.2.
 
 Step providers (``STEP_PROVIDERS``): a fused-op backend, the memory plan on or off (``reference_darts``: every
-activation stored, as DARTS does), partial channels, ``torch.compile`` of the whole model. Peak memory:
+activation stored, as DARTS does), partial channels, ``torch.compile`` of the whole model, NHWC layout (``_cl``:
+model and inputs channels_last, the layout fastnas's CLIs use on the CPU by default). Peak memory:
 ``python -m benchmarks.steps memory --kind search1 --provider cpu`` runs one provider alone in a fresh process and
 prints a JSON line (:func:`measure_memory_subprocess` calls it). On the CPU it is the peak resident set size during
 the measured steps (sampled every 0.5 ms by a thread; compiled providers run one warm-up step first, so compilation
@@ -57,6 +58,7 @@ class StepProvider:
     memory_efficient: bool = True  # fastnas's memory plan (search only)
     partial_channels: int = 1  # PC-DARTS (search only)
     compiled: bool = False  # torch.compile(model)
+    channels_last: bool = False  # model and inputs in NHWC (fastnas's default on the CPU)
 
     @property
     def device(self) -> str:
@@ -81,6 +83,10 @@ STEP_PROVIDERS = {
     "cpu_pc4_compiled": StepProvider("cpu", partial_channels=4, compiled=True),
     "cuda_compiled": StepProvider("cuda", compiled=True),
     "triton_compiled": StepProvider("triton", compiled=True),
+    "reference_darts_cl": StepProvider("reference", memory_efficient=False, channels_last=True),
+    "reference_cl": StepProvider("reference", channels_last=True),
+    "cpu_cl": StepProvider("cpu", channels_last=True),
+    "cpu_pc4_cl": StepProvider("cpu", partial_channels=4, channels_last=True),
 }
 
 
@@ -116,12 +122,15 @@ def build_step(kind: str, provider: str, seed: int = 0) -> Callable[[], None]:
         cfg = SearchConfig()
         net = SuperNet(cfg.C, cfg.layers, 10, "at-darts", partial_channels=p.partial_channels,
                        memory_efficient=p.memory_efficient).to(dev)
+        if p.channels_last:
+            net = net.to(memory_format=torch.channels_last)
         forward = torch.compile(net) if p.compiled else net
         optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
         architect = Architect(net, criterion, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                               1 if kind == "search1" else 2, cfg.momentum, cfg.weight_decay, forward=forward)
-        x, xv = (torch.randn(SEARCH_BATCH, 3, 32, 32, generator=gen).to(dev) for _ in range(2))
+        layout = torch.channels_last if p.channels_last else torch.contiguous_format
+        x, xv = (torch.randn(SEARCH_BATCH, 3, 32, 32, generator=gen).to(dev, memory_format=layout) for _ in range(2))
         y, yv = (torch.randint(0, 10, (SEARCH_BATCH,), generator=gen).to(dev) for _ in range(2))
 
         def step() -> None:
@@ -136,10 +145,12 @@ def build_step(kind: str, provider: str, seed: int = 0) -> Callable[[], None]:
         from fastnas.evalnet import EvalNet
 
         net = EvalNet(RETRAIN_GENOTYPE, RETRAIN_C, RETRAIN_LAYERS, 10, auxiliary=True, drop_path_prob=0.2).to(dev)
+        layout = torch.channels_last if p.channels_last else torch.contiguous_format
+        net = net.to(memory_format=layout)
         net.train()
         forward = torch.compile(net) if p.compiled else net
         optimizer = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-        x = torch.randn(SEARCH_BATCH, 3, 32, 32, generator=gen).to(dev)
+        x = torch.randn(SEARCH_BATCH, 3, 32, 32, generator=gen).to(dev, memory_format=layout)
         y = torch.randint(0, 10, (SEARCH_BATCH,), generator=gen).to(dev)
 
         def step() -> None:

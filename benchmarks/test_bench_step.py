@@ -29,9 +29,10 @@ MEMORY = os.environ.get("FASTNAS_BENCH_STEP_MEMORY", "1") == "1"
 ONLY = [p for p in os.environ.get("FASTNAS_BENCH_STEP_PROVIDERS", "").split(",") if p]
 
 DEFAULT = {
-    "search1": ["reference_darts", "reference", "cpu", "cpu_pc4", "cuda", "cuda_pc4", "triton"],
+    "search1": ["reference_darts", "reference", "cpu", "cpu_pc4", "cuda", "cuda_pc4", "triton",
+                "reference_darts_cl", "reference_cl", "cpu_cl", "cpu_pc4_cl"],
     "search2": ["reference", "cpu", "cuda", "triton"],
-    "retrain": ["reference", "cpu", "cuda", "triton"],
+    "retrain": ["reference", "cpu", "cuda", "triton", "reference_cl", "cpu_cl"],
 }
 COMPILED = {
     "search1": ["reference_darts_compiled", "reference_compiled", "cpu_compiled", "cpu_pc4_compiled",

@@ -49,6 +49,13 @@ def select_backend(name: str, device: torch.device) -> str:
         raise ConfigError(str(exc)) from None
 
 
+def use_channels_last(setting: bool | None, device: torch.device) -> bool:
+    """The memory layout of a run: ``setting`` when given; auto (None) is channels_last on the CPU, where oneDNN's
+    convolutions and ATen's pooling are much faster in NHWC (a search step about 1.4x on the quick preset and 1.8x on
+    the full supernet), and PyTorch's default layout elsewhere."""
+    return device.type == "cpu" if setting is None else bool(setting)
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

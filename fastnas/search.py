@@ -63,7 +63,8 @@ class Search:
             cfg.limit, distributed.rank(), distributed.world_size())
         check_input_size(self.info.image_size, self.info.image_size, cfg.layers)
         self.model = self.build_model().to(self.device)
-        if cfg.channels_last:
+        self.channels_last = runtime.use_channels_last(cfg.channels_last, self.device)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights and alphas
         self.criterion = nn.CrossEntropyLoss()
@@ -147,14 +148,14 @@ class Search:
         for step, (x, y) in enumerate(bar):
             if step >= total:
                 break
-            x, y = runtime.to_device(x, y, self.device, cfg.channels_last)
+            x, y = runtime.to_device(x, y, self.device, self.channels_last)
             if self.epoch >= cfg.warmup_epochs:
                 try:
                     xv, yv = next(valid_iter)
                 except StopIteration:
                     valid_iter = iter(self.valid_loader)
                     xv, yv = next(valid_iter)
-                xv, yv = runtime.to_device(xv, yv, self.device, cfg.channels_last)
+                xv, yv = runtime.to_device(xv, yv, self.device, self.channels_last)
                 self.architect.step(x, y, xv, yv, lr, self.optimizer)
             loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
                                        self.model.arch_parameters(), self.scaler)
@@ -181,7 +182,8 @@ class Search:
         stop = cfg.epochs if until_epoch is None else min(until_epoch, cfg.epochs)
         log.info(f"search: {cfg.dataset}, space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, "
                  f"{cfg.layers} cells, order {cfg.order}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-                 f"device {self.device}, backend {self.backend}, amp {cfg.amp}")
+                 f"device {self.device}, backend {self.backend}, amp {cfg.amp}, "
+                 f"{'channels_last' if self.channels_last else 'contiguous'} layout")
         if distributed.active():
             log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
                      f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all")
@@ -191,7 +193,7 @@ class Search:
             with runtime.timed() as t:
                 train = self.train_epoch()
                 valid = runtime.evaluate(self.forward, self.valid_loader, self._loss, self.device, cfg.amp,
-                                         cfg.channels_last)
+                                         self.channels_last)
                 distributed.reduce_meter(valid)
                 distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
             self.epoch += 1
@@ -286,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
-    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout (default: on for the CPU, where it is faster; off on GPUs)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the supernet")
     g.add_argument("--partial-channels", type=int, help="PC-DARTS: sample 1/K of the channels on each edge")
     g.add_argument("--darts-memory", dest="memory_efficient", action="store_false", default=None,

@@ -115,7 +115,8 @@ class Trainer:
         counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)
         self.majority_baseline = 100.0 * float(counts.max()) / max(len(test_data), 1)  # always the commonest class
         self.model = self.build_model().to(self.device)
-        if cfg.channels_last:
+        self.channels_last = runtime.use_channels_last(cfg.channels_last, self.device)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss()
         self.forward = self._make_forward(self.model)  # testing, and training in a single process
@@ -225,7 +226,7 @@ class Trainer:
         for step, (x, y) in enumerate(bar):
             if step >= total:
                 break
-            x, y = runtime.to_device(x, y, self.device, cfg.channels_last)
+            x, y = runtime.to_device(x, y, self.device, self.channels_last)
             loss, logits = self.train_step(x, y)
             meter.update(loss, logits, y)
             bar.set_postfix(loss=f"{meter.avg_loss:.3f}", acc=f"{meter.accuracy:.1f}",
@@ -238,7 +239,7 @@ class Trainer:
     def test(self) -> runtime.Meter:
         self.model.eval()
         meter = runtime.evaluate(self.forward, self.test_loader, self._loss, self.device, self.cfg.amp,
-                                 self.cfg.channels_last)
+                                 self.channels_last)
         distributed.reduce_meter(meter)  # every rank tested its share: the whole test split
         return meter
 
@@ -248,7 +249,7 @@ class Trainer:
         stop = cfg.epochs if until_epoch is None else min(until_epoch, cfg.epochs)
         log.info(f"train: {cfg.dataset}, C={cfg.C}, {cfg.layers} cells, auxiliary {cfg.auxiliary}, "
                  f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {self.device}, backend {self.backend}, "
-                 f"amp {cfg.amp}")
+                 f"amp {cfg.amp}, {'channels_last' if self.channels_last else 'contiguous'} layout")
         if distributed.active():
             log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
                      f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all"
@@ -353,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
-    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout (default: on for the CPU, where it is faster; off on GPUs)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun: batch-norm statistics over all processes (SyncBatchNorm; needs CUDA)")

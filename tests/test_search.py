@@ -149,3 +149,15 @@ def test_corrupt_checkpoint_is_reported(tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
     assert search_cli.main(["--resume", str(tmp_path)]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_memory_layout_is_automatic_and_can_be_forced():
+    """channels_last by default on the CPU (faster there), the default layout elsewhere; both flags override."""
+    from fastnas import runtime
+    from fastnas.search import build_parser, config_from_args
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert runtime.use_channels_last(None, cpu) and not runtime.use_channels_last(None, gpu)
+    assert not runtime.use_channels_last(False, cpu) and runtime.use_channels_last(True, gpu)
+    parse = lambda *a: config_from_args(build_parser().parse_args(list(a))).channels_last  # noqa: E731
+    assert parse() is None and parse("--channels-last") is True and parse("--no-channels-last") is False
