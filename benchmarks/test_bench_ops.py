@@ -73,9 +73,9 @@ class ChannelGate(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        avg, mx = ops.channel_pool(x, backend=self.backend)
-        logits = self.mlp(avg) + self.mlp(mx)
-        return ops.channel_scale(x, logits, backend=self.backend)
+        # the reference backend composes its pool, the MLP and its scale; cpu/cuda run one fused autograd node
+        first, last = self.mlp[0], self.mlp[2]
+        return ops.channel_attention(x, first.weight, first.bias, last.weight, last.bias, backend=self.backend)
 
 
 class SpatialGate(nn.Module):

@@ -47,6 +47,11 @@ TORCH_LIBRARY(fastnas, m) {
   m.def("spatial_scale(Tensor x, Tensor logits) -> Tensor");
   m.def("spatial_scale_backward(Tensor grad, Tensor x, Tensor logits, bool need_x_grad) -> (Tensor, Tensor)");
 
+  // the whole input gradient of a channel gate (pool -> MLP -> scale): grad * sigmoid(logits)[:, :, None, None] +
+  // grad_avg / (H*W) + grad_max at each channel's int32 argmax, in one pass over grad (CPU kernel)
+  m.def("channel_gate_backward_x(Tensor grad, Tensor logits, Tensor grad_avg, Tensor grad_max, Tensor argmax) "
+        "-> Tensor");
+
   // build facts: the CUDA architectures compiled in (empty without CUDA)
   m.def("cuda_arch_list() -> int[]", &cuda_arch_list);
 }

@@ -860,5 +860,58 @@ void scale_rows_by_vector_bwd(const T* g, const T* x, const at::opmath_type<T>* 
   });
 }
 
+// ------------------------------------------------------------------------------------------------ channel gate
+
+// Input gradient of a whole channel gate, NCHW: rows r = n*C + c of length len = H*W,
+// out[r, i] = g[r, i] * s[r] + a[r], then out[r, arg[r]] += m[r] (the max's share at the channel's first maximum).
+template <typename T>
+void channel_gate_grad_x_nchw(const T* g, const at::opmath_type<T>* s, const at::opmath_type<T>* a,
+                              const at::opmath_type<T>* m, const int32_t* arg, T* out, int64_t rows, int64_t len) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* gr = g + r * len;
+      T* o = out + r * len;
+      const V vs(s[r]), va(a[r]);
+      int64_t i = 0;
+      for (; i + W <= len; i += W) VT::store(o + i, at::vec::fmadd(VT::load(gr + i), vs, va));
+      for (; i < len; ++i) o[i] = T(A(gr[i]) * s[r] + a[r]);
+      o[arg[r]] = T(A(gr[arg[r]]) * s[r] + a[r] + m[r]);  // the max's share
+    }
+  });
+}
+
+// The same, NHWC: rows r = n*HW + hw of length C with s, a, m, arg [N, C].
+template <typename T>
+void channel_gate_grad_x_nhwc(const T* g, const at::opmath_type<T>* s, const at::opmath_type<T>* a,
+                              const at::opmath_type<T>* m, const int32_t* arg, T* out, int64_t N, int64_t C,
+                              int64_t HW) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / HW;
+      const T* gr = g + r * C;
+      const A* sn = s + n * C;
+      const A* an = a + n * C;
+      T* o = out + r * C;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) VT::store(o + c, at::vec::fmadd(VT::load(gr + c), V::loadu(sn + c), V::loadu(an + c)));
+      for (; c < C; ++c) o[c] = T(A(gr[c]) * sn[c] + an[c]);
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {  // the max's share: one element per (n, c)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = (n * HW + arg[n * C + c]) * C + c;
+      out[i] = T(A(g[i]) * s[n * C + c] + a[n * C + c] + m[n * C + c]);
+    }
+  }
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace fastnas::cpu

@@ -323,6 +323,52 @@ std::tuple<Tensor, Tensor> spatial_scale_backward(const Tensor& grad, const Tens
   return scale_backward(Gate::Spatial, "spatial_scale", grad, x, logits, need_x_grad);
 }
 
+// ------------------------------------------------------------------------------------------------ channel gate
+
+// grad * sigmoid(logits) + grad_avg / (H*W), plus grad_max at each channel's first maximum: the whole input gradient
+// of a channel gate (pool -> MLP -> scale) in one pass over grad.
+Tensor channel_gate_backward_x(const Tensor& grad, const Tensor& logits, const Tensor& grad_avg,
+                               const Tensor& grad_max, const Tensor& argmax) {
+  const char* op = "channel_gate_backward_x";
+  check_4d(op, "grad", grad);
+  check_device_type(op, "grad", grad, kDev);
+  const int64_t N = grad.size(0), C = grad.size(1), HW = grad.size(2) * grad.size(3);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"logits", logits},
+                                {"grad_avg", grad_avg}, {"grad_max", grad_max}}) {
+    check_float(op, name, t);
+    check_same_device(op, name, t, "grad", grad);
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == C, "fastnas.", op, ": ", name,
+                      " must have shape [", N, ", ", C, "], got ", shape_str(t.sizes()));
+  }
+  check_same_device(op, "argmax", argmax, "grad", grad);
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.", op, ": argmax has dtype ",
+                   dtype_name(argmax.scalar_type()), ", expected int32");
+  TORCH_CHECK_VALUE(argmax.dim() == 2 && argmax.size(0) == N && argmax.size(1) == C, "fastnas.", op,
+                    ": argmax must have shape [", N, ", ", C, "], got ", shape_str(argmax.sizes()));
+  Output o = make_output(grad);
+  if (grad.numel() == 0) return o.out;
+  Tensor g = in_layout(grad, o.layout);
+  Tensor l = as_acc(logits, grad.scalar_type());
+  Tensor a = as_acc(grad_avg, grad.scalar_type()).div(double(HW));
+  Tensor m = as_acc(grad_max, grad.scalar_type());
+  Tensor arg = argmax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::channel_gate_backward_x", [&] {
+    using A = at::opmath_type<scalar_t>;
+    Tensor s = sigmoid_of<A>(l);
+    if (o.layout == Layout::NCHW) {
+      channel_gate_grad_x_nchw<scalar_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<A>(), a.const_data_ptr<A>(),
+                                         m.const_data_ptr<A>(), arg.const_data_ptr<int32_t>(),
+                                         o.buffer.data_ptr<scalar_t>(), N * C, HW);
+    } else {
+      channel_gate_grad_x_nhwc<scalar_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<A>(), a.const_data_ptr<A>(),
+                                         m.const_data_ptr<A>(), arg.const_data_ptr<int32_t>(),
+                                         o.buffer.data_ptr<scalar_t>(), N, C, HW);
+    }
+  });
+  o.finish();
+  return o.out;
+}
+
 }  // namespace
 
 // the CPU kernels of this capability
@@ -338,6 +384,7 @@ void register_impls(torch::Library& m) {
   m.impl("channel_scale_backward", &channel_scale_backward);
   m.impl("spatial_scale", &spatial_scale);
   m.impl("spatial_scale_backward", &spatial_scale_backward);
+  m.impl("channel_gate_backward_x", &channel_gate_backward_x);
 }
 
 }  // namespace CPU_CAPABILITY

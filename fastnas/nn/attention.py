@@ -27,10 +27,8 @@ class ChannelAttention(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        avg, mx = ops.channel_pool(x)
-        n = avg.shape[0]
-        both = self.mlp(torch.cat([avg, mx], dim=0))  # one MLP pass for both pooled vectors
-        return ops.channel_scale(x, both[:n] + both[n:])
+        first, last = self.mlp[0], self.mlp[2]
+        return ops.channel_attention(x, first.weight, first.bias, last.weight, last.bias)
 
 
 class SpatialAttention(nn.Module):

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from . import reference
+from . import _gates, reference
 from ._dispatch import (
     BACKEND_NAMES,
     BackendUnavailable,
@@ -30,6 +30,7 @@ __all__ = [
     "BackendUnavailable",
     "available_backends",
     "backend",
+    "channel_attention",
     "channel_pool",
     "channel_scale",
     "get_backend",
@@ -71,3 +72,19 @@ def spatial_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
 def spatial_scale(x: torch.Tensor, logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """x · sigmoid(logits) with logits [N, 1, H, W]."""
     return implementation(_device_of(x), backend).spatial_scale(x, logits)
+
+
+def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                      b2: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """The whole CBAM channel gate: x · σ(MLP(mean_hw x) + MLP(max_hw x))[:, :, None, None] with the shared
+    MLP(p) = relu(p w1ᵀ + b1) w2ᵀ + b2 (w1 [hidden, C], w2 [C, hidden]; biases may be None).
+
+    The ``cpu`` and ``cuda`` backends run it as one autograd node on their compiled operators (fewer passes over x
+    in the backward; see :mod:`fastnas.ops._gates`); the others compose their ``channel_pool`` and
+    ``channel_scale``."""
+    _gates.check_inputs(x, w1, b1, w2, b2)
+    impl = implementation(_device_of(x), backend)
+    fused = getattr(impl, "channel_attention", None)
+    if fused is not None:
+        return fused(x, w1, b1, w2, b2)
+    return _gates.composite(impl.channel_pool, impl.channel_scale, x, w1, b1, w2, b2)

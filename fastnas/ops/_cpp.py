@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, _gates
 
 _LOAD_ERROR: str | None = None
 
@@ -137,6 +137,11 @@ if _LOAD_ERROR is None:
         return gx, torch.empty_like(logits)
 
     torch.library.register_fake("fastnas::channel_scale_backward", _fake_scale_backward)
+
+    @torch.library.register_fake("fastnas::channel_gate_backward_x")
+    def _(grad, logits, grad_avg, grad_max, argmax):
+        _checks.check_4d("channel_gate_backward_x", "grad", grad)
+        return torch.empty_like(grad)
     torch.library.register_fake("fastnas::spatial_scale_backward", _fake_scale_backward)
 
     # ---------------------------------------------------------------------------------------------- autograd
@@ -248,3 +253,12 @@ def spatial_pool(x: torch.Tensor) -> torch.Tensor:
 
 def spatial_scale(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.fastnas.spatial_scale.default(x, logits)
+
+
+def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                      b2: torch.Tensor | None) -> torch.Tensor:
+    """The whole channel gate as one autograd node (:class:`fastnas.ops._gates.FusedChannelGate`); under autocast
+    or with the MLP in another dtype than x, the composition of the ops."""
+    if _gates.fused_applies(x, w1):
+        return _gates.FusedChannelGate.apply(x, w1, b1, w2, b2)
+    return _gates.composite(channel_pool, channel_scale, x, w1, b1, w2, b2)

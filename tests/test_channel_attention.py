@@ -1,0 +1,210 @@
+"""fastnas.ops.channel_attention (the whole CBAM channel gate) on every backend against plain PyTorch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnas.ops as ops
+from fastnas.nn import ChannelAttention
+
+from test_ops import TARGETS, TOL, _layout
+
+
+def plain_gate(x, w1, b1, w2, b2):
+    """CBAM's channel gate written directly in PyTorch, in float64."""
+    x, w1, w2 = x.double(), w1.double(), w2.double()
+    b1 = None if b1 is None else b1.double()
+    b2 = None if b2 is None else b2.double()
+
+    def mlp(p):
+        return F.linear(torch.relu(F.linear(p, w1, b1)), w2, b2)
+
+    return x * torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))[:, :, None, None]
+
+
+def make(shape, hidden, dtype, device, layout="contiguous", bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = _layout(torch.randn(*shape, generator=gen).to(device, dtype), layout)
+    params = [torch.randn(hidden, c, generator=gen), torch.randn(hidden, generator=gen) if bias else None,
+              torch.randn(c, hidden, generator=gen), torch.randn(c, generator=gen) if bias else None]
+    return [x.requires_grad_()] + [None if p is None else p.to(device, dtype).requires_grad_() for p in params]
+
+
+def check(name, args, dtype, grad_seed=1):
+    y = ops.channel_attention(*args, backend=name)
+    assert y.shape == args[0].shape and y.dtype == dtype
+    leaves = [a for a in args if a is not None]
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.device, dtype)
+    grads = torch.autograd.grad(y, leaves, g)
+    as64 = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    expected = plain_gate(*as64)
+    exp_grads = torch.autograd.grad(expected, [a for a in as64 if a is not None], g.double())
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double(), expected, rtol=rtol, atol=atol)
+    for i, (a, b) in enumerate(zip(grads, exp_grads)):
+        scale = max(1.0, float(b.abs().max()))  # parameter gradients sum over the batch: compare relative to size
+        torch.testing.assert_close(a.double() / scale, b / scale, rtol=rtol, atol=atol, msg=lambda m: f"grad {i}: {m}")
+    return y
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+@pytest.mark.parametrize("shape,hidden", [((2, 5, 3, 7), 2), ((3, 17, 4, 3), 1), ((1, 1, 1, 1), 1)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_plain_pytorch_fp32(name, device, shape, hidden, layout, bias):
+    check(name, make(shape, hidden, torch.float32, device, layout, bias), torch.float32)
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_matches_plain_pytorch_dtypes(name, device, dtype):
+    check(name, make((2, 6, 5, 3), 2, dtype, device, "channels_last"), dtype)
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+def test_fused_node_on_compiled_backends(name, device):
+    y = ops.channel_attention(*make((2, 4, 3, 3), 1, torch.float32, device), backend=name)
+    fused = name in ("cpu", "cuda")
+    assert (y.grad_fn.name() == "FusedChannelGateBackward") == fused
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+def test_gradcheck_fp64(name, device):
+    args = make((2, 3, 2, 3), 2, torch.float64, device)
+    assert torch.autograd.gradcheck(lambda *a: ops.channel_attention(*a, backend=name), tuple(args))
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+def test_only_some_inputs_need_gradients(name, device):
+    x, w1, b1, w2, b2 = make((2, 4, 3, 5), 2, torch.float64, device)
+    x.requires_grad_(False)
+    gw1, gb2 = torch.autograd.grad(ops.channel_attention(x, w1, b1, w2, b2, backend=name).sum(), (w1, b2))
+    ew1, eb2 = torch.autograd.grad(plain_gate(x, w1, b1, w2, b2).sum(), (w1, b2))
+    torch.testing.assert_close(gw1, ew1)
+    torch.testing.assert_close(gb2, eb2)
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+def test_max_gradient_goes_to_first_maximum(name, device):
+    x = torch.zeros(1, 2, 2, 2, device=device, dtype=torch.float64)
+    x[0, 0] = torch.tensor([[1.0, 3.0], [3.0, 0.5]])  # tie: positions 1 and 2
+    x.requires_grad_()
+    _, w1, b1, w2, b2 = make((1, 2, 2, 2), 1, torch.float64, device)
+    gx, = torch.autograd.grad(ops.channel_attention(x, w1, b1, w2, b2, backend=name).sum(), x)
+    xr = x.detach().clone().requires_grad_()
+    avg = xr.mean((2, 3))
+    mx = xr.flatten(2).max(2).values  # torch's max routes the gradient to its returned (first) index
+    mlp = lambda p: F.linear(torch.relu(F.linear(p, w1, b1)), w2, b2)  # noqa: E731
+    er, = torch.autograd.grad((xr * torch.sigmoid(mlp(avg) + mlp(mx))[:, :, None, None]).sum(), xr)
+    torch.testing.assert_close(gx, er)
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+def test_empty_batch(name, device):
+    args = make((0, 3, 2, 2), 1, torch.float32, device)
+    y = ops.channel_attention(*args, backend=name)
+    assert y.shape == (0, 3, 2, 2)
+    grads = torch.autograd.grad(y.sum(), [args[0], args[1]], allow_unused=True)
+    assert grads[0].shape == (0, 3, 2, 2)
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+def test_torch_compile_fullgraph(name, device):
+    torch._dynamo.reset()
+    fn = torch.compile(lambda *a: ops.channel_attention(*a, backend=name), fullgraph=True)
+    args = make((2, 5, 3, 4), 2, torch.float32, device, "channels_last")
+    y = fn(*args)
+    grads = torch.autograd.grad(y.square().sum(), args)
+    ey = ops.channel_attention(*args, backend="reference")
+    egrads = torch.autograd.grad(ey.square().sum(), args)
+    torch.testing.assert_close(y, ey)
+    for a, b in zip(grads, egrads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+def test_autocast_composes_the_ops(name, device):
+    if device == "cpu" and name == "triton":
+        pytest.skip("bf16 under the Triton interpreter is covered by the op suite")
+    args = make((2, 8, 4, 4), 2, torch.float32, device)
+    x = args[0].detach().bfloat16().requires_grad_()  # AMP: half activations, fp32 parameters
+    with torch.autocast(device, torch.bfloat16):
+        y = ops.channel_attention(x, *args[1:], backend=name)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), plain_gate(x, *args[1:]), rtol=3e-2, atol=3e-2)
+    gx, gw1 = torch.autograd.grad(y.float().sum(), (x, args[1]))
+    assert gx.dtype == torch.bfloat16 and gw1.dtype == torch.float32
+
+
+BAD = [
+    (lambda x, w1, b1, w2, b2: (x[0], w1, b1, w2, b2), ValueError, r"channel_attention: x must be 4-D"),
+    (lambda x, w1, b1, w2, b2: (x.int(), w1, b1, w2, b2), TypeError, r"channel_attention: x has dtype torch.int32"),
+    (lambda x, w1, b1, w2, b2: (x, w1[:, :-1], b1, w2, b2), ValueError, r"w1 must have shape \[hidden, 4\]"),
+    (lambda x, w1, b1, w2, b2: (x, w1, b1, w2.t(), b2), ValueError, r"w2 must have shape \[4, 2\]"),
+    (lambda x, w1, b1, w2, b2: (x, w1, b1[:1], w2, b2), ValueError, r"b1 must have shape \[2\]"),
+    (lambda x, w1, b1, w2, b2: (x, w1, b1, w2, b2.double()), TypeError, r"b2 has dtype torch.float64, expected"),
+]
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+@pytest.mark.parametrize("bad,exc,pattern", BAD)
+def test_bad_input_names_the_problem(name, device, bad, exc, pattern):
+    args = make((2, 4, 3, 3), 2, torch.float32, device)
+    with pytest.raises(exc, match=pattern):
+        ops.channel_attention(*bad(*args), backend=name)
+
+
+def test_module_uses_the_gate_and_keeps_its_state_dict():
+    gate = ChannelAttention(32)
+    assert list(gate.state_dict()) == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
+    x = torch.randn(2, 32, 3, 3)
+    first, last = gate.mlp[0], gate.mlp[2]
+    torch.testing.assert_close(gate(x).double(), plain_gate(x, first.weight, first.bias, last.weight, last.bias))
+
+
+def _gate_backward_args(layout, dtype=torch.float32, shape=(3, 5, 4, 7)):
+    gen = torch.Generator().manual_seed(5)
+    n, c, h, w = shape
+    grad = _layout(torch.randn(*shape, generator=gen).to(dtype), layout)
+    small = [torch.randn(n, c, generator=gen).to(dtype) for _ in range(3)]
+    argmax = torch.randint(0, h * w, (n, c), generator=gen, dtype=torch.int32)
+    return [grad, *small, argmax]
+
+
+needs_cpu_library = pytest.mark.skipif("cpu" not in [p.values[0] for p in TARGETS], reason="fastnas._C not built")
+
+
+@needs_cpu_library
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_input_gradient_kernel_matches_its_composition(layout, dtype):
+    """fastnas::channel_gate_backward_x (CPU) against the composition the other devices use, and both against the
+    formula in float64."""
+    from fastnas.ops import _gates
+
+    args = _gate_backward_args(layout, dtype)
+    fused = torch.ops.fastnas.channel_gate_backward_x(*args)
+    composed = _gates._input_grad_composed(*args)
+    grad, logits, gavg, gmax, argmax = [a.double() if a.is_floating_point() else a for a in args]
+    n, c, h, w = grad.shape
+    expected = grad * torch.sigmoid(logits)[:, :, None, None] + (gavg / (h * w))[:, :, None, None]
+    expected.view(n, c, h * w).scatter_add_(2, argmax.long().unsqueeze(2), gmax.unsqueeze(2))
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(fused.double(), expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(composed.double(), expected, rtol=rtol, atol=atol)
+    assert fused.dtype == dtype and fused.stride() == torch.empty_like(args[0]).stride()
+
+
+@needs_cpu_library
+def test_input_gradient_kernel_opcheck_and_bad_input():
+    args = _gate_backward_args("channels_last")
+    torch.library.opcheck(torch.ops.fastnas.channel_gate_backward_x.default, tuple(args))
+    grad, logits, gavg, gmax, argmax = args
+    with pytest.raises(ValueError, match=r"channel_gate_backward_x: grad_avg must have shape \[3, 5\]"):
+        torch.ops.fastnas.channel_gate_backward_x(grad, logits, gavg[:2], gmax, argmax)
+    with pytest.raises(TypeError, match=r"channel_gate_backward_x: argmax has dtype .*expected int32"):
+        torch.ops.fastnas.channel_gate_backward_x(grad, logits, gavg, gmax, argmax.long())
+    with pytest.raises(ValueError, match=r"channel_gate_backward_x: grad must be 4-D"):
+        torch.ops.fastnas.channel_gate_backward_x(grad[0], logits, gavg, gmax, argmax)
