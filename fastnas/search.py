@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, config as cfgmod, distributed, runtime
+from . import checkpoint, cli, distributed, runtime
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .config import SEARCH_PRESETS, SearchConfig
 from .data import search_loaders, set_epoch
-from .errors import CheckpointError, ConfigError, FastNASError
+from .errors import CheckpointError, ConfigError
 from .genotype import Genotype
 from .runtime import log
 from .supernet import SuperNet, check_input_size
@@ -243,26 +243,17 @@ class Search:
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fastnas.search",
-        description="Differentiable architecture search (DARTS) over a space with CBAM attention ops. "
-                    "Without arguments: the 'quick' preset, a real search on the embedded digits dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--preset", default="quick", choices=sorted(SEARCH_PRESETS),
-        help="base settings: 'darts' (DARTS paper, CIFAR-10, 2nd order), 'at-darts' (Shin and Bae: CIFAR-10, 50 "
-             "epochs, batch 128), 'quick' (embedded digits, minutes on a CPU); options below override it")
-    add("--out", default="runs", help="folder under which the run folder is created")
-    add("--run-dir", default=None, help="exact run folder to write (default: OUT/search-PRESET-TIME)")
-    add("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    add("--no-progress", action="store_true", help="no progress bars")
+    p = cli.new_parser(
+        "python -m fastnas.search",
+        "Differentiable architecture search (DARTS) over a space with CBAM attention ops. "
+        "Without arguments: the 'quick' preset, a real search on the embedded digits dataset.",
+        SEARCH_PRESETS,
+        "base settings: 'darts' (DARTS paper, CIFAR-10, 2nd order), 'at-darts' (Shin and Bae: CIFAR-10, 50 "
+        "epochs, batch 128), 'quick' (embedded digits, minutes on a CPU); options below override it",
+        "search")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100"], help="dataset (digits ships with the package)")
-    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python")
-    g.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-dir")
+    cli.add_data_options(g)
     g.add_argument("--train-portion", type=float, help="fraction of the training set for the weights (rest: alphas)")
-    g.add_argument("--limit", type=int, help="use only the first N training images")
-    g.add_argument("--workers", type=int, help="data loader worker processes")
     g = p.add_argument_group("search space and network")
     g.add_argument("--primitives", help="space name (darts, at-darts) or comma-separated op names")
     g.add_argument("--C", "--init-channels", dest="C", type=int, help="initial channels")
@@ -285,12 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, help="stop each epoch after N steps (smoke tests)")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("engine")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory layout (default: on for the CPU, where it is faster; off on GPUs)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the supernet")
+    cli.add_engine_options(g, "supernet")
     g.add_argument("--partial-channels", type=int, help="PC-DARTS: sample 1/K of the channels on each edge")
     g.add_argument("--darts-memory", dest="memory_efficient", action="store_false", default=None,
                    help="store every activation as the DARTS formulation does (no recomputation, no shared ReLU); "
@@ -299,36 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-OPTION_KEYS = [f for f in SearchConfig.__dataclass_fields__]
-
-
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    base = cfgmod.merge(SearchConfig().to_dict(), cfgmod.preset(args.preset))
-    overrides = {k: getattr(args, k) for k in OPTION_KEYS if hasattr(args, k)}
-    return SearchConfig.from_dict(cfgmod.merge(base, overrides))
-
-
-def explicit_options(argv: Sequence[str]) -> list[str]:
-    return [a.split("=")[0] for a in argv if a.startswith("--")]
+    return cli.config_from_args(args, SearchConfig, SEARCH_PRESETS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return distributed.run_main("fastnas.search", lambda: _main(args, argv), (FastNASError,))
+    return cli.main("fastnas.search", build_parser, _main, argv)
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.resume:
-        run_dir = Path(args.resume)
-        state = checkpoint.load(run_dir)  # every process reads it: the folder must be visible to all of them
-        cfg = SearchConfig.from_dict(state["config"])
-        ignored = [o for o in explicit_options(argv) if o not in distributed.RESUME_OPTIONS]
-        if args.epochs is not None:
-            cfg.epochs = args.epochs
-        main_process = distributed.setup_processes(cfg.device, args.dist_timeout, run_dir)
-        if ignored:
-            log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
+        run_dir, state, cfg, main_process = cli.resume(args, argv, SearchConfig, "search")
         search = Search(cfg, run_dir if main_process else None, progress=main_process and not args.no_progress,
                         verify_sync=args.verify_sync)
         search.load_state_dict(state)
@@ -337,7 +304,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         cfg = config_from_args(args)
         cfg.validate()
         main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
-        if main_process and not explicit_options(argv):
+        if main_process and not cli.explicit_options(argv):
             print("fastnas.search: running the 'quick' preset (a real search on the embedded digits dataset).\n"
                   "  The papers' searches on CIFAR-10: python -m fastnas.search --preset at-darts --data-dir DIR\n"
                   "  (or --preset darts); add --download to fetch CIFAR-10 there. See --help for every option.",

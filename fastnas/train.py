@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import checkpoint, config as cfgmod, distributed, genotypes, runtime
+from . import checkpoint, cli, distributed, genotypes, runtime
 from .config import TRAIN_PRESETS, TrainConfig
 from .data import dataset_info, load_split, set_epoch, shard_sampler
-from .errors import CheckpointError, ConfigError, FastNASError
+from .errors import CheckpointError, ConfigError
 from .evalnet import EvalNet, save_model
 from .genotype import Genotype
 from .runtime import log
@@ -307,29 +307,20 @@ class Trainer:
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fastnas.train",
-        description="Retrain a genotype from scratch with DARTS's evaluation protocol (auxiliary head, drop path, "
-                    "cutout, cosine lr). Without --preset: the 'quick' preset on the embedded digits dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--genotype", default=None,
-        help="a genotype.json or genotype.txt file, a search run folder, a known name "
-             f"({', '.join(genotypes.KNOWN)}) or a 'Genotype(normal=[...], ...)' string (default: DARTS_V2)")
-    add("--preset", default="quick", choices=sorted(TRAIN_PRESETS),
-        help="base settings: 'darts' (DARTS's CIFAR-10 evaluation: 600 epochs, batch 96), 'at-darts' (Shin and "
-             "Bae: 600 epochs, batch 128), 'quick' (embedded digits, minutes on a CPU); options below override it")
-    add("--out", default="runs", help="folder under which the run folder is created")
-    add("--run-dir", default=None, help="exact run folder to write (default: OUT/train-PRESET-TIME)")
-    add("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    add("--no-progress", action="store_true", help="no progress bars")
+    p = cli.new_parser(
+        "python -m fastnas.train",
+        "Retrain a genotype from scratch with DARTS's evaluation protocol (auxiliary head, drop path, "
+        "cutout, cosine lr). Without --preset: the 'quick' preset on the embedded digits dataset.",
+        TRAIN_PRESETS,
+        "base settings: 'darts' (DARTS's CIFAR-10 evaluation: 600 epochs, batch 96), 'at-darts' (Shin and "
+        "Bae: 600 epochs, batch 128), 'quick' (embedded digits, minutes on a CPU); options below override it",
+        "train")
+    p.add_argument("--genotype", default=None,
+                   help="a genotype.json or genotype.txt file, a search run folder, a known name "
+                        f"({', '.join(genotypes.KNOWN)}) or a 'Genotype(normal=[...], ...)' string (default: DARTS_V2)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100"], help="dataset (digits ships with the package)")
-    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python")
-    g.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-dir")
-    g.add_argument("--limit", type=int, help="use only the first N training images")
+    cli.add_data_options(g)
     g.add_argument("--cutout", type=int, help="cutout square side (0: none)")
-    g.add_argument("--workers", type=int, help="data loader worker processes")
     g = p.add_argument_group("network")
     g.add_argument("--C", "--init-channels", dest="C", type=int, help="initial channels")
     g.add_argument("--layers", type=int, help="number of cells")
@@ -351,50 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, help="stop each epoch after N steps (smoke tests)")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("engine")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory layout (default: on for the CPU, where it is faster; off on GPUs)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+    cli.add_engine_options(g, "network")
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun: batch-norm statistics over all processes (SyncBatchNorm; needs CUDA)")
     distributed.add_cli_options(p)
     return p
 
 
-OPTION_KEYS = [f for f in TrainConfig.__dataclass_fields__]
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = cfgmod.merge(TrainConfig().to_dict(), cfgmod.preset(args.preset, TRAIN_PRESETS))
-    overrides = {k: getattr(args, k) for k in OPTION_KEYS if hasattr(args, k)}
-    return TrainConfig.from_dict(cfgmod.merge(base, overrides))
-
-
-def explicit_options(argv: Sequence[str]) -> list[str]:
-    return [a.split("=")[0] for a in argv if a.startswith("--")]
+    return cli.config_from_args(args, TrainConfig, TRAIN_PRESETS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return distributed.run_main("fastnas.train", lambda: _main(args, argv), (FastNASError,))
+    return cli.main("fastnas.train", build_parser, _main, argv)
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.resume:
-        run_dir = Path(args.resume)
-        state = checkpoint.load(run_dir)
-        if state.get("kind") != "train":
-            raise CheckpointError(f"{run_dir} holds a {state.get('kind')!r} checkpoint, not a train checkpoint")
-        cfg = TrainConfig.from_dict(state["config"])
-        ignored = [o for o in explicit_options(argv) if o not in distributed.RESUME_OPTIONS]
-        if args.epochs is not None:
-            cfg.epochs = args.epochs
-        main_process = distributed.setup_processes(cfg.device, args.dist_timeout, run_dir)
-        if ignored:
-            log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
+        run_dir, state, cfg, main_process = cli.resume(args, argv, TrainConfig, "train")
         trainer = Trainer(cfg, run_dir if main_process else None, progress=main_process and not args.no_progress,
                           verify_sync=args.verify_sync)
         trainer.load_state_dict(state)
@@ -403,7 +368,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         cfg = config_from_args(args)
         source = cfg.genotype
         main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
-        if main_process and not explicit_options(argv):
+        if main_process and not cli.explicit_options(argv):
             print(f"fastnas.train: running the 'quick' preset on {source} (the embedded digits dataset).\n"
                   "  Retrain a search's result: python -m fastnas.train --genotype RUN_DIR (or a genotype file, a "
                   "name, a Genotype(...) string);\n  DARTS's CIFAR-10 evaluation: --preset darts --data-dir DIR. "

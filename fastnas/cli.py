@@ -1,0 +1,80 @@
+"""What the command lines of ``fastnas.search`` and ``fastnas.train`` share: run-folder, data and engine options,
+presets merged with the options given, resuming a run with its own configuration, and the entry point."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import checkpoint, config as cfgmod, distributed
+from .errors import CheckpointError, FastNASError
+from .runtime import log
+
+
+def new_parser(prog: str, description: str, presets: dict[str, dict[str, Any]], preset_help: str,
+               run_kind: str) -> argparse.ArgumentParser:
+    """A parser with ``--preset`` and the run-folder options (``--out``, ``--run-dir``, ``--resume``,
+    ``--no-progress``)."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="quick", choices=sorted(presets), help=preset_help)
+    p.add_argument("--out", default="runs", help="folder under which the run folder is created")
+    p.add_argument("--run-dir", default=None, help=f"exact run folder to write (default: OUT/{run_kind}-PRESET-TIME)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def add_data_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100"], help="dataset (digits ships with the package)")
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python")
+    g.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-dir")
+    g.add_argument("--limit", type=int, help="use only the first N training images")
+    g.add_argument("--workers", type=int, help="data loader worker processes")
+
+
+def add_engine_options(g: argparse._ArgumentGroup, network: str) -> None:
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout (default: on for the CPU, where it is faster; off on GPUs)")
+    g.add_argument("--compile", action="store_true", default=None, help=f"torch.compile the {network}")
+
+
+def config_from_args(args: argparse.Namespace, config_class: type, presets: dict[str, dict[str, Any]]):
+    """The preset's settings, overridden by every option that was given (a config of ``config_class``)."""
+    base = cfgmod.merge(config_class().to_dict(), cfgmod.preset(args.preset, presets))
+    overrides = {k: getattr(args, k) for k in config_class.__dataclass_fields__ if hasattr(args, k)}
+    return config_class.from_dict(cfgmod.merge(base, overrides))
+
+
+def explicit_options(argv: Sequence[str]) -> list[str]:
+    return [a.split("=")[0] for a in argv if a.startswith("--")]
+
+
+def resume(args: argparse.Namespace, argv: Sequence[str], config_class: type, kind: str):
+    """Load the checkpoint of ``--resume`` (every process reads it: the folder must be visible to all of them) and
+    set up the processes. Returns (run folder, checkpoint, the run's own config, whether this is the main process);
+    ``--epochs`` may extend the run, other options are ignored and said so."""
+    run_dir = Path(args.resume)
+    state = checkpoint.load(run_dir)
+    if state.get("kind") != kind:
+        raise CheckpointError(f"{run_dir} holds a {state.get('kind')!r} checkpoint, not a {kind} checkpoint")
+    cfg = config_class.from_dict(state["config"])
+    ignored = [o for o in explicit_options(argv) if o not in distributed.RESUME_OPTIONS]
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    main_process = distributed.setup_processes(cfg.device, args.dist_timeout, run_dir)
+    if ignored:
+        log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
+    return run_dir, state, cfg, main_process
+
+
+def main(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
+         run: Callable[[argparse.Namespace, list[str]], int], argv: Sequence[str] | None = None) -> int:
+    """Parse, then run under the launcher's error handling (fastnas errors: one line, exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    return distributed.run_main(prog, lambda: run(args, argv), (FastNASError,))
