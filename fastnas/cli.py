@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from . import checkpoint, config as cfgmod, distributed
 from .errors import CheckpointError, FastNASError
 from .runtime import log
@@ -41,6 +43,9 @@ def add_engine_options(g: argparse._ArgumentGroup, network: str) -> None:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory layout (default: on for the CPU, where it is faster; off on GPUs)")
     g.add_argument("--compile", action="store_true", default=None, help=f"torch.compile the {network}")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch's kernels (default: PyTorch's choice; fewer than the cores helps "
+                        "when other jobs share the machine)")
 
 
 def config_from_args(args: argparse.Namespace, config_class: type, presets: dict[str, dict[str, Any]]):
@@ -77,4 +82,9 @@ def main(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
     """Parse, then run under the launcher's error handling (fastnas errors: one line, exit 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"{prog}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     return distributed.run_main(prog, lambda: run(args, argv), (FastNASError,))

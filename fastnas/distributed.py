@@ -172,7 +172,7 @@ def verify_sync(module: nn.Module, what: str = "weights") -> str:
 
 
 # -- command lines --------------------------------------------------------------------------------------------------
-RESUME_OPTIONS = ("--resume", "--no-progress", "--epochs", "--verify-sync", "--dist-timeout")  # honoured on resume
+RESUME_OPTIONS = ("--resume", "--no-progress", "--epochs", "--verify-sync", "--dist-timeout", "--threads")  # honoured on resume
 
 
 def add_cli_options(p: argparse.ArgumentParser) -> None:

@@ -161,3 +161,14 @@ def test_memory_layout_is_automatic_and_can_be_forced():
     assert not runtime.use_channels_last(False, cpu) and runtime.use_channels_last(True, gpu)
     parse = lambda *a: config_from_args(build_parser().parse_args(list(a))).channels_last  # noqa: E731
     assert parse() is None and parse("--channels-last") is True and parse("--no-channels-last") is False
+
+
+def test_threads_option_sets_torch_threads_and_refuses_nonsense(capsys, monkeypatch):
+    from fastnas import search
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert search.main(["--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(search, "_main", lambda args, argv: 0)  # parse and apply, do not search
+    assert search.main(["--threads", "1"]) == 0 and seen == [1]
