@@ -87,6 +87,8 @@ STEP_PROVIDERS = {
     "reference_cl": StepProvider("reference", channels_last=True),
     "cpu_cl": StepProvider("cpu", channels_last=True),
     "cpu_pc4_cl": StepProvider("cpu", partial_channels=4, channels_last=True),
+    "reference_cl_compiled": StepProvider("reference", compiled=True, channels_last=True),
+    "cpu_cl_compiled": StepProvider("cpu", compiled=True, channels_last=True),
 }
 
 

@@ -107,6 +107,32 @@ inline void check_spatial_pool(const Tensor& x) {
                     "), the max is undefined");
 }
 
+// a backward's incoming gradient: float, and of the shape, dtype and device of the tensor it is the gradient of
+inline void check_grad(const char* op, const Tensor& grad, const Tensor& like) {
+  check_float(op, "grad", grad);
+  TORCH_CHECK_VALUE(grad.sizes().equals(like.sizes()), "fastnas.", op, ": grad has shape ", shape_str(grad.sizes()),
+                    ", expected ", shape_str(like.sizes()));
+  TORCH_CHECK_TYPE(grad.scalar_type() == like.scalar_type(), "fastnas.", op, ": grad has dtype ",
+                   dtype_name(grad.scalar_type()), ", expected ", dtype_name(like.scalar_type()));
+  check_same_device(op, "grad", grad, "the input", like);
+}
+
+inline void check_mixed_sum_backward(const Tensor& grad, at::TensorList xs, const Tensor& weights,
+                                     c10::DeviceType device_type) {
+  check_mixed_sum(xs, weights);
+  check_device_type("mixed_sum", "xs[0]", xs[0], device_type);
+  check_grad("mixed_sum", grad, xs[0]);
+}
+
+inline void check_mixed_sum_backward_xs(const Tensor& grad, const Tensor& weights, c10::DeviceType device_type) {
+  check_float("mixed_sum", "grad", grad);
+  check_float("mixed_sum", "weights", weights);
+  check_device_type("mixed_sum", "grad", grad, device_type);
+  check_same_device("mixed_sum", "weights", weights, "grad", grad);
+  TORCH_CHECK_VALUE(weights.dim() == 1, "fastnas.mixed_sum: weights must be 1-D, got shape ",
+                    shape_str(weights.sizes()));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Layouts. Kernels have two fast paths for 4-D tensors: NCHW (contiguous) and NHWC (channels_last). Anything else is
 // copied into one of them first. Outputs that have the shape of an input are allocated with empty_like (which keeps

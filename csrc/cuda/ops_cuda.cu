@@ -280,30 +280,14 @@ std::tuple<std::vector<Tensor>, Tensor> mixed_sum_bwd_impl(const Tensor& grad, a
   return {gxs, gw};
 }
 
-void check_grad(const char* op, const Tensor& grad, const Tensor& like) {
-  check_float(op, "grad", grad);
-  TORCH_CHECK_VALUE(grad.sizes().equals(like.sizes()), "fastnas.", op, ": grad has shape ", shape_str(grad.sizes()),
-                    ", expected ", shape_str(like.sizes()));
-  TORCH_CHECK_TYPE(grad.scalar_type() == like.scalar_type(), "fastnas.", op, ": grad has dtype ",
-                   dtype_name(grad.scalar_type()), ", expected ", dtype_name(like.scalar_type()));
-  check_same_device(op, "grad", grad, "the input", like);
-}
-
 std::tuple<std::vector<Tensor>, Tensor> mixed_sum_backward(const Tensor& grad, at::TensorList xs,
                                                            const Tensor& weights, bool need_xs_grad) {
-  check_mixed_sum(xs, weights);
-  check_device_type("mixed_sum", "xs[0]", xs[0], kDev);
-  check_grad("mixed_sum", grad, xs[0]);
+  check_mixed_sum_backward(grad, xs, weights, kDev);
   return mixed_sum_bwd_impl(grad, xs, weights, need_xs_grad);
 }
 
 std::vector<Tensor> mixed_sum_backward_xs(const Tensor& grad, const Tensor& weights) {
-  check_float("mixed_sum", "grad", grad);
-  check_float("mixed_sum", "weights", weights);
-  check_device_type("mixed_sum", "grad", grad, kDev);
-  check_same_device("mixed_sum", "weights", weights, "grad", grad);
-  TORCH_CHECK_VALUE(weights.dim() == 1, "fastnas.mixed_sum: weights must be 1-D, got shape ",
-                    shape_str(weights.sizes()));
+  check_mixed_sum_backward_xs(grad, weights, kDev);
   return std::get<0>(mixed_sum_bwd_impl(grad, {}, weights, true));
 }
 
