@@ -1,13 +1,15 @@
 """Experiment: regional compilation of the full search supernet (first-order step, ``cpu`` backend, channels_last).
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m benchmarks.regional_compile regional   # cold, then run it again: warm
+    python -m benchmarks.regional_compile edges                                           # one region per edge
     python -m benchmarks.regional_compile eager                                           # the same step, eager
 
 ``regional`` compiles every candidate op with parameters and both preprocessing ops of every cell as its own region
 (``module.compile(dynamic=False)``; cells call their candidates whole, so ReLU is inside the region), instead of the
 whole network as ``--compile`` does. Modules of one class and shapes share the compiled code, so the full supernet
 needs about 40 graphs. Prints the first step (compilation included), three more steps, and Inductor's FX-graph cache
-counters. Not used by the CLI yet: see the README's compile figures.
+counters. ``edges`` compiles one region per edge instead (all its candidates with parameters, and skip). Not used by
+the CLI: see the README's compile figures.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["regional", "eager"])
+    parser.add_argument("mode", choices=["regional", "edges", "eager"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
             cell.preprocess0.compile(dynamic=False)
             cell.preprocess1.compile(dynamic=False)
         print(f"compiled regions: {regions} candidate ops + {2 * len(net.cells)} preprocessing ops", flush=True)
+    if args.mode == "edges":
+        _compile_edges(net)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     architect = Architect(net, criterion, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay, 1, cfg.momentum,
@@ -80,6 +84,58 @@ def main(argv=None) -> int:
     print("inductor:", {k: v for k, v in counters["inductor"].items() if "fxgraph" in k},
           "dynamo:", dict(counters["stats"]))
     return 0
+
+
+def _compile_edges(net) -> None:
+    """One region per edge: all candidates of the edge that have parameters (and skip), in one compiled module."""
+    import types
+
+    import torch
+    from torch import nn
+
+    from fastnas import ops
+    from fastnas.nn.recompute import recompute
+
+    class EdgeRegion(nn.Module):
+        def __init__(self, kept):
+            super().__init__()
+            self.kept = nn.ModuleList(kept)
+
+        def forward(self, h):
+            return tuple(op(h) for op in self.kept)
+
+    def node(self, states, offset, node_weights, relus):
+        kept, kept_w, free = [], [], []
+        for j, h in enumerate(states):
+            outs = iter(self.edge_regions[offset + j](h))
+            for c, _ in enumerate(self.edges[offset + j]):
+                if self.parameter_free[offset + j][c]:
+                    free.append((j, c))
+                else:
+                    kept.append(next(outs))
+                    kept_w.append(node_weights[j, c])
+        edges = self.edges[offset:offset + len(states)]
+        backend = ops.get_backend()
+
+        def free_share(free_w, *hs):
+            return ops.mixed_sum([edges[j][c](hs[j]) for j, c in free], free_w, backend=backend)
+
+        share = recompute(free_share, torch.stack([node_weights[j, c] for j, c in free]), *states)
+        weights = torch.stack(kept_w + [torch.ones((), dtype=node_weights.dtype)])
+        return ops.mixed_sum(kept + [share], weights)
+
+    for cell in net.cells:
+        regions = []
+        for e, edge in enumerate(cell.edges):
+            region = EdgeRegion([op for c, op in enumerate(edge) if not cell.parameter_free[e][c]])
+            region.compile(dynamic=False)
+            regions.append(region)
+        object.__setattr__(cell, "edge_regions", regions)  # not submodules: the parameters stay the cell's
+        cell._node_recomputing_parameter_free = types.MethodType(node, cell)
+        cell.preprocess0.compile(dynamic=False)
+        cell.preprocess1.compile(dynamic=False)
+    print(f"compiled regions: {sum(len(c.edges) for c in net.cells)} edges + {2 * len(net.cells)} preprocessing ops",
+          flush=True)
 
 
 if __name__ == "__main__":
