@@ -741,9 +741,11 @@ void spatial_pool_bwd_nhwc(const T* g, int64_t s_n, int64_t s_c, int64_t s_hw, c
 
 // ------------------------------------------------------------------------------------------------ scales
 
-// Row-wise product: out[r, :] = x[r, :] * s[r] (channel_scale NCHW) for rows of length len.
+// Row-wise product: out[r, :] = x[r, :] * s[r] (+ shift[r] when shift is given) (channel_scale NCHW) for rows of
+// length len.
 template <typename T>
-void scale_rows_by_scalar(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len) {
+void scale_rows_by_scalar(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len,
+                          const at::opmath_type<T>* shift = nullptr) {
   using VT = VecT<T>;
   using A = typename VT::A;
   using V = typename VT::V;
@@ -754,16 +756,24 @@ void scale_rows_by_scalar(const T* x, const at::opmath_type<T>* s, T* out, int64
       T* o = out + r * len;
       const V vs(s[r]);
       int64_t i = 0;
-      for (; i + W <= len; i += W) VT::store(o + i, VT::load(xr + i) * vs);
-      for (; i < len; ++i) o[i] = T(A(xr[i]) * s[r]);
+      if (shift) {
+        const V va(shift[r]);
+        for (; i + W <= len; i += W) VT::store(o + i, at::vec::fmadd(VT::load(xr + i), vs, va));
+        for (; i < len; ++i) o[i] = T(A(xr[i]) * s[r] + shift[r]);
+      } else {
+        for (; i + W <= len; i += W) VT::store(o + i, VT::load(xr + i) * vs);
+        for (; i < len; ++i) o[i] = T(A(xr[i]) * s[r]);
+      }
     }
   });
 }
 
-// Row-wise product with a vector: out[r, :] = x[r, :] * s[(r / group) % ngroups, :] for rows of length len.
+// Row-wise product with a vector: out[r, :] = x[r, :] * s[(r / group) % ngroups, :] (+ the same row of shift when
+// given) for rows of length len.
 // channel_scale NHWC: rows = N*HW, group = HW, s [N, C]; spatial_scale NCHW: rows = N*C, group = C, s [N, HW].
 template <typename T>
-void scale_rows_by_vector(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len, int64_t group) {
+void scale_rows_by_vector(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len, int64_t group,
+                          const at::opmath_type<T>* shift = nullptr) {
   using VT = VecT<T>;
   using A = typename VT::A;
   using V = typename VT::V;
@@ -774,8 +784,14 @@ void scale_rows_by_vector(const T* x, const at::opmath_type<T>* s, T* out, int64
       const A* sr = s + (r / group) * len;
       T* o = out + r * len;
       int64_t i = 0;
-      for (; i + W <= len; i += W) VT::store(o + i, VT::load(xr + i) * V::loadu(sr + i));
-      for (; i < len; ++i) o[i] = T(A(xr[i]) * sr[i]);
+      if (shift) {
+        const A* ar = shift + (r / group) * len;
+        for (; i + W <= len; i += W) VT::store(o + i, at::vec::fmadd(VT::load(xr + i), V::loadu(sr + i), V::loadu(ar + i)));
+        for (; i < len; ++i) o[i] = T(A(xr[i]) * sr[i] + ar[i]);
+      } else {
+        for (; i + W <= len; i += W) VT::store(o + i, VT::load(xr + i) * V::loadu(sr + i));
+        for (; i < len; ++i) o[i] = T(A(xr[i]) * sr[i]);
+      }
     }
   });
 }
@@ -862,53 +878,19 @@ void scale_rows_by_vector_bwd(const T* g, const T* x, const at::opmath_type<T>* 
 
 // ------------------------------------------------------------------------------------------------ channel gate
 
-// Input gradient of a whole channel gate, NCHW: rows r = n*C + c of length len = H*W,
-// out[r, i] = g[r, i] * s[r] + a[r], then out[r, arg[r]] += m[r] (the max's share at the channel's first maximum).
+// The max's share of a channel gate's input gradient, after scale_rows_* wrote g * s + a everywhere: the element at
+// each channel's first maximum becomes g * s + a + m. s, a, m, arg are [N, C]; element (n, c, hw) of out and g is at
+// n * s_n + c * s_c + hw * s_hw (NCHW or NHWC strides, in elements).
 template <typename T>
-void channel_gate_grad_x_nchw(const T* g, const at::opmath_type<T>* s, const at::opmath_type<T>* a,
-                              const at::opmath_type<T>* m, const int32_t* arg, T* out, int64_t rows, int64_t len) {
-  using VT = VecT<T>;
-  using A = typename VT::A;
-  using V = typename VT::V;
-  constexpr int64_t W = VT::W;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const T* gr = g + r * len;
-      T* o = out + r * len;
-      const V vs(s[r]), va(a[r]);
-      int64_t i = 0;
-      for (; i + W <= len; i += W) VT::store(o + i, at::vec::fmadd(VT::load(gr + i), vs, va));
-      for (; i < len; ++i) o[i] = T(A(gr[i]) * s[r] + a[r]);
-      o[arg[r]] = T(A(gr[arg[r]]) * s[r] + a[r] + m[r]);  // the max's share
-    }
-  });
-}
-
-// The same, NHWC: rows r = n*HW + hw of length C with s, a, m, arg [N, C].
-template <typename T>
-void channel_gate_grad_x_nhwc(const T* g, const at::opmath_type<T>* s, const at::opmath_type<T>* a,
-                              const at::opmath_type<T>* m, const int32_t* arg, T* out, int64_t N, int64_t C,
-                              int64_t HW) {
-  using VT = VecT<T>;
-  using A = typename VT::A;
-  using V = typename VT::V;
-  constexpr int64_t W = VT::W;
-  at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t n = r / HW;
-      const T* gr = g + r * C;
-      const A* sn = s + n * C;
-      const A* an = a + n * C;
-      T* o = out + r * C;
-      int64_t c = 0;
-      for (; c + W <= C; c += W) VT::store(o + c, at::vec::fmadd(VT::load(gr + c), V::loadu(sn + c), V::loadu(an + c)));
-      for (; c < C; ++c) o[c] = T(A(gr[c]) * sn[c] + an[c]);
-    }
-  });
-  for (int64_t n = 0; n < N; ++n) {  // the max's share: one element per (n, c)
+void channel_gate_add_max_share(const T* g, const at::opmath_type<T>* s, const at::opmath_type<T>* a,
+                                const at::opmath_type<T>* m, const int32_t* arg, T* out, int64_t N, int64_t C,
+                                int64_t s_n, int64_t s_c, int64_t s_hw) {
+  using A = at::opmath_type<T>;
+  for (int64_t n = 0; n < N; ++n) {  // one element per (n, c)
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = (n * HW + arg[n * C + c]) * C + c;
-      out[i] = T(A(g[i]) * s[n * C + c] + a[n * C + c] + m[n * C + c]);
+      const int64_t k = n * C + c;
+      const int64_t i = n * s_n + c * s_c + int64_t(arg[k]) * s_hw;
+      out[i] = T(A(g[i]) * s[k] + a[k] + m[k]);
     }
   }
 }

@@ -336,18 +336,22 @@ Tensor channel_gate_backward_x(const Tensor& grad, const Tensor& logits, const T
   Tensor a = as_acc(grad_avg, grad.scalar_type()).div(double(HW));
   Tensor m = as_acc(grad_max, grad.scalar_type());
   Tensor arg = argmax.contiguous();
+  // the channel scale's row plan, with the mean's share as the per-channel shift
+  const RowPlan p = plan(Gate::Channel, o.layout, N, C, HW);
+  const bool nchw = o.layout == Layout::NCHW;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::channel_gate_backward_x", [&] {
     using A = at::opmath_type<scalar_t>;
     Tensor s = sigmoid_of<A>(l);
-    if (o.layout == Layout::NCHW) {
-      channel_gate_grad_x_nchw<scalar_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<A>(), a.const_data_ptr<A>(),
-                                         m.const_data_ptr<A>(), arg.const_data_ptr<int32_t>(),
-                                         o.buffer.data_ptr<scalar_t>(), N * C, HW);
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* op = o.buffer.data_ptr<scalar_t>();
+    const A *sp = s.const_data_ptr<A>(), *ap = a.const_data_ptr<A>();
+    if (p.scalar) {
+      scale_rows_by_scalar<scalar_t>(gp, sp, op, p.rows, p.len, ap);
     } else {
-      channel_gate_grad_x_nhwc<scalar_t>(g.const_data_ptr<scalar_t>(), s.const_data_ptr<A>(), a.const_data_ptr<A>(),
-                                         m.const_data_ptr<A>(), arg.const_data_ptr<int32_t>(),
-                                         o.buffer.data_ptr<scalar_t>(), N, C, HW);
+      scale_rows_by_vector<scalar_t>(gp, sp, op, p.rows, p.len, p.group, ap);
     }
+    channel_gate_add_max_share<scalar_t>(gp, sp, ap, m.const_data_ptr<A>(), arg.const_data_ptr<int32_t>(), op, N, C,
+                                         C * HW, nchw ? HW : 1, nchw ? 1 : C);
   });
   o.finish();
   return o.out;
