@@ -19,6 +19,20 @@ import tempfile
 import time
 
 
+def step_seconds(step, n: int) -> list[float]:
+    """Wall-clock seconds of ``n`` calls of ``step``."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def _child(kind: str, provider: str, steps: int) -> dict:
     import torch
 
@@ -27,24 +41,12 @@ def _child(kind: str, provider: str, steps: int) -> dict:
     eager = provider.removesuffix("_compiled")
     out = {"kind": kind, "provider": provider, "eager_provider": eager, "threads": torch.get_num_threads()}
     step = build_step(kind, provider)
-    t0 = time.perf_counter()
-    step()
-    out["first_step_s"] = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    out["compiled_step_s"] = sorted(times)[len(times) // 2]
+    out["first_step_s"] = step_seconds(step, 1)[0]
+    out["compiled_step_s"] = median(step_seconds(step, steps))
     del step
     step = build_step(kind, eager)
     step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    out["eager_step_s"] = sorted(times)[len(times) // 2]
+    out["eager_step_s"] = median(step_seconds(step, steps))
     out["compile_s"] = out["first_step_s"] - out["compiled_step_s"]
     try:
         from torch._dynamo.utils import counters

@@ -14,7 +14,7 @@ the CLI: see the README's compile figures.
 from __future__ import annotations
 
 import argparse
-import time
+import os
 
 
 def main(argv=None) -> int:
@@ -23,67 +23,45 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
+    os.environ["FASTNAS_BENCH_STEP_BATCH"] = str(args.batch)  # read when benchmarks.steps is imported
 
     import torch
     import torch._dynamo
-    from torch import nn
 
-    import fastnas.ops as ops
-    from fastnas.architect import Architect, weight_step
-    from fastnas.config import SearchConfig
-    from fastnas.nn.search_cell import is_parameter_free
-    from fastnas.supernet import SuperNet
+    from benchmarks.compile_time import step_seconds
+    from benchmarks.steps import build_step
 
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # one code object (Module._call_impl) serves every region
     torch._dynamo.config.accumulated_recompile_limit = 4096
-    ops.resolve_backend("cpu", "cpu")
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    cfg = SearchConfig()
-    net = SuperNet(cfg.C, cfg.layers, 10, "at-darts").to(memory_format=torch.channels_last)
-    if args.mode == "regional":
-        regions = 0
-        for cell in net.cells:
-            cell.share_relu = False
-            for edge in cell.edges:
-                for op in edge:
-                    if not is_parameter_free(op) and not isinstance(op, nn.Identity):
-                        op.compile(dynamic=False)
-                        regions += 1
-            cell.preprocess0.compile(dynamic=False)
-            cell.preprocess1.compile(dynamic=False)
-        print(f"compiled regions: {regions} candidate ops + {2 * len(net.cells)} preprocessing ops", flush=True)
-    if args.mode == "edges":
-        _compile_edges(net)
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    architect = Architect(net, criterion, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay, 1, cfg.momentum,
-                          cfg.weight_decay, forward=net)
-    x, xv = (torch.randn(args.batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
-             for _ in range(2))
-    y, yv = (torch.randint(0, 10, (args.batch,), generator=gen) for _ in range(2))
-
-    def step() -> None:
-        with ops.backend("cpu"):
-            architect.step(x, y, xv, yv, cfg.lr, optimizer)
-            weight_step(net, net, criterion, optimizer, x, y, cfg.grad_clip, net.arch_parameters())
-
-    net.train()
-    t0 = time.perf_counter()
-    step()
-    print(f"first step (compilation included): {time.perf_counter() - t0:.1f} s", flush=True)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print("next steps: " + ", ".join(f"{t:.2f} s" for t in times), flush=True)
+    prepare = {"regional": _compile_candidates, "edges": _compile_edges, "eager": None}[args.mode]
+    step = build_step("search1", "cpu_cl", prepare=prepare)
+    print(f"first step (compilation included): {step_seconds(step, 1)[0]:.1f} s", flush=True)
+    print("next steps: " + ", ".join(f"{t:.2f} s" for t in step_seconds(step, 3)), flush=True)
     from torch._dynamo.utils import counters
 
     print("inductor:", {k: v for k, v in counters["inductor"].items() if "fxgraph" in k},
           "dynamo:", dict(counters["stats"]))
     return 0
+
+
+def _compile_candidates(net) -> None:
+    """One region per candidate op with parameters, and per preprocessing op."""
+    from torch import nn
+
+    from fastnas.nn.search_cell import is_parameter_free
+
+    regions = 0
+    for cell in net.cells:
+        cell.share_relu = False  # candidates are called whole, their ReLU inside the region
+        for edge in cell.edges:
+            for op in edge:
+                if not is_parameter_free(op) and not isinstance(op, nn.Identity):
+                    op.compile(dynamic=False)
+                    regions += 1
+        cell.preprocess0.compile(dynamic=False)
+        cell.preprocess1.compile(dynamic=False)
+    print(f"compiled regions: {regions} candidate ops + {2 * len(net.cells)} preprocessing ops", flush=True)
 
 
 def _compile_edges(net) -> None:

@@ -44,25 +44,30 @@ def bytes_moved(op: str, mode: str, shape, dtype: torch.dtype, k: int = K) -> in
     return fwd if mode == "fwd" else fwd + bwd
 
 
-def copy_bandwidth(device: str = "cpu", nbytes: int | None = None, repeats: int = 10) -> float:
-    """Measured copy bandwidth of ``device`` in bytes/s (2 x bytes per copy, best of ``repeats``)."""
+def _copy_seconds(numel: int, device: str, repeats: int, warmup: int) -> list[float]:
+    """Times (s) of ``repeats`` ``dst.copy_(src)`` of ``numel`` float32 elements after ``warmup`` untimed ones (which
+    also fault the pages in)."""
     dev = torch.device(device)
-    if nbytes is None:
-        nbytes = (1 << 30) if dev.type == "cuda" else (256 << 20)
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+    src = torch.ones(numel, dtype=torch.float32, device=dev)
     dst = torch.empty_like(src)
-    for _ in range(2):  # fault the pages in, warm up
-        dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
+    times = []
+    for i in range(warmup + repeats):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         dst.copy_(src)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(device: str = "cpu", nbytes: int | None = None, repeats: int = 10) -> float:
+    """Measured copy bandwidth of ``device`` in bytes/s (2 x bytes per copy, best of ``repeats``)."""
+    if nbytes is None:
+        nbytes = (1 << 30) if torch.device(device).type == "cuda" else (256 << 20)
+    return 2 * nbytes / min(_copy_seconds(nbytes // 4, device, repeats, warmup=2))
 
 
 _COPY_TIMES: dict = {}
@@ -71,20 +76,8 @@ _COPY_TIMES: dict = {}
 def copy_time(nbytes: int, device: str = "cpu", repeats: int = 20) -> float:
     """Median time (s) of ``dst.copy_(src)`` moving ``nbytes`` in all (reads + writes), cached per size and device."""
     key = (nbytes, device)
-    if key not in _COPY_TIMES:
-        dev = torch.device(device)
-        src = torch.ones(max(1, nbytes // 8), dtype=torch.float32, device=dev)  # read n/2 bytes, write n/2
-        dst = torch.empty_like(src)
-        times = []
-        for i in range(repeats + 3):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
+    if key not in _COPY_TIMES:  # read n/2 bytes, write n/2
+        times = _copy_seconds(max(1, nbytes // 8), device, repeats, warmup=3)
         _COPY_TIMES[key] = sorted(times)[len(times) // 2]
     return _COPY_TIMES[key]
 

@@ -164,7 +164,6 @@ def timed() -> Iterator[dict]:
     out["seconds"] = time.perf_counter() - t
 
 
-
 def inductor_cache_counts() -> tuple[int, int]:
     """(hits, misses) of Inductor's FX graph cache so far in this process."""
     from torch._dynamo.utils import counters

@@ -84,8 +84,7 @@ class SuperNet(nn.Module):
         """fastnas's memory plan (default on): parameter-free candidates are recomputed in the backward, and
         ``relu(state)`` is computed once for all candidates that begin with it, affine-free batch norms keep their output
         instead of their input and frozen convolutions keep no input (:mod:`fastnas.nn.lean`). Off: every activation is
-        stored, as the DARTS formulation does (and everything is twice differentiable). The arithmetic is the same
-        either way."""
+        stored, as the DARTS formulation does. The arithmetic is the same either way."""
         self.memory_efficient = enabled
         for cell in self.cells:
             cell.recompute_parameter_free = enabled

@@ -22,6 +22,12 @@ def check_float(op: str, arg: str, t: torch.Tensor) -> None:
         )
 
 
+def prefers_channels_last(x: torch.Tensor) -> bool:
+    """The layout rule of every backend (csrc/common.h has the same): a 4-D tensor that is channels_last-contiguous
+    and not NCHW-contiguous keeps channels_last in the results and gradients shaped like it."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def check_4d(op: str, arg: str, t: torch.Tensor) -> None:
     check_float(op, arg, t)
     if t.dim() != 4:

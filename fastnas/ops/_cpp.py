@@ -66,11 +66,6 @@ def cpu_capability() -> str:
     return "" if _LOAD_ERROR is not None else str(torch.ops.fastnas.cpu_capability())
 
 
-def _prefers_channels_last(x: torch.Tensor) -> bool:
-    """Same rule as csrc/common.h prefers_channels_last: the pools keep a channels_last input's layout."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -178,7 +173,7 @@ if _LOAD_ERROR is None:
         ctx.mark_non_differentiable(argmax)
         ctx.save_for_backward(argmax)
         ctx.hw = (x.shape[2], x.shape[3])
-        ctx.channels_last = _prefers_channels_last(x)
+        ctx.channels_last = _checks.prefers_channels_last(x)
 
     def _channel_pool_backward(ctx, grad_avg, grad_max, _grad_argmax):
         (argmax,) = ctx.saved_tensors
@@ -193,7 +188,7 @@ if _LOAD_ERROR is None:
         ctx.mark_non_differentiable(argmax)
         ctx.save_for_backward(argmax)
         ctx.channels = x.shape[1]
-        ctx.channels_last = _prefers_channels_last(x)
+        ctx.channels_last = _checks.prefers_channels_last(x)
 
     def _spatial_pool_backward(ctx, grad, _grad_argmax):
         (argmax,) = ctx.saved_tensors

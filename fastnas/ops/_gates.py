@@ -115,7 +115,7 @@ def _input_grad_composed(grad: torch.Tensor, logits: torch.Tensor, gavg: torch.T
     without that kernel)."""
     n, c, h, w = grad.shape
     gx = torch.ops.fastnas.channel_scale.default(grad, logits)  # grad·σ(logits): the scale's own kernel
-    channels_last = not gx.is_contiguous() and gx.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _checks.prefers_channels_last(gx)
     if not channels_last:
         gx = gx.contiguous()  # (a no-op for NCHW)
     gx.add_((gavg / (h * w)).to(gx.dtype)[:, :, None, None])  # the mean's share, broadcast over H×W

@@ -72,10 +72,6 @@ def _grad_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
     return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
 
 
-def _is_channels_last(x: Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # mixed_sum
 
@@ -169,7 +165,7 @@ def _(grad_mean, grad_max, idx, shape, dtype, channels_last):
 
 def _pool_setup(ctx, inputs, output):
     (x,) = inputs
-    ctx.meta = (list(x.shape), x.dtype, _is_channels_last(x))
+    ctx.meta = (list(x.shape), x.dtype, _checks.prefers_channels_last(x))
     ctx.save_for_backward(output[-1])
 
 
