@@ -1,12 +1,13 @@
-"""Compile time of a whole search step under ``torch.compile(net)`` (opt-in: minutes on a small CPU).
+"""Compile time of a whole search step under ``torch.compile`` (opt-in: minutes on a small CPU).
 
-    python -m benchmarks.compile_time [--provider cpu_compiled] [--kind search1] [--steps 3] [--json out.json]
+    python -m benchmarks.compile_time [--provider cpu_cl_regions] [--kind search1] [--steps 3] [--json out.json]
 
 Runs two fresh processes in turn, both with the same new, empty ``TORCHINDUCTOR_CACHE_DIR`` (and Triton cache):
 *cold* (empty caches: Dynamo tracing, AOT autograd, Inductor code generation and the C++ compiler) and then *warm*
 (the Inductor FX graph cache and the compiled kernels from the cold run; Dynamo still traces). Each process times
 the first step (compilation + one step), then ``--steps`` more compiled steps, and the same step eager on the same
-backend (``cpu_compiled`` is compared with ``cpu``). Compile time = first step - median compiled step.
+backend (``cpu_compiled`` and ``cpu_regions`` are compared with ``cpu``). Compile time = first step - median compiled
+step.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _child(kind: str, provider: str, steps: int) -> dict:
 
     from benchmarks.steps import build_step
 
-    eager = provider.removesuffix("_compiled")
+    eager = provider.removesuffix("_compiled").removesuffix("_regions")
     out = {"kind": kind, "provider": provider, "eager_provider": eager, "threads": torch.get_num_threads()}
     step = build_step(kind, provider)
     out["first_step_s"] = step_seconds(step, 1)[0]
@@ -60,7 +61,7 @@ def _child(kind: str, provider: str, steps: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", default="search1", choices=["search1", "search2", "retrain"])
-    parser.add_argument("--provider", default="cpu_compiled")
+    parser.add_argument("--provider", default="cpu_cl_regions")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("FASTNAS_BENCH_THREADS", "2")))
     parser.add_argument("--json", help="write the results here too")

@@ -7,7 +7,8 @@ A search step is what ``Search.train_epoch`` runs per batch: ``Architect.step`` 
 auxiliary head, CE + 0.4 · CE(aux), backward, clip 5, SGD, drop path 0.2.
 
 Step providers (``STEP_PROVIDERS``): a fused-op backend, the memory plan on or off (``reference_darts``: every
-activation stored, as DARTS does), partial channels, ``torch.compile`` of the whole model, NHWC layout (``_cl``:
+activation stored, as DARTS does), partial channels, ``torch.compile`` of the whole model (``_compiled``) or region
+by region as ``--compile`` does (``_regions``, search steps only), NHWC layout (``_cl``:
 model and inputs channels_last, the layout fastnas's CLIs use on the CPU by default). Peak memory:
 ``python -m benchmarks.steps memory --kind search1 --provider cpu`` runs one provider alone in a fresh process and
 prints a JSON line (:func:`measure_memory_subprocess` calls it). On the CPU it is the peak resident set size during
@@ -58,6 +59,7 @@ class StepProvider:
     memory_efficient: bool = True  # fastnas's memory plan (search only)
     partial_channels: int = 1  # PC-DARTS (search only)
     compiled: bool = False  # torch.compile(model)
+    regions: bool = False  # fastnas.compilation.compile_regions(model), what --compile does (search only)
     channels_last: bool = False  # model and inputs in NHWC (fastnas's default on the CPU)
 
     @property
@@ -89,6 +91,11 @@ STEP_PROVIDERS = {
     "cpu_pc4_cl": StepProvider("cpu", partial_channels=4, channels_last=True),
     "reference_cl_compiled": StepProvider("reference", compiled=True, channels_last=True),
     "cpu_cl_compiled": StepProvider("cpu", compiled=True, channels_last=True),
+    "cpu_regions": StepProvider("cpu", regions=True),
+    "cpu_cl_regions": StepProvider("cpu", regions=True, channels_last=True),
+    "reference_cl_regions": StepProvider("reference", regions=True, channels_last=True),
+    "cuda_regions": StepProvider("cuda", regions=True),
+    "triton_regions": StepProvider("triton", regions=True),
 }
 
 
@@ -130,6 +137,10 @@ def build_step(kind: str, provider: str, seed: int = 0,
             net = net.to(memory_format=torch.channels_last)
         if prepare is not None:
             prepare(net)
+        if p.regions:
+            from fastnas.compilation import compile_regions
+
+            compile_regions(net, dev.type)
         forward = torch.compile(net) if p.compiled else net
         optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
@@ -149,6 +160,9 @@ def build_step(kind: str, provider: str, seed: int = 0,
         return step
     if kind == "retrain":
         from fastnas.evalnet import EvalNet
+
+        if p.regions:
+            raise ValueError(f"{provider}: regional compilation is for search steps; use a _compiled provider")
 
         net = EvalNet(RETRAIN_GENOTYPE, RETRAIN_C, RETRAIN_LAYERS, 10, auxiliary=True, drop_path_prob=0.2).to(dev)
         layout = torch.channels_last if p.channels_last else torch.contiguous_format
@@ -217,7 +231,7 @@ def measure_memory(kind: str, provider: str, steps: int = 1) -> dict:
     step = build_step(kind, provider)
     after_build = rss_bytes()
     dev = STEP_PROVIDERS[provider].device
-    compiled = STEP_PROVIDERS[provider].compiled
+    compiled = STEP_PROVIDERS[provider].compiled or STEP_PROVIDERS[provider].regions
     out = {"kind": kind, "provider": provider, "device": dev, "model_mib": (after_build - base_build) / mib}
     if compiled or dev == "cuda":  # warm-up (and compilation) outside the measurement
         t0 = time.perf_counter()

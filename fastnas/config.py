@@ -53,6 +53,7 @@ class SearchConfig:
     amp: str = "off"
     channels_last: bool | None = None  # None: auto (channels_last on the CPU, where it is about 1.4-1.8x faster)
     compile: bool = False
+    compile_scope: str = "regions"  # regions: each candidate op compiled alone (fastnas.compilation); model: whole
     partial_channels: int = 1
     memory_efficient: bool = True  # fastnas's memory plan; False stores every activation as DARTS does
     max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
@@ -77,6 +78,8 @@ class SearchConfig:
             (0.0 < self.train_portion < 1.0, f"--train-portion must be in (0, 1), got {self.train_portion}"),
             (self.amp in ("off", "bf16", "fp16"), f"--amp must be off, bf16 or fp16, got {self.amp!r}"),
             (self.partial_channels >= 1, f"--partial-channels must be >= 1, got {self.partial_channels}"),
+            (self.compile_scope in ("regions", "model"),
+             f"--compile-scope must be regions or model, got {self.compile_scope!r}"),
             (not (self.order == 2 and self.amp == "fp16"),
              "--order 2 with --amp fp16 is refused: the finite-difference Hessian-vector product needs more range "
              "than fp16 gives; use --amp bf16 or --order 1"),

@@ -169,23 +169,3 @@ def inductor_cache_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
-
-
-class CompiledOrEager:
-    """``torch.compile(module)`` that falls back to eager execution, saying so once, if compilation fails."""
-
-    def __init__(self, module: torch.nn.Module, **compile_kwargs: Any) -> None:
-        self.module = module
-        self.compiled = torch.compile(module, **compile_kwargs)
-        self.failed = False
-
-    def __call__(self, *args: Any) -> Any:
-        if self.failed:
-            return self.module(*args)
-        try:
-            return self.compiled(*args)
-        except Exception as exc:  # a compiler failure must not end the run
-            self.failed = True
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            log.warning(f"torch.compile failed ({type(exc).__name__}: {first_line[:200]}); continuing eagerly")
-            return self.module(*args)

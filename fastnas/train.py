@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import checkpoint, cli, distributed, genotypes, runtime
+from . import checkpoint, cli, compilation, distributed, genotypes, runtime
 from .config import TRAIN_PRESETS, TrainConfig
 from .data import dataset_info, load_split, set_epoch, shard_sampler
 from .errors import CheckpointError, ConfigError
@@ -148,7 +148,7 @@ class Trainer:
 
     def _make_forward(self, model: nn.Module):
         cfg, device = self.cfg, self.device
-        run = torch.compile(model) if cfg.compile else model
+        run = compilation.CompiledOrEager(model, "the network") if cfg.compile else model
 
         def forward(x: torch.Tensor):
             with runtime.autocast(cfg.amp, device):
