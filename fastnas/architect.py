@@ -80,10 +80,12 @@ class Architect:
 
     # -- first order ------------------------------------------------------------------------------------------------
     def _first_order(self, x: torch.Tensor, y: torch.Tensor):
-        loss = self.criterion(self.forward(x), y)
-        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
-        # only the alphas: no weight gradient is computed or accumulated
-        return loss, _grad(scaled, self.model.arch_parameters())
+        # the weights frozen: no weight gradient is computed, and no activation is kept for one (a frozen
+        # convolution keeps only its weight, see fastnas.nn.lean; a compiled region traces a graph without them)
+        with frozen(self.model.weight_parameters()):
+            loss = self.criterion(self.forward(x), y)
+            scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+            return loss, _grad(scaled, self.model.arch_parameters())
 
     # -- second order -----------------------------------------------------------------------------------------------
     def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

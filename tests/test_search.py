@@ -72,11 +72,17 @@ def test_first_order_gradient_is_the_validation_gradient_and_leaves_weights_alon
     net = _tiny_fp64_net()
     crit = nn.CrossEntropyLoss()
     xv, yv = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    seen = []  # whether the weights needed a gradient while the architecture step ran the network
+    hook = net.register_forward_pre_hook(lambda m, args: seen.append(any(p.requires_grad
+                                                                         for p in net.weight_parameters())))
     _, grads = Architect(net, crit, order=1)._first_order(xv, yv)
+    hook.remove()
     exact = torch.autograd.grad(crit(net(xv), yv), net.arch_parameters())
     for g, e in zip(grads, exact):
         torch.testing.assert_close(g, e)
     assert all(p.grad is None for p in net.weight_parameters())
+    # frozen during the step (no weight gradient is built, frozen convolutions keep no input), live again after it
+    assert seen == [False] and all(p.requires_grad for p in net.weight_parameters())
 
 
 @pytest.mark.parametrize("order", [1, 2])
