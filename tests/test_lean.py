@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastnas.nn.lean import LeanBatchNorm2d, LeanConv2d
+from fastnas.nn.lean import LeanBatchNorm2d, LeanConv2d, subsampling_plan
 from fastnas.supernet import SuperNet
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
@@ -70,13 +70,54 @@ def test_frozen_conv_matches_torch_and_keeps_no_input(layout, conf):
     x = torch.randn(3, 6, 9, 11).to(memory_format=layout).requires_grad_()
     pre = x * 1.5
     y_plain, y_lean = plain(pre), lean(pre)
-    torch.testing.assert_close(y_lean, y_plain, rtol=0, atol=0)
+    # the same kernel on the same input is bit-exact; the subsampled form of a strided dilated one sums in its own order
+    subsampled = subsampling_plan(lean.kernel_size, lean.stride, lean.padding, lean.dilation)
+    tol = dict(rtol=1e-5, atol=1e-6) if subsampled else dict(rtol=0, atol=0)
+    torch.testing.assert_close(y_lean, y_plain, **tol)
     g = torch.randn_like(y_plain)
     torch.testing.assert_close(torch.autograd.grad(y_lean, x, g, retain_graph=True)[0],
-                               torch.autograd.grad(y_plain, x, g)[0])
+                               torch.autograd.grad(y_plain, x, g)[0], **tol)
     assert pre.untyped_storage().data_ptr() not in _saved_storages(lean, pre)
     lean.weight.requires_grad_(True)  # a trainable weight takes PyTorch's own path (its gradient needs the input)
-    assert pre.untyped_storage().data_ptr() in _saved_storages(lean, pre)
+    if not subsampled:  # (the subsampled form keeps the subsampled copy instead)
+        assert pre.untyped_storage().data_ptr() in _saved_storages(lean, pre)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("size", [(9, 11), (8, 8), (2, 3), (1, 1)])
+@pytest.mark.parametrize("k,dilation,depthwise", [(5, 2, True), (3, 2, True), (3, 3, False), ((3, 5), 2, True)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_strided_dilated_conv_equals_torch_on_the_subsampled_input(layout, size, k, dilation, depthwise, frozen):
+    """stride = dilation > 1 with 'same' padding: computed as the undilated convolution of x[..., ::s, ::s]; output,
+    input gradient and weight gradient equal PyTorch's dilated convolution (float64), odd and tiny sizes too."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    padding = (dilation * (kh - 1) // 2, dilation * (kw - 1) // 2)
+    assert subsampling_plan((kh, kw), (dilation, dilation), padding, (dilation, dilation))
+    torch.manual_seed(2)
+    groups, c_out = (4, 4) if depthwise else (1, 3)
+    plain = nn.Conv2d(4, c_out, (kh, kw), dilation, padding, dilation, groups=groups, bias=False).double()
+    lean = LeanConv2d(4, c_out, (kh, kw), dilation, padding, dilation, groups=groups, bias=False).double()
+    lean.load_state_dict(plain.state_dict())
+    for m in (plain, lean):
+        m.weight.requires_grad_(not frozen)
+    x = torch.randn(2, 4, *size, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    y_plain, y_lean = plain(x), lean(x)
+    assert y_lean.shape == y_plain.shape
+    torch.testing.assert_close(y_lean, y_plain)
+    g = torch.randn_like(y_plain)
+    wrt = [x] if frozen else [x, plain.weight]
+    expected = torch.autograd.grad(y_plain, wrt, g)
+    got = torch.autograd.grad(y_lean, [x] if frozen else [x, lean.weight], g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("conf", [((3, 3), (2, 2), (2, 2), (1, 1)), ((3, 3), (1, 1), (2, 2), (2, 2)),
+                                  ((3, 3), (2, 2), (1, 1), (2, 2)), ((4, 4), (2, 2), (3, 3), (2, 2)),
+                                  ((1, 1), (2, 2), (0, 0), (1, 1))])
+def test_subsampling_plan_only_where_exact(conf):
+    """Undilated strided, dilated unstrided, other padding, even kernels: the convolution runs as it is."""
+    assert not subsampling_plan(*conf)
 
 
 def test_double_backward_is_exact():

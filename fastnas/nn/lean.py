@@ -47,17 +47,37 @@ class _FrozenWeightConv(torch.autograd.Function):
         return grad_input.to(dtype), None, None, None, None, None
 
 
+def subsampling_plan(kernel_size, stride, padding, dilation) -> bool:
+    """Whether a convolution with stride s equal to its dilation d > 1 and padding d·(k−1)/2 (odd k) reads only every
+    s-th row and column: it then equals an undilated stride-1 convolution with padding (k−1)/2 of ``x[..., ::s, ::s]``
+    (out(i) = Σ_k w_k x(s·i + d·k − p) = Σ_k w_k x(d·(i + k − (k−1)/2))), output sizes included. DARTS's dilated
+    convolutions in reduction cells are such; oneDNN runs their backward on a slow generic path on the CPU."""
+    return (isinstance(padding, tuple) and tuple(stride) == tuple(dilation) and all(d > 1 for d in dilation)
+            and all(k % 2 == 1 for k in kernel_size)
+            and all(p == d * (k - 1) // 2 for p, d, k in zip(padding, dilation, kernel_size)))
+
+
 class LeanConv2d(nn.Conv2d):
     """``nn.Conv2d`` that keeps only its weight for the backward while the weight is frozen (no bias, zero padding
-    mode: the convolutions of the search space)."""
+    mode: the convolutions of the search space). A strided dilated convolution that reads every s-th pixel only
+    (:func:`subsampling_plan`) runs as the equal undilated convolution of the subsampled input."""
 
     memory_efficient = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        if self.padding_mode == "zeros" and subsampling_plan(self.kernel_size, stride, padding, dilation):
+            layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+                and not x.is_contiguous() else torch.contiguous_format
+            x = x[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=layout)
+            stride, dilation = (1, 1), (1, 1)
+            padding = tuple((k - 1) // 2 for k in self.kernel_size)
         if (self.bias is None and self.padding_mode == "zeros" and not self.weight.requires_grad
-                and x.requires_grad and isinstance(self.padding, tuple) and _lean_path_allowed(self)):
-            return _FrozenWeightConv.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
-        return super().forward(x)
+                and x.requires_grad and isinstance(padding, tuple) and _lean_path_allowed(self)):
+            return _FrozenWeightConv.apply(x, self.weight, stride, padding, dilation, self.groups)
+        if (stride, padding, dilation) == (self.stride, self.padding, self.dilation):
+            return super().forward(x)
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, stride, padding, dilation, self.groups)
 
 
 class _OutputSavingBatchNorm(torch.autograd.Function):
