@@ -8,8 +8,9 @@ of each provider measured alone in a fresh process (:func:`benchmarks.steps.meas
 taken within one test, never across runs. The timed pytest-benchmark rounds are those of the first fused provider.
 
 Providers by default: search1 reference_darts, reference, cpu, cpu_pc4 (+ cuda, cuda_pc4, triton on a GPU); search2
-and retrain: reference, cpu (+ cuda, triton). ``FASTNAS_BENCH_STEP_COMPILE=1`` adds the torch.compile providers
-(compilation of the whole supernet takes minutes on a small CPU, so they are opt-in); ``FASTNAS_BENCH_FULL=1`` runs
+and retrain: reference, cpu (+ cuda, triton). ``FASTNAS_BENCH_STEP_COMPILE=1`` adds the torch.compile providers,
+whole-model (``_compiled``) and region by region as ``--compile`` does (``_regions``); compilation takes minutes on
+a small CPU, so they are opt-in; ``FASTNAS_BENCH_FULL=1`` runs
 every provider of every kind. ``FASTNAS_BENCH_STEP_ROUNDS`` sets the timed rounds (default 3; 2 for search2),
 ``FASTNAS_BENCH_STEP_MEMORY=0`` skips the memory subprocesses.
 """
@@ -36,8 +37,9 @@ DEFAULT = {
 }
 COMPILED = {
     "search1": ["reference_darts_compiled", "reference_compiled", "cpu_compiled", "cpu_pc4_compiled",
-                "cuda_compiled", "triton_compiled"],
-    "search2": ["reference_compiled", "cpu_compiled", "cuda_compiled", "triton_compiled"],
+                "cuda_compiled", "triton_compiled", "cpu_cl_regions", "reference_cl_regions", "cuda_regions",
+                "triton_regions"],
+    "search2": ["reference_compiled", "cpu_compiled", "cuda_compiled", "triton_compiled", "cpu_cl_regions"],
     "retrain": ["reference_compiled", "cpu_compiled", "cuda_compiled", "triton_compiled"],
 }
 DESCRIPTION = {
@@ -51,7 +53,8 @@ def providers_for(kind: str) -> list[str]:
     if ONLY:  # FASTNAS_BENCH_STEP_PROVIDERS: those of them that belong to this kind
         names = [p for p in ONLY if p in DEFAULT[kind] + COMPILED[kind]]
     elif FULL:
-        names = [p for p in STEP_PROVIDERS if kind == "search1" or ("darts" not in p and "pc4" not in p)]
+        names = [p for p in STEP_PROVIDERS if kind == "search1"
+                 or ("darts" not in p and "pc4" not in p and not (kind == "retrain" and p.endswith("_regions")))]
     else:
         names = DEFAULT[kind] + (COMPILED[kind] if COMPILE else [])
     return [p for p in names if skip_reason(p) is None]
