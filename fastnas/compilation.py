@@ -3,17 +3,19 @@
 Compiling the whole supernet makes Inductor trace and optimise every cell and every candidate separately: on a
 2-core CPU the full DARTS supernet takes about half an hour to compile. The supernet is a few kinds of small
 modules repeated hundreds of times, so :func:`compile_regions` compiles each candidate op that has parameters (after
-the ReLU that the cell shares between candidates) and each preprocessing op as its own region. Regions of one class
-and one shape share their compiled code (parameters are graph inputs, not constants: ``torch.compile`` lifts module
-parameters), so the full supernet needs about 40 graphs, which compile in about a minute cold here and come from
-Inductor's on-disk cache in seconds. The fused ops (``mixed_sum``, the gates) stay opaque operators between the
+the ReLU that the cell shares between candidates) and each preprocessing op as its own region. Regions of one kind
+(class and configuration) share one compiled function (parameters are graph inputs, not constants: ``torch.compile``
+lifts module parameters), so the full supernet needs under 90 graphs, which compile in about 80 s cold here and come
+from Inductor's on-disk cache in about 15 s. The fused ops (``mixed_sum``, the gates) stay opaque operators between the
 regions, and the architecture weights never enter a compiled graph.
 
 A region whose compilation fails runs eagerly from then on, and the run says so once per kind of region.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import types
 from typing import Any, Callable
 
 import torch
@@ -21,8 +23,8 @@ from torch import nn
 
 log = logging.getLogger("fastnas")
 
-# dynamo keys compiled code by the Python function: every SepConv shares SepConv.after_relu, and each shape, mode
-# (train/eval) and frozen-or-not state of the weights is one more entry under it
+# each region kind has a code object of its own (see _own_code) holding an entry per state of the weights (live or
+# frozen) and per AMP setting; the limits leave room for more, and for a whole-model compile in the same process
 RECOMPILE_LIMIT = 64
 ACCUMULATED_RECOMPILE_LIMIT = 4096
 
@@ -37,16 +39,17 @@ def inductor_options(device_type: str) -> dict[str, Any]:
 class CompiledOrEager:
     """``torch.compile(fn)`` that runs ``fn`` eagerly from the first compiler failure on, reporting the failure once
     per ``label`` (over all instances). With ``training_only``, calls made without gradients (validation) run
-    eagerly too, so that they compile no graphs of their own."""
+    eagerly too, so that they compile no graphs of their own. ``compiled``: an already compiled equivalent of ``fn``
+    to call instead of compiling ``fn``."""
 
     _reported: set[str] = set()
 
     def __init__(self, fn: Callable, label: str = "model", training_only: bool = False,
-                 **compile_kwargs: Any) -> None:
+                 compiled: Callable | None = None, **compile_kwargs: Any) -> None:
         self.fn = fn
         self.label = label
         self.training_only = training_only
-        self.compiled = torch.compile(fn, **compile_kwargs)
+        self.compiled = compiled if compiled is not None else torch.compile(fn, **compile_kwargs)
         self.failed = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -65,30 +68,48 @@ class CompiledOrEager:
             return self.fn(*args, **kwargs)
 
 
+def _own_code(fn: Callable, index: int) -> Callable:
+    """A copy of the plain function ``fn`` with a code object of its own. Dynamo keeps compiled entries per code
+    object and checks their guards in turn on every call: one copy per region kind keeps that list to the kind's
+    own one or two entries (weights live or frozen) instead of every shape of every module of the class."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_region{index}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 def compile_regions(net: nn.Module, device_type: str = "cpu") -> int:
     """Compile the search supernet ``net`` (a :class:`fastnas.SuperNet`) region by region, in place; returns the
-    number of regions. Parameter-free candidates (pooling, skip) stay eager: they are recomputed in the backward
-    and cost little. Calls without gradients (validation, genotype derivation) run eagerly. Raises dynamo's
-    recompile limits (process-wide) so that every region kind fits."""
+    number of regions. A region kind is a module class with one configuration (its ``repr``: channels, kernels,
+    strides); the regions of a kind share one compiled function. Parameter-free candidates (pooling, skip) stay
+    eager: they are recomputed in the backward and cost little. Calls without gradients (validation, genotype
+    derivation) run eagerly. Raises dynamo's recompile limits (process-wide) so that every region kind fits."""
     from .nn.operations import LeadingReLU
     from .nn.search_cell import is_parameter_free
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            ACCUMULATED_RECOMPILE_LIMIT)
-    options = dict(training_only=True, dynamic=False, options=inductor_options(device_type))
+    options = dict(dynamic=False, options=inductor_options(device_type))
+    kinds: dict[tuple, Callable] = {}
+
+    def region(module: nn.Module, method: str) -> CompiledOrEager:
+        function = getattr(type(module), method)
+        key = (function, repr(module))
+        if key not in kinds:
+            kinds[key] = torch.compile(_own_code(function, len(kinds)), **options)
+        return CompiledOrEager(getattr(module, method), type(module).__name__, training_only=True,
+                               compiled=functools.partial(kinds[key], module))
+
     regions = 0
     for cell in net.cells:
         for edge in cell.edges:
             for op in edge:
                 if is_parameter_free(op) or isinstance(op, nn.Identity):
                     continue
-                label = type(op).__name__
                 if isinstance(op, LeadingReLU):  # the cell calls after_relu with the ReLU it shares
-                    op.after_relu = CompiledOrEager(op.after_relu, label, **options)
-                op.forward = CompiledOrEager(op.forward, label, **options)
+                    op.after_relu = region(op, "after_relu")
+                op.forward = region(op, "forward")
                 regions += 1
         for pre in (cell.preprocess0, cell.preprocess1):
-            pre.forward = CompiledOrEager(pre.forward, type(pre).__name__, **options)
+            pre.forward = region(pre, "forward")
             regions += 1
     return regions
