@@ -79,7 +79,8 @@ def _own_code(fn: Callable, index: int) -> Callable:
 def compile_regions(net: nn.Module, device_type: str = "cpu") -> int:
     """Compile the search supernet ``net`` (a :class:`fastnas.SuperNet`) region by region, in place; returns the
     number of regions. A region kind is a module class with one configuration (its ``repr``: channels, kernels,
-    strides); the regions of a kind share one compiled function. Parameter-free candidates (pooling, skip) stay
+    strides); the regions of a kind share one compiled function, and a compiler failure sends the whole kind back
+    to eager execution. Call it once per network. Parameter-free candidates (pooling, skip) stay
     eager: they are recomputed in the backward and cost little. Calls without gradients (validation, genotype
     derivation) run eagerly. Raises dynamo's recompile limits (process-wide) so that every region kind fits."""
     from .nn.operations import LeadingReLU
@@ -89,15 +90,16 @@ def compile_regions(net: nn.Module, device_type: str = "cpu") -> int:
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            ACCUMULATED_RECOMPILE_LIMIT)
     options = dict(dynamic=False, options=inductor_options(device_type))
-    kinds: dict[tuple, Callable] = {}
+    kinds: dict[tuple, CompiledOrEager] = {}
 
-    def region(module: nn.Module, method: str) -> CompiledOrEager:
+    def region(module: nn.Module, method: str) -> functools.partial:
+        """``module.method`` as a call of its kind's compiled function (which falls back, for the whole kind)."""
         function = getattr(type(module), method)
         key = (function, repr(module))
         if key not in kinds:
-            kinds[key] = torch.compile(_own_code(function, len(kinds)), **options)
-        return CompiledOrEager(getattr(module, method), type(module).__name__, training_only=True,
-                               compiled=functools.partial(kinds[key], module))
+            kinds[key] = CompiledOrEager(function, type(module).__name__, training_only=True,
+                                         compiled=torch.compile(_own_code(function, len(kinds)), **options))
+        return functools.partial(kinds[key], module)
 
     regions = 0
     for cell in net.cells:
@@ -113,3 +115,9 @@ def compile_regions(net: nn.Module, device_type: str = "cpu") -> int:
             pre.forward = region(pre, "forward")
             regions += 1
     return regions
+
+
+def compiled_regions(net: nn.Module) -> list[CompiledOrEager]:
+    """The region kinds behind each compiled method (``forward``, ``after_relu``) of ``net``'s modules."""
+    return [call.func for m in net.modules() for method in ("forward", "after_relu")
+            if isinstance(call := m.__dict__.get(method), functools.partial) and isinstance(call.func, CompiledOrEager)]

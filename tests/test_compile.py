@@ -89,7 +89,8 @@ def test_regions_first_order_step_matches_eager_without_graph_breaks(channels_la
         regions = compilation.compile_regions(net, "cpu")
         compiled = _first_order_grads(net, batches)
     with_parameters = [op for c in net.cells for e in c.edges for op in e if next(op.parameters(), None) is not None]
-    assert regions == len(_regions(net)) == len(with_parameters) + 2 * len(net.cells)
+    compiled_forward = [m for m in net.modules() if "forward" in m.__dict__]
+    assert regions == len(compiled_forward) == len(with_parameters) + 2 * len(net.cells)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] > 0  # the regions did compile
     assert not any(r.failed for r in _regions(net))
@@ -121,7 +122,36 @@ def test_regions_second_order_step_matches_eager():
 
 
 def _regions(net):
-    return [m.forward for m in net.modules() if isinstance(m.__dict__.get("forward"), compilation.CompiledOrEager)]
+    return compilation.compiled_regions(net)
+
+
+def test_region_kind_that_fails_to_compile_runs_eagerly(caplog):
+    """A compiler failure sends its whole region kind back to eager execution, said once per kind; the step is then
+    the eager one."""
+    batches = _batches(channels_last=True)
+    with fastnas.ops.backend("cpu" if CPU else "reference"):
+        eager = _first_order_grads(_tiny_net().to(memory_format=torch.channels_last), batches)
+        net = _tiny_net().to(memory_format=torch.channels_last)
+        compilation.compile_regions(net, "cpu")
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("backend compiler failed")
+
+        kinds = {id(r): r for r in _regions(net)}.values()
+        for kind in kinds:
+            kind.compiled = fail
+        compilation.CompiledOrEager._reported.clear()
+        compilation.log.propagate = True
+        try:
+            with caplog.at_level("WARNING", logger="fastnas"):
+                fallen_back = _first_order_grads(net, batches)
+        finally:
+            compilation.log.propagate = False
+    called = {kind.label for kind in kinds if kind.failed}  # (a candidate's forward kind is unused: after_relu runs)
+    assert {"SepConv", "ChannelAttention", "SpatialAttention", "ReLUConvBN"} <= called
+    warned = [r.message for r in caplog.records if "running it eagerly" in r.message]
+    assert len(warned) == len(called)
+    _assert_same(fallen_back, eager, rtol=0, atol=0)
 
 
 def test_compile_failure_falls_back_to_eager(caplog):
