@@ -3,6 +3,7 @@
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m benchmarks.regional_compile regional   # cold, then run it again: warm
     python -m benchmarks.regional_compile edges                                           # one region per edge
     python -m benchmarks.regional_compile eager                                           # the same step, eager
+    python -m benchmarks.regional_compile compare [--rounds 10]             # all three in one process, interleaved
 
 ``regional`` is what ``--compile`` does (:func:`fastnas.compilation.compile_regions`: every candidate op with
 parameters, after the ReLU the cell shares, and both preprocessing ops of every cell as its own region; about 40
@@ -19,7 +20,8 @@ import os
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["regional", "edges", "eager"])
+    parser.add_argument("mode", choices=["regional", "edges", "eager", "compare"])
+    parser.add_argument("--rounds", type=int, default=10, help="compare: interleaved rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
@@ -34,6 +36,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # one code object (Module._call_impl) serves every region
     torch._dynamo.config.accumulated_recompile_limit = 4096
+    if args.mode == "compare":  # the three side by side, round by round, after two warm-up steps each
+        from benchmarks.steps import interleaved_times
+
+        steps = {mode: build_step("search1", "cpu_cl", prepare=prepare)
+                 for mode, prepare in (("eager", None), ("regional", _compile_regions), ("edges", _compile_edges))}
+        for step in steps.values():
+            step()
+            step()
+        for mode, times in interleaved_times(steps, args.rounds).items():
+            print(f"{mode}: min {min(times):.3f} s, median {sorted(times)[len(times) // 2]:.3f} s", flush=True)
+        return 0
     prepare = {"regional": _compile_regions, "edges": _compile_edges, "eager": None}[args.mode]
     step = build_step("search1", "cpu_cl", prepare=prepare)
     print(f"first step (compilation included): {step_seconds(step, 1)[0]:.1f} s", flush=True)
@@ -60,6 +73,7 @@ def _compile_edges(net) -> None:
     from torch import nn
 
     from fastnas import ops
+    from fastnas.compilation import inductor_options
     from fastnas.nn.recompute import recompute
 
     class EdgeRegion(nn.Module):
@@ -94,12 +108,12 @@ def _compile_edges(net) -> None:
         regions = []
         for e, edge in enumerate(cell.edges):
             region = EdgeRegion([op for c, op in enumerate(edge) if not cell.parameter_free[e][c]])
-            region.compile(dynamic=False)
+            region.compile(dynamic=False, options=inductor_options("cpu"))
             regions.append(region)
         object.__setattr__(cell, "edge_regions", regions)  # not submodules: the parameters stay the cell's
         cell._node_recomputing_parameter_free = types.MethodType(node, cell)
-        cell.preprocess0.compile(dynamic=False)
-        cell.preprocess1.compile(dynamic=False)
+        cell.preprocess0.compile(dynamic=False, options=inductor_options("cpu"))
+        cell.preprocess1.compile(dynamic=False, options=inductor_options("cpu"))
     print(f"compiled regions: {sum(len(c.edges) for c in net.cells)} edges + {2 * len(net.cells)} preprocessing ops",
           flush=True)
 
