@@ -2,12 +2,12 @@
 
 Compiling the whole supernet makes Inductor trace and optimise every cell and every candidate separately: on a
 2-core CPU the full DARTS supernet takes about half an hour to compile. The supernet is a few kinds of small
-modules repeated hundreds of times, so :func:`compile_regions` compiles each candidate op that has parameters (after
-the ReLU that the cell shares between candidates) and each preprocessing op as its own region. Regions of one kind
-(class and configuration) share one compiled function (parameters are graph inputs, not constants: ``torch.compile``
-lifts module parameters), so the full supernet needs under 90 graphs, which compile in about 80 s cold here and come
-from Inductor's on-disk cache in about 15 s. The fused ops (``mixed_sum``, the gates) stay opaque operators between the
-regions, and the architecture weights never enter a compiled graph.
+modules repeated hundreds of times, so :func:`compile_regions` compiles each edge's candidates that have parameters
+(one graph per edge, in which the compiler computes the candidates' shared ``relu(h)`` once) and each preprocessing
+op as its own region. Regions of one kind (class and configuration) share one compiled function (parameters are
+graph inputs, not constants: ``torch.compile`` lifts module parameters), so the full supernet needs under 30 graphs.
+The fused ops (``mixed_sum``, the gates) stay opaque operators, the parameter-free candidates and the node sums run
+between the regions, and the architecture weights never enter a compiled graph.
 
 A region whose compilation fails runs eagerly from then on, and the run says so once per kind of region.
 """
@@ -76,13 +76,17 @@ def _own_code(fn: Callable, index: int) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def compile_regions(net: nn.Module, device_type: str = "cpu") -> int:
+def compile_regions(net: nn.Module, device_type: str = "cpu", per_edge: bool = True) -> int:
     """Compile the search supernet ``net`` (a :class:`fastnas.SuperNet`) region by region, in place; returns the
-    number of regions. A region kind is a module class with one configuration (its ``repr``: channels, kernels,
-    strides); the regions of a kind share one compiled function, and a compiler failure sends the whole kind back
-    to eager execution. Call it once per network. Parameter-free candidates (pooling, skip) stay
-    eager: they are recomputed in the backward and cost little. Calls without gradients (validation, genotype
-    derivation) run eagerly. Raises dynamo's recompile limits (process-wide) so that every region kind fits."""
+    number of regions. A region is all candidates of one edge that have parameters (:class:`EdgeCandidates`, fed
+    to the node sum of the cell's default training path), or, in cells that take another path (partial channels,
+    ``memory_efficient=False``) or with ``per_edge=False``, each such candidate on its own; and each preprocessing
+    op. A region kind is a module
+    class with one configuration (its ``repr``: channels, kernels, strides); the regions of a kind share one
+    compiled function, and a compiler failure sends the whole kind back to eager execution. Parameter-free
+    candidates (pooling) stay eager: they are recomputed in the backward and cost little. Calls without gradients
+    (validation, genotype derivation) run eagerly. Call it once per network, after moving the network to its device
+    and layout. Raises dynamo's recompile limits (process-wide) so that every region kind fits."""
     from .nn.operations import LeadingReLU
     from .nn.search_cell import is_parameter_free
 
@@ -103,21 +107,40 @@ def compile_regions(net: nn.Module, device_type: str = "cpu") -> int:
 
     regions = 0
     for cell in net.cells:
-        for edge in cell.edges:
-            for op in edge:
-                if is_parameter_free(op) or isinstance(op, nn.Identity):
-                    continue
-                if isinstance(op, LeadingReLU):  # the cell calls after_relu with the ReLU it shares
-                    op.after_relu = region(op, "after_relu")
-                op.forward = region(op, "forward")
-                regions += 1
+        if per_edge and cell.partial_channels == 1 and cell.recompute_parameter_free:  # the node sum takes edges
+            edges = [EdgeCandidates([op for op, free in zip(edge, frees) if not free])
+                     for edge, frees in zip(cell.edges, cell.parameter_free)]
+            cell.edge_regions = [region(edge, "forward") for edge in edges]
+            regions += len(edges)
+        else:
+            for edge in cell.edges:
+                for op in edge:
+                    if is_parameter_free(op) or isinstance(op, nn.Identity):
+                        continue
+                    if isinstance(op, LeadingReLU):  # the cell calls after_relu with the ReLU it shares
+                        op.after_relu = region(op, "after_relu")
+                    op.forward = region(op, "forward")
+                    regions += 1
         for pre in (cell.preprocess0, cell.preprocess1):
             pre.forward = region(pre, "forward")
             regions += 1
     return regions
 
 
+class EdgeCandidates(nn.Module):
+    """The candidates of one edge that are not parameter-free (skip included), run on the edge's input: one region.
+    Each candidate runs whole, its ReLU included; inside one graph the compiler computes relu(h) once for all."""
+
+    def __init__(self, candidates: list[nn.Module]) -> None:
+        super().__init__()
+        self.candidates = nn.ModuleList(candidates)
+
+    def forward(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [op(h) for op in self.candidates]
+
+
 def compiled_regions(net: nn.Module) -> list[CompiledOrEager]:
-    """The region kinds behind each compiled method (``forward``, ``after_relu``) of ``net``'s modules."""
-    return [call.func for m in net.modules() for method in ("forward", "after_relu")
-            if isinstance(call := m.__dict__.get(method), functools.partial) and isinstance(call.func, CompiledOrEager)]
+    """The region kinds behind each region of ``net``: its cells' edges and its modules' compiled methods."""
+    calls = [call for cell in net.cells for call in (cell.edge_regions or [])]
+    calls += [m.__dict__.get(method) for m in net.modules() for method in ("forward", "after_relu")]
+    return [c.func for c in calls if isinstance(c, functools.partial) and isinstance(c.func, CompiledOrEager)]

@@ -77,20 +77,33 @@ def _assert_same(compiled, eager, rtol=1e-4, atol=1e-5):
                                    msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
-def test_regions_first_order_step_matches_eager_without_graph_breaks(channels_last):
+@pytest.mark.parametrize("channels_last,memory_plan", [(True, True), (False, False)],
+                         ids=["channels_last-edge_regions", "nchw-darts_memory-candidate_regions"])
+def test_regions_first_order_step_matches_eager_without_graph_breaks(channels_last, memory_plan):
+    """One region per edge on the default path; one per candidate where the cell sums its nodes otherwise."""
     torch._dynamo.reset()
     counters.clear()
     batches = _batches(channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def net():
+        n = _tiny_net(layers=3).to(memory_format=layout)
+        n.set_memory_efficient(memory_plan)
+        return n
+
     with fastnas.ops.backend("cpu" if CPU else "reference"):
-        eager = _first_order_grads(_tiny_net(layers=3).to(memory_format=layout), batches)
-        net = _tiny_net(layers=3).to(memory_format=layout)
+        eager = _first_order_grads(net(), batches)
+        net = net()
         regions = compilation.compile_regions(net, "cpu")
         compiled = _first_order_grads(net, batches)
-    with_parameters = [op for c in net.cells for e in c.edges for op in e if next(op.parameters(), None) is not None]
-    compiled_forward = [m for m in net.modules() if "forward" in m.__dict__]
-    assert regions == len(compiled_forward) == len(with_parameters) + 2 * len(net.cells)
+    if memory_plan:
+        assert all(c.edge_regions is not None for c in net.cells)
+        assert regions == sum(len(c.edges) + 2 for c in net.cells)
+    else:
+        with_parameters = [op for c in net.cells for e in c.edges for op in e
+                           if next(op.parameters(), None) is not None]
+        assert all(c.edge_regions is None for c in net.cells)
+        assert regions == len(with_parameters) + 2 * len(net.cells)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] > 0  # the regions did compile
     assert not any(r.failed for r in _regions(net))
@@ -147,11 +160,11 @@ def test_region_kind_that_fails_to_compile_runs_eagerly(caplog):
                 fallen_back = _first_order_grads(net, batches)
         finally:
             compilation.log.propagate = False
-    called = {kind.label for kind in kinds if kind.failed}  # (a candidate's forward kind is unused: after_relu runs)
-    assert {"SepConv", "ChannelAttention", "SpatialAttention", "ReLUConvBN"} <= called
+    called = {kind.label for kind in kinds if kind.failed}
+    assert {"EdgeCandidates", "ReLUConvBN"} <= called
     warned = [r.message for r in caplog.records if "running it eagerly" in r.message]
     assert len(warned) == len(called)
-    _assert_same(fallen_back, eager, rtol=0, atol=0)
+    _assert_same(fallen_back, eager)
 
 
 def test_compile_failure_falls_back_to_eager(caplog):

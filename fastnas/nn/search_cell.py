@@ -83,6 +83,9 @@ class SearchCell(nn.Module):
         self.parameter_free = [[is_parameter_free(op) for op in edge] for edge in self.edges]
         self.recompute_parameter_free = True
         self.share_relu = True
+        # per edge, a callable h -> outputs of the edge's candidates that are not parameter-free, in order (set by
+        # fastnas.compilation.compile_regions; a plain attribute, so neither a submodule nor in the state dict)
+        self.edge_regions: list | None = None
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,11 +122,15 @@ class SearchCell(nn.Module):
         outputs nor their internals (max-pool indices, batch-norm inputs) are stored for the backward."""
         kept, kept_w, free = [], [], []
         for j, h in enumerate(states):
-            for c, op in enumerate(self.edges[offset + j]):
-                if self.parameter_free[offset + j][c]:
+            e = offset + j
+            if self.edge_regions is not None:
+                kept += self.edge_regions[e](h)
+            for c, op in enumerate(self.edges[e]):
+                if self.parameter_free[e][c]:
                     free.append((j, c))
                 else:
-                    kept.append(self._run(op, h, j, relus))
+                    if self.edge_regions is None:
+                        kept.append(self._run(op, h, j, relus))
                     kept_w.append(node_weights[j, c])
         if not free:
             return ops.mixed_sum(kept, node_weights.reshape(-1))
