@@ -53,7 +53,7 @@ class SearchConfig:
     amp: str = "off"
     channels_last: bool | None = None  # None: auto (channels_last on the CPU, where it is about 1.4-1.8x faster)
     compile: bool = False
-    compile_scope: str = "regions"  # regions: each candidate op compiled alone (fastnas.compilation); model: whole
+    compile_scope: str = "regions"  # regions: each edge compiled as one region (fastnas.compilation); model: whole
     partial_channels: int = 1
     memory_efficient: bool = True  # fastnas's memory plan; False stores every activation as DARTS does
     max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
