@@ -29,23 +29,25 @@ def main(argv=None) -> int:
 
     import torch
 
-    from benchmarks.compile_time import step_seconds
+    from benchmarks.compile_time import median, step_seconds
     from benchmarks.steps import build_step
 
     torch.set_num_threads(args.threads)
+    # mode: (step provider, extra preparation of the network)
+    modes = {"eager": ("cpu_cl", None), "regional": ("cpu_cl_regions", None),
+             "candidates": ("cpu_cl", _compile_candidates)}
     if args.mode == "compare":  # the three side by side, round by round, after two warm-up steps each
         from benchmarks.steps import interleaved_times
 
-        modes = (("eager", None), ("regional", _compile_regions), ("candidates", _compile_candidates))
-        steps = {mode: build_step("search1", "cpu_cl", prepare=prepare) for mode, prepare in modes}
+        steps = {mode: build_step("search1", provider, prepare=prepare) for mode, (provider, prepare) in modes.items()}
         for step in steps.values():
             step()
             step()
         for mode, times in interleaved_times(steps, args.rounds).items():
-            print(f"{mode}: min {min(times):.3f} s, median {sorted(times)[len(times) // 2]:.3f} s", flush=True)
+            print(f"{mode}: min {min(times):.3f} s, median {median(times):.3f} s", flush=True)
         return 0
-    prepare = {"regional": _compile_regions, "candidates": _compile_candidates, "eager": None}[args.mode]
-    step = build_step("search1", "cpu_cl", prepare=prepare)
+    provider, prepare = modes[args.mode]
+    step = build_step("search1", provider, prepare=prepare)
     print(f"first step (compilation included): {step_seconds(step, 1)[0]:.1f} s", flush=True)
     print("next steps: " + ", ".join(f"{t:.2f} s" for t in step_seconds(step, 3)), flush=True)
     from torch._dynamo.utils import counters
@@ -53,13 +55,6 @@ def main(argv=None) -> int:
     print("inductor:", {k: v for k, v in counters["inductor"].items() if "fxgraph" in k},
           "dynamo:", dict(counters["stats"]))
     return 0
-
-
-def _compile_regions(net) -> None:
-    """What ``--compile`` does: :func:`fastnas.compilation.compile_regions`."""
-    from fastnas.compilation import compile_regions
-
-    print(f"compiled regions: {compile_regions(net, 'cpu')}", flush=True)
 
 
 def _compile_candidates(net) -> None:

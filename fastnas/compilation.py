@@ -39,17 +39,16 @@ def inductor_options(device_type: str) -> dict[str, Any]:
 class CompiledOrEager:
     """``torch.compile(fn)`` that runs ``fn`` eagerly from the first compiler failure on, reporting the failure once
     per ``label`` (over all instances). With ``training_only``, calls made without gradients (validation) run
-    eagerly too, so that they compile no graphs of their own. ``compiled``: an already compiled equivalent of ``fn``
-    to call instead of compiling ``fn``."""
+    eagerly too, so that they compile no graphs of their own."""
 
     _reported: set[str] = set()
 
     def __init__(self, fn: Callable, label: str = "model", training_only: bool = False,
-                 compiled: Callable | None = None, **compile_kwargs: Any) -> None:
+                 **compile_kwargs: Any) -> None:
         self.fn = fn
         self.label = label
         self.training_only = training_only
-        self.compiled = compiled if compiled is not None else torch.compile(fn, **compile_kwargs)
+        self.compiled = torch.compile(fn, **compile_kwargs)
         self.failed = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -88,7 +87,6 @@ def compile_regions(net: nn.Module, device_type: str = "cpu", per_edge: bool = T
     (validation, genotype derivation) run eagerly. Call it once per network, after moving the network to its device
     and layout. Raises dynamo's recompile limits (process-wide) so that every region kind fits."""
     from .nn.operations import LeadingReLU
-    from .nn.search_cell import is_parameter_free
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
@@ -101,26 +99,24 @@ def compile_regions(net: nn.Module, device_type: str = "cpu", per_edge: bool = T
         function = getattr(type(module), method)
         key = (function, repr(module))
         if key not in kinds:
-            kinds[key] = CompiledOrEager(function, type(module).__name__, training_only=True,
-                                         compiled=torch.compile(_own_code(function, len(kinds)), **options))
+            kinds[key] = CompiledOrEager(_own_code(function, len(kinds)), type(module).__name__, training_only=True,
+                                         **options)
         return functools.partial(kinds[key], module)
 
     regions = 0
     for cell in net.cells:
+        # per edge, the candidates that are not parameter-free (skip included)
+        kept = [[op for op, free in zip(edge, frees) if not free]
+                for edge, frees in zip(cell.edges, cell.parameter_free)]
         if per_edge and cell.partial_channels == 1 and cell.recompute_parameter_free:  # the node sum takes edges
-            edges = [EdgeCandidates([op for op, free in zip(edge, frees) if not free])
-                     for edge, frees in zip(cell.edges, cell.parameter_free)]
-            cell.edge_regions = [region(edge, "forward") for edge in edges]
-            regions += len(edges)
+            cell.edge_regions = [region(EdgeCandidates(ops), "forward") for ops in kept]
+            regions += len(kept)
         else:
-            for edge in cell.edges:
-                for op in edge:
-                    if is_parameter_free(op) or isinstance(op, nn.Identity):
-                        continue
-                    if isinstance(op, LeadingReLU):  # the cell calls after_relu with the ReLU it shares
-                        op.after_relu = region(op, "after_relu")
-                    op.forward = region(op, "forward")
-                    regions += 1
+            for op in (op for ops in kept for op in ops if not isinstance(op, nn.Identity)):
+                if isinstance(op, LeadingReLU):  # the cell calls after_relu with the ReLU it shares
+                    op.after_relu = region(op, "after_relu")
+                op.forward = region(op, "forward")
+                regions += 1
         for pre in (cell.preprocess0, cell.preprocess1):
             pre.forward = region(pre, "forward")
             regions += 1

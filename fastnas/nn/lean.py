@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._checks import prefers_channels_last
+
 
 def _lean_path_allowed(module: nn.Module) -> bool:
     return getattr(module, "memory_efficient", True) and torch.is_grad_enabled() \
@@ -64,18 +66,24 @@ class LeanConv2d(nn.Conv2d):
 
     memory_efficient = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # (stride, padding, dilation) of the equal convolution of the subsampled input, or None
+        self.subsampled = None
+        if self.padding_mode == "zeros" and subsampling_plan(self.kernel_size, self.stride, self.padding,
+                                                             self.dilation):
+            self.subsampled = ((1, 1), tuple((k - 1) // 2 for k in self.kernel_size), (1, 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride, padding, dilation = self.stride, self.padding, self.dilation
-        if self.padding_mode == "zeros" and subsampling_plan(self.kernel_size, stride, padding, dilation):
-            layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
-                and not x.is_contiguous() else torch.contiguous_format
+        if self.subsampled is not None:
+            layout = torch.channels_last if prefers_channels_last(x) else torch.contiguous_format
             x = x[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=layout)
-            stride, dilation = (1, 1), (1, 1)
-            padding = tuple((k - 1) // 2 for k in self.kernel_size)
+            stride, padding, dilation = self.subsampled
         if (self.bias is None and self.padding_mode == "zeros" and not self.weight.requires_grad
                 and x.requires_grad and isinstance(padding, tuple) and _lean_path_allowed(self)):
             return _FrozenWeightConv.apply(x, self.weight, stride, padding, dilation, self.groups)
-        if (stride, padding, dilation) == (self.stride, self.padding, self.dilation):
+        if self.subsampled is None:
             return super().forward(x)
         return torch.nn.functional.conv2d(x, self.weight, self.bias, stride, padding, dilation, self.groups)
 

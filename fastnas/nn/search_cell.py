@@ -116,6 +116,12 @@ class SearchCell(nn.Module):
             return op.after_relu(relus[j])
         return op(h)
 
+    def _kept_outputs(self, e: int, h: torch.Tensor, j: int, relus: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """Outputs of edge ``e``'s candidates that are not parameter-free, in order (its compiled region if any)."""
+        if self.edge_regions is not None:
+            return self.edge_regions[e](h)
+        return [self._run(op, h, j, relus) for op, free in zip(self.edges[e], self.parameter_free[e]) if not free]
+
     def _node_recomputing_parameter_free(self, states: list[torch.Tensor], offset: int,
                                          node_weights: torch.Tensor, relus: dict[int, torch.Tensor]) -> torch.Tensor:
         """The node sum with the parameter-free candidates' share computed under :func:`recompute`: neither their
@@ -123,14 +129,11 @@ class SearchCell(nn.Module):
         kept, kept_w, free = [], [], []
         for j, h in enumerate(states):
             e = offset + j
-            if self.edge_regions is not None:
-                kept += self.edge_regions[e](h)
-            for c, op in enumerate(self.edges[e]):
-                if self.parameter_free[e][c]:
+            kept += self._kept_outputs(e, h, j, relus)
+            for c, is_free in enumerate(self.parameter_free[e]):
+                if is_free:
                     free.append((j, c))
                 else:
-                    if self.edge_regions is None:
-                        kept.append(self._run(op, h, j, relus))
                     kept_w.append(node_weights[j, c])
         if not free:
             return ops.mixed_sum(kept, node_weights.reshape(-1))
