@@ -52,6 +52,27 @@ TORCH_LIBRARY(fastnas, m) {
   m.def("channel_gate_backward_x(Tensor grad, Tensor logits, Tensor grad_avg, Tensor grad_max, Tensor argmax) "
         "-> Tensor");
 
+  // the weight gradient [C, 1, kh, kw] of a depthwise convolution (groups = C) of x [N, C, H, W] (CPU kernel)
+  m.def("depthwise_conv2d_weight_grad(Tensor grad, Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation) -> Tensor");
+
+  // affine-free batch norm in training mode: (y = (x - mean) * invstd, invstd [C] in float32 (float64 for float64));
+  // updates the running statistics as nn.BatchNorm2d does (CPU kernels)
+  m.def("batch_norm_train(Tensor x, Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, float eps) "
+        "-> (Tensor, Tensor)");
+  // its input gradient from the output: invstd * (grad - mean(grad) - y * mean(grad * y)) per channel
+  m.def("batch_norm_backward(Tensor grad, Tensor y, Tensor invstd) -> Tensor");
+
+  // kh x kw max pooling with zero-size padding ignored: (the pooled tensor, uint8 window position kh_i * kw + kw_i
+  // of each first maximum) (CPU kernels)
+  m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad, Tensor argmax, SymInt H, SymInt W, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, bool channels_last) -> Tensor");
+  // kh x kw average pooling over the window elements inside the input (count_include_pad=False) (CPU kernels)
+  m.def("avg_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  m.def("avg_pool2d_backward(Tensor grad, SymInt H, SymInt W, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "bool channels_last) -> Tensor");
+
   // build facts: the CUDA architectures compiled in (empty without CUDA)
   m.def("cuda_arch_list() -> int[]", &cuda_arch_list);
 }

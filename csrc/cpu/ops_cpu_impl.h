@@ -8,6 +8,9 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "batch_norm.h"
+#include "depthwise.h"
+#include "pool2d.h"
 #include "kernels.h"
 
 namespace fastnas::cpu {
@@ -357,6 +360,242 @@ Tensor channel_gate_backward_x(const Tensor& grad, const Tensor& logits, const T
   return o.out;
 }
 
+// ------------------------------------------------------------------------------------------------ depthwise conv
+
+// dW of a depthwise convolution (weight [C, 1, kh, kw]) from its output gradient and input, in x's dtype.
+Tensor depthwise_conv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "depthwise_conv2d_weight_grad";
+  check_4d(op, "x", x);
+  check_float(op, "x", x);
+  check_device_type(op, "x", x, kDev);
+  check_4d(op, "grad", grad);
+  check_same_device(op, "grad", grad, "x", x);
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "fastnas.", op, ": grad has dtype ",
+                   dtype_name(grad.scalar_type()), ", expected the dtype of x (", dtype_name(x.scalar_type()), ")");
+  for (const auto& [name, v, lo] : {std::tuple<const char*, at::IntArrayRef, int64_t>{"kernel_size", kernel_size, 1},
+                                    {"stride", stride, 1}, {"padding", padding, 0}, {"dilation", dilation, 1}}) {
+    TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= lo && v[1] >= lo, "fastnas.", op, ": ", name,
+                      " must be two integers >= ", lo, ", got ", shape_str(v));
+  }
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(Ho >= 1 && Wo >= 1, "fastnas.", op, ": the ", kernel_size[0], "x", kernel_size[1],
+                    " filter (dilation ", shape_str(dilation), ", padding ", shape_str(padding),
+                    ") does not fit the input of shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(grad.size(0) == N && grad.size(1) == C && grad.size(2) == Ho && grad.size(3) == Wo, "fastnas.",
+                    op, ": grad must have shape [", N, ", ", C, ", ", Ho, ", ", Wo, "], got ",
+                    shape_str(grad.sizes()));
+  Tensor out = at::zeros({C, 1, kernel_size[0], kernel_size[1]}, x.options());
+  if (N == 0 || C == 0) return out;
+  Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+  Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+  const DepthwiseGeometry geo{N, H, W, C, Ho, Wo, kernel_size[0], kernel_size[1], stride[0], stride[1],
+                              padding[0], padding[1], dilation[0], dilation[1]};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::depthwise_conv2d_weight_grad",
+                                  [&] {
+    depthwise_weight_grad<scalar_t>(xc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+                                    out.data_ptr<scalar_t>(), geo);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ pool2d
+// kh x kw max / average pooling (average: count_include_pad=False), computed on channels_last data; results keep
+// channels_last when the input prefers it (prefers_channels_last), else they are NCHW.
+
+void check_pool_args(const char* op, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  for (const auto& [name, v, lo] : {std::tuple<const char*, at::IntArrayRef, int64_t>{"kernel_size", kernel_size, 1},
+                                    {"stride", stride, 1}, {"padding", padding, 0}}) {
+    TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= lo && v[1] >= lo, "fastnas.", op, ": ", name,
+                      " must be two integers >= ", lo, ", got ", shape_str(v));
+  }
+  TORCH_CHECK_VALUE(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, "fastnas.", op,
+                    ": padding ", shape_str(padding), " must be at most half the kernel size ",
+                    shape_str(kernel_size));
+  TORCH_CHECK_VALUE(kernel_size[0] * kernel_size[1] <= 255, "fastnas.", op, ": windows of at most 255 elements, got ",
+                    shape_str(kernel_size));
+}
+
+PoolGeometry pool_geometry(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_pool_args(op, kernel_size, stride, padding);
+  const int64_t Ho = (H + 2 * padding[0] - kernel_size[0]) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - kernel_size[1]) / stride[1] + 1;
+  TORCH_CHECK_VALUE(H + 2 * padding[0] >= kernel_size[0] && W + 2 * padding[1] >= kernel_size[1], "fastnas.", op,
+                    ": the ", kernel_size[0], "x", kernel_size[1], " window (padding ", shape_str(padding),
+                    ") does not fit an input of ", H, "x", W);
+  return {N, H, W, C, Ho, Wo, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1]};
+}
+
+Tensor pool_output(const Tensor& like, at::IntArrayRef sizes, bool channels_last, c10::ScalarType dtype) {
+  return at::empty(sizes, like.options().dtype(dtype).memory_format(
+                              channels_last ? c10::MemoryFormat::ChannelsLast : c10::MemoryFormat::Contiguous));
+}
+
+// (the pooled tensor, uint8 window position of each first maximum)
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                      at::IntArrayRef padding) {
+  const char* op = "max_pool2d";
+  check_4d(op, "x", x);
+  check_float(op, "x", x);
+  check_device_type(op, "x", x, kDev);
+  const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
+  const bool cl = prefers_channels_last(x);
+  Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(c10::MemoryFormat::ChannelsLast));
+  Tensor pos = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().dtype(at::kByte).memory_format(
+                                                     c10::MemoryFormat::ChannelsLast));
+  if (out.numel() > 0) {
+    Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::max_pool2d", [&] {
+      max_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), g);
+    });
+  }
+  if (!cl) return {out.contiguous(), pos};
+  return {out, pos};
+}
+
+Tensor max_pool2d_backward(const Tensor& grad, const Tensor& argmax, int64_t H, int64_t W,
+                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                           bool channels_last) {
+  const char* op = "max_pool2d";
+  check_4d(op, "grad", grad);
+  check_float(op, "grad", grad);
+  check_device_type(op, "grad", grad, kDev);
+  const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo && argmax.sizes().equals(grad.sizes()), "fastnas.",
+                    op, ": backward expects grad and argmax of shape [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo,
+                    "], got ", shape_str(grad.sizes()), " and ", shape_str(argmax.sizes()));
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kByte, "fastnas.", op, ": backward expects a uint8 argmax, got ",
+                   dtype_name(argmax.scalar_type()));
+  Tensor gx = pool_output(grad, {g.N, g.C, H, W}, true, grad.scalar_type());
+  if (gx.numel() > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+    Tensor pc = argmax.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::max_pool2d_backward",
+                                    [&] {
+      max_pool_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), pc.const_data_ptr<uint8_t>(), gx.data_ptr<scalar_t>(),
+                             g);
+    });
+  }
+  return channels_last ? gx : gx.contiguous();
+}
+
+Tensor avg_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "avg_pool2d";
+  check_4d(op, "x", x);
+  check_float(op, "x", x);
+  check_device_type(op, "x", x, kDev);
+  const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
+  Tensor out = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, x.scalar_type());
+  if (out.numel() > 0) {
+    Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::avg_pool2d", [&] {
+      avg_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
+    });
+  }
+  return prefers_channels_last(x) ? out : out.contiguous();
+}
+
+Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, bool channels_last) {
+  const char* op = "avg_pool2d";
+  check_4d(op, "grad", grad);
+  check_float(op, "grad", grad);
+  check_device_type(op, "grad", grad, kDev);
+  const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo, "fastnas.", op, ": backward expects grad of shape [",
+                    g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "], got ", shape_str(grad.sizes()));
+  Tensor gx = pool_output(grad, {g.N, g.C, H, W}, true, grad.scalar_type());
+  if (gx.numel() > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::avg_pool2d_backward",
+                                    [&] { avg_pool_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), g); });
+  }
+  return channels_last ? gx : gx.contiguous();
+}
+
+// ------------------------------------------------------------------------------------------------ batch norm
+// Affine-free, training mode, computed on channels_last data; y keeps channels_last when x prefers it.
+
+std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mean, Tensor& running_var,
+                                            double momentum, double eps) {
+  const char* op = "batch_norm_train";
+  check_4d(op, "x", x);
+  check_float(op, "x", x);
+  check_device_type(op, "x", x, kDev);
+  const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(1, C);
+  TORCH_CHECK_VALUE(M > 1, "fastnas.", op, ": training needs more than one value per channel, got input of shape ",
+                    shape_str(x.sizes()));
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"running_mean", running_mean},
+                                {"running_var", running_var}}) {
+    check_float(op, name, t);
+    check_same_device(op, name, t, "x", x);
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "fastnas.", op, ": ", name, " must have shape [", C,
+                      "], got ", shape_str(t.sizes()));
+  }
+  const c10::ScalarType acc = acc_dtype(x.scalar_type());
+  Tensor mean = at::empty({C}, x.options().dtype(acc)), var = at::empty({C}, x.options().dtype(acc));
+  Tensor invstd = at::empty({C}, x.options().dtype(acc));
+  Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+  Tensor y = at::empty_like(xc, c10::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::batch_norm_train", [&] {
+    using A = at::opmath_type<scalar_t>;
+    A* mp = mean.data_ptr<A>();
+    A* vp = var.data_ptr<A>();
+    A* ip = invstd.data_ptr<A>();
+    bn_stats<scalar_t>(xc.const_data_ptr<scalar_t>(), M, C, mp, vp);
+    for (int64_t c = 0; c < C; ++c) ip[c] = A(1) / std::sqrt(vp[c] + static_cast<A>(eps));
+    bn_normalize<scalar_t>(xc.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), M, C, mp, ip);
+  });
+  // running statistics, as nn.BatchNorm2d updates them (the unbiased variance)
+  const double unbias = double(M) / double(M - 1);
+  if (running_mean.scalar_type() == acc && running_var.scalar_type() == acc && running_mean.is_contiguous() &&
+      running_var.is_contiguous()) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "fastnas::batch_norm_train_running", [&] {
+      scalar_t *rm = running_mean.data_ptr<scalar_t>(), *rv = running_var.data_ptr<scalar_t>();
+      const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *vp = var.const_data_ptr<scalar_t>();
+      const scalar_t m = static_cast<scalar_t>(momentum), keep = static_cast<scalar_t>(1.0 - momentum);
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = keep * rm[c] + m * mp[c];
+        rv[c] = keep * rv[c] + m * static_cast<scalar_t>(unbias) * vp[c];
+      }
+    });
+  } else {
+    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+    running_var.mul_(1.0 - momentum).add_(var.to(running_var.scalar_type()), momentum * unbias);
+  }
+  return {prefers_channels_last(x) ? y : y.contiguous(), invstd};
+}
+
+// the input gradient of batch_norm_train from its output y and invstd
+Tensor batch_norm_backward(const Tensor& grad, const Tensor& y, const Tensor& invstd) {
+  const char* op = "batch_norm_backward";
+  check_4d(op, "y", y);
+  check_float(op, "y", y);
+  check_device_type(op, "y", y, kDev);
+  check_grad(op, grad, y);
+  const int64_t C = y.size(1), M = y.numel() / std::max<int64_t>(1, C);
+  const c10::ScalarType acc = acc_dtype(y.scalar_type());
+  check_same_device(op, "invstd", invstd, "y", y);
+  TORCH_CHECK_TYPE(invstd.scalar_type() == acc, "fastnas.", op, ": invstd has dtype ",
+                   dtype_name(invstd.scalar_type()), ", expected ", dtype_name(acc));
+  TORCH_CHECK_VALUE(invstd.dim() == 1 && invstd.size(0) == C, "fastnas.", op, ": invstd must have shape [", C,
+                    "], got ", shape_str(invstd.sizes()));
+  Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast), yc = y.contiguous(c10::MemoryFormat::ChannelsLast);
+  Tensor gx = at::empty_like(yc, c10::MemoryFormat::ChannelsLast);
+  if (M > 0) {
+    Tensor is = invstd.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "fastnas::batch_norm_backward", [&] {
+      using A = at::opmath_type<scalar_t>;
+      bn_backward<scalar_t>(gc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), M,
+                            C, is.const_data_ptr<A>());
+    });
+  }
+  return prefers_channels_last(y) ? gx : gx.contiguous();
+}
+
 }  // namespace
 
 // the CPU kernels of this capability
@@ -373,6 +612,13 @@ void register_impls(torch::Library& m) {
   m.impl("spatial_scale", &spatial_scale);
   m.impl("spatial_scale_backward", &spatial_scale_backward);
   m.impl("channel_gate_backward_x", &channel_gate_backward_x);
+  m.impl("depthwise_conv2d_weight_grad", &depthwise_conv2d_weight_grad);
+  m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+  m.impl("max_pool2d", &max_pool2d);
+  m.impl("max_pool2d_backward", &max_pool2d_backward);
+  m.impl("avg_pool2d", &avg_pool2d);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward);
 }
 
 }  // namespace CPU_CAPABILITY

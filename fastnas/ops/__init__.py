@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from . import _gates, reference
+from . import _depthwise, _gates, _pool2d, reference
 from ._dispatch import (
     BACKEND_NAMES,
     BackendUnavailable,
@@ -29,11 +29,15 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailable",
     "available_backends",
+    "avg_pool2d",
     "backend",
     "channel_attention",
     "channel_pool",
     "channel_scale",
+    "depthwise_conv2d",
+    "cpu_kernel",
     "get_backend",
+    "max_pool2d",
     "mixed_sum",
     "reference",
     "resolve_backend",
@@ -88,3 +92,46 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     if fused is not None:
         return fused(x, w1, b1, w2, b2)
     return _gates.composite(impl.channel_pool, impl.channel_scale, x, w1, b1, w2, b2)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int | tuple[int, int] = 1,
+                     padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, *,
+                     backend: str | None = None) -> torch.Tensor:
+    """The convolution of each channel of x [N, C, H, W] with its own filter (weight [C, 1, kh, kw]; groups = C, no
+    bias): ``F.conv2d(x, weight, None, stride, padding, dilation, groups=C)``. The ``cpu`` backend computes its
+    backward with fastnas's kernels (:mod:`fastnas.ops._depthwise`); the other backends are PyTorch's convolution."""
+    _depthwise.check_inputs(x, weight)
+    args = (_depthwise.pair(stride, "stride", 1), _depthwise.pair(padding, "padding", 0),
+            _depthwise.pair(dilation, "dilation", 1))
+    return (cpu_kernel("depthwise_conv2d", x.device, backend) or reference.depthwise_conv2d)(x, weight, *args)
+
+
+def cpu_kernel(name: str, device: torch.device | str, backend: str | None = None):
+    """The ``cpu`` backend's function ``name`` (``depthwise_conv2d``, ``batch_norm_train``, ``batch_norm_backward``:
+    kernels beyond the five ops, which the network's modules use) when tensors on ``device`` run on the ``cpu``
+    backend under the selection ``backend``; None otherwise (the modules then use PyTorch's own)."""
+    device = torch.device(device)
+    if device.type != "cpu" or resolve_backend(device, backend) != "cpu":
+        return None
+    return getattr(implementation(device, backend), name)
+
+
+def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+               padding: int | tuple[int, int] = 0, *, backend: str | None = None) -> torch.Tensor:
+    """``F.max_pool2d(x, kernel_size, stride, padding)`` (no dilation, floor mode). The ``cpu`` backend runs its own
+    kernels (:mod:`fastnas.ops._pool2d`); the other backends are PyTorch's pooling."""
+    kernel, stride, padding = _pool2d.pool_args("max_pool2d", kernel_size, stride, padding)
+    _pool2d.check_input("max_pool2d", x, kernel, padding)
+    impl = implementation(_device_of(x), backend)
+    return getattr(impl, "max_pool2d", reference.max_pool2d)(x, kernel, stride, padding)
+
+
+def avg_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+               padding: int | tuple[int, int] = 0, *, backend: str | None = None) -> torch.Tensor:
+    """``F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=False)``: each output averages the window
+    elements inside the input (DARTS's average pooling). The ``cpu`` backend runs its own kernels; the other backends
+    are PyTorch's pooling."""
+    kernel, stride, padding = _pool2d.pool_args("avg_pool2d", kernel_size, stride, padding)
+    _pool2d.check_input("avg_pool2d", x, kernel, padding)
+    impl = implementation(_device_of(x), backend)
+    return getattr(impl, "avg_pool2d", reference.avg_pool2d)(x, kernel, stride, padding)

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _gates
+from . import _pool2d
+from ._depthwise import depthwise_conv2d  # noqa: F401  (the backend's depthwise convolution)
+from ._pool2d import avg_pool2d, max_pool2d  # noqa: F401  (the backend's pooling)
 
 _LOAD_ERROR: str | None = None
 
@@ -139,6 +142,23 @@ if _LOAD_ERROR is None:
         return torch.empty_like(grad)
     torch.library.register_fake("fastnas::spatial_scale_backward", _fake_scale_backward)
 
+    @torch.library.register_fake("fastnas::depthwise_conv2d_weight_grad")
+    def _(grad, x, kernel_size, stride, padding, dilation):
+        return x.new_empty((x.shape[1], 1, kernel_size[0], kernel_size[1]))
+
+    @torch.library.register_fake("fastnas::batch_norm_train")
+    def _(x, running_mean, running_var, momentum, eps):
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (y if _checks.prefers_channels_last(x) else y.contiguous()), x.new_empty((x.shape[1],), dtype=acc)
+
+    @torch.library.register_fake("fastnas::batch_norm_backward")
+    def _(grad, y, invstd):
+        gx = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+        return gx if _checks.prefers_channels_last(y) else gx.contiguous()
+
+    _pool2d.register()
+
     # ---------------------------------------------------------------------------------------------- autograd
 
     def _mixed_sum_setup(ctx, inputs, output):
@@ -223,6 +243,11 @@ if _LOAD_ERROR is None:
         "channel_scale": _ops.channel_scale,
         "spatial_pool": _ops.spatial_pool,
         "spatial_scale": _ops.spatial_scale,
+        "max_pool2d": _ops.max_pool2d,
+        "avg_pool2d": _ops.avg_pool2d,
+        "depthwise_conv2d_weight_grad": _ops.depthwise_conv2d_weight_grad,
+        "batch_norm_train": _ops.batch_norm_train,
+        "batch_norm_backward": _ops.batch_norm_backward,
     }
 
 
@@ -257,3 +282,14 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     if _gates.fused_applies(x, w1):
         return _gates.FusedChannelGate.apply(x, w1, b1, w2, b2)
     return _gates.composite(channel_pool, channel_scale, x, w1, b1, w2, b2)
+
+
+def batch_norm_train(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine-free training-mode batch norm of a CPU tensor: (y, invstd), running statistics updated in place."""
+    return torch.ops.fastnas.batch_norm_train.default(x, running_mean, running_var, momentum, eps)
+
+
+def batch_norm_backward(grad: torch.Tensor, y: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """The input gradient of :func:`batch_norm_train` from its output."""
+    return torch.ops.fastnas.batch_norm_backward.default(grad, y, invstd)

@@ -69,3 +69,21 @@ def spatial_scale(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     acc = _acc_dtype(x.dtype)
     s = torch.sigmoid(logits.to(acc))
     return (x.to(acc) * s).to(x.dtype)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                     dilation: tuple[int, int]) -> torch.Tensor:
+    """The convolution of each channel of x with its own filter (weight [C, 1, kh, kw], groups = C)."""
+    return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+
+
+def max_pool2d(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int]) -> torch.Tensor:
+    """The maximum of each kh×kw window (padding ignored)."""
+    return torch.nn.functional.max_pool2d(x, kernel, stride, padding)
+
+
+def avg_pool2d(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int]) -> torch.Tensor:
+    """The mean of the window elements inside the input (count_include_pad=False)."""
+    return torch.nn.functional.avg_pool2d(x, kernel, stride, padding, count_include_pad=False)

@@ -1,0 +1,194 @@
+// Max and average pooling over kh x kw windows (DARTS's 3x3 pooling candidates) on channels_last tensors, forward
+// and backward, vectorised over the channels. The max pool records the window position of each first maximum in one
+// byte (NaN propagates and the last NaN of a window is its maximum, as in ATen); the average divides by the number of window elements inside the input
+// (count_include_pad=False). The backward passes scatter into the input gradient image by image, each image owned by
+// one thread: deterministic.
+//
+// Included by ops_cpu_impl.h (once per CPU capability).
+#pragma once
+
+#include "kernels.h"
+
+namespace fastnas::cpu {
+inline namespace CPU_CAPABILITY {
+
+struct PoolGeometry {
+  int64_t N, H, W, C, Ho, Wo, kh, kw, sh, sw, ph, pw;
+  // the window of output (ho, wo), clipped to the input: rows [h0, h1), columns [w0, w1)
+  C10_ALWAYS_INLINE void window(int64_t ho, int64_t wo, int64_t& h0, int64_t& h1, int64_t& w0, int64_t& w1) const {
+    h0 = ho * sh - ph;
+    w0 = wo * sw - pw;
+    h1 = std::min(h0 + kh, H);
+    w1 = std::min(w0 + kw, W);
+    h0 = std::max<int64_t>(h0, 0);
+    w0 = std::max<int64_t>(w0, 0);
+  }
+};
+
+// One output pixel of the max pool, channels [c, c + NV*W): the maximum of the window and the position of its first
+// occurrence (as float lanes). NaN propagates, and a later NaN replaces an earlier one (ATen's rule).
+template <typename T, int NV>
+C10_ALWAYS_INLINE void max_window_vec(const T* x, const PoolGeometry& g, int64_t n, int64_t ho, int64_t wo, int64_t c,
+                                      T* out, at::opmath_type<T>* where) {
+  using VT = VecT<T>;
+  using V = typename VT::V;
+  constexpr int64_t Wv = VT::W;
+  int64_t h0, h1, w0, w1;
+  g.window(ho, wo, h0, h1, w0, w1);
+  const int64_t hb = ho * g.sh - g.ph, wb = wo * g.sw - g.pw;
+  V best[NV], pos[NV];
+  const T* first = x + ((n * g.H + h0) * g.W + w0) * g.C + c;
+  const V k0(static_cast<at::opmath_type<T>>((h0 - hb) * g.kw + (w0 - wb)));
+  for (int v = 0; v < NV; ++v) {
+    best[v] = VT::load(first + v * Wv);
+    pos[v] = k0;
+  }
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = (h == h0 ? w0 + 1 : w0); w < w1; ++w) {
+      const T* xp = x + ((n * g.H + h) * g.W + w) * g.C + c;
+      const V k(static_cast<at::opmath_type<T>>((h - hb) * g.kw + (w - wb)));
+      for (int v = 0; v < NV; ++v) {
+        const V val = VT::load(xp + v * Wv);
+        const V take = (val > best[v]) | val.isnan();
+        best[v] = V::blendv(best[v], val, take);
+        pos[v] = V::blendv(pos[v], k, take);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    VT::store(out + v * Wv, best[v]);
+    pos[v].store(where + v * Wv);
+  }
+}
+
+template <typename T>
+void max_pool_fwd(const T* x, T* out, uint8_t* pos, const PoolGeometry& g) {
+  using A = at::opmath_type<T>;
+  constexpr int64_t Wv = VecT<T>::W;
+  const int64_t C = g.C;
+  at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<A> where(C);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.Ho, ho = r % g.Ho;
+      for (int64_t wo = 0; wo < g.Wo; ++wo) {
+        T* op = out + (r * g.Wo + wo) * C;
+        uint8_t* pp = pos + (r * g.Wo + wo) * C;
+        int64_t c = 0;
+        for (; c + 2 * Wv <= C; c += 2 * Wv) max_window_vec<T, 2>(x, g, n, ho, wo, c, op + c, where.data() + c);
+        for (; c + Wv <= C; c += Wv) max_window_vec<T, 1>(x, g, n, ho, wo, c, op + c, where.data() + c);
+        if (c < C) {
+          int64_t h0, h1, w0, w1;
+          g.window(ho, wo, h0, h1, w0, w1);
+          const int64_t hb = ho * g.sh - g.ph, wb = wo * g.sw - g.pw;
+          for (; c < C; ++c) {
+            A best = static_cast<A>(x[((n * g.H + h0) * g.W + w0) * C + c]);
+            A k_best = static_cast<A>((h0 - hb) * g.kw + (w0 - wb));
+            for (int64_t h = h0; h < h1; ++h) {
+              for (int64_t w = (h == h0 ? w0 + 1 : w0); w < w1; ++w) {
+                const A v = static_cast<A>(x[((n * g.H + h) * g.W + w) * C + c]);
+                if (v > best || std::isnan(v)) {
+                  best = v;
+                  k_best = static_cast<A>((h - hb) * g.kw + (w - wb));
+                }
+              }
+            }
+            op[c] = static_cast<T>(best);
+            where[c] = k_best;
+          }
+        }
+        for (int64_t i = 0; i < C; ++i) pp[i] = static_cast<uint8_t>(static_cast<int32_t>(where[i]));
+      }
+    }
+  });
+}
+
+template <typename T>
+void max_pool_bwd(const T* grad, const uint8_t* pos, T* gx, const PoolGeometry& g) {
+  using A = at::opmath_type<T>;
+  const int64_t C = g.C;
+  // element offset of each window position from the window's corner
+  std::vector<int64_t> offset(g.kh * g.kw);
+  for (int64_t k = 0; k < g.kh * g.kw; ++k) offset[k] = ((k / g.kw) * g.W + k % g.kw) * C;
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<A> acc(g.H * g.W * C);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t ho = 0; ho < g.Ho; ++ho) {
+        for (int64_t wo = 0; wo < g.Wo; ++wo) {
+          const int64_t o = ((n * g.Ho + ho) * g.Wo + wo) * C;
+          // the corner may lie in the padding; the maximum itself never does
+          A* corner = acc.data() + ((ho * g.sh - g.ph) * g.W + wo * g.sw - g.pw) * C;
+          for (int64_t c = 0; c < C; ++c) corner[offset[pos[o + c]] + c] += static_cast<A>(grad[o + c]);
+        }
+      }
+      T* dst = gx + n * g.H * g.W * C;
+      for (int64_t i = 0; i < g.H * g.W * C; ++i) dst[i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
+template <typename T>
+void avg_pool_fwd(const T* x, T* out, const PoolGeometry& g) {
+  using A = at::opmath_type<T>;
+  using VT = VecT<T>;
+  using V = typename VT::V;
+  constexpr int64_t Wv = VT::W;
+  const int64_t C = g.C;
+  at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.Ho, ho = r % g.Ho;
+      for (int64_t wo = 0; wo < g.Wo; ++wo) {
+        int64_t h0, h1, w0, w1;
+        g.window(ho, wo, h0, h1, w0, w1);
+        const A inv = A(1) / static_cast<A>((h1 - h0) * (w1 - w0));
+        T* op = out + (r * g.Wo + wo) * C;
+        int64_t c = 0;
+        for (; c + Wv <= C; c += Wv) {
+          V sum(A(0));
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t w = w0; w < w1; ++w) sum = sum + VT::load(x + ((n * g.H + h) * g.W + w) * C + c);
+          VT::store(op + c, sum * V(inv));
+        }
+        for (; c < C; ++c) {
+          A sum = 0;
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t w = w0; w < w1; ++w) sum += static_cast<A>(x[((n * g.H + h) * g.W + w) * C + c]);
+          op[c] = static_cast<T>(sum * inv);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void avg_pool_bwd(const T* grad, T* gx, const PoolGeometry& g) {
+  using A = at::opmath_type<T>;
+  const int64_t C = g.C;
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<A> acc(g.H * g.W * C);
+    std::vector<A> share(C);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t ho = 0; ho < g.Ho; ++ho) {
+        for (int64_t wo = 0; wo < g.Wo; ++wo) {
+          int64_t h0, h1, w0, w1;
+          g.window(ho, wo, h0, h1, w0, w1);
+          const A inv = A(1) / static_cast<A>((h1 - h0) * (w1 - w0));
+          const T* gp = grad + ((n * g.Ho + ho) * g.Wo + wo) * C;
+          for (int64_t c = 0; c < C; ++c) share[c] = static_cast<A>(gp[c]) * inv;
+          for (int64_t h = h0; h < h1; ++h) {
+            for (int64_t w = w0; w < w1; ++w) {
+              A* ap = acc.data() + (h * g.W + w) * C;
+              for (int64_t c = 0; c < C; ++c) ap[c] += share[c];
+            }
+          }
+        }
+      }
+      T* dst = gx + n * g.H * g.W * C;
+      for (int64_t i = 0; i < g.H * g.W * C; ++i) dst[i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastnas::cpu

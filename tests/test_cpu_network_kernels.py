@@ -1,0 +1,308 @@
+"""The cpu backend's kernels for the network's other layers: depthwise-convolution backward, max / average pooling and
+affine-free batch norm. Each against PyTorch's own (float64 exactly, every AMP dtype within its rounding), forward and
+every gradient, gradcheck, opcheck, torch.compile, bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnas.ops as ops
+from fastnas.nn import AvgPool2d, MaxPool2d
+
+pytestmark = pytest.mark.skipif(ops.available_backends()["cpu"] != "available",
+                                reason="the compiled library is not built")
+
+LAYOUTS = ["nchw", "channels_last", "strided"]
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def _make(shape, dtype, layout, seed=0, scale=1.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":  # every other column of a wider tensor: contiguous in neither layout
+        n, c, h, w = shape
+        return (torch.randn(n, c, h, 2 * w, generator=g, dtype=torch.float64) * scale + shift)[..., ::2].to(dtype)
+    t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+    return t.to(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def _grads(out, wrt, g):
+    return torch.autograd.grad(out, wrt, g)
+
+
+# ------------------------------------------------------------------------------------------------ depthwise conv
+
+DW_CONFS = [  # kernel, stride, padding, dilation
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((5, 5), (1, 1), (2, 2), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)),
+    ((5, 5), (1, 1), (4, 4), (2, 2)), ((3, 5), (1, 2), (0, 2), (1, 1)), ((7, 7), (1, 1), (3, 3), (1, 1)),
+    ((2, 2), (1, 1), (0, 0), (1, 1)), ((3, 3), (1, 1), (3, 3), (1, 1)),  # padding beyond the flipped filter's
+]
+
+
+@pytest.mark.parametrize("conf", DW_CONFS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("channels", [3, 19, 40])
+def test_depthwise_matches_torch_float64(conf, layout, channels):
+    k, s, p, d = conf
+    x = _make((2, channels, 9, 7), torch.float64, layout).requires_grad_()
+    w = _make((channels, 1, *k), torch.float64, "nchw", seed=1).requires_grad_()
+    ref = F.conv2d(x, w, None, s, p, d, channels)
+    out = ops.depthwise_conv2d(x, w, s, p, d, backend="cpu")
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (x, w), g), _grads(ref, (x, w), g)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_depthwise_low_precision(dtype):
+    x64 = _make((3, 16, 8, 8), torch.float64, "channels_last")
+    w64 = _make((16, 1, 5, 5), torch.float64, "nchw", seed=1) * 0.2
+    x, w = x64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
+    ref_x, ref_w = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+    out = ops.depthwise_conv2d(x, w, 1, 2, backend="cpu")
+    ref = F.conv2d(ref_x, ref_w, None, 1, 2, 1, 16)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    g = torch.randn_like(ref) * 0.1
+    got = _grads(out, (x, w), g.to(dtype))
+    expected = _grads(ref, (ref_x, ref_w), g)
+    # the weight gradient sums 3*8*8 products per tap: a looser bound for the half types
+    for a, b, scale in zip(got, expected, (1, 4)):
+        tol = {k: v * scale for k, v in TOL[dtype].items()}
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+@pytest.mark.parametrize("need", ["x", "w", "both"])
+def test_depthwise_saves_the_input_only_for_the_weight_gradient(need):
+    x = _make((2, 4, 6, 6), torch.float64, "channels_last").requires_grad_(need != "w")
+    w = _make((4, 1, 3, 3), torch.float64, "nchw", seed=1).requires_grad_(need != "x")
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.depthwise_conv2d(x, w, 1, 1, backend="cpu")
+    assert any(t is x for t in saved) == (need != "x")
+    wrt = [t for t in (x, w) if t.requires_grad]
+    ref = F.conv2d(x, w, None, 1, 1, 1, 4)
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, wrt, g), _grads(ref, wrt, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_depthwise_gradcheck_and_double_backward():
+    x = _make((2, 3, 5, 6), torch.float64, "channels_last").requires_grad_()
+    w = _make((3, 1, 3, 3), torch.float64, "nchw", seed=1).requires_grad_()
+    fn = lambda a, b: ops.depthwise_conv2d(a, b, 1, 2, 2, backend="cpu")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+def test_depthwise_weight_grad_op_opcheck():
+    x = _make((2, 5, 7, 6), torch.float32, "channels_last")
+    g = torch.randn(2, 5, 4, 3).to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fastnas.depthwise_conv2d_weight_grad.default, (g, x, [3, 3], [2, 2], [1, 1], [1, 1]))
+    got = torch.ops.fastnas.depthwise_conv2d_weight_grad(g, x, [3, 3], [2, 2], [1, 1], [1, 1])
+    w = torch.zeros(5, 1, 3, 3)
+    expected = torch.ops.aten.convolution_backward(g, x, w, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 5,
+                                                   [False, True, False])[1]
+    torch.testing.assert_close(got, expected)
+
+
+def test_depthwise_empty_batch():
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    out = ops.depthwise_conv2d(x, w, 1, 1, backend="cpu")
+    out.sum().backward()
+    assert out.shape == (0, 4, 5, 5) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: ops.depthwise_conv2d(torch.randn(2, 4, 5, 5), torch.randn(4, 2, 3, 3)), r"weight must have shape \[4, 1"),
+    (lambda: ops.depthwise_conv2d(torch.randn(4, 5, 5), torch.randn(4, 1, 3, 3)), "x must be 4-D"),
+    (lambda: ops.depthwise_conv2d(torch.ones(2, 4, 5, 5, dtype=torch.int32), torch.randn(4, 1, 3, 3)), "dtype"),
+    (lambda: ops.depthwise_conv2d(torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3), stride=0), "stride"),
+    (lambda: torch.ops.fastnas.depthwise_conv2d_weight_grad(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 5, 5), [3, 3],
+                                                            [1, 1], [1, 1], [1, 1]), r"grad must have shape"),
+    (lambda: torch.ops.fastnas.depthwise_conv2d_weight_grad(torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5), [3],
+                                                            [1, 1], [1, 1], [1, 1]), "kernel_size"),
+])
+def test_depthwise_bad_inputs(bad, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        bad()
+
+
+# ------------------------------------------------------------------------------------------------ pooling
+
+POOL_CONFS = [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)), ((2, 2), (2, 2), (0, 0)), ((3, 2), (1, 2), (1, 0)),
+              ((5, 5), (2, 2), (2, 2))]
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("conf", POOL_CONFS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("channels", [1, 5, 19])
+def test_pool_matches_torch_float64(kind, conf, layout, channels):
+    k, s, p = conf
+    x = _make((2, channels, 9, 7), torch.float64, layout).requires_grad_()
+    ours = ops.max_pool2d if kind == "max" else ops.avg_pool2d
+    ref_fn = (lambda t: F.max_pool2d(t, k, s, p)) if kind == "max" else \
+        (lambda t: F.avg_pool2d(t, k, s, p, count_include_pad=False))
+    out, ref = ours(x, k, s, p, backend="cpu"), ref_fn(x)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    if layout == "channels_last" and channels > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ref)
+    (a,), (b,) = _grads(out, (x,), g), _grads(ref, (x,), g)
+    torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert a.stride() == torch.empty(x.shape, memory_format=torch.channels_last if layout == "channels_last"
+                                       else torch.contiguous_format).stride() or channels == 1
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pool_low_precision(kind, dtype):
+    x64 = _make((2, 19, 8, 8), torch.float64, "channels_last")
+    x = x64.to(dtype).requires_grad_()
+    ours = ops.max_pool2d if kind == "max" else ops.avg_pool2d
+    ref_fn = (lambda t: F.max_pool2d(t, 3, 1, 1)) if kind == "max" else \
+        (lambda t: F.avg_pool2d(t, 3, 1, 1, count_include_pad=False))
+    out = ours(x, 3, 1, 1, backend="cpu")
+    # the reference on the same rounded values, in float64
+    ref_x = x.detach().double().requires_grad_()
+    ref = ref_fn(ref_x)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(_grads(out, (x,), g.to(dtype))[0].double(), _grads(ref, (ref_x,), g.to(dtype).double())[0],
+                               **TOL[dtype])
+
+
+def test_max_pool_ties_and_nan_follow_torch():
+    """Ties send the gradient to the first maximum, NaN propagates (to the last NaN of a window), as in ATen."""
+    x = torch.randint(0, 3, (2, 9, 7, 6)).double().to(memory_format=torch.channels_last)
+    x[0, 2, 3, 3] = float("nan")
+    x[1, 4, 1, 1] = x[1, 4, 1, 2] = float("nan")
+    x.requires_grad_()
+    for s in (1, 2):
+        out, ref = ops.max_pool2d(x, 3, s, 1, backend="cpu"), F.max_pool2d(x, 3, s, 1)
+        torch.testing.assert_close(out, ref, equal_nan=True, rtol=0, atol=0)
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(_grads(out, (x,), g)[0], _grads(ref, (x,), g)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pool_gradcheck(kind):
+    x = _make((2, 3, 5, 6), torch.float64, "channels_last").requires_grad_()
+    fn = (lambda t: ops.max_pool2d(t, 3, 2, 1, backend="cpu")) if kind == "max" else \
+        (lambda t: ops.avg_pool2d(t, 3, 1, 1, backend="cpu"))
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pool_opcheck(op, layout):
+    x = _make((2, 5, 7, 6), torch.float32, layout).requires_grad_()
+    torch.library.opcheck(getattr(torch.ops.fastnas, op).default, (x, [3, 3], [2, 2], [1, 1]))
+    x = _make((3, 1, 4, 4), torch.float64, layout).requires_grad_()
+    torch.library.opcheck(getattr(torch.ops.fastnas, op).default, (x, [2, 2], [1, 1], [0, 0]))
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pool_under_torch_compile(kind):
+    x = _make((2, 5, 7, 6), torch.float32, "channels_last").requires_grad_()
+    fn = (lambda t: ops.max_pool2d(t, 3, 1, 1, backend="cpu")) if kind == "max" else \
+        (lambda t: ops.avg_pool2d(t, 3, 1, 1, backend="cpu"))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, fn(x))
+    g = torch.randn_like(out)
+    torch.testing.assert_close(_grads(out, (x,), g)[0], _grads(fn(x), (x,), g)[0])
+
+
+def test_pool_modules_equal_torch_modules_on_every_backend():
+    x = _make((2, 4, 7, 7), torch.float32, "channels_last")
+    for backend in ("reference", "cpu"):
+        with ops.backend(backend):
+            torch.testing.assert_close(MaxPool2d(3, 2, 1)(x), torch.nn.MaxPool2d(3, 2, 1)(x))
+            torch.testing.assert_close(AvgPool2d(3, 1, 1, count_include_pad=False)(x),
+                                       torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False)(x))
+    # what the kernels do not cover runs as the torch module does
+    torch.testing.assert_close(MaxPool2d(3, 2, 1, ceil_mode=True)(x), torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)(x))
+    torch.testing.assert_close(AvgPool2d(3, 1, 1)(x), torch.nn.AvgPool2d(3, 1, 1)(x))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: ops.max_pool2d(torch.randn(2, 4, 5, 5), 3, 1, 2, backend="cpu"), "padding"),
+    (lambda: ops.avg_pool2d(torch.randn(2, 4, 1, 1), 5, 1, 1, backend="cpu"), "does not fit"),
+    (lambda: ops.max_pool2d(torch.randn(4, 5, 5), 3, backend="cpu"), "x must be 4-D"),
+    (lambda: ops.avg_pool2d(torch.ones(2, 4, 5, 5, dtype=torch.int64), 3, backend="cpu"), "dtype"),
+    (lambda: ops.max_pool2d(torch.randn(2, 4, 5, 5), 0, backend="cpu"), "kernel_size"),
+    (lambda: torch.ops.fastnas.max_pool2d_backward(torch.randn(2, 4, 3, 3), torch.zeros(2, 4, 3, 3, dtype=torch.int32),
+                                                   5, 5, [3, 3], [2, 2], [1, 1], False), "uint8"),
+    (lambda: torch.ops.fastnas.avg_pool2d_backward(torch.randn(2, 4, 4, 4), 5, 5, [3, 3], [2, 2], [1, 1], False),
+     r"grad of shape \[2, 4, 3, 3\]"),
+])
+def test_pool_bad_inputs(bad, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        bad()
+
+
+# ------------------------------------------------------------------------------------------------ batch norm
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (3, 19, 4, 5), (1, 40, 3, 1)])
+def test_batch_norm_matches_torch(dtype, layout, shape):
+    x = _make(shape, dtype, layout, scale=3.0, shift=1.0)
+    rm, rv = torch.randn(shape[1], dtype=torch.float64), torch.rand(shape[1], dtype=torch.float64) + 0.5
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rm, rv = rm.to(acc), rv.to(acc)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, invstd = torch.ops.fastnas.batch_norm_train(x, rm, rv, 0.1, 1e-5)
+    y_ref, _, invstd_ref = torch.ops.aten.native_batch_norm(x.to(acc), None, None, rm_ref, rv_ref, True, 0.1, 1e-5)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y.to(acc), y_ref, **tol)
+    torch.testing.assert_close(invstd, invstd_ref, **TOL[acc])
+    torch.testing.assert_close(rm, rm_ref, **TOL[acc])
+    torch.testing.assert_close(rv, rv_ref, **TOL[acc])
+    assert y.stride() == torch.empty(shape, memory_format=torch.channels_last if layout == "channels_last"
+                                     else torch.contiguous_format).stride() or 1 in shape[1:]
+    g = _make(shape, dtype, layout, seed=5)
+    gx = torch.ops.fastnas.batch_norm_backward(g, y, invstd)
+    y_acc = y.to(acc)
+    dims = (0, 2, 3)
+    gx_ref = invstd.view(1, -1, 1, 1) * (g.to(acc) - g.to(acc).mean(dims, keepdim=True)
+                                         - y_acc * (g.to(acc) * y_acc).mean(dims, keepdim=True))
+    torch.testing.assert_close(gx.to(acc), gx_ref, **tol)
+
+
+def test_batch_norm_opcheck():
+    x = _make((2, 5, 4, 3), torch.float32, "channels_last")
+    torch.library.opcheck(torch.ops.fastnas.batch_norm_train.default, (x, torch.zeros(5), torch.ones(5), 0.1, 1e-5))
+    y, invstd = torch.ops.fastnas.batch_norm_train(x, torch.zeros(5), torch.ones(5), 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.fastnas.batch_norm_backward.default, (torch.randn_like(y), y, invstd))
+
+
+def test_lean_batch_norm_gradcheck_on_the_cpu_kernels():
+    from fastnas.nn.lean import LeanBatchNorm2d
+
+    bn = LeanBatchNorm2d(3, affine=False).double()
+    x = _make((2, 3, 4, 5), torch.float64, "channels_last").requires_grad_()
+    with ops.backend("cpu"):
+        assert torch.autograd.gradcheck(bn, (x,))
+        assert torch.autograd.gradgradcheck(bn, (x,))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: torch.ops.fastnas.batch_norm_train(torch.randn(1, 3, 1, 1), torch.zeros(3), torch.ones(3), 0.1, 1e-5),
+     "more than one value per channel"),
+    (lambda: torch.ops.fastnas.batch_norm_train(torch.randn(2, 3, 2, 2), torch.zeros(4), torch.ones(3), 0.1, 1e-5),
+     r"running_mean must have shape \[3\]"),
+    (lambda: torch.ops.fastnas.batch_norm_train(torch.ones(2, 3, 2, 2, dtype=torch.int32), torch.zeros(3),
+                                                torch.ones(3), 0.1, 1e-5), "dtype"),
+    (lambda: torch.ops.fastnas.batch_norm_backward(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2),
+                                                   torch.ones(3, dtype=torch.float64)), "invstd has dtype"),
+    (lambda: torch.ops.fastnas.batch_norm_backward(torch.randn(2, 3, 2, 3), torch.randn(2, 3, 2, 2), torch.ones(3)),
+     "grad has shape"),
+])
+def test_batch_norm_bad_inputs(bad, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        bad()
