@@ -5,10 +5,15 @@ import pytest
 import torch
 from torch import nn
 
+import fastnas.ops
 from fastnas.nn.lean import LeanBatchNorm2d, LeanConv2d, subsampling_plan
 from fastnas.supernet import SuperNet
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def available_on_cpu() -> set[str]:
+    return {name for name, state in fastnas.ops.available_backends().items() if state == "available"}
 
 
 def _saved_storages(fn, *args) -> set[int]:
@@ -24,20 +29,28 @@ def _saved_storages(fn, *args) -> set[int]:
     return ptrs
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_batch_norm_matches_torch(dtype, layout):
+def test_batch_norm_matches_torch(dtype, layout, backend):
+    """Bit-exact on ATen's kernels; within rounding on the cpu backend's (channels_last inputs), whose statistics
+    are summed in another order."""
+    if backend not in available_on_cpu():
+        pytest.skip(f"backend {backend} unavailable")
     torch.manual_seed(0)
     plain, lean = nn.BatchNorm2d(5, affine=False).to(dtype), LeanBatchNorm2d(5, affine=False).to(dtype)
     x = (3 * torch.randn(4, 5, 7, 3, dtype=dtype) + 1).to(memory_format=layout).requires_grad_()
     g = torch.randn(4, 5, 7, 3, dtype=dtype)
-    for _ in range(2):  # running statistics move alike, step after step
-        y_plain, y_lean = plain(x), lean(x)
-        torch.testing.assert_close(y_lean, y_plain, rtol=0, atol=0)
-        (gx_plain,), (gx_lean,) = torch.autograd.grad(y_plain, x, g), torch.autograd.grad(y_lean, x, g)
-        torch.testing.assert_close(gx_lean, gx_plain)
+    exact = backend == "reference" or layout != torch.channels_last
+    tol = dict(rtol=0, atol=0) if exact else {}
+    with fastnas.ops.backend(backend):
+        for _ in range(2):  # running statistics move alike, step after step
+            y_plain, y_lean = plain(x), lean(x)
+            torch.testing.assert_close(y_lean, y_plain, **tol)
+            (gx_plain,), (gx_lean,) = torch.autograd.grad(y_plain, x, g), torch.autograd.grad(y_lean, x, g)
+            torch.testing.assert_close(gx_lean, gx_plain)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(lean, name), getattr(plain, name), rtol=0, atol=0)
+        torch.testing.assert_close(getattr(lean, name), getattr(plain, name), **tol)
     assert y_lean.grad_fn.name() == "_OutputSavingBatchNormBackward"
 
 
@@ -58,7 +71,18 @@ def test_batch_norm_saves_its_output_not_its_input():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("conf", [(3, 1, 1, 1, True), (5, 2, 4, 2, True), (1, 1, 0, 1, False), ((1, 7), 2, (0, 3), 1, False)])
-def test_frozen_conv_matches_torch_and_keeps_no_input(layout, conf):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_frozen_conv_matches_torch_and_keeps_no_input(layout, conf, backend):
+    if backend not in available_on_cpu():
+        pytest.skip(f"backend {backend} unavailable")
+    fastnas.ops.set_backend(backend)
+    try:
+        _frozen_conv_matches_torch_and_keeps_no_input(layout, conf, backend)
+    finally:
+        fastnas.ops.set_backend("auto")
+
+
+def _frozen_conv_matches_torch_and_keeps_no_input(layout, conf, backend):
     k, stride, padding, dilation, depthwise = conf
     torch.manual_seed(1)
     c_out = 6 if depthwise else 4
@@ -70,9 +94,11 @@ def test_frozen_conv_matches_torch_and_keeps_no_input(layout, conf):
     x = torch.randn(3, 6, 9, 11).to(memory_format=layout).requires_grad_()
     pre = x * 1.5
     y_plain, y_lean = plain(pre), lean(pre)
-    # the same kernel on the same input is bit-exact; the subsampled form of a strided dilated one sums in its own order
+    # the same kernel on the same input is bit-exact; the subsampled form of a strided dilated one, and the cpu
+    # backend's depthwise backward (the flipped filter's forward convolution), sum in their own order
     subsampled = subsampling_plan(lean.kernel_size, lean.stride, lean.padding, lean.dilation)
-    tol = dict(rtol=1e-5, atol=1e-6) if subsampled else dict(rtol=0, atol=0)
+    exact = not subsampled and (backend == "reference" or not depthwise)
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(y_lean, y_plain, **tol)
     g = torch.randn_like(y_plain)
     torch.testing.assert_close(torch.autograd.grad(y_lean, x, g, retain_graph=True)[0],
@@ -112,11 +138,40 @@ def test_strided_dilated_conv_equals_torch_on_the_subsampled_input(layout, size,
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("size", [(9, 11), (8, 8), (2, 3)])
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_strided_pointwise_conv_equals_torch_on_the_subsampled_input(layout, size, shifted, frozen):
+    """1x1 stride 2 (FactorizedReduce's convolutions, also on its shifted view x[:, :, 1:, 1:]): computed on
+    x[..., ::2, ::2]; output and gradients equal PyTorch's (float64); a channels_last view keeps channels_last."""
+    assert subsampling_plan((1, 1), (2, 2), (0, 0), (1, 1))
+    torch.manual_seed(3)
+    plain = nn.Conv2d(4, 3, 1, 2, bias=False).double()
+    lean = LeanConv2d(4, 3, 1, 2, bias=False).double()
+    lean.load_state_dict(plain.state_dict())
+    for m in (plain, lean):
+        m.weight.requires_grad_(not frozen)
+    x = torch.randn(2, 4, *size, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    inp = x[:, :, 1:, 1:] if shifted else x
+    y_plain, y_lean = plain(inp), lean(inp)
+    assert y_lean.shape == y_plain.shape
+    torch.testing.assert_close(y_lean, y_plain)
+    if layout == torch.channels_last and min(y_lean.shape[1:]) > 1:
+        assert y_lean.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(y_plain)
+    expected = torch.autograd.grad(y_plain, [x] if frozen else [x, plain.weight], g)
+    got = torch.autograd.grad(y_lean, [x] if frozen else [x, lean.weight], g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("conf", [((3, 3), (2, 2), (2, 2), (1, 1)), ((3, 3), (1, 1), (2, 2), (2, 2)),
                                   ((3, 3), (2, 2), (1, 1), (2, 2)), ((4, 4), (2, 2), (3, 3), (2, 2)),
-                                  ((1, 1), (2, 2), (0, 0), (1, 1))])
+                                  ((1, 1), (2, 2), (1, 1), (1, 1)), ((1, 7), (1, 2), (0, 3), (1, 1))])
 def test_subsampling_plan_only_where_exact(conf):
-    """Undilated strided, dilated unstrided, other padding, even kernels: the convolution runs as it is."""
+    """Undilated strided, dilated unstrided, other padding, even kernels, a padded 1x1, a dimension left unstrided:
+    the convolution runs as it is."""
     assert not subsampling_plan(*conf)
 
 

@@ -7,8 +7,8 @@
   backward needs only x̂ = (x − μ)·σ⁻¹, which is the output itself; the tensor the next op consumes (a mixed_sum that
   saves its inputs, a ReLU that saves its result) is then the one stored, and the input is freed.
 
-Both compute exactly what ``nn.Conv2d`` / ``nn.BatchNorm2d`` compute (same ATen kernels, forward and backward), and
-double backward through them is exact. ``memory_efficient = False`` on a module (``SuperNet.set_memory_efficient``
+Both compute what ``nn.Conv2d`` / ``nn.BatchNorm2d`` compute (ATen's kernels, or on the ``cpu`` backend fastnas's
+depthwise-convolution backward and batch-norm kernels), and double backward through them is exact. ``memory_efficient = False`` on a module (``SuperNet.set_memory_efficient``
 does it for the whole network) selects PyTorch's own autograd. Under ``torch.compile`` the plain path is traced and
 AOTAutograd chooses what to save.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import ops
 from ..ops._checks import prefers_channels_last
 
 
@@ -50,18 +51,33 @@ class _FrozenWeightConv(torch.autograd.Function):
 
 
 def subsampling_plan(kernel_size, stride, padding, dilation) -> bool:
-    """Whether a convolution with stride s equal to its dilation d > 1 and padding d·(k−1)/2 (odd k) reads only every
-    s-th row and column: it then equals an undilated stride-1 convolution with padding (k−1)/2 of ``x[..., ::s, ::s]``
-    (out(i) = Σ_k w_k x(s·i + d·k − p) = Σ_k w_k x(d·(i + k − (k−1)/2))), output sizes included. DARTS's dilated
-    convolutions in reduction cells are such; oneDNN runs their backward on a slow generic path on the CPU."""
-    return (isinstance(padding, tuple) and tuple(stride) == tuple(dilation) and all(d > 1 for d in dilation)
-            and all(k % 2 == 1 for k in kernel_size)
-            and all(p == d * (k - 1) // 2 for p, d, k in zip(padding, dilation, kernel_size)))
+    """Whether a strided convolution reads only every s-th row and column, so that it equals an undilated stride-1
+    convolution with padding (k−1)/2 of ``x[..., ::s, ::s]``, output sizes included. Two cases, per dimension:
+
+    * stride s equal to the dilation d > 1 with padding d·(k−1)/2 (odd k): out(i) = Σ_k w_k x(s·i + d·k − p) =
+      Σ_k w_k x(d·(i + k − (k−1)/2)). DARTS's dilated convolutions in reduction cells are such; oneDNN runs their
+      backward on a slow generic path on the CPU.
+    * a 1×1 kernel with stride s > 1 and no padding: out(i) = w x(s·i) (FactorizedReduce's convolutions); the
+      subsampled copy is a quarter of the input, where the strided convolution of a shifted view copied all of it.
+    """
+    if not isinstance(padding, tuple):
+        return False
+
+    def reads_every_sth(k: int, s: int, p: int, d: int) -> bool:
+        return s > 1 and ((s == d and k % 2 == 1 and p == d * (k - 1) // 2) or (k == 1 and p == 0))
+
+    return all(reads_every_sth(*conf) for conf in zip(kernel_size, stride, padding, dilation))
+
+
+def _channels_innermost(x: torch.Tensor) -> bool:
+    """channels_last data, or a view of it (a slice of a channels_last tensor is contiguous in neither layout)."""
+    return prefers_channels_last(x) or (x.dim() == 4 and x.stride(1) < x.stride(3))
 
 
 class LeanConv2d(nn.Conv2d):
     """``nn.Conv2d`` that keeps only its weight for the backward while the weight is frozen (no bias, zero padding
-    mode: the convolutions of the search space). A strided dilated convolution that reads every s-th pixel only
+    mode: the convolutions of the search space). A depthwise convolution runs on the selected backend's depthwise
+    kernels where it has them (:func:`fastnas.ops.depthwise_conv2d`). A strided dilated convolution that reads every s-th pixel only
     (:func:`subsampling_plan`) runs as the equal undilated convolution of the subsampled input."""
 
     memory_efficient = True
@@ -73,13 +89,20 @@ class LeanConv2d(nn.Conv2d):
         if self.padding_mode == "zeros" and subsampling_plan(self.kernel_size, self.stride, self.padding,
                                                              self.dilation):
             self.subsampled = ((1, 1), tuple((k - 1) // 2 for k in self.kernel_size), (1, 1))
+        # one filter per channel: the selected backend's depthwise kernels apply (fastnas.ops.depthwise_conv2d)
+        self.depthwise = self.groups == self.in_channels == self.out_channels and self.bias is None \
+            and self.padding_mode == "zeros"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride, padding, dilation = self.stride, self.padding, self.dilation
         if self.subsampled is not None:
-            layout = torch.channels_last if prefers_channels_last(x) else torch.contiguous_format
+            layout = torch.channels_last if _channels_innermost(x) else torch.contiguous_format
             x = x[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=layout)
             stride, padding, dilation = self.subsampled
+        if self.depthwise and isinstance(padding, tuple) and _lean_path_allowed(self):
+            fused = ops.cpu_kernel("depthwise_conv2d", x.device)
+            if fused is not None:
+                return fused(x, self.weight, stride, padding, dilation)
         if (self.bias is None and self.padding_mode == "zeros" and not self.weight.requires_grad
                 and x.requires_grad and isinstance(padding, tuple) and _lean_path_allowed(self)):
             return _FrozenWeightConv.apply(x, self.weight, stride, padding, dilation, self.groups)
@@ -91,14 +114,20 @@ class LeanConv2d(nn.Conv2d):
 class _OutputSavingBatchNorm(torch.autograd.Function):
     """Affine-free training-mode batch norm that saves its output y = x̂ and σ⁻¹ (both outputs) for the backward.
 
-    The backward is ATen's kernel; under ``create_graph`` it is written in differentiable ops of y and σ⁻¹, whose
-    own gradients come back here, so double backward is exact too."""
+    The kernels are ATen's, or the ``cpu`` backend's (``kernels``: its ``batch_norm_train`` and
+    ``batch_norm_backward``, one pass fewer over x each way). Under ``create_graph`` the backward is written in
+    differentiable ops of y and σ⁻¹, whose own gradients come back here, so double backward is exact too."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, running_mean, running_var, momentum: float, eps: float):
-        y, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+    def forward(ctx, x: torch.Tensor, running_mean, running_var, momentum: float, eps: float, kernels=None):
+        if kernels is not None:
+            y, invstd = kernels[0](x, running_mean, running_var, momentum, eps)
+        else:
+            y, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True, momentum,
+                                                            eps)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(y, invstd)
+        ctx.backward_kernel = kernels[1] if kernels is not None else None
         return y, invstd
 
     @staticmethod
@@ -111,6 +140,8 @@ class _OutputSavingBatchNorm(torch.autograd.Function):
             dims = (0, 2, 3)
             grad_input = invstd.view(shape) * (grad_y - grad_y.mean(dims, keepdim=True)
                                                - y * (grad_y * y).mean(dims, keepdim=True))
+        elif ctx.backward_kernel is not None:
+            grad_input = ctx.backward_kernel(grad_y.to(y.dtype), y, invstd)
         else:
             # ATen's batch-norm backward with x̂ given as the input (mean 0, σ⁻¹ 1) and the true σ⁻¹ as the scale
             # γ: γ·(g − mean(g) − x̂·mean(g·x̂)) is exactly the input gradient of the affine-free norm
@@ -121,20 +152,33 @@ class _OutputSavingBatchNorm(torch.autograd.Function):
             count = y.numel() // y.shape[1]
             term = -(grad_invstd * invstd * invstd / count).view(shape) * y
             grad_input = term if grad_input is None else grad_input + term
-        return grad_input, None, None, None, None
+        return grad_input, None, None, None, None, None
 
 
 class LeanBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` that, affine-free and training, saves its output rather than its input."""
+    """``nn.BatchNorm2d`` that, affine-free and training, saves its output rather than its input (on the ``cpu``
+    backend's batch-norm kernels for channels_last inputs)."""
 
     memory_efficient = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.affine or not self.training or not self.track_running_stats or not x.requires_grad
-                or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or not _lean_path_allowed(self)
-                or torch.is_autocast_enabled(x.device.type)):
-            return super().forward(x)
+    def lean_applies(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the output-saving path."""
+        return not (self.affine or not self.training or not self.track_running_stats or not x.requires_grad
+                    or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or not _lean_path_allowed(self)
+                    or torch.is_autocast_enabled(x.device.type))
+
+    def lean_forward(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+        """The output-saving path, updating the given running statistics."""
         self._check_input_dim(x)
-        self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        return _OutputSavingBatchNorm.apply(x, self.running_mean, self.running_var, momentum, self.eps)[0]
+        kernels = None
+        if prefers_channels_last(x):
+            forward = ops.cpu_kernel("batch_norm_train", x.device)
+            kernels = None if forward is None else (forward, ops.cpu_kernel("batch_norm_backward", x.device))
+        return _OutputSavingBatchNorm.apply(x, running_mean, running_var, momentum, self.eps, kernels)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.lean_applies(x):
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        return self.lean_forward(x, self.running_mean, self.running_var)

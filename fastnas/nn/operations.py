@@ -10,6 +10,7 @@ from torch import nn
 
 from .attention import ChannelAttention, SpatialAttention
 from .lean import LeanBatchNorm2d, LeanConv2d
+from .pooling import AvgPool2d, MaxPool2d
 
 
 class LeadingReLU:
@@ -119,8 +120,8 @@ def _conv_7x1_1x7(C: int, stride: int, affine: bool) -> nn.Module:
 
 BUILTIN_OPS = {
     "none": lambda C, stride, affine: Zero(stride),
-    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
-    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "avg_pool_3x3": lambda C, stride, affine: AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    "max_pool_3x3": lambda C, stride, affine: MaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine),
     "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
     "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),

@@ -11,8 +11,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .lean import LeanBatchNorm2d
 
 _recomputing = False
 
@@ -43,13 +44,15 @@ def recompute(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Ten
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts, determinism_check="none")
 
 
-class RecomputableBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose re-run inside :func:`recompute` normalises with batch statistics without moving the
+class RecomputableBatchNorm(LeanBatchNorm2d):
+    """Batch norm whose re-run inside :func:`recompute` normalises with batch statistics without moving the
     running ones a second time."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _recomputing and self.training and self.track_running_stats:
             # the same computation on throw-away copies of the statistics (so the same tensors are saved)
+            if self.lean_applies(x):
+                return self.lean_forward(x, self.running_mean.clone(), self.running_var.clone())
             return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True,
                                 self.momentum if self.momentum is not None else 0.1, self.eps)
         return super().forward(x)

@@ -13,6 +13,8 @@ still one fused sum per node and per part.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Sequence
 
 import torch
@@ -141,7 +143,10 @@ class SearchCell(nn.Module):
         backend = ops.get_backend()  # the backward's re-run must use the backend of this forward
 
         def free_share(free_w: torch.Tensor, *hs: torch.Tensor) -> torch.Tensor:
-            return ops.mixed_sum([edges[j][c](hs[j]) for j, c in free], free_w, backend=backend)
+            # the candidates' own kernels (pooling, batch norm) follow the selection too
+            scope = contextlib.nullcontext() if torch.compiler.is_compiling() else ops.backend(backend)
+            with scope:
+                return ops.mixed_sum([edges[j][c](hs[j]) for j, c in free], free_w, backend=backend)
 
         free_w = torch.stack([node_weights[j, c] for j, c in free])
         share = recompute(free_share, free_w, *states)
