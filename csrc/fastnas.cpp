@@ -63,6 +63,16 @@ TORCH_LIBRARY(fastnas, m) {
   // its input gradient from the output: invstd * (grad - mean(grad) - y * mean(grad * y)) per channel
   m.def("batch_norm_backward(Tensor grad, Tensor y, Tensor invstd) -> Tensor");
 
+  // a node sum whose first num_normalized inputs pass through affine-free training-mode batch norms:
+  // (sum_k<n w_k (zs[k] - mean_k) invstd_k + sum_k>=n w_k zs[k], means [n, C], invstds [n, C]); updates the
+  // running statistics (CPU kernels)
+  m.def("normalized_mixed_sum(Tensor[] zs, Tensor weights, int num_normalized, Tensor(a!)[] running_means, "
+        "Tensor(b!)[] running_vars, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  // (grad of every zs[k] (empty unless need_zs_grad), grad of weights (empty unless need_weights_grad)); zs holds
+  // every input when the weights need a gradient, else at least the normalised ones
+  m.def("normalized_mixed_sum_backward(Tensor grad, Tensor[] zs, Tensor weights, Tensor means, Tensor invstds, "
+        "bool need_zs_grad, bool need_weights_grad) -> (Tensor[], Tensor)");
+
   // kh x kw max pooling with zero-size padding ignored: (the pooled tensor, uint8 window position kh_i * kw + kw_i
   // of each first maximum) (CPU kernels)
   m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)");

@@ -12,6 +12,7 @@
 #include "depthwise.h"
 #include "pool2d.h"
 #include "kernels.h"
+#include "normalized_sum.h"
 
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
@@ -519,6 +520,36 @@ Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArra
 // ------------------------------------------------------------------------------------------------ batch norm
 // Affine-free, training mode, computed on channels_last data; y keeps channels_last when x prefers it.
 
+// running statistics, as nn.BatchNorm2d updates them (the unbiased variance); mean, var in the accumulation type
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
+                          double momentum, int64_t M) {
+  const double unbias = double(M) / double(M - 1);
+  const c10::ScalarType acc = mean.scalar_type();
+  if (running_mean.scalar_type() == acc && running_var.scalar_type() == acc && running_mean.is_contiguous() &&
+      running_var.is_contiguous()) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "fastnas::update_running_stats", [&] {
+      scalar_t *rm = running_mean.data_ptr<scalar_t>(), *rv = running_var.data_ptr<scalar_t>();
+      const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *vp = var.const_data_ptr<scalar_t>();
+      const scalar_t m = static_cast<scalar_t>(momentum), keep = static_cast<scalar_t>(1.0 - momentum);
+      for (int64_t c = 0; c < mean.numel(); ++c) {
+        rm[c] = keep * rm[c] + m * mp[c];
+        rv[c] = keep * rv[c] + m * static_cast<scalar_t>(unbias) * vp[c];
+      }
+    });
+  } else {
+    Tensor rm = running_mean, rv = running_var;  // shallow handles: the updates land in the caller's tensors
+    rm.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+    rv.mul_(1.0 - momentum).add_(var.to(running_var.scalar_type()), momentum * unbias);
+  }
+}
+
+void check_running_stat(const char* op, const std::string& name, const Tensor& t, const Tensor& like, int64_t C) {
+  check_float(op, name, t);
+  check_same_device(op, name, t, "x", like);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "fastnas.", op, ": ", name, " must have shape [", C, "], got ",
+                    shape_str(t.sizes()));
+}
+
 std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mean, Tensor& running_var,
                                             double momentum, double eps) {
   const char* op = "batch_norm_train";
@@ -528,13 +559,8 @@ std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mea
   const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(1, C);
   TORCH_CHECK_VALUE(M > 1, "fastnas.", op, ": training needs more than one value per channel, got input of shape ",
                     shape_str(x.sizes()));
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"running_mean", running_mean},
-                                {"running_var", running_var}}) {
-    check_float(op, name, t);
-    check_same_device(op, name, t, "x", x);
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "fastnas.", op, ": ", name, " must have shape [", C,
-                      "], got ", shape_str(t.sizes()));
-  }
+  check_running_stat(op, "running_mean", running_mean, x, C);
+  check_running_stat(op, "running_var", running_var, x, C);
   const c10::ScalarType acc = acc_dtype(x.scalar_type());
   Tensor mean = at::empty({C}, x.options().dtype(acc)), var = at::empty({C}, x.options().dtype(acc));
   Tensor invstd = at::empty({C}, x.options().dtype(acc));
@@ -549,23 +575,7 @@ std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mea
     for (int64_t c = 0; c < C; ++c) ip[c] = A(1) / std::sqrt(vp[c] + static_cast<A>(eps));
     bn_normalize<scalar_t>(xc.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), M, C, mp, ip);
   });
-  // running statistics, as nn.BatchNorm2d updates them (the unbiased variance)
-  const double unbias = double(M) / double(M - 1);
-  if (running_mean.scalar_type() == acc && running_var.scalar_type() == acc && running_mean.is_contiguous() &&
-      running_var.is_contiguous()) {
-    AT_DISPATCH_FLOATING_TYPES(acc, "fastnas::batch_norm_train_running", [&] {
-      scalar_t *rm = running_mean.data_ptr<scalar_t>(), *rv = running_var.data_ptr<scalar_t>();
-      const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *vp = var.const_data_ptr<scalar_t>();
-      const scalar_t m = static_cast<scalar_t>(momentum), keep = static_cast<scalar_t>(1.0 - momentum);
-      for (int64_t c = 0; c < C; ++c) {
-        rm[c] = keep * rm[c] + m * mp[c];
-        rv[c] = keep * rv[c] + m * static_cast<scalar_t>(unbias) * vp[c];
-      }
-    });
-  } else {
-    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
-    running_var.mul_(1.0 - momentum).add_(var.to(running_var.scalar_type()), momentum * unbias);
-  }
+  update_running_stats(running_mean, running_var, mean, var, momentum, M);
   return {prefers_channels_last(x) ? y : y.contiguous(), invstd};
 }
 
@@ -596,6 +606,143 @@ Tensor batch_norm_backward(const Tensor& grad, const Tensor& y, const Tensor& in
   return prefers_channels_last(y) ? gx : gx.contiguous();
 }
 
+// ------------------------------------------------------------------------------------------------ normalized sum
+// A node sum whose first num_normalized inputs pass through affine-free training-mode batch norms (normalized_sum.h).
+
+std::tuple<Tensor, Tensor, Tensor> normalized_mixed_sum(at::TensorList zs, const Tensor& weights,
+                                                        int64_t num_normalized, at::TensorList running_means,
+                                                        at::TensorList running_vars, double momentum, double eps) {
+  const char* op = "normalized_mixed_sum";
+  check_mixed_sum(zs, weights);
+  check_device_type(op, "zs[0]", zs[0], kDev);
+  check_4d(op, "zs[0]", zs[0]);
+  const int64_t K = static_cast<int64_t>(zs.size()), Kn = num_normalized;
+  TORCH_CHECK_VALUE(0 <= Kn && Kn <= K, "fastnas.", op, ": num_normalized must be in [0, ", K, "], got ", Kn);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(running_means.size()) == Kn && static_cast<int64_t>(running_vars.size()) == Kn,
+                    "fastnas.", op, ": expected ", Kn, " running_means and running_vars, got ", running_means.size(),
+                    " and ", running_vars.size());
+  const Tensor& z0 = zs[0];
+  const int64_t C = z0.size(1), M = z0.numel() / std::max<int64_t>(1, C);
+  TORCH_CHECK_VALUE(Kn == 0 || M > 1, "fastnas.", op,
+                    ": batch norm in training needs more than one value per channel, got inputs of shape ",
+                    shape_str(z0.sizes()));
+  for (int64_t k = 0; k < Kn; ++k) {
+    check_running_stat(op, "running_means[" + std::to_string(k) + "]", running_means[k], z0, C);
+    check_running_stat(op, "running_vars[" + std::to_string(k) + "]", running_vars[k], z0, C);
+  }
+  const c10::ScalarType acc = acc_dtype(z0.scalar_type());
+  Tensor means = at::empty({Kn, C}, z0.options().dtype(acc)), vars = at::empty({Kn, C}, z0.options().dtype(acc));
+  Tensor invstds = at::empty({Kn, C}, z0.options().dtype(acc));
+  std::vector<Tensor> zc;
+  for (const Tensor& z : zs) zc.push_back(z.contiguous(c10::MemoryFormat::ChannelsLast));
+  Tensor out = at::empty_like(zc[0], c10::MemoryFormat::ChannelsLast);
+  Tensor w = as_acc(weights, z0.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z0.scalar_type(), "fastnas::normalized_mixed_sum", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* wp = w.const_data_ptr<A>();
+    std::vector<A> coef(K * C), bias(C, A(0));
+    for (int64_t k = 0; k < K; ++k) {
+      if (k < Kn) {
+        A* mp = means.data_ptr<A>() + k * C;
+        A* vp = vars.data_ptr<A>() + k * C;
+        A* ip = invstds.data_ptr<A>() + k * C;
+        bn_stats<scalar_t>(zc[k].const_data_ptr<scalar_t>(), M, C, mp, vp);
+        for (int64_t c = 0; c < C; ++c) {
+          ip[c] = A(1) / std::sqrt(vp[c] + static_cast<A>(eps));
+          coef[k * C + c] = wp[k] * ip[c];
+          bias[c] -= coef[k * C + c] * mp[c];
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) coef[k * C + c] = wp[k];
+      }
+    }
+    std::vector<const scalar_t*> ptrs;
+    for (const Tensor& z : zc) ptrs.push_back(z.const_data_ptr<scalar_t>());
+    if (M > 0) per_channel_weighted_sum<scalar_t>(ptrs, coef.data(), bias.data(), out.data_ptr<scalar_t>(), M, C);
+  });
+  for (int64_t k = 0; k < Kn; ++k) update_running_stats(running_means[k], running_vars[k], means[k], vars[k], momentum, M);
+  return {prefers_channels_last(z0) ? out : out.contiguous(), means, invstds};
+}
+
+// (grad of every zs[k] (empty unless need_zs_grad), grad of weights (empty unless need_weights_grad)); zs holds every
+// input when the weights need a gradient, else at least the normalised ones
+std::tuple<std::vector<Tensor>, Tensor> normalized_mixed_sum_backward(const Tensor& grad, at::TensorList zs,
+                                                                      const Tensor& weights, const Tensor& means,
+                                                                      const Tensor& invstds, bool need_zs_grad,
+                                                                      bool need_weights_grad) {
+  const char* op = "normalized_mixed_sum";
+  check_4d(op, "grad", grad);
+  check_float(op, "grad", grad);
+  check_device_type(op, "grad", grad, kDev);
+  const int64_t K = weights.numel(), Kn = means.size(0);
+  const int64_t C = grad.size(1), M = grad.numel() / std::max<int64_t>(1, C);
+  TORCH_CHECK_VALUE(means.dim() == 2 && means.size(1) == C && invstds.sizes().equals(means.sizes()) && Kn <= K,
+                    "fastnas.", op, ": backward expects means and invstds of one shape [num_normalized, ", C, "], got ",
+                    shape_str(means.sizes()), " and ", shape_str(invstds.sizes()));
+  const int64_t used = need_weights_grad ? K : Kn;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(zs.size()) >= used, "fastnas.", op, ": backward expects ", used,
+                    " inputs, got ", zs.size());
+  for (int64_t k = 0; k < used; ++k) check_grad(op, grad, zs[k]);
+  const c10::ScalarType acc = acc_dtype(grad.scalar_type());
+  Tensor gw = at::zeros({need_weights_grad ? K : 0}, grad.options().dtype(acc));
+  std::vector<Tensor> gzs;
+  if (M == 0 || (!need_zs_grad && !need_weights_grad)) {
+    if (need_zs_grad)
+      for (int64_t k = 0; k < K; ++k) gzs.push_back(at::zeros_like(grad));
+    return {gzs, gw};
+  }
+  Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+  std::vector<Tensor> zc;
+  for (int64_t k = 0; k < used; ++k) zc.push_back(zs[k].contiguous(c10::MemoryFormat::ChannelsLast));
+  Tensor w = as_acc(weights, grad.scalar_type());
+  Tensor mc = means.to(acc).contiguous(), ic = invstds.to(acc).contiguous();
+  const bool cl = prefers_channels_last(grad) || (zs.size() > 0 && prefers_channels_last(zs[0]));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::normalized_mixed_sum_backward",
+                                  [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> ptrs;
+    for (const Tensor& z : zc) ptrs.push_back(z.const_data_ptr<scalar_t>());
+    const std::vector<A> sums = grad_dot_sums<scalar_t>(gc.const_data_ptr<scalar_t>(), ptrs, M, C);
+    const A* sg = sums.data();
+    const A* wp = w.const_data_ptr<A>();
+    const A inv_m = A(1) / static_cast<A>(M);
+    std::vector<A> a(C), b(C), cc(C);
+    for (int64_t k = 0; k < K; ++k) {
+      const A* t = k < used ? sums.data() + (k + 1) * C : nullptr;
+      if (k < Kn) {
+        const A* mu = mc.const_data_ptr<A>() + k * C;
+        const A* is = ic.const_data_ptr<A>() + k * C;
+        A dot = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const A sgy = is[c] * (t[c] - mu[c] * sg[c]);  // sum over rows of g * y_k
+          dot += sgy;
+          a[c] = wp[k] * is[c];
+          b[c] = -wp[k] * is[c] * is[c] * sgy * inv_m;
+          cc[c] = -a[c] * sg[c] * inv_m - b[c] * mu[c];
+        }
+        if (need_weights_grad) gw.data_ptr<A>()[k] = dot;
+        if (need_zs_grad) {
+          Tensor gz = at::empty_like(gc, c10::MemoryFormat::ChannelsLast);
+          per_channel_affine_grad<scalar_t>(gc.const_data_ptr<scalar_t>(), ptrs[k], a.data(), b.data(), cc.data(),
+                                            gz.data_ptr<scalar_t>(), M, C);
+          gzs.push_back(cl ? gz : gz.contiguous());
+        }
+      } else {
+        if (need_weights_grad) {
+          A dot = 0;
+          for (int64_t c = 0; c < C; ++c) dot += t[c];
+          gw.data_ptr<A>()[k] = dot;
+        }
+        if (need_zs_grad) {
+          Tensor gz = gc.mul(static_cast<double>(wp[k]));
+          gzs.push_back(cl ? gz : gz.contiguous());
+        }
+      }
+    }
+  });
+  return {gzs, gw};
+}
+
 }  // namespace
 
 // the CPU kernels of this capability
@@ -614,6 +761,8 @@ void register_impls(torch::Library& m) {
   m.impl("channel_gate_backward_x", &channel_gate_backward_x);
   m.impl("depthwise_conv2d_weight_grad", &depthwise_conv2d_weight_grad);
   m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("normalized_mixed_sum", &normalized_mixed_sum);
+  m.impl("normalized_mixed_sum_backward", &normalized_mixed_sum_backward);
   m.impl("batch_norm_backward", &batch_norm_backward);
   m.impl("max_pool2d", &max_pool2d);
   m.impl("max_pool2d_backward", &max_pool2d_backward);

@@ -99,7 +99,8 @@ class LeanConv2d(nn.Conv2d):
             layout = torch.channels_last if _channels_innermost(x) else torch.contiguous_format
             x = x[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=layout)
             stride, padding, dilation = self.subsampled
-        if self.depthwise and isinstance(padding, tuple) and _lean_path_allowed(self):
+        if self.depthwise and isinstance(padding, tuple) and getattr(self, "memory_efficient", True) \
+                and torch.is_grad_enabled():  # (compiled regions too: the kernels have fake implementations)
             fused = ops.cpu_kernel("depthwise_conv2d", x.device)
             if fused is not None:
                 return fused(x, self.weight, stride, padding, dilation)

@@ -24,6 +24,16 @@ class LeadingReLU:
             r = module(r)
         return r
 
+    def split_norm_after_relu(self, r: torch.Tensor) -> tuple[torch.Tensor, nn.Module] | None:
+        """(z, bn) with ``bn(z) == after_relu(r)`` when the op ends with a lean batch norm (a search cell's fused node
+        sum then applies it), else None."""
+        modules = list(self)
+        if not isinstance(modules[-1], LeanBatchNorm2d):
+            return None
+        for module in modules[1:-1]:
+            r = module(r)
+        return r, modules[-1]
+
 
 class ReLUConvBN(LeadingReLU, nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
@@ -53,6 +63,10 @@ class SepConv(LeadingReLU, nn.Sequential):
     def after_relu(self, r: torch.Tensor) -> torch.Tensor:
         return self[1](self[0].after_relu(r))
 
+    def split_norm_after_relu(self, r: torch.Tensor) -> tuple[torch.Tensor, nn.Module] | None:
+        second = self[1]
+        return second.split_norm_after_relu(second[0](self[0].after_relu(r)))
+
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
             DilConv(c_in, c_in, kernel_size, stride, padding, 1, affine),
@@ -76,11 +90,15 @@ class FactorizedReduce(LeadingReLU, nn.Module):
         return self.after_relu(self.relu(x))
 
     def after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        z, bn = self.split_norm_after_relu(x)
+        return bn(z)
+
+    def split_norm_after_relu(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
         shifted = x[:, :, 1:, 1:]
         h_odd, w_odd = x.shape[-2] % 2, x.shape[-1] % 2
         if h_odd or w_odd:  # pad the shifted branch back so that odd sizes work too
             shifted = nn.functional.pad(shifted, (0, w_odd, 0, h_odd))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        return torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1), self.bn
 
 
 class Zero(nn.Module):

@@ -25,6 +25,8 @@ from ..errors import ConfigError
 from ..space import channel_attention_op, make_op
 from .attention import DEFAULT_REDUCTION
 from .operations import FactorizedReduce, LeadingReLU, ReLUConvBN
+from ..ops._checks import prefers_channels_last
+from ..ops._normalized_sum import normalized_mixed_sum
 from .recompute import RecomputableBatchNorm, recompute
 
 
@@ -85,6 +87,8 @@ class SearchCell(nn.Module):
         self.parameter_free = [[is_parameter_free(op) for op in edge] for edge in self.edges]
         self.recompute_parameter_free = True
         self.share_relu = True
+        # the node sums apply the candidates' final batch norms where the cpu backend's fused kernel applies
+        self.fuse_norms = True
         # per edge, a callable h -> outputs of the edge's candidates that are not parameter-free, in order (set by
         # fastnas.compilation.compile_regions; a plain attribute, so neither a submodule nor in the state dict)
         self.edge_regions: list | None = None
@@ -128,17 +132,42 @@ class SearchCell(nn.Module):
                                          node_weights: torch.Tensor, relus: dict[int, torch.Tensor]) -> torch.Tensor:
         """The node sum with the parameter-free candidates' share computed under :func:`recompute`: neither their
         outputs nor their internals (max-pool indices, batch-norm inputs) are stored for the backward."""
+        fuse = self._fuses_norms(states[0])
         kept, kept_w, free = [], [], []
+        normalized, normalized_w = [], []  # (z, bn) of candidates whose final batch norm the node sum applies
         for j, h in enumerate(states):
             e = offset + j
-            kept += self._kept_outputs(e, h, j, relus)
-            for c, is_free in enumerate(self.parameter_free[e]):
-                if is_free:
-                    free.append((j, c))
-                else:
-                    kept_w.append(node_weights[j, c])
+            if fuse:
+                terms = [self._split_norm(op, h, j, relus)
+                         for op, is_free in zip(self.edges[e], self.parameter_free[e]) if not is_free]
+            else:
+                terms = [(out, None) for out in self._kept_outputs(e, h, j, relus)]
+            kept_c = [c for c, is_free in enumerate(self.parameter_free[e]) if not is_free]
+            for (t, bn), c in zip(terms, kept_c):
+                (normalized if bn is not None else kept).append((t, bn) if bn is not None else t)
+                (normalized_w if bn is not None else kept_w).append(node_weights[j, c])
+            free += [(j, c) for c, is_free in enumerate(self.parameter_free[e]) if is_free]
+        if normalized:  # one momentum and eps for the fused norms; any other norm runs by itself
+            settings = (normalized[0][1].momentum, normalized[0][1].eps)
+            odd = [i for i, (_, bn) in enumerate(normalized) if (bn.momentum, bn.eps) != settings]
+            for i in reversed(odd):
+                z, bn = normalized.pop(i)
+                kept.append(bn(z))
+                kept_w.append(normalized_w.pop(i))
+        if normalized:
+            share = self._recomputed_share(states, offset, node_weights, free) if free else None
+            ones = [torch.ones((), dtype=node_weights.dtype, device=node_weights.device)] if free else []
+            plain = kept + ([share.to(normalized[0][0].dtype)] if free else [])
+            return normalized_mixed_sum(normalized, plain, torch.stack(normalized_w + kept_w + ones))
         if not free:
             return ops.mixed_sum(kept, node_weights.reshape(-1))
+        share = self._recomputed_share(states, offset, node_weights, free)
+        weights = torch.stack(kept_w + [torch.ones((), dtype=node_weights.dtype, device=node_weights.device)])
+        return ops.mixed_sum(kept + [share.to(kept[0].dtype) if kept else share], weights) if kept else share
+
+    def _recomputed_share(self, states: list[torch.Tensor], offset: int, node_weights: torch.Tensor,
+                          free: list[tuple[int, int]]) -> torch.Tensor:
+        """Σ of the parameter-free candidates (state j, position c) of a node, under :func:`recompute`."""
         edges = self.edges[offset:offset + len(states)]
         backend = ops.get_backend()  # the backward's re-run must use the backend of this forward
 
@@ -149,9 +178,30 @@ class SearchCell(nn.Module):
                 return ops.mixed_sum([edges[j][c](hs[j]) for j, c in free], free_w, backend=backend)
 
         free_w = torch.stack([node_weights[j, c] for j, c in free])
-        share = recompute(free_share, free_w, *states)
-        weights = torch.stack(kept_w + [torch.ones((), dtype=node_weights.dtype, device=node_weights.device)])
-        return ops.mixed_sum(kept + [share.to(kept[0].dtype) if kept else share], weights) if kept else share
+        return recompute(free_share, free_w, *states)
+
+    def _fuses_norms(self, like: torch.Tensor) -> bool:
+        """Whether this node sum applies its candidates' final batch norms itself (the ``cpu`` backend's
+        ``normalized_mixed_sum``: the normalised outputs are never written): eager, channels_last, float32/64."""
+        return (self.fuse_norms and self.share_relu and self.edge_regions is None and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and like.dtype in (torch.float32, torch.float64)
+                and prefers_channels_last(like) and not torch.is_autocast_enabled(like.device.type)
+                and ops.cpu_kernel("normalized_mixed_sum", like.device) is not None)
+
+    def _split_norm(self, op: nn.Module, h: torch.Tensor, j: int,
+                    relus: dict[int, torch.Tensor]) -> tuple[torch.Tensor, nn.Module | None]:
+        """(z, bn) when ``op`` ends with a batch norm the fused node sum can apply, else (op's output, None)."""
+        split = None
+        if isinstance(op, LeadingReLU) and hasattr(op, "split_norm_after_relu"):
+            if j not in relus:
+                relus[j] = torch.relu(h)
+            split = op.split_norm_after_relu(relus[j])
+        if split is None:
+            return self._run(op, h, j, relus), None
+        z, bn = split
+        if bn.lean_applies(z) and bn.momentum is not None and prefers_channels_last(z):
+            return z, bn
+        return bn(z), None
 
     def _partial_node(self, states: list[torch.Tensor], offset: int, node_weights: torch.Tensor,
                       beta: torch.Tensor, relus: dict[int, torch.Tensor]) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from . import _checks, _gates
 from . import _pool2d
 from ._depthwise import depthwise_conv2d  # noqa: F401  (the backend's depthwise convolution)
+from ._normalized_sum import normalized_mixed_sum  # noqa: F401  (the backend's node sum with batch norms)
 from ._pool2d import avg_pool2d, max_pool2d  # noqa: F401  (the backend's pooling)
 
 _LOAD_ERROR: str | None = None
@@ -157,6 +158,25 @@ if _LOAD_ERROR is None:
         gx = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
         return gx if _checks.prefers_channels_last(y) else gx.contiguous()
 
+    @torch.library.register_fake("fastnas::normalized_mixed_sum")
+    def _(zs, weights, num_normalized, running_means, running_vars, momentum, eps):
+        z = zs[0]
+        out = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=torch.channels_last)
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        stats = z.new_empty((num_normalized, z.shape[1]), dtype=acc)
+        return (out if _checks.prefers_channels_last(z) else out.contiguous()), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("fastnas::normalized_mixed_sum_backward")
+    def _(grad, zs, weights, means, invstds, need_zs_grad, need_weights_grad):
+        like = zs[0] if len(zs) else grad
+        cl = _checks.prefers_channels_last(grad) or _checks.prefers_channels_last(like)
+        def one():
+            g = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last)
+            return g if cl else g.contiguous()
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        gzs = [one() for _ in range(weights.shape[0])] if need_zs_grad else []
+        return gzs, grad.new_empty((weights.shape[0] if need_weights_grad else 0,), dtype=acc)
+
     _pool2d.register()
 
     # ---------------------------------------------------------------------------------------------- autograd
@@ -248,6 +268,7 @@ if _LOAD_ERROR is None:
         "depthwise_conv2d_weight_grad": _ops.depthwise_conv2d_weight_grad,
         "batch_norm_train": _ops.batch_norm_train,
         "batch_norm_backward": _ops.batch_norm_backward,
+        "normalized_mixed_sum": _ops.normalized_mixed_sum,
     }
 
 

@@ -9,7 +9,8 @@ The forward is PyTorch's convolution (oneDNN on the CPU). The backward on the CP
   depthwise filters is up to 10x slower than its forward path (dilated or 3x3 filters, channels_last).
 
 The input is saved only when the weight needs a gradient. Double backward (``create_graph``) uses ATen's
-differentiable formulas. Autocast, ``torch.compile`` and other devices run plain ``F.conv2d``.
+differentiable formulas. Autocast and other devices run plain ``F.conv2d``; under ``torch.compile`` the function is
+traced like any other (the weight-gradient kernel has a fake implementation).
 """
 from __future__ import annotations
 
@@ -81,8 +82,7 @@ class DepthwiseConv2d(torch.autograd.Function):
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: _IntPair, padding: _IntPair,
                      dilation: _IntPair) -> torch.Tensor:
     """The cpu backend's depthwise convolution (arguments already checked and normalised)."""
-    if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
-            or x.dtype != weight.dtype or not (x.requires_grad or weight.requires_grad)
+    if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dtype != weight.dtype or not (x.requires_grad or weight.requires_grad)
             or not torch.is_grad_enabled()):
         return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
     return DepthwiseConv2d.apply(x, weight, stride, padding, dilation)
