@@ -306,3 +306,110 @@ def test_lean_batch_norm_gradcheck_on_the_cpu_kernels():
 def test_batch_norm_bad_inputs(bad, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         bad()
+
+
+# ------------------------------------------------------------------------------------------------ normalized sum
+
+def _normalized_sum_reference(zs, weights, num_normalized, means, variances, momentum=0.1, eps=1e-5):
+    outs = [F.batch_norm(z, m, v, None, None, True, momentum, eps) for z, m, v in
+            zip(zs[:num_normalized], means, variances)] + list(zs[num_normalized:])
+    return sum(w * o for w, o in zip(weights, outs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("counts", [(3, 2), (1, 0), (4, 1), (0, 2)])
+@pytest.mark.parametrize("need", ["both", "z", "w"])
+def test_normalized_mixed_sum_matches_batch_norms_then_sum(dtype, layout, counts, need):
+    from fastnas.ops._normalized_sum import NormalizedMixedSum
+
+    n_norm, n_plain = counts
+    shape = (3, 19, 5, 4)
+    zs = [_make(shape, dtype, layout, seed=k, scale=2.0, shift=k - 1.0).requires_grad_(need != "w")
+          for k in range(n_norm + n_plain)]
+    w = torch.randn(n_norm + n_plain, dtype=dtype).requires_grad_(need != "z")
+    stats = [(torch.randn(19, dtype=dtype), torch.rand(19, dtype=dtype) + 0.5) for _ in range(n_norm)]
+    ref_stats = [(m.clone(), v.clone()) for m, v in stats]
+    out = NormalizedMixedSum.apply(w, n_norm, [m for m, _ in stats], [v for _, v in stats], 0.1, 1e-5, *zs)
+    ref = _normalized_sum_reference(zs, w, n_norm, [m for m, _ in ref_stats], [v for _, v in ref_stats])
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, ref, **tol)
+    for (m, v), (rm, rv) in zip(stats, ref_stats):
+        torch.testing.assert_close(m, rm, **tol)
+        torch.testing.assert_close(v, rv, **tol)
+    wrt = [t for t in (*zs, w) if t.requires_grad]
+    g = _make(shape, dtype, layout, seed=9)
+    for a, b in zip(_grads(out, wrt, g), _grads(ref, wrt, g)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_normalized_mixed_sum_gradcheck_and_opcheck():
+    from fastnas.ops._normalized_sum import NormalizedMixedSum
+
+    zs = [_make((2, 3, 4, 3), torch.float64, "channels_last", seed=k).requires_grad_() for k in range(3)]
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def fn(w, *zs):
+        stats = [torch.zeros(3, dtype=torch.float64) for _ in range(4)]
+        return NormalizedMixedSum.apply(w, 2, stats[:2], stats[2:], 0.1, 1e-5, *zs)
+
+    assert torch.autograd.gradcheck(fn, (w, *zs))
+    z32 = [z.detach().float() for z in zs]
+    torch.library.opcheck(torch.ops.fastnas.normalized_mixed_sum.default,
+                          (z32, w.detach().float(), 2, [torch.zeros(3), torch.zeros(3)], [torch.ones(3), torch.ones(3)],
+                           0.1, 1e-5))
+    out, means, invstds = torch.ops.fastnas.normalized_mixed_sum(z32, w.detach().float(), 2, [torch.zeros(3)] * 2,
+                                                                 [torch.ones(3)] * 2, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.fastnas.normalized_mixed_sum_backward.default,
+                          (torch.randn_like(out), z32, w.detach().float(), means, invstds, True, True))
+
+
+def test_fused_node_sums_match_the_reference_supernet():
+    """The cpu backend's node sums with the candidates' batch norms fused give the reference's loss, gradients and
+    running statistics (channels_last, where the fusion applies)."""
+    import fastnas
+
+    def run(backend):
+        torch.manual_seed(0)
+        net = fastnas.SuperNet(8, 3, 10, primitives="at-darts", in_channels=1).to(memory_format=torch.channels_last)
+        x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+        with ops.backend(backend):
+            loss = F.cross_entropy(net(x), torch.arange(4))
+        loss.backward()
+        return loss, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}, dict(net.named_buffers())
+
+    called = []
+    real = torch.ops.fastnas.normalized_mixed_sum
+
+    class Spy:
+        def __call__(self, *a, **k):
+            called.append(1)
+            return real(*a, **k)
+
+    from fastnas.ops import _normalized_sum
+    _normalized_sum.torch.ops.fastnas.normalized_mixed_sum  # noqa: B018
+    ref = run("reference")
+    import unittest.mock as mock
+    with mock.patch.object(torch.ops.fastnas, "normalized_mixed_sum", Spy()):
+        got = run("cpu")
+    assert called, "the fused node sum did not run"
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    for name in ref[1]:
+        torch.testing.assert_close(got[1][name], ref[1][name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: torch.ops.fastnas.normalized_mixed_sum([torch.randn(2, 3, 2, 2)] * 2, torch.ones(2), 3, [], [], 0.1, 1e-5),
+     "num_normalized"),
+    (lambda: torch.ops.fastnas.normalized_mixed_sum([torch.randn(2, 3, 2, 2)] * 2, torch.ones(2), 1, [], [], 0.1, 1e-5),
+     "running_means"),
+    (lambda: torch.ops.fastnas.normalized_mixed_sum([torch.randn(2, 3, 2, 2)] * 2, torch.ones(3), 0, [], [], 0.1, 1e-5),
+     "weights"),
+    (lambda: torch.ops.fastnas.normalized_mixed_sum([torch.randn(2, 3, 2, 2)] * 2, torch.ones(2), 1, [torch.zeros(4)],
+                                                    [torch.ones(3)], 0.1, 1e-5), r"running_means\[0\] must have shape"),
+])
+def test_normalized_mixed_sum_bad_inputs(bad, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        bad()
