@@ -73,6 +73,13 @@ TORCH_LIBRARY(fastnas, m) {
   m.def("normalized_mixed_sum_backward(Tensor grad, Tensor[] zs, Tensor weights, Tensor means, Tensor invstds, "
         "bool need_zs_grad, bool need_weights_grad) -> (Tensor[], Tensor)");
 
+  // stride-1 convolution of x [N, C, H, W] to one channel, weight [1, C, kh, kw], zero padding < kernel size, no
+  // bias (a CBAM spatial gate's convolution) (CPU kernels)
+  m.def("single_channel_conv2d(Tensor x, Tensor weight, int[2] padding) -> Tensor");
+  // (grad x (empty unless need_x_grad), grad weight (empty unless need_weight_grad))
+  m.def("single_channel_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[2] padding, bool need_x_grad, "
+        "bool need_weight_grad) -> (Tensor, Tensor)");
+
   // kh x kw max pooling with zero-size padding ignored: (the pooled tensor, uint8 window position kh_i * kw + kw_i
   // of each first maximum) (CPU kernels)
   m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)");

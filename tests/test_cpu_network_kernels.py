@@ -413,3 +413,101 @@ def test_fused_node_sums_match_the_reference_supernet():
 def test_normalized_mixed_sum_bad_inputs(bad, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         bad()
+
+
+# ------------------------------------------------------------------------------------------------ single-channel conv
+
+SINGLE_CONFS = [(2, 7, 3), (3, 3, 1), (1, 3, 0), (4, 5, 4), (2, 1, 0)]  # channels, kernel, padding
+
+
+@pytest.mark.parametrize("conf", SINGLE_CONFS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("size", [(9, 7), (4, 4), (1, 11)])
+def test_single_channel_conv_matches_torch_float64(conf, layout, size):
+    from fastnas.ops._single_conv import SingleChannelConv2d
+
+    c, k, p = conf
+    if size[0] + 2 * p < k or size[1] + 2 * p < k:
+        pytest.skip("the filter does not fit")
+    x = _make((2, c, *size), torch.float64, layout).requires_grad_()
+    w = _make((1, c, k, k), torch.float64, "nchw", seed=1).requires_grad_()
+    out, ref = SingleChannelConv2d.apply(x, w, (p, p)), F.conv2d(x, w, None, 1, p)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (x, w), g), _grads(ref, (x, w), g)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_single_channel_conv_low_precision(dtype):
+    from fastnas.ops._single_conv import SingleChannelConv2d
+
+    x64 = _make((3, 2, 8, 8), torch.float64, "channels_last")
+    w64 = _make((1, 2, 7, 7), torch.float64, "nchw", seed=1) * 0.2
+    x, w = x64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
+    rx, rw = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    out, ref = SingleChannelConv2d.apply(x, w, (3, 3)), F.conv2d(rx, rw, None, 1, 3)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    g = torch.randn_like(ref).to(dtype)
+    got, expected = _grads(out, (x, w), g), _grads(ref, (rx, rw), g.double())
+    for a, b, scale in zip(got, expected, (1, 8)):  # the weight gradient sums 3*8*8 products per tap
+        torch.testing.assert_close(a.double(), b, **{key: v * scale for key, v in TOL[dtype].items()})
+
+
+def test_single_channel_conv_gradcheck_opcheck_and_compile():
+    from fastnas.ops._single_conv import SingleChannelConv2d
+
+    x = _make((2, 2, 5, 6), torch.float64, "channels_last").requires_grad_()
+    w = _make((1, 2, 3, 3), torch.float64, "nchw", seed=1).requires_grad_()
+    fn = lambda a, b: SingleChannelConv2d.apply(a, b, (1, 1))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+    for layout in LAYOUTS:
+        xf = _make((2, 2, 7, 6), torch.float32, layout)
+        wf = _make((1, 2, 7, 7), torch.float32, "nchw", seed=1)
+        torch.library.opcheck(torch.ops.fastnas.single_channel_conv2d.default, (xf, wf, [3, 3]))
+        g = torch.randn(2, 1, 7, 6)
+        torch.library.opcheck(torch.ops.fastnas.single_channel_conv2d_backward.default,
+                              (g, xf, wf, [3, 3], True, True))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x, w)
+    torch.testing.assert_close(out, fn(x, w))
+
+
+def test_spatial_gate_uses_the_kernel_on_the_cpu_backend():
+    from fastnas.nn import SpatialAttention
+
+    gate = SpatialAttention(7, affine=False).double()
+    x = _make((2, 6, 9, 9), torch.float64, "channels_last").requires_grad_()
+    with ops.backend("reference"):
+        ref = gate(x)
+    with ops.backend("cpu"):
+        out = gate(x)
+    torch.testing.assert_close(out, ref)
+    assert "SingleChannelConv2d" in str(out.grad_fn.next_functions) or _reaches(out.grad_fn, "SingleChannelConv2d")
+
+
+def _reaches(fn, name: str, depth: int = 12) -> bool:
+    if fn is None or depth == 0:
+        return False
+    if name in fn.name():
+        return True
+    return any(_reaches(f, name, depth - 1) for f, _ in fn.next_functions)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: torch.ops.fastnas.single_channel_conv2d(torch.randn(2, 2, 5, 5), torch.randn(2, 2, 3, 3), [1, 1]),
+     r"weight must have shape \[1, 2"),
+    (lambda: torch.ops.fastnas.single_channel_conv2d(torch.randn(2, 2, 5, 5), torch.randn(1, 2, 3, 3), [3, 1]),
+     "padding"),
+    (lambda: torch.ops.fastnas.single_channel_conv2d(torch.randn(2, 2, 2, 2), torch.randn(1, 2, 7, 7), [1, 1]),
+     "does not fit"),
+    (lambda: torch.ops.fastnas.single_channel_conv2d(torch.randn(2, 2, 5, 5), torch.randn(1, 2, 3, 3).double(),
+                                                     [1, 1]), "dtype"),
+    (lambda: torch.ops.fastnas.single_channel_conv2d_backward(torch.randn(2, 1, 4, 4), torch.randn(2, 2, 5, 5),
+                                                              torch.randn(1, 2, 3, 3), [1, 1], True, True),
+     r"grad must have shape \[2, 1, 5, 5\]"),
+])
+def test_single_channel_conv_bad_inputs(bad, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        bad()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import _single_conv
 from ..ops._checks import prefers_channels_last
 
 
@@ -77,7 +78,8 @@ def _channels_innermost(x: torch.Tensor) -> bool:
 class LeanConv2d(nn.Conv2d):
     """``nn.Conv2d`` that keeps only its weight for the backward while the weight is frozen (no bias, zero padding
     mode: the convolutions of the search space). A depthwise convolution runs on the selected backend's depthwise
-    kernels where it has them (:func:`fastnas.ops.depthwise_conv2d`). A strided dilated convolution that reads every s-th pixel only
+    kernels where it has them (:func:`fastnas.ops.depthwise_conv2d`), a stride-1 convolution of a few channels to one
+    (a spatial gate's) on its single-channel kernels. A strided dilated convolution that reads every s-th pixel only
     (:func:`subsampling_plan`) runs as the equal undilated convolution of the subsampled input."""
 
     memory_efficient = True
@@ -104,6 +106,11 @@ class LeanConv2d(nn.Conv2d):
             fused = ops.cpu_kernel("depthwise_conv2d", x.device)
             if fused is not None:
                 return fused(x, self.weight, stride, padding, dilation)
+        if self.out_channels == 1 and self.bias is None and self.padding_mode == "zeros" \
+                and getattr(self, "memory_efficient", True) and torch.is_grad_enabled():
+            single = ops.cpu_kernel("single_channel_conv2d", x.device)
+            if single is not None and _single_conv.applies(x, self.weight, stride, padding, dilation, self.groups):
+                return single(x, self.weight, padding)
         if (self.bias is None and self.padding_mode == "zeros" and not self.weight.requires_grad
                 and x.requires_grad and isinstance(padding, tuple) and _lean_path_allowed(self)):
             return _FrozenWeightConv.apply(x, self.weight, stride, padding, dilation, self.groups)

@@ -22,6 +22,7 @@ from . import _pool2d
 from ._depthwise import depthwise_conv2d  # noqa: F401  (the backend's depthwise convolution)
 from ._normalized_sum import normalized_mixed_sum  # noqa: F401  (the backend's node sum with batch norms)
 from ._pool2d import avg_pool2d, max_pool2d  # noqa: F401  (the backend's pooling)
+from ._single_conv import single_channel_conv2d  # noqa: F401  (the backend's convolution to one channel)
 
 _LOAD_ERROR: str | None = None
 
@@ -177,6 +178,22 @@ if _LOAD_ERROR is None:
         gzs = [one() for _ in range(weights.shape[0])] if need_zs_grad else []
         return gzs, grad.new_empty((weights.shape[0] if need_weights_grad else 0,), dtype=acc)
 
+    @torch.library.register_fake("fastnas::single_channel_conv2d")
+    def _(x, weight, padding):
+        shape = (x.shape[0], 1, x.shape[2] + 2 * padding[0] - weight.shape[2] + 1,
+                 x.shape[3] + 2 * padding[1] - weight.shape[3] + 1)
+        fmt = torch.channels_last if _checks.prefers_channels_last(x) else torch.contiguous_format
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+    @torch.library.register_fake("fastnas::single_channel_conv2d_backward")
+    def _(grad, x, weight, padding, need_x_grad, need_weight_grad):
+        fmt = torch.channels_last if _checks.prefers_channels_last(x) else torch.contiguous_format
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_x_grad \
+            else x.new_empty((0,))
+        gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight_grad \
+            else x.new_empty((0,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return gx, gw
+
     _pool2d.register()
 
     # ---------------------------------------------------------------------------------------------- autograd
@@ -269,6 +286,7 @@ if _LOAD_ERROR is None:
         "batch_norm_train": _ops.batch_norm_train,
         "batch_norm_backward": _ops.batch_norm_backward,
         "normalized_mixed_sum": _ops.normalized_mixed_sum,
+        "single_channel_conv2d": _ops.single_channel_conv2d,
     }
 
 
