@@ -50,6 +50,22 @@ Tensor logits_grad(const Tensor& s, const Tensor& d, const Tensor& logits) {
   return out;
 }
 
+// A 4-D floating-point CPU tensor, or an error naming the op and the argument.
+void check_cpu_4d_float(const char* op, const char* arg, const Tensor& t) {
+  check_4d(op, arg, t);
+  check_float(op, arg, t);
+  check_device_type(op, arg, t, kDev);
+}
+
+// Each of the named int[2] arguments holds two integers >= its minimum.
+void check_int_pairs(const char* op,
+                     std::initializer_list<std::tuple<const char*, at::IntArrayRef, int64_t>> args) {
+  for (const auto& [name, v, lo] : args) {
+    TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= lo && v[1] >= lo, "fastnas.", op, ": ", name,
+                      " must be two integers >= ", lo, ", got ", shape_str(v));
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ mixed_sum
 
 Tensor mixed_sum(at::TensorList xs, const Tensor& weights) {
@@ -368,18 +384,13 @@ Tensor channel_gate_backward_x(const Tensor& grad, const Tensor& logits, const T
 Tensor depthwise_conv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const char* op = "depthwise_conv2d_weight_grad";
-  check_4d(op, "x", x);
-  check_float(op, "x", x);
-  check_device_type(op, "x", x, kDev);
+  check_cpu_4d_float(op, "x", x);
   check_4d(op, "grad", grad);
   check_same_device(op, "grad", grad, "x", x);
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "fastnas.", op, ": grad has dtype ",
                    dtype_name(grad.scalar_type()), ", expected the dtype of x (", dtype_name(x.scalar_type()), ")");
-  for (const auto& [name, v, lo] : {std::tuple<const char*, at::IntArrayRef, int64_t>{"kernel_size", kernel_size, 1},
-                                    {"stride", stride, 1}, {"padding", padding, 0}, {"dilation", dilation, 1}}) {
-    TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= lo && v[1] >= lo, "fastnas.", op, ": ", name,
-                      " must be two integers >= ", lo, ", got ", shape_str(v));
-  }
+  check_int_pairs(op, {{"kernel_size", kernel_size, 1}, {"stride", stride, 1}, {"padding", padding, 0},
+                       {"dilation", dilation, 1}});
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
   const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
@@ -408,11 +419,7 @@ Tensor depthwise_conv2d_weight_grad(const Tensor& grad, const Tensor& x, at::Int
 // channels_last when the input prefers it (prefers_channels_last), else they are NCHW.
 
 void check_pool_args(const char* op, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
-  for (const auto& [name, v, lo] : {std::tuple<const char*, at::IntArrayRef, int64_t>{"kernel_size", kernel_size, 1},
-                                    {"stride", stride, 1}, {"padding", padding, 0}}) {
-    TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= lo && v[1] >= lo, "fastnas.", op, ": ", name,
-                      " must be two integers >= ", lo, ", got ", shape_str(v));
-  }
+  check_int_pairs(op, {{"kernel_size", kernel_size, 1}, {"stride", stride, 1}, {"padding", padding, 0}});
   TORCH_CHECK_VALUE(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, "fastnas.", op,
                     ": padding ", shape_str(padding), " must be at most half the kernel size ",
                     shape_str(kernel_size));
@@ -440,9 +447,7 @@ Tensor pool_output(const Tensor& like, at::IntArrayRef sizes, bool channels_last
 std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                       at::IntArrayRef padding) {
   const char* op = "max_pool2d";
-  check_4d(op, "x", x);
-  check_float(op, "x", x);
-  check_device_type(op, "x", x, kDev);
+  check_cpu_4d_float(op, "x", x);
   const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
   const bool cl = prefers_channels_last(x);
   Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(c10::MemoryFormat::ChannelsLast));
@@ -462,9 +467,7 @@ Tensor max_pool2d_backward(const Tensor& grad, const Tensor& argmax, int64_t H, 
                            at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                            bool channels_last) {
   const char* op = "max_pool2d";
-  check_4d(op, "grad", grad);
-  check_float(op, "grad", grad);
-  check_device_type(op, "grad", grad, kDev);
+  check_cpu_4d_float(op, "grad", grad);
   const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
   TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo && argmax.sizes().equals(grad.sizes()), "fastnas.",
                     op, ": backward expects grad and argmax of shape [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo,
@@ -486,9 +489,7 @@ Tensor max_pool2d_backward(const Tensor& grad, const Tensor& argmax, int64_t H, 
 
 Tensor avg_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
   const char* op = "avg_pool2d";
-  check_4d(op, "x", x);
-  check_float(op, "x", x);
-  check_device_type(op, "x", x, kDev);
+  check_cpu_4d_float(op, "x", x);
   const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
   Tensor out = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, x.scalar_type());
   if (out.numel() > 0) {
@@ -503,9 +504,7 @@ Tensor avg_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef 
 Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, bool channels_last) {
   const char* op = "avg_pool2d";
-  check_4d(op, "grad", grad);
-  check_float(op, "grad", grad);
-  check_device_type(op, "grad", grad, kDev);
+  check_cpu_4d_float(op, "grad", grad);
   const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
   TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo, "fastnas.", op, ": backward expects grad of shape [",
                     g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "], got ", shape_str(grad.sizes()));
@@ -554,9 +553,7 @@ void check_running_stat(const char* op, const std::string& name, const Tensor& t
 std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mean, Tensor& running_var,
                                             double momentum, double eps) {
   const char* op = "batch_norm_train";
-  check_4d(op, "x", x);
-  check_float(op, "x", x);
-  check_device_type(op, "x", x, kDev);
+  check_cpu_4d_float(op, "x", x);
   const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(1, C);
   TORCH_CHECK_VALUE(M > 1, "fastnas.", op, ": training needs more than one value per channel, got input of shape ",
                     shape_str(x.sizes()));
@@ -583,9 +580,7 @@ std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mea
 // the input gradient of batch_norm_train from its output y and invstd
 Tensor batch_norm_backward(const Tensor& grad, const Tensor& y, const Tensor& invstd) {
   const char* op = "batch_norm_backward";
-  check_4d(op, "y", y);
-  check_float(op, "y", y);
-  check_device_type(op, "y", y, kDev);
+  check_cpu_4d_float(op, "y", y);
   check_grad(op, grad, y);
   const int64_t C = y.size(1), M = y.numel() / std::max<int64_t>(1, C);
   const c10::ScalarType acc = acc_dtype(y.scalar_type());
@@ -672,9 +667,7 @@ std::tuple<std::vector<Tensor>, Tensor> normalized_mixed_sum_backward(const Tens
                                                                       const Tensor& invstds, bool need_zs_grad,
                                                                       bool need_weights_grad) {
   const char* op = "normalized_mixed_sum";
-  check_4d(op, "grad", grad);
-  check_float(op, "grad", grad);
-  check_device_type(op, "grad", grad, kDev);
+  check_cpu_4d_float(op, "grad", grad);
   const int64_t K = weights.numel(), Kn = means.size(0);
   const int64_t C = grad.size(1), M = grad.numel() / std::max<int64_t>(1, C);
   TORCH_CHECK_VALUE(means.dim() == 2 && means.size(1) == C && invstds.sizes().equals(means.sizes()) && Kn <= K,
@@ -750,9 +743,7 @@ std::tuple<std::vector<Tensor>, Tensor> normalized_mixed_sum_backward(const Tens
 
 SingleConvGeometry single_conv_geometry(const char* op, const Tensor& x, const Tensor& weight,
                                         at::IntArrayRef padding) {
-  check_4d(op, "x", x);
-  check_float(op, "x", x);
-  check_device_type(op, "x", x, kDev);
+  check_cpu_4d_float(op, "x", x);
   check_4d(op, "weight", weight);
   check_same_device(op, "weight", weight, "x", x);
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "fastnas.", op, ": weight has dtype ",
