@@ -72,3 +72,11 @@ def channel_scale_logits_shape(x: torch.Tensor) -> list[int]:
 
 def spatial_scale_logits_shape(x: torch.Tensor) -> list[int]:
     return [x.shape[0], 1, x.shape[2], x.shape[3]]
+
+
+def int_pair(op: str, name: str, v, minimum: int) -> tuple[int, int]:
+    """``v`` (an int or two ints) as two ints ≥ ``minimum``; a ValueError naming the op and argument otherwise."""
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) and i >= minimum for i in t):
+        raise ValueError(f"fastnas.{op}: {name} must be an int or two ints >= {minimum}, got {v!r}")
+    return t  # type: ignore[return-value]

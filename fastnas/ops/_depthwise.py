@@ -24,10 +24,7 @@ _IntPair = tuple[int, int]
 
 def pair(v: int | tuple[int, ...], name: str, minimum: int) -> _IntPair:
     """``v`` as two integers ≥ ``minimum``; a clear error otherwise."""
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and i >= minimum for i in t):
-        raise ValueError(f"fastnas.depthwise_conv2d: {name} must be an int or two ints >= {minimum}, got {v!r}")
-    return t  # type: ignore[return-value]
+    return _checks.int_pair("depthwise_conv2d", name, v, minimum)
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:

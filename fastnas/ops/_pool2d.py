@@ -18,15 +18,9 @@ _IntPair = tuple[int, int]
 def pool_args(op: str, kernel_size, stride, padding) -> tuple[_IntPair, _IntPair, _IntPair]:
     """(kernel_size, stride, padding) as pairs (stride defaults to the kernel size, as in ``F.max_pool2d``); a clear
     error for anything else."""
-    def pair(v, name: str, minimum: int) -> _IntPair:
-        t = (v, v) if isinstance(v, int) else tuple(v)
-        if len(t) != 2 or not all(isinstance(i, int) and i >= minimum for i in t):
-            raise ValueError(f"fastnas.{op}: {name} must be an int or two ints >= {minimum}, got {v!r}")
-        return t  # type: ignore[return-value]
-
-    k = pair(kernel_size, "kernel_size", 1)
-    s = k if stride is None or stride == () or stride == [] else pair(stride, "stride", 1)
-    p = pair(padding, "padding", 0)
+    k = _checks.int_pair(op, "kernel_size", kernel_size, 1)
+    s = k if stride is None or stride == () or stride == [] else _checks.int_pair(op, "stride", stride, 1)
+    p = _checks.int_pair(op, "padding", padding, 0)
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(f"fastnas.{op}: padding {list(p)} must be at most half the kernel size {list(k)}")
     return k, s, p
