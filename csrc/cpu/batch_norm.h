@@ -1,9 +1,12 @@
-// Affine-free batch norm in training mode on channels_last data x [M, C] (M = N*H*W rows), vectorised over the
-// channels:
-//   forward:  per-channel mean and biased variance in one pass over x (each block of rows is summed twice while it is
-//             in L1, then the blocks are merged with Chan's formula), then y = (x - mean) * invstd;
-//   backward: gx = invstd * (g - mean(g) - y * mean(g * y)), from the output y (one pass for the two sums, one for gx).
-// Deterministic: the row blocks depend on M and C only and are merged in order.
+// Per-channel kernels on channels_last data [M, C] (M = N*H*W rows), vectorised over the channels, for the
+// affine-free training-mode batch norm and for the search-cell node sum that applies its candidates' batch norms:
+//   bn_stats:                 per-channel mean and biased variance in one pass over x (each block of rows is summed
+//                             twice while it is in L1, then the blocks are merged with Chan's formula);
+//   per_channel_weighted_sum: out = bias + sum_k coef_k * z_k (the batch norm's y = invstd x - invstd mean is K = 1);
+//   grad_dot_sums:            sum_r g and sum_r g * z_k, in one pass over g and every z_k;
+//   per_channel_affine_grad:  gz = a g + b z + c (the batch norm's input gradient from its output y, and the fused
+//                             node sum's input gradients, are per-channel affine in the gradient and one tensor).
+// Deterministic: row blocks depend on M and C only and are merged in order.
 //
 // Included by ops_cpu_impl.h (once per CPU capability).
 #pragma once
@@ -85,90 +88,123 @@ void bn_stats(const T* x, int64_t M, int64_t C, at::opmath_type<T>* mean, at::op
   }
 }
 
-// y = (x - mean) * invstd
+// out[r, c] = bias[c] + sum_k coef[k * C + c] z_k[r, c]
 template <typename T>
-void bn_normalize(const T* x, T* y, int64_t M, int64_t C, const at::opmath_type<T>* mean,
-                  const at::opmath_type<T>* invstd) {
+void per_channel_weighted_sum(const std::vector<const T*>& zs, const at::opmath_type<T>* coef,
+                              const at::opmath_type<T>* bias, T* out, int64_t M, int64_t C) {
   using A = at::opmath_type<T>;
   using VT = VecT<T>;
   using V = typename VT::V;
+  const int64_t K = static_cast<int64_t>(zs.size());
+  const T* const* zp = zs.data();
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, C));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {  // row by row: each row is read and written once
-      const T* xr = x + r * C;
-      T* yr = y + r * C;
+    if (K == 1) {  // a batch norm's normalisation: one input, no loop over inputs in the hot loop
+      const T* z = zp[0];
+      for (int64_t r = r0; r < r1; ++r) {
+        bn_channel_loop<T>(
+            C,
+            [&](int64_t c) {
+              const V v = at::vec::fmadd(V::loadu(coef + c), VT::load(z + r * C + c), V::loadu(bias + c));
+              VT::store(out + r * C + c, v);
+            },
+            [&](int64_t c) { out[r * C + c] = static_cast<T>(bias[c] + coef[c] * static_cast<A>(z[r * C + c])); });
+      }
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
       bn_channel_loop<T>(
-          C, [&](int64_t c) { VT::store(yr + c, (VT::load(xr + c) - V::loadu(mean + c)) * V::loadu(invstd + c)); },
-          [&](int64_t c) { yr[c] = static_cast<T>((static_cast<A>(xr[c]) - mean[c]) * invstd[c]); });
+          C,
+          [&](int64_t c) {
+            V acc = V::loadu(bias + c);
+            for (int64_t k = 0; k < K; ++k)
+              acc = at::vec::fmadd(V::loadu(coef + k * C + c), VT::load(zp[k] + r * C + c), acc);
+            VT::store(out + r * C + c, acc);
+          },
+          [&](int64_t c) {
+            A acc = bias[c];
+            for (int64_t k = 0; k < K; ++k) acc += coef[k * C + c] * static_cast<A>(zp[k][r * C + c]);
+            out[r * C + c] = static_cast<T>(acc);
+          });
     }
   });
 }
 
-// gx = invstd * (g - mean(g) - y * mean(g * y))
+// sums[c] = sum_r g[r, c] and sums[(1 + k) C + c] = sum_r g[r, c] z_k[r, c], deterministic
 template <typename T>
-void bn_backward(const T* g, const T* y, T* gx, int64_t M, int64_t C, const at::opmath_type<T>* invstd) {
+std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<const T*>& zs, int64_t M, int64_t C) {
   using A = at::opmath_type<T>;
   using VT = VecT<T>;
   using V = typename VT::V;
+  const int64_t K = static_cast<int64_t>(zs.size());
+  const int64_t width = (K + 1) * C;
   const int64_t R = bn_block_rows(C);
   const int64_t nblocks = (M + R - 1) / R;
-  std::vector<A> bsum(nblocks * C), bdot(nblocks * C);
+  std::vector<A> partial(nblocks * width, A(0));
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      A* sp = bsum.data() + b * C;
-      A* dp = bdot.data() + b * C;
-      bn_channel_loop<T>(
-          C,
-          [&](int64_t c) {
-            V s(A(0)), d(A(0));
-            for (int64_t r = r0; r < r1; ++r) {
-              const V gv = VT::load(g + r * C + c);
-              s = s + gv;
-              d = at::vec::fmadd(gv, VT::load(y + r * C + c), d);
-            }
-            s.store(sp + c);
-            d.store(dp + c);
-          },
-          [&](int64_t c) {
-            A s = 0, d = 0;
-            for (int64_t r = r0; r < r1; ++r) {
-              s += static_cast<A>(g[r * C + c]);
-              d += static_cast<A>(g[r * C + c]) * static_cast<A>(y[r * C + c]);
-            }
-            sp[c] = s;
-            dp[c] = d;
-          });
+      A* p = partial.data() + b * width;
+      // the block of g stays in L1 while every z_k is read against it; sum(g) rides along with the first
+      for (int64_t k = 0; k < std::max<int64_t>(K, 1); ++k) {
+        const T* z = k < K ? zs[k] : nullptr;
+        A* dot = p + (k + 1) * C;
+        bn_channel_loop<T>(
+            C,
+            [&](int64_t c) {
+              V s(A(0)), d(A(0));
+              if (k > 0) {
+                for (int64_t r = r0; r < r1; ++r)
+                  d = at::vec::fmadd(VT::load(g + r * C + c), VT::load(z + r * C + c), d);
+              } else if (z != nullptr) {
+                for (int64_t r = r0; r < r1; ++r) {
+                  const V gv = VT::load(g + r * C + c);
+                  s = s + gv;
+                  d = at::vec::fmadd(gv, VT::load(z + r * C + c), d);
+                }
+              } else {
+                for (int64_t r = r0; r < r1; ++r) s = s + VT::load(g + r * C + c);
+              }
+              if (k == 0) s.store(p + c);
+              if (z != nullptr) d.store(dot + c);
+            },
+            [&](int64_t c) {
+              A s = 0, d = 0;
+              for (int64_t r = r0; r < r1; ++r) {
+                s += static_cast<A>(g[r * C + c]);
+                if (z != nullptr) d += static_cast<A>(g[r * C + c]) * static_cast<A>(z[r * C + c]);
+              }
+              if (k == 0) p[c] = s;
+              if (z != nullptr) dot[c] = d;
+            });
+      }
     }
   });
-  std::vector<A> mg(C, A(0)), mgy(C, A(0));
+  std::vector<A> total(width, A(0));
   for (int64_t b = 0; b < nblocks; ++b)
-    for (int64_t c = 0; c < C; ++c) {
-      mg[c] += bsum[b * C + c];
-      mgy[c] += bdot[b * C + c];
-    }
-  for (int64_t c = 0; c < C; ++c) {
-    mg[c] /= static_cast<A>(M);
-    mgy[c] /= static_cast<A>(M);
-  }
+    for (int64_t i = 0; i < width; ++i) total[i] += partial[b * width + i];
+  return total;
+}
+
+// gz[r, c] = a[c] g[r, c] + b[c] z[r, c] + cc[c]
+template <typename T>
+void per_channel_affine_grad(const T* g, const T* z, const at::opmath_type<T>* a, const at::opmath_type<T>* b,
+                             const at::opmath_type<T>* cc, T* gz, int64_t M, int64_t C) {
+  using A = at::opmath_type<T>;
+  using VT = VecT<T>;
+  using V = typename VT::V;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, C));
-  // the shift and scale of g and y per channel: gx = (g - mean(g)) * invstd - y * (mean(g y) * invstd)
-  for (int64_t c = 0; c < C; ++c) mgy[c] *= invstd[c];
-  const A* mgp = mg.data();
-  const A* mgyp = mgy.data();
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* gr = g + r * C;
-      const T* yr = y + r * C;
-      T* out = gx + r * C;
       bn_channel_loop<T>(
           C,
           [&](int64_t c) {
-            const V v = (VT::load(gr + c) - V::loadu(mgp + c)) * V::loadu(invstd + c);
-            VT::store(out + c, v - VT::load(yr + c) * V::loadu(mgyp + c));
+            V v = at::vec::fmadd(V::loadu(a + c), VT::load(g + r * C + c), V::loadu(cc + c));
+            VT::store(gz + r * C + c, at::vec::fmadd(V::loadu(b + c), VT::load(z + r * C + c), v));
           },
           [&](int64_t c) {
-            out[c] = static_cast<T>((static_cast<A>(gr[c]) - mgp[c]) * invstd[c] - static_cast<A>(yr[c]) * mgyp[c]);
+            gz[r * C + c] = static_cast<T>(a[c] * static_cast<A>(g[r * C + c]) + b[c] * static_cast<A>(z[r * C + c]) +
+                                           cc[c]);
           });
     }
   });

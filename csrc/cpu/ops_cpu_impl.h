@@ -13,7 +13,6 @@
 #include "pool2d.h"
 #include "single_channel_conv.h"
 #include "kernels.h"
-#include "normalized_sum.h"
 
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
@@ -512,7 +511,9 @@ Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArra
   if (gx.numel() > 0) {
     Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::avg_pool2d_backward",
-                                    [&] { avg_pool_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), g); });
+                                    [&] {
+      avg_pool_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), g);
+    });
   }
   return channels_last ? gx : gx.contiguous();
 }
@@ -570,8 +571,13 @@ std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mea
     A* vp = var.data_ptr<A>();
     A* ip = invstd.data_ptr<A>();
     bn_stats<scalar_t>(xc.const_data_ptr<scalar_t>(), M, C, mp, vp);
-    for (int64_t c = 0; c < C; ++c) ip[c] = A(1) / std::sqrt(vp[c] + static_cast<A>(eps));
-    bn_normalize<scalar_t>(xc.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), M, C, mp, ip);
+    std::vector<A> shift(C);  // y = invstd x - invstd mean
+    for (int64_t c = 0; c < C; ++c) {
+      ip[c] = A(1) / std::sqrt(vp[c] + static_cast<A>(eps));
+      shift[c] = -ip[c] * mp[c];
+    }
+    per_channel_weighted_sum<scalar_t>({xc.const_data_ptr<scalar_t>()}, ip, shift.data(), y.data_ptr<scalar_t>(), M,
+                                       C);
   });
   update_running_stats(running_mean, running_var, mean, var, momentum, M);
   return {prefers_channels_last(x) ? y : y.contiguous(), invstd};
@@ -595,15 +601,25 @@ Tensor batch_norm_backward(const Tensor& grad, const Tensor& y, const Tensor& in
     Tensor is = invstd.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "fastnas::batch_norm_backward", [&] {
       using A = at::opmath_type<scalar_t>;
-      bn_backward<scalar_t>(gc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), M,
-                            C, is.const_data_ptr<A>());
+      // gx = invstd (g - mean(g) - y mean(g y)): per-channel affine in (g, y)
+      const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+      const scalar_t* yp = yc.const_data_ptr<scalar_t>();
+      const std::vector<A> sums = grad_dot_sums<scalar_t>(gp, {yp}, M, C);
+      const A* ip = is.const_data_ptr<A>();
+      std::vector<A> a(ip, ip + C), b(C), shift(C);
+      for (int64_t c = 0; c < C; ++c) {
+        b[c] = -ip[c] * sums[C + c] / static_cast<A>(M);
+        shift[c] = -ip[c] * sums[c] / static_cast<A>(M);
+      }
+      per_channel_affine_grad<scalar_t>(gp, yp, a.data(), b.data(), shift.data(), gx.data_ptr<scalar_t>(), M, C);
     });
   }
   return prefers_channels_last(y) ? gx : gx.contiguous();
 }
 
 // ------------------------------------------------------------------------------------------------ normalized sum
-// A node sum whose first num_normalized inputs pass through affine-free training-mode batch norms (normalized_sum.h).
+// A node sum whose first num_normalized inputs pass through affine-free training-mode batch norms (batch_norm.h's
+// kernels): the normalised inputs are never written.
 
 std::tuple<Tensor, Tensor, Tensor> normalized_mixed_sum(at::TensorList zs, const Tensor& weights,
                                                         int64_t num_normalized, at::TensorList running_means,
@@ -656,7 +672,8 @@ std::tuple<Tensor, Tensor, Tensor> normalized_mixed_sum(at::TensorList zs, const
     for (const Tensor& z : zc) ptrs.push_back(z.const_data_ptr<scalar_t>());
     if (M > 0) per_channel_weighted_sum<scalar_t>(ptrs, coef.data(), bias.data(), out.data_ptr<scalar_t>(), M, C);
   });
-  for (int64_t k = 0; k < Kn; ++k) update_running_stats(running_means[k], running_vars[k], means[k], vars[k], momentum, M);
+  for (int64_t k = 0; k < Kn; ++k)
+    update_running_stats(running_means[k], running_vars[k], means[k], vars[k], momentum, M);
   return {prefers_channels_last(z0) ? out : out.contiguous(), means, invstds};
 }
 
@@ -691,7 +708,8 @@ std::tuple<std::vector<Tensor>, Tensor> normalized_mixed_sum_backward(const Tens
   Tensor w = as_acc(weights, grad.scalar_type());
   Tensor mc = means.to(acc).contiguous(), ic = invstds.to(acc).contiguous();
   const bool cl = prefers_channels_last(grad) || (zs.size() > 0 && prefers_channels_last(zs[0]));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::normalized_mixed_sum_backward",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
+                                  "fastnas::normalized_mixed_sum_backward",
                                   [&] {
     using A = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> ptrs;
@@ -803,7 +821,8 @@ std::tuple<Tensor, Tensor> single_channel_conv2d_backward(const Tensor& grad, co
                             x.options().dtype(acc_dtype(x.scalar_type())));
   if (g.N > 0 && (need_x_grad || need_weight_grad)) {
     Tensor gc = grad.contiguous();  // [N, 1, Ho, Wo]: both layouts are this order
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::single_channel_conv2d_backward",
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                    "fastnas::single_channel_conv2d_backward",
                                     [&] {
       using A = at::opmath_type<scalar_t>;
       Tensor w = weight.to(acc_dtype(x.scalar_type())).contiguous();

@@ -32,7 +32,6 @@ struct PaddedPlanes {
                                  Vectorized<A>::size()),
         data(p * r * cols, A(0)) {}
   A* row(int64_t plane, int64_t r) { return data.data() + (plane * rows + r) * cols; }
-  void clear() { std::fill(data.begin(), data.end(), A(0)); }
 };
 
 // out[0:len) += sum over taps (i, j) of w[i * kw + j] * src_row(i)[j + offset ...]: one output row, vectorised
@@ -54,6 +53,17 @@ C10_ALWAYS_INLINE void correlate_row(A* out, int64_t len, const A* w, int64_t kh
   }
 }
 
+// image n of x into the interior of the zero-padded planes p (padding (ph, pw) around each plane)
+template <typename T>
+void load_padded_image(const T* x, int64_t n, const SingleConvGeometry& g, PaddedPlanes<at::opmath_type<T>>& p) {
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t h = 0; h < g.H; ++h) {
+      at::opmath_type<T>* dst = p.row(c, h + g.ph) + g.pw;
+      const T* src = x + n * g.xs_n + c * g.xs_c + h * g.xs_h;
+      for (int64_t w = 0; w < g.W; ++w) dst[w] = static_cast<at::opmath_type<T>>(src[w * g.xs_w]);
+    }
+}
+
 // out [N, 1, Ho, Wo] = conv(x [N, C, H, W], weight [1, C, kh, kw] as w (acc type, contiguous))
 template <typename T>
 void single_channel_conv_fwd(const T* x, const at::opmath_type<T>* w, T* out, const SingleConvGeometry& g) {
@@ -62,12 +72,7 @@ void single_channel_conv_fwd(const T* x, const at::opmath_type<T>* w, T* out, co
     PaddedPlanes<A> p(g.C, g.H + 2 * g.ph, g.W + 2 * g.pw);
     PaddedPlanes<A> acc(1, 1, g.Wo);
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t c = 0; c < g.C; ++c)
-        for (int64_t h = 0; h < g.H; ++h) {
-          A* dst = p.row(c, h + g.ph) + g.pw;
-          const T* src = x + n * g.xs_n + c * g.xs_c + h * g.xs_h;
-          for (int64_t ww = 0; ww < g.W; ++ww) dst[ww] = static_cast<A>(src[ww * g.xs_w]);
-        }
+      load_padded_image<T>(x, n, g, p);
       for (int64_t ho = 0; ho < g.Ho; ++ho) {
         A* row = acc.row(0, 0);
         std::fill(row, row + acc.cols, A(0));
@@ -93,13 +98,12 @@ void single_channel_conv_bwd(const T* grad, const T* x, const at::opmath_type<T>
     // gradient's correlation window
     const int64_t mh = g.kh - 1 - g.ph, mw = g.kw - 1 - g.pw;
     PaddedPlanes<A> gp(1, g.Ho + 2 * mh, g.Wo + 2 * mw);
-    PaddedPlanes<A> p(x ? g.C : 0, g.H + 2 * g.ph, g.W + 2 * g.pw);
+    PaddedPlanes<A> p(gw ? g.C : 0, g.H + 2 * g.ph, g.W + 2 * g.pw);
     PaddedPlanes<A> row(1, 1, g.W);
     for (int64_t n = n0; n < n1; ++n) {
-      gp.clear();
-      const int64_t top = mh, left = mw;
+      // (the margins stay zero: only the interior is written, image after image)
       for (int64_t ho = 0; ho < g.Ho; ++ho) {
-        A* dst = gp.row(0, ho + top) + left;
+        A* dst = gp.row(0, ho + mh) + mw;
         const T* src = grad + n * g.os_n + ho * g.os_h;
         for (int64_t wo = 0; wo < g.Wo; ++wo) dst[wo] = static_cast<A>(src[wo * g.os_w]);
       }
@@ -115,13 +119,7 @@ void single_channel_conv_bwd(const T* grad, const T* x, const at::opmath_type<T>
           }
       }
       if (gw) {
-        p.clear();
-        for (int64_t c = 0; c < g.C; ++c)
-          for (int64_t h = 0; h < g.H; ++h) {
-            A* dst = p.row(c, h + g.ph) + g.pw;
-            const T* src = x + n * g.xs_n + c * g.xs_c + h * g.xs_h;
-            for (int64_t ww = 0; ww < g.W; ++ww) dst[ww] = static_cast<A>(src[ww * g.xs_w]);
-          }
+        load_padded_image<T>(x, n, g, p);  // (the padding stays zero: only the interior is written)
         // gw[c, i, j] = sum_{ho, wo} grad[ho, wo] p[c, ho + i, wo + j]; lanes past Wo read zeros of gp
         A* acc_out = partial.data() + n * taps;
         for (int64_t c = 0; c < g.C; ++c)
@@ -129,7 +127,7 @@ void single_channel_conv_bwd(const T* grad, const T* x, const at::opmath_type<T>
             for (int64_t j = 0; j < g.kw; ++j) {
               V acc(A(0));
               for (int64_t ho = 0; ho < g.Ho; ++ho) {
-                const A* gr = gp.row(0, ho + top) + left;
+                const A* gr = gp.row(0, ho + mh) + mw;
                 const A* pr = p.row(c, ho + i) + j;
                 for (int64_t x0 = 0; x0 < g.Wo; x0 += Wv) acc = at::vec::fmadd(V::loadu(gr + x0), V::loadu(pr + x0), acc);
               }

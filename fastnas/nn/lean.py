@@ -8,8 +8,9 @@
   saves its inputs, a ReLU that saves its result) is then the one stored, and the input is freed.
 
 Both compute what ``nn.Conv2d`` / ``nn.BatchNorm2d`` compute (ATen's kernels, or on the ``cpu`` backend fastnas's
-depthwise-convolution backward and batch-norm kernels), and double backward through them is exact. ``memory_efficient = False`` on a module (``SuperNet.set_memory_efficient``
-does it for the whole network) selects PyTorch's own autograd. Under ``torch.compile`` the plain path is traced and
+depthwise-convolution, single-channel-convolution and batch-norm kernels), and double backward through them is
+exact. ``memory_efficient = False`` on a module (``SuperNet.set_memory_efficient`` does it for the whole network)
+selects PyTorch's own autograd. Under ``torch.compile`` the plain path is traced and
 AOTAutograd chooses what to save.
 """
 from __future__ import annotations
@@ -91,9 +92,11 @@ class LeanConv2d(nn.Conv2d):
         if self.padding_mode == "zeros" and subsampling_plan(self.kernel_size, self.stride, self.padding,
                                                              self.dilation):
             self.subsampled = ((1, 1), tuple((k - 1) // 2 for k in self.kernel_size), (1, 1))
+        plain = self.bias is None and self.padding_mode == "zeros"
         # one filter per channel: the selected backend's depthwise kernels apply (fastnas.ops.depthwise_conv2d)
-        self.depthwise = self.groups == self.in_channels == self.out_channels and self.bias is None \
-            and self.padding_mode == "zeros"
+        self.depthwise = plain and self.groups == self.in_channels == self.out_channels
+        # to one channel (a spatial gate's): its single-channel kernels may apply (fastnas.ops._single_conv)
+        self.single_channel = plain and self.out_channels == 1 and self.groups == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride, padding, dilation = self.stride, self.padding, self.dilation
@@ -101,16 +104,17 @@ class LeanConv2d(nn.Conv2d):
             layout = torch.channels_last if _channels_innermost(x) else torch.contiguous_format
             x = x[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=layout)
             stride, padding, dilation = self.subsampled
-        if self.depthwise and isinstance(padding, tuple) and getattr(self, "memory_efficient", True) \
-                and torch.is_grad_enabled():  # (compiled regions too: the kernels have fake implementations)
-            fused = ops.cpu_kernel("depthwise_conv2d", x.device)
-            if fused is not None:
-                return fused(x, self.weight, stride, padding, dilation)
-        if self.out_channels == 1 and self.bias is None and self.padding_mode == "zeros" \
-                and getattr(self, "memory_efficient", True) and torch.is_grad_enabled():
-            single = ops.cpu_kernel("single_channel_conv2d", x.device)
-            if single is not None and _single_conv.applies(x, self.weight, stride, padding, dilation, self.groups):
-                return single(x, self.weight, padding)
+        # the backend's own kernels (compiled regions too: the kernels have fake implementations)
+        if (self.depthwise or self.single_channel) and getattr(self, "memory_efficient", True) \
+                and torch.is_grad_enabled() and isinstance(padding, tuple):
+            if self.depthwise:
+                fused = ops.cpu_kernel("depthwise_conv2d", x.device)
+                if fused is not None:
+                    return fused(x, self.weight, stride, padding, dilation)
+            elif _single_conv.applies(x, self.weight, stride, padding, dilation, self.groups):
+                single = ops.cpu_kernel("single_channel_conv2d", x.device)
+                if single is not None:
+                    return single(x, self.weight, padding)
         if (self.bias is None and self.padding_mode == "zeros" and not self.weight.requires_grad
                 and x.requires_grad and isinstance(padding, tuple) and _lean_path_allowed(self)):
             return _FrozenWeightConv.apply(x, self.weight, stride, padding, dilation, self.groups)

@@ -14,7 +14,6 @@ still one fused sum per node and per part.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Sequence
 
 import torch
@@ -23,10 +22,10 @@ from torch import nn
 from .. import ops
 from ..errors import ConfigError
 from ..space import channel_attention_op, make_op
-from .attention import DEFAULT_REDUCTION
-from .operations import FactorizedReduce, LeadingReLU, ReLUConvBN
 from ..ops._checks import prefers_channels_last
 from ..ops._normalized_sum import normalized_mixed_sum
+from .attention import DEFAULT_REDUCTION
+from .operations import FactorizedReduce, LeadingReLU, ReLUConvBN
 from .recompute import RecomputableBatchNorm, recompute
 
 
@@ -49,6 +48,13 @@ def is_parameter_free(op: nn.Module) -> bool:
     """No parameters: recomputing it in the backward is safe even when the weights are swapped by
     ``functional_call`` (second order), and cheap (pooling and affine-free batch norm)."""
     return next(op.parameters(), None) is None and not isinstance(op, nn.Identity)
+
+
+def _shared_relu(h: torch.Tensor, j: int, relus: dict[int, torch.Tensor]) -> torch.Tensor:
+    """relu(state j), computed once per forward for all the candidates that begin with it."""
+    if j not in relus:
+        relus[j] = torch.relu(h)
+    return relus[j]
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -117,9 +123,7 @@ class SearchCell(nn.Module):
 
     def _run(self, op: nn.Module, h: torch.Tensor, j: int, relus: dict[int, torch.Tensor]) -> torch.Tensor:
         if self.share_relu and isinstance(op, LeadingReLU):
-            if j not in relus:
-                relus[j] = torch.relu(h)
-            return op.after_relu(relus[j])
+            return op.after_relu(_shared_relu(h, j, relus))
         return op(h)
 
     def _kept_outputs(self, e: int, h: torch.Tensor, j: int, relus: dict[int, torch.Tensor]) -> list[torch.Tensor]:
@@ -133,37 +137,35 @@ class SearchCell(nn.Module):
         """The node sum with the parameter-free candidates' share computed under :func:`recompute`: neither their
         outputs nor their internals (max-pool indices, batch-norm inputs) are stored for the backward."""
         fuse = self._fuses_norms(states[0])
-        kept, kept_w, free = [], [], []
-        normalized, normalized_w = [], []  # (z, bn) of candidates whose final batch norm the node sum applies
+        terms, free = [], []  # terms: (output, or input of a final batch norm the node sum applies; that norm; weight)
         for j, h in enumerate(states):
             e = offset + j
             if fuse:
-                terms = [self._split_norm(op, h, j, relus)
-                         for op, is_free in zip(self.edges[e], self.parameter_free[e]) if not is_free]
+                outs = [self._split_norm(op, h, j, relus)
+                        for op, is_free in zip(self.edges[e], self.parameter_free[e]) if not is_free]
             else:
-                terms = [(out, None) for out in self._kept_outputs(e, h, j, relus)]
+                outs = [(out, None) for out in self._kept_outputs(e, h, j, relus)]
             kept_c = [c for c, is_free in enumerate(self.parameter_free[e]) if not is_free]
-            for (t, bn), c in zip(terms, kept_c):
-                (normalized if bn is not None else kept).append((t, bn) if bn is not None else t)
-                (normalized_w if bn is not None else kept_w).append(node_weights[j, c])
+            terms += [(t, bn, node_weights[j, c]) for (t, bn), c in zip(outs, kept_c)]
             free += [(j, c) for c, is_free in enumerate(self.parameter_free[e]) if is_free]
-        if normalized:  # one momentum and eps for the fused norms; any other norm runs by itself
-            settings = (normalized[0][1].momentum, normalized[0][1].eps)
-            odd = [i for i, (_, bn) in enumerate(normalized) if (bn.momentum, bn.eps) != settings]
-            for i in reversed(odd):
-                z, bn = normalized.pop(i)
-                kept.append(bn(z))
-                kept_w.append(normalized_w.pop(i))
-        if normalized:
-            share = self._recomputed_share(states, offset, node_weights, free) if free else None
-            ones = [torch.ones((), dtype=node_weights.dtype, device=node_weights.device)] if free else []
-            plain = kept + ([share.to(normalized[0][0].dtype)] if free else [])
-            return normalized_mixed_sum(normalized, plain, torch.stack(normalized_w + kept_w + ones))
-        if not free:
+        settings = next(((bn.momentum, bn.eps) for _, bn, _ in terms if bn is not None), None)
+        # one momentum and eps for the fused norms: a norm with other settings runs by itself
+        terms = [(bn(t), None, w) if bn is not None and (bn.momentum, bn.eps) != settings else (t, bn, w)
+                 for t, bn, w in terms]
+        normalized = [(t, bn, w) for t, bn, w in terms if bn is not None]
+        kept = [t for t, bn, _ in terms if bn is None]
+        kept_w = [w for _, bn, w in terms if bn is None]
+        if not free and not normalized:
             return ops.mixed_sum(kept, node_weights.reshape(-1))
-        share = self._recomputed_share(states, offset, node_weights, free)
-        weights = torch.stack(kept_w + [torch.ones((), dtype=node_weights.dtype, device=node_weights.device)])
-        return ops.mixed_sum(kept + [share.to(kept[0].dtype) if kept else share], weights) if kept else share
+        share = [self._recomputed_share(states, offset, node_weights, free)] if free else []
+        one = [torch.ones((), dtype=node_weights.dtype, device=node_weights.device)] if free else []
+        if normalized:
+            return normalized_mixed_sum([(t, bn) for t, bn, _ in normalized],
+                                        kept + [s.to(normalized[0][0].dtype) for s in share],
+                                        torch.stack([w for _, _, w in normalized] + kept_w + one))
+        if not kept:
+            return share[0]
+        return ops.mixed_sum(kept + [share[0].to(kept[0].dtype)], torch.stack(kept_w + one))
 
     def _recomputed_share(self, states: list[torch.Tensor], offset: int, node_weights: torch.Tensor,
                           free: list[tuple[int, int]]) -> torch.Tensor:
@@ -191,11 +193,7 @@ class SearchCell(nn.Module):
     def _split_norm(self, op: nn.Module, h: torch.Tensor, j: int,
                     relus: dict[int, torch.Tensor]) -> tuple[torch.Tensor, nn.Module | None]:
         """(z, bn) when ``op`` ends with a batch norm the fused node sum can apply, else (op's output, None)."""
-        split = None
-        if isinstance(op, LeadingReLU) and hasattr(op, "split_norm_after_relu"):
-            if j not in relus:
-                relus[j] = torch.relu(h)
-            split = op.split_norm_after_relu(relus[j])
+        split = op.split_norm_after_relu(_shared_relu(h, j, relus)) if isinstance(op, LeadingReLU) else None
         if split is None:
             return self._run(op, h, j, relus), None
         z, bn = split

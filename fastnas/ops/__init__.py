@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from . import _depthwise, _gates, _pool2d, reference
+from . import _checks, _depthwise, _gates, _pool2d, reference
 from ._dispatch import (
     BACKEND_NAMES,
     BackendUnavailable,
@@ -34,8 +34,8 @@ __all__ = [
     "channel_attention",
     "channel_pool",
     "channel_scale",
-    "depthwise_conv2d",
     "cpu_kernel",
+    "depthwise_conv2d",
     "get_backend",
     "max_pool2d",
     "mixed_sum",
@@ -101,14 +101,15 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int | tuple[
     bias): ``F.conv2d(x, weight, None, stride, padding, dilation, groups=C)``. The ``cpu`` backend computes its
     backward with fastnas's kernels (:mod:`fastnas.ops._depthwise`); the other backends are PyTorch's convolution."""
     _depthwise.check_inputs(x, weight)
-    args = (_depthwise.pair(stride, "stride", 1), _depthwise.pair(padding, "padding", 0),
-            _depthwise.pair(dilation, "dilation", 1))
+    op = "depthwise_conv2d"
+    args = (_checks.int_pair(op, "stride", stride, 1), _checks.int_pair(op, "padding", padding, 0),
+            _checks.int_pair(op, "dilation", dilation, 1))
     return (cpu_kernel("depthwise_conv2d", x.device, backend) or reference.depthwise_conv2d)(x, weight, *args)
 
 
 def cpu_kernel(name: str, device: torch.device | str, backend: str | None = None):
-    """The ``cpu`` backend's function ``name`` (``depthwise_conv2d``, ``batch_norm_train``, ``batch_norm_backward``:
-    kernels beyond the five ops, which the network's modules use) when tensors on ``device`` run on the ``cpu``
+    """The ``cpu`` backend's function ``name`` (``depthwise_conv2d``, ``single_channel_conv2d``, ``batch_norm_train``,
+    ``batch_norm_backward``, ``normalized_mixed_sum``: kernels beyond the five ops, which the network's modules use) when tensors on ``device`` run on the ``cpu``
     backend under the selection ``backend``; None otherwise (the modules then use PyTorch's own)."""
     device = torch.device(device)
     if device.type != "cpu" or resolve_backend(device, backend) != "cpu":
@@ -120,10 +121,7 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
                padding: int | tuple[int, int] = 0, *, backend: str | None = None) -> torch.Tensor:
     """``F.max_pool2d(x, kernel_size, stride, padding)`` (no dilation, floor mode). The ``cpu`` backend runs its own
     kernels (:mod:`fastnas.ops._pool2d`); the other backends are PyTorch's pooling."""
-    kernel, stride, padding = _pool2d.pool_args("max_pool2d", kernel_size, stride, padding)
-    _pool2d.check_input("max_pool2d", x, kernel, padding)
-    impl = implementation(_device_of(x), backend)
-    return getattr(impl, "max_pool2d", reference.max_pool2d)(x, kernel, stride, padding)
+    return _pool("max_pool2d", x, kernel_size, stride, padding, backend)
 
 
 def avg_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
@@ -131,7 +129,12 @@ def avg_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     """``F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=False)``: each output averages the window
     elements inside the input (DARTS's average pooling). The ``cpu`` backend runs its own kernels; the other backends
     are PyTorch's pooling."""
-    kernel, stride, padding = _pool2d.pool_args("avg_pool2d", kernel_size, stride, padding)
-    _pool2d.check_input("avg_pool2d", x, kernel, padding)
+    return _pool("avg_pool2d", x, kernel_size, stride, padding, backend)
+
+
+def _pool(op: str, x: torch.Tensor, kernel_size, stride, padding, backend: str | None) -> torch.Tensor:
+    """``op`` (max_pool2d or avg_pool2d) of the selected backend, or the reference where it has none."""
+    kernel, stride, padding = _pool2d.pool_args(op, kernel_size, stride, padding)
+    _pool2d.check_input(op, x, kernel, padding)
     impl = implementation(_device_of(x), backend)
-    return getattr(impl, "avg_pool2d", reference.avg_pool2d)(x, kernel, stride, padding)
+    return getattr(impl, op, getattr(reference, op))(x, kernel, stride, padding)

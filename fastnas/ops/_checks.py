@@ -74,6 +74,13 @@ def spatial_scale_logits_shape(x: torch.Tensor) -> list[int]:
     return [x.shape[0], 1, x.shape[2], x.shape[3]]
 
 
+def empty_in_layout(shape, like: torch.Tensor, channels_last: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor allocated as the C++ kernels allocate their channels_last results: channels_last, then made
+    contiguous unless ``channels_last`` (the fake kernels must reproduce the strides exactly, size-1 dims included)."""
+    t = torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=torch.channels_last)
+    return t if channels_last else t.contiguous()
+
+
 def int_pair(op: str, name: str, v, minimum: int) -> tuple[int, int]:
     """``v`` (an int or two ints) as two ints ≥ ``minimum``; a ValueError naming the op and argument otherwise."""
     t = (v, v) if isinstance(v, int) else tuple(v)

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _gates
-from . import _pool2d
+from . import _checks, _gates, _pool2d
 from ._depthwise import depthwise_conv2d  # noqa: F401  (the backend's depthwise convolution)
 from ._normalized_sum import normalized_mixed_sum  # noqa: F401  (the backend's node sum with batch norms)
 from ._pool2d import avg_pool2d, max_pool2d  # noqa: F401  (the backend's pooling)
@@ -150,32 +149,27 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastnas::batch_norm_train")
     def _(x, running_mean, running_var, momentum, eps):
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (y if _checks.prefers_channels_last(x) else y.contiguous()), x.new_empty((x.shape[1],), dtype=acc)
+        return _checks.empty_in_layout(x.shape, x, _checks.prefers_channels_last(x)), x.new_empty((x.shape[1],),
+                                                                                                dtype=acc)
 
     @torch.library.register_fake("fastnas::batch_norm_backward")
     def _(grad, y, invstd):
-        gx = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
-        return gx if _checks.prefers_channels_last(y) else gx.contiguous()
+        return _checks.empty_in_layout(y.shape, y, _checks.prefers_channels_last(y))
 
     @torch.library.register_fake("fastnas::normalized_mixed_sum")
     def _(zs, weights, num_normalized, running_means, running_vars, momentum, eps):
         z = zs[0]
-        out = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=torch.channels_last)
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32
         stats = z.new_empty((num_normalized, z.shape[1]), dtype=acc)
-        return (out if _checks.prefers_channels_last(z) else out.contiguous()), stats, torch.empty_like(stats)
+        return _checks.empty_in_layout(z.shape, z, _checks.prefers_channels_last(z)), stats, torch.empty_like(stats)
 
     @torch.library.register_fake("fastnas::normalized_mixed_sum_backward")
     def _(grad, zs, weights, means, invstds, need_zs_grad, need_weights_grad):
         like = zs[0] if len(zs) else grad
         cl = _checks.prefers_channels_last(grad) or _checks.prefers_channels_last(like)
-        def one():
-            g = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last)
-            return g if cl else g.contiguous()
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        gzs = [one() for _ in range(weights.shape[0])] if need_zs_grad else []
+        gzs = [_checks.empty_in_layout(grad.shape, grad, cl) for _ in range(weights.shape[0])] if need_zs_grad else []
         return gzs, grad.new_empty((weights.shape[0] if need_weights_grad else 0,), dtype=acc)
 
     @torch.library.register_fake("fastnas::single_channel_conv2d")

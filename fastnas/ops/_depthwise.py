@@ -22,11 +22,6 @@ from . import _checks
 _IntPair = tuple[int, int]
 
 
-def pair(v: int | tuple[int, ...], name: str, minimum: int) -> _IntPair:
-    """``v`` as two integers ≥ ``minimum``; a clear error otherwise."""
-    return _checks.int_pair("depthwise_conv2d", name, v, minimum)
-
-
 def check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
     op = "depthwise_conv2d"
     _checks.check_4d(op, "x", x)
@@ -79,8 +74,8 @@ class DepthwiseConv2d(torch.autograd.Function):
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: _IntPair, padding: _IntPair,
                      dilation: _IntPair) -> torch.Tensor:
     """The cpu backend's depthwise convolution (arguments already checked and normalised)."""
-    if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dtype != weight.dtype or not (x.requires_grad or weight.requires_grad)
-            or not torch.is_grad_enabled()):
+    if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dtype != weight.dtype
+            or not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled()):
         return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
     return DepthwiseConv2d.apply(x, weight, stride, padding, dilation)
 

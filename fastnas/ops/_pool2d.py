@@ -52,10 +52,6 @@ def avg_pool2d(x: torch.Tensor, kernel: _IntPair, stride: _IntPair, padding: _In
     return torch.ops.fastnas.avg_pool2d.default(x, list(kernel), list(stride), list(padding))
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _checks.prefers_channels_last(x) else torch.contiguous_format
-
-
 def register() -> None:
     """Fake implementations and autograd of the pool ops (called once the compiled library is loaded)."""
     ops = torch.ops.fastnas
@@ -63,20 +59,16 @@ def register() -> None:
     @torch.library.register_fake("fastnas::max_pool2d")
     def _(x, kernel_size, stride, padding):
         shape = output_shape(x, kernel_size, stride, padding)
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         pos = torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
-        return (out if _checks.prefers_channels_last(x) else out.contiguous()), pos
+        return _checks.empty_in_layout(shape, x, _checks.prefers_channels_last(x)), pos
 
     @torch.library.register_fake("fastnas::avg_pool2d")
     def _(x, kernel_size, stride, padding):
-        out = torch.empty(output_shape(x, kernel_size, stride, padding), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last)
-        return out if _checks.prefers_channels_last(x) else out.contiguous()
+        return _checks.empty_in_layout(output_shape(x, kernel_size, stride, padding), x,
+                                       _checks.prefers_channels_last(x))
 
     def grad_like(grad, H, W, channels_last):
-        out = torch.empty((grad.shape[0], grad.shape[1], H, W), dtype=grad.dtype, device=grad.device,
-                          memory_format=torch.channels_last)
-        return out if channels_last else out.contiguous()
+        return _checks.empty_in_layout((grad.shape[0], grad.shape[1], H, W), grad, channels_last)
 
     @torch.library.register_fake("fastnas::max_pool2d_backward")
     def _(grad, argmax, H, W, kernel_size, stride, padding, channels_last):

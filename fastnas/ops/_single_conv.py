@@ -6,7 +6,6 @@ double backward uses ATen's differentiable formulas.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # more input channels than this: oneDNN's GEMM-based convolution is the better choice
 MAX_CHANNELS = 8
@@ -47,7 +46,3 @@ def single_channel_conv2d(x: torch.Tensor, weight: torch.Tensor, padding: tuple[
     if not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
         return torch.ops.fastnas.single_channel_conv2d(x, weight, list(padding))
     return SingleChannelConv2d.apply(x, weight, padding)
-
-
-def reference(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    return F.conv2d(x, weight, None, 1, padding)
