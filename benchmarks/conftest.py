@@ -1,6 +1,11 @@
 """Benchmark configuration: a fixed number of CPU threads (FASTNAS_BENCH_THREADS, default 2), set before torch works,
-and the devices' copy bandwidth (the roofline's denominator) in pytest-benchmark's ``machine_info``."""
+glibc's heap kept (:mod:`benchmarks.allocator`), and the devices' copy bandwidth (the roofline's denominator) and
+the allocator regime in pytest-benchmark's ``machine_info``."""
 import os
+
+from benchmarks.allocator import keep_heap
+
+MALLOC_REGIME = keep_heap()
 
 os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("FASTNAS_BENCH_THREADS", "2"))
 
@@ -16,6 +21,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     disabled = config.getoption("benchmark_disable", False)
     machine_info["fastnas"] = {
         "threads": torch.get_num_threads(),
+        "malloc": MALLOC_REGIME,
         "torch": torch.__version__,
         "copy_bandwidth": {} if disabled else {"cpu": copy_bandwidth("cpu")},
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -2,8 +2,10 @@
 
 Providers: ``reference`` (unfused eager PyTorch), ``reference_compiled`` (torch.compile of it), ``cpu`` /
 ``cpu_compiled`` (the C++ backend, eager and inside torch.compile), ``cuda`` and ``triton`` (CUDA tensors only; skipped
-without a GPU). Cases: the five ops and the two whole attention gates (channel: pool -> shared MLP C -> C/16 -> C -> add
--> scale; spatial: pool -> 7x7 conv 2 -> 1 + batch norm -> scale), forward and forward+backward, at the three DARTS
+without a GPU). Cases: the five ops and the two whole attention gates, ``fastnas.nn.ChannelAttention`` (pool -> shared
+MLP C -> C/16 -> C -> add -> scale) and ``fastnas.nn.SpatialAttention`` (pool -> 7x7 conv 2 -> 1 + batch norm ->
+scale) with the provider's backend selected (on ``reference``, PyTorch's layers and the reference ops), forward and
+forward+backward, at the three DARTS
 search-stage shapes (batch 64: C=16 @ 32x32, 32 @ 16x16, 64 @ 8x8; K = 7 inputs for mixed_sum), fp32 and bf16.
 
 By default the torch.compile providers run at the stage-1 shape in fp32 only and bf16 runs at the stage-1 shape
@@ -18,12 +20,12 @@ import time
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import fastnas.ops as ops
+from fastnas.nn import ChannelAttention, SpatialAttention
 from fastnas.ops import reference  # noqa: F401
 
+from benchmarks import allocator
 from benchmarks.roofline import bytes_moved, copy_time
 
 FULL = os.environ.get("FASTNAS_BENCH_FULL", "0") == "1"
@@ -63,35 +65,6 @@ def _skip_reason(provider: str, shape_id: str, dtype_id: str) -> str | None:
     return None
 
 
-class ChannelGate(nn.Module):
-    """CBAM channel attention on the fused ops: (avg, max) pool -> shared MLP -> add -> sigmoid scale."""
-
-    def __init__(self, c: int, r: int = 16, backend: str = "reference") -> None:
-        super().__init__()
-        hidden = max(1, c // r)
-        self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=False), nn.Linear(hidden, c))
-        self.backend = backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the reference backend composes its pool, the MLP and its scale; cpu/cuda run one fused autograd node
-        first, last = self.mlp[0], self.mlp[2]
-        return ops.channel_attention(x, first.weight, first.bias, last.weight, last.bias, backend=self.backend)
-
-
-class SpatialGate(nn.Module):
-    """CBAM spatial attention on the fused ops: (max, mean) over C -> 7x7 conv 2 -> 1 + BN -> sigmoid scale."""
-
-    def __init__(self, backend: str = "reference") -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
-        self.bn = nn.BatchNorm2d(1)
-        self.backend = backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.bn(self.conv(ops.spatial_pool(x, backend=self.backend)))
-        return ops.spatial_scale(x, logits, backend=self.backend)
-
-
 def _bytes_moved(op: str, mode: str, shape, dtype: torch.dtype) -> int:
     """Bytes a fused implementation must read and write (activation-sized tensors only): see benchmarks.roofline."""
     return bytes_moved(op, mode, shape, dtype, K)
@@ -125,8 +98,8 @@ def _make_case(op: str, provider: str, shape, dtype: torch.dtype):
         x, logits = rand(*shape), rand(n, 1, h, w)
         fn = lambda: ops.spatial_scale(x, logits, backend=backend)  # noqa: E731
         leaves = [x, logits]
-    else:
-        module = (ChannelGate(c, backend=backend) if op == "channel_gate" else SpatialGate(backend=backend))
+    else:  # the library's gate modules, which run on the selected backend
+        module = ChannelAttention(c) if op == "channel_gate" else SpatialAttention()
         module = module.to(device=dev, dtype=dtype)
         x = rand(*shape)
         fn = lambda: module(x)  # noqa: E731
@@ -134,7 +107,15 @@ def _make_case(op: str, provider: str, shape, dtype: torch.dtype):
     if provider.endswith("_compiled"):
         torch._dynamo.reset()
         fn = torch.compile(fn, fullgraph=True)
-    return fn, leaves
+    return _on_backend(fn, backend), leaves
+
+
+def _on_backend(fn, backend: str):
+    """fn with ``backend`` selected while it runs (outside any compiled region, so its graph sees one backend)."""
+    def run():
+        with ops.backend(backend):
+            return fn()
+    return run
 
 
 def _timed(fn, mode: str, leaves, dev: str):
@@ -237,6 +218,7 @@ def test_speed_targets_side_by_side(benchmark, op, capsys):
 
     stats, warm_stats = summary(times), summary(warm)
     info = {"op": op, "mode": "fwdbwd", "shape": list(shape), "dtype": "fp32", "threads": torch.get_num_threads(),
+            "malloc": allocator.regime,
             "target_speedup_vs_reference": TARGETS[op], "providers": stats, "providers_warm": warm_stats}
     for p in ("reference", "reference_compiled"):
         if p in stats:
@@ -250,6 +232,7 @@ def test_speed_targets_side_by_side(benchmark, op, capsys):
         line = "  ".join(f"{p} {s['min_ms']:.2f}/{s['median_ms']:.2f} ms" for p, s in stats.items())
         ratios = "  ".join(f"{k.removeprefix('speedup_vs_')} {v:.2f}x" for k, v in info.items() if k.startswith("speedup"))
         warm_line = "  ".join(f"{p} {s['min_ms']:.2f}/{s['median_ms']:.2f} ms" for p, s in warm_stats.items())
-        print(f"\n[targets] {op} fwd+bwd s1 fp32, {torch.get_num_threads()} threads (min/median): {line}\n"
+        print(f"\n[targets] {op} fwd+bwd s1 fp32, {torch.get_num_threads()} threads, malloc {allocator.regime} "
+              f"(min/median): {line}\n"
               f"[targets] {op} warm (blocks of {WARM_BLOCK}, min/median): {warm_line}\n"
               f"[targets] {op} speedup of cpu: {ratios} (target >= {TARGETS[op]}x vs reference, >= 1x vs compiled)")
