@@ -47,10 +47,14 @@ TORCH_LIBRARY(fastnas, m) {
   m.def("spatial_scale(Tensor x, Tensor logits) -> Tensor");
   m.def("spatial_scale_backward(Tensor grad, Tensor x, Tensor logits, bool need_x_grad) -> (Tensor, Tensor)");
 
-  // the whole input gradient of a channel gate (pool -> MLP -> scale): grad * sigmoid(logits)[:, :, None, None] +
-  // grad_avg / (H*W) + grad_max at each channel's int32 argmax, in one pass over grad (CPU kernel)
-  m.def("channel_gate_backward_x(Tensor grad, Tensor logits, Tensor grad_avg, Tensor grad_max, Tensor argmax) "
-        "-> Tensor");
+  // the whole CBAM channel gate, x * sigmoid(MLP(mean_hw x) + MLP(max_hw x)) with the shared MLP
+  // p -> relu(p w1^T + b1) w2^T + b2 (w1 [hid, C], w2 [C, hid], x's dtype): (out, pooled [2N, C] (means, then maxima),
+  // hidden [2N, hid], logits [N, C], int32 argmax [N, C]) (CPU kernel)
+  m.def("channel_gate(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // its backward: (grad x (an empty tensor unless need_x_grad), grad logits [N, C], grad hidden [2N, hid])
+  m.def("channel_gate_backward(Tensor grad, Tensor x, Tensor argmax, Tensor logits, Tensor hidden, Tensor w1, "
+        "Tensor w2, bool need_x_grad) -> (Tensor, Tensor, Tensor)");
 
   // the weight gradient [C, 1, kh, kw] of a depthwise convolution (groups = C) of x [N, C, H, W] (CPU kernel)
   m.def("depthwise_conv2d_weight_grad(Tensor grad, Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "

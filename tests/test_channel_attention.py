@@ -164,47 +164,93 @@ def test_module_uses_the_gate_and_keeps_its_state_dict():
     torch.testing.assert_close(gate(x).double(), plain_gate(x, first.weight, first.bias, last.weight, last.bias))
 
 
-def _gate_backward_args(layout, dtype=torch.float32, shape=(3, 5, 4, 7)):
-    gen = torch.Generator().manual_seed(5)
-    n, c, h, w = shape
-    grad = _layout(torch.randn(*shape, generator=gen).to(dtype), layout)
-    small = [torch.randn(n, c, generator=gen).to(dtype) for _ in range(3)]
-    argmax = torch.randint(0, h * w, (n, c), generator=gen, dtype=torch.int32)
-    return [grad, *small, argmax]
-
-
 needs_cpu_library = pytest.mark.skipif("cpu" not in [p.values[0] for p in TARGETS], reason="fastnas._C not built")
+
+
+def _kernel_args(layout="contiguous", dtype=torch.float32, shape=(4, 5, 3, 7), hidden=2, bias=True, seed=5):
+    """(x, w1, b1, w2, b2) without gradients, for calling the CPU operators directly."""
+    return [None if a is None else a.detach() for a in make(shape, hidden, dtype, "cpu", layout, bias, seed)]
+
+
+def _gate_ops(x, w1, b1, w2, b2, grad, need_x=True):
+    """The CPU operators' forward and backward outputs."""
+    out, pooled, hidden, logits, argmax = torch.ops.fastnas.channel_gate(x, w1, b1, w2, b2)
+    back = torch.ops.fastnas.channel_gate_backward(grad, x, argmax, logits, hidden, w1, w2, need_x)
+    return [out, pooled, hidden, logits, argmax, *back]
+
+
+@needs_cpu_library
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_image_by_image_and_pass_by_pass_schedules_agree_bitwise(layout, dtype):
+    """With at least as many images as threads the kernels run image by image, otherwise pass by pass over the
+    batch: the arithmetic is the same, so are the bits."""
+    x, w1, b1, w2, b2 = _kernel_args(layout, dtype)
+    grad = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        by_image = _gate_ops(x, w1, b1, w2, b2, grad)
+        torch.set_num_threads(x.shape[0] + 3)
+        by_pass = _gate_ops(x, w1, b1, w2, b2, grad)
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(by_image, by_pass)):
+        assert torch.equal(a, b), f"output {i} differs"
 
 
 @needs_cpu_library
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_input_gradient_kernel_matches_its_composition(layout, dtype):
-    """fastnas::channel_gate_backward_x (CPU) against the composition the other devices use, and both against the
-    formula in float64."""
+def test_backward_kernel_matches_the_composition_of_other_devices(layout, dtype):
+    """fastnas::channel_gate_backward against what devices without it compute from the scale op and PyTorch."""
     from fastnas.ops import _gates
 
-    args = _gate_backward_args(layout, dtype)
-    fused = torch.ops.fastnas.channel_gate_backward_x(*args)
-    composed = _gates._input_grad_composed(*args)
-    grad, logits, gavg, gmax, argmax = [a.double() if a.is_floating_point() else a for a in args]
-    n, c, h, w = grad.shape
-    expected = grad * torch.sigmoid(logits)[:, :, None, None] + (gavg / (h * w))[:, :, None, None]
-    expected.view(n, c, h * w).scatter_add_(2, argmax.long().unsqueeze(2), gmax.unsqueeze(2))
+    x, w1, b1, w2, b2 = _kernel_args(layout, dtype)
+    grad = _layout(torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(dtype), layout)
+    _, _, hidden, logits, argmax, gx, glogits, ghidden = _gate_ops(x, w1, b1, w2, b2, grad)
+    cx, clogits, chidden = _gates._backward_composed(grad, argmax, x, logits, hidden, w1, w2, True)
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(fused.double(), expected, rtol=rtol, atol=atol)
-    torch.testing.assert_close(composed.double(), expected, rtol=rtol, atol=atol)
-    assert fused.dtype == dtype and fused.stride() == torch.empty_like(args[0]).stride()
+    for a, b in ((gx, cx), (glogits, clogits), (ghidden, chidden)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+    assert gx.stride() == torch.empty_like(grad).stride()
+    no_x = torch.ops.fastnas.channel_gate_backward(grad, x, argmax, logits, hidden, w1, w2, False)
+    assert no_x[0].numel() == 0
+    torch.testing.assert_close(no_x[1], glogits, rtol=0, atol=0)
+    torch.testing.assert_close(no_x[2], ghidden, rtol=0, atol=0)
 
 
 @needs_cpu_library
-def test_input_gradient_kernel_opcheck_and_bad_input():
-    args = _gate_backward_args("channels_last")
-    torch.library.opcheck(torch.ops.fastnas.channel_gate_backward_x.default, tuple(args))
-    grad, logits, gavg, gmax, argmax = args
-    with pytest.raises(ValueError, match=r"channel_gate_backward_x: grad_avg must have shape \[3, 5\]"):
-        torch.ops.fastnas.channel_gate_backward_x(grad, logits, gavg[:2], gmax, argmax)
-    with pytest.raises(TypeError, match=r"channel_gate_backward_x: argmax has dtype .*expected int32"):
-        torch.ops.fastnas.channel_gate_backward_x(grad, logits, gavg, gmax, argmax.long())
-    with pytest.raises(ValueError, match=r"channel_gate_backward_x: grad must be 4-D"):
-        torch.ops.fastnas.channel_gate_backward_x(grad[0], logits, gavg, gmax, argmax)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gate_operators_opcheck(layout, bias):
+    x, w1, b1, w2, b2 = _kernel_args(layout, torch.float32, shape=(3, 4, 2, 5), bias=bias)
+    torch.library.opcheck(torch.ops.fastnas.channel_gate.default, (x, w1, b1, w2, b2))
+    _, _, hidden, logits, argmax = torch.ops.fastnas.channel_gate(x, w1, b1, w2, b2)
+    grad = torch.randn_like(x)
+    for need_x in (True, False):
+        torch.library.opcheck(torch.ops.fastnas.channel_gate_backward.default,
+                              (grad, x, argmax, logits, hidden, w1, w2, need_x))
+
+
+@needs_cpu_library
+def test_gate_operators_bad_input_names_the_problem():
+    x, w1, b1, w2, b2 = _kernel_args()
+    gate = torch.ops.fastnas.channel_gate
+    with pytest.raises(TypeError, match=r"channel_gate: w1 has dtype torch.float64, expected the dtype of x"):
+        gate(x, w1.double(), b1, w2, b2)
+    with pytest.raises(ValueError, match=r"channel_gate: b2 must have shape \[5\], got \[4\]"):
+        gate(x, w1, b1, w2, b2[:4])
+    with pytest.raises(ValueError, match=r"channel_gate: x has no spatial elements"):
+        gate(x[:, :, :0], w1, b1, w2, b2)
+    with pytest.raises(ValueError, match=r"channel_gate: x must be 4-D"):
+        gate(x[0], w1, b1, w2, b2)
+    _, _, hidden, logits, argmax = gate(x, w1, b1, w2, b2)
+    back = torch.ops.fastnas.channel_gate_backward
+    with pytest.raises(TypeError, match=r"channel_gate: argmax has dtype torch.int64, expected int32"):
+        back(x, x, argmax.long(), logits, hidden, w1, w2, True)
+    with pytest.raises(ValueError, match=r"channel_gate: hidden must have shape \[8, 2\]"):
+        back(x, x, argmax, logits, hidden[:4], w1, w2, True)
+    with pytest.raises(ValueError, match=r"channel_gate: grad has shape"):
+        back(x[:2], x, argmax, logits, hidden, w1, w2, True)

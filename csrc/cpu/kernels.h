@@ -469,60 +469,68 @@ void channel_pool_nchw(const T* x, T* avg, T* mx, int32_t* arg, int64_t rows, in
   });
 }
 
-// x [N, HW, C] -> avg[N, C], max[N, C], arg[N, C]
+// One image xn [HW, C] -> avg[C], max[C], arg[C]; s, m, id: scratch of C elements.
 template <typename T>
-void channel_pool_nhwc(const T* x, T* avg, T* mx, int32_t* arg, int64_t N, int64_t C, int64_t HW) {
+void channel_pool_image_nhwc(const T* xn, int64_t C, int64_t HW, at::opmath_type<T>* s, at::opmath_type<T>* m,
+                             at::opmath_type<T>* id, T* avg, T* mx, int32_t* arg) {
   using VT = VecT<T>;
   using A = typename VT::A;
   using V = typename VT::V;
   constexpr int64_t W = VT::W;
+  for (int64_t c = 0; c < C; ++c) {
+    s[c] = m[c] = A(xn[c]);
+    id[c] = 0;
+  }
+  for (int64_t h = 1; h < HW; ++h) {
+    const T* row = xn + h * C;
+    const V vh(static_cast<A>(h));
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+      V v = VT::load(row + c);
+      V vm = V::loadu(m + c);
+      V take = v > vm;  // NaN columns are redone exactly below
+      (V::loadu(s + c) + v).store(s + c);
+      V::blendv(vm, v, take).store(m + c);
+      V::blendv(V::loadu(id + c), vh, take).store(id + c);
+    }
+    for (; c < C; ++c) {
+      A v = A(row[c]);
+      s[c] += v;
+      if (beats_later(v, m[c])) {
+        m[c] = v;
+        id[c] = static_cast<A>(h);
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    if (C10_UNLIKELY(std::isnan(s[c]))) {  // a NaN in this column: the exact scan
+      A mm = A(xn[c]);
+      A ii = 0;
+      for (int64_t h = 1; h < HW; ++h) {
+        A v = A(xn[h * C + c]);
+        if (beats_later(v, mm)) {
+          mm = v;
+          ii = static_cast<A>(h);
+        }
+      }
+      m[c] = mm;
+      id[c] = ii;
+    }
+    avg[c] = T(s[c] / A(HW));
+    mx[c] = T(m[c]);
+    arg[c] = static_cast<int32_t>(id[c]);
+  }
+}
+
+// x [N, HW, C] -> avg[N, C], max[N, C], arg[N, C]
+template <typename T>
+void channel_pool_nhwc(const T* x, T* avg, T* mx, int32_t* arg, int64_t N, int64_t C, int64_t HW) {
+  using A = at::opmath_type<T>;
   at::parallel_for(0, N, std::max<int64_t>(1, kGrain / (HW * C)), [&](int64_t b, int64_t e) {
     std::vector<A> s(C), m(C), id(C);
     for (int64_t n = b; n < e; ++n) {
-      const T* xn = x + n * HW * C;
-      for (int64_t c = 0; c < C; ++c) {
-        s[c] = m[c] = A(xn[c]);
-        id[c] = 0;
-      }
-      for (int64_t h = 1; h < HW; ++h) {
-        const T* row = xn + h * C;
-        const V vh(static_cast<A>(h));
-        int64_t c = 0;
-        for (; c + W <= C; c += W) {
-          V v = VT::load(row + c);
-          V vm = V::loadu(m.data() + c);
-          V take = v > vm;  // NaN columns are redone exactly below
-          (V::loadu(s.data() + c) + v).store(s.data() + c);
-          V::blendv(vm, v, take).store(m.data() + c);
-          V::blendv(V::loadu(id.data() + c), vh, take).store(id.data() + c);
-        }
-        for (; c < C; ++c) {
-          A v = A(row[c]);
-          s[c] += v;
-          if (beats_later(v, m[c])) {
-            m[c] = v;
-            id[c] = static_cast<A>(h);
-          }
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        if (C10_UNLIKELY(std::isnan(s[c]))) {  // a NaN in this column: the exact scan
-          A mm = A(xn[c]);
-          A ii = 0;
-          for (int64_t h = 1; h < HW; ++h) {
-            A v = A(xn[h * C + c]);
-            if (beats_later(v, mm)) {
-              mm = v;
-              ii = static_cast<A>(h);
-            }
-          }
-          m[c] = mm;
-          id[c] = ii;
-        }
-        avg[n * C + c] = T(s[c] / A(HW));
-        mx[n * C + c] = T(m[c]);
-        arg[n * C + c] = static_cast<int32_t>(id[c]);
-      }
+      channel_pool_image_nhwc<T>(x + n * HW * C, C, HW, s.data(), m.data(), id.data(), avg + n * C, mx + n * C,
+                                 arg + n * C);
     }
   });
 }
@@ -741,30 +749,109 @@ void spatial_pool_bwd_nhwc(const T* g, int64_t s_n, int64_t s_c, int64_t s_hw, c
 
 // ------------------------------------------------------------------------------------------------ scales
 
+// One row: o[i] = x[i] * s (+ shift when given).
+template <typename T>
+C10_ALWAYS_INLINE void scale_row_by_scalar(const T* x, at::opmath_type<T> s, T* o, int64_t len,
+                                           const at::opmath_type<T>* shift) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  const V vs(s);
+  int64_t i = 0;
+  if (shift) {
+    const A a = *shift;
+    const V va(a);
+    for (; i + W <= len; i += W) VT::store(o + i, at::vec::fmadd(VT::load(x + i), vs, va));
+    for (; i < len; ++i) o[i] = T(A(x[i]) * s + a);
+  } else {
+    for (; i + W <= len; i += W) VT::store(o + i, VT::load(x + i) * vs);
+    for (; i < len; ++i) o[i] = T(A(x[i]) * s);
+  }
+}
+
+// One row: o[i] = x[i] * s[i] (+ shift[i] when given).
+template <typename T>
+C10_ALWAYS_INLINE void scale_row_by_vector(const T* x, const at::opmath_type<T>* s, T* o, int64_t len,
+                                           const at::opmath_type<T>* shift) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  int64_t i = 0;
+  if (shift) {
+    for (; i + W <= len; i += W)
+      VT::store(o + i, at::vec::fmadd(VT::load(x + i), V::loadu(s + i), V::loadu(shift + i)));
+    for (; i < len; ++i) o[i] = T(A(x[i]) * s[i] + shift[i]);
+  } else {
+    for (; i + W <= len; i += W) VT::store(o + i, VT::load(x + i) * V::loadu(s + i));
+    for (; i < len; ++i) o[i] = T(A(x[i]) * s[i]);
+  }
+}
+
+// Backward of one scale_row_by_scalar row: gx[i] = g[i] * s (if gx); returns sum_i g[i] * x[i].
+template <typename T>
+C10_ALWAYS_INLINE at::opmath_type<T> scale_row_by_scalar_bwd(const T* g, const T* x, at::opmath_type<T> s, T* gx,
+                                                             int64_t len) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  const V vs(s);
+  V acc(A(0));
+  A tail = 0;
+  int64_t i = 0;
+  if (gx) {
+    for (; i + W <= len; i += W) {
+      V gv = VT::load(g + i);
+      VT::store(gx + i, gv * vs);
+      acc = at::vec::fmadd(gv, VT::load(x + i), acc);
+    }
+    for (; i < len; ++i) {
+      A gi = A(g[i]);
+      gx[i] = T(gi * s);
+      tail += gi * A(x[i]);
+    }
+  } else {
+    for (; i + W <= len; i += W) acc = at::vec::fmadd(VT::load(g + i), VT::load(x + i), acc);
+    for (; i < len; ++i) tail += A(g[i]) * A(x[i]);
+  }
+  return hsum(acc) + tail;
+}
+
+// Backward of one scale_row_by_vector row: gx[i] = g[i] * s[i] (if gx), d[i] += g[i] * x[i].
+template <typename T>
+C10_ALWAYS_INLINE void scale_row_by_vector_bwd(const T* g, const T* x, const at::opmath_type<T>* s, T* gx,
+                                               at::opmath_type<T>* d, int64_t len) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  int64_t i = 0;
+  if (gx) {
+    for (; i + W <= len; i += W) {
+      V gv = VT::load(g + i);
+      VT::store(gx + i, gv * V::loadu(s + i));
+      at::vec::fmadd(gv, VT::load(x + i), V::loadu(d + i)).store(d + i);
+    }
+    for (; i < len; ++i) {
+      A gi = A(g[i]);
+      gx[i] = T(gi * s[i]);
+      d[i] += gi * A(x[i]);
+    }
+  } else {
+    for (; i + W <= len; i += W) at::vec::fmadd(VT::load(g + i), VT::load(x + i), V::loadu(d + i)).store(d + i);
+    for (; i < len; ++i) d[i] += A(g[i]) * A(x[i]);
+  }
+}
+
 // Row-wise product: out[r, :] = x[r, :] * s[r] (+ shift[r] when shift is given) (channel_scale NCHW) for rows of
 // length len.
 template <typename T>
 void scale_rows_by_scalar(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len,
                           const at::opmath_type<T>* shift = nullptr) {
-  using VT = VecT<T>;
-  using A = typename VT::A;
-  using V = typename VT::V;
-  constexpr int64_t W = VT::W;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const T* xr = x + r * len;
-      T* o = out + r * len;
-      const V vs(s[r]);
-      int64_t i = 0;
-      if (shift) {
-        const V va(shift[r]);
-        for (; i + W <= len; i += W) VT::store(o + i, at::vec::fmadd(VT::load(xr + i), vs, va));
-        for (; i < len; ++i) o[i] = T(A(xr[i]) * s[r] + shift[r]);
-      } else {
-        for (; i + W <= len; i += W) VT::store(o + i, VT::load(xr + i) * vs);
-        for (; i < len; ++i) o[i] = T(A(xr[i]) * s[r]);
-      }
-    }
+    for (int64_t r = b; r < e; ++r) scale_row_by_scalar<T>(x + r * len, s[r], out + r * len, len, shift ? shift + r : nullptr);
   });
 }
 
@@ -774,24 +861,10 @@ void scale_rows_by_scalar(const T* x, const at::opmath_type<T>* s, T* out, int64
 template <typename T>
 void scale_rows_by_vector(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len, int64_t group,
                           const at::opmath_type<T>* shift = nullptr) {
-  using VT = VecT<T>;
-  using A = typename VT::A;
-  using V = typename VT::V;
-  constexpr int64_t W = VT::W;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const T* xr = x + r * len;
-      const A* sr = s + (r / group) * len;
-      T* o = out + r * len;
-      int64_t i = 0;
-      if (shift) {
-        const A* ar = shift + (r / group) * len;
-        for (; i + W <= len; i += W) VT::store(o + i, at::vec::fmadd(VT::load(xr + i), V::loadu(sr + i), V::loadu(ar + i)));
-        for (; i < len; ++i) o[i] = T(A(xr[i]) * sr[i] + ar[i]);
-      } else {
-        for (; i + W <= len; i += W) VT::store(o + i, VT::load(xr + i) * V::loadu(sr + i));
-        for (; i < len; ++i) o[i] = T(A(xr[i]) * sr[i]);
-      }
+      const int64_t off = (r / group) * len;
+      scale_row_by_vector<T>(x + r * len, s + off, out + r * len, len, shift ? shift + off : nullptr);
     }
   });
 }
@@ -800,35 +873,9 @@ void scale_rows_by_vector(const T* x, const at::opmath_type<T>* s, T* out, int64
 template <typename T>
 void scale_rows_by_scalar_bwd(const T* g, const T* x, const at::opmath_type<T>* s, T* gx, at::opmath_type<T>* d,
                               int64_t rows, int64_t len) {
-  using VT = VecT<T>;
-  using A = typename VT::A;
-  using V = typename VT::V;
-  constexpr int64_t W = VT::W;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const T* gr = g + r * len;
-      const T* xr = x + r * len;
-      const V vs(s[r]);
-      V acc(A(0));
-      A tail = 0;
-      int64_t i = 0;
-      if (gx) {
-        T* o = gx + r * len;
-        for (; i + W <= len; i += W) {
-          V gv = VT::load(gr + i);
-          VT::store(o + i, gv * vs);
-          acc = at::vec::fmadd(gv, VT::load(xr + i), acc);
-        }
-        for (; i < len; ++i) {
-          A gi = A(gr[i]);
-          o[i] = T(gi * s[r]);
-          tail += gi * A(xr[i]);
-        }
-      } else {
-        for (; i + W <= len; i += W) acc = at::vec::fmadd(VT::load(gr + i), VT::load(xr + i), acc);
-        for (; i < len; ++i) tail += A(gr[i]) * A(xr[i]);
-      }
-      d[r] = hsum(acc) + tail;
+      d[r] = scale_row_by_scalar_bwd<T>(g + r * len, x + r * len, s[r], gx ? gx + r * len : nullptr, len);
     }
   });
 }
@@ -839,38 +886,15 @@ void scale_rows_by_scalar_bwd(const T* g, const T* x, const at::opmath_type<T>* 
 template <typename T>
 void scale_rows_by_vector_bwd(const T* g, const T* x, const at::opmath_type<T>* s, T* gx, at::opmath_type<T>* d,
                               int64_t groups, int64_t group, int64_t len) {
-  using VT = VecT<T>;
-  using A = typename VT::A;
-  using V = typename VT::V;
-  constexpr int64_t W = VT::W;
+  using A = at::opmath_type<T>;
   at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / std::max<int64_t>(len * group, 1)), [&](int64_t b,
                                                                                                     int64_t e) {
     for (int64_t n = b; n < e; ++n) {
-      const A* sn = s + n * len;
       A* dn = d + n * len;
       std::fill(dn, dn + len, A(0));
       for (int64_t j = 0; j < group; ++j) {
         const int64_t r = n * group + j;
-        const T* gr = g + r * len;
-        const T* xr = x + r * len;
-        int64_t i = 0;
-        if (gx) {
-          T* o = gx + r * len;
-          for (; i + W <= len; i += W) {
-            V gv = VT::load(gr + i);
-            VT::store(o + i, gv * V::loadu(sn + i));
-            at::vec::fmadd(gv, VT::load(xr + i), V::loadu(dn + i)).store(dn + i);
-          }
-          for (; i < len; ++i) {
-            A gi = A(gr[i]);
-            o[i] = T(gi * sn[i]);
-            dn[i] += gi * A(xr[i]);
-          }
-        } else {
-          for (; i + W <= len; i += W)
-            at::vec::fmadd(VT::load(gr + i), VT::load(xr + i), V::loadu(dn + i)).store(dn + i);
-          for (; i < len; ++i) dn[i] += A(gr[i]) * A(xr[i]);
-        }
+        scale_row_by_vector_bwd<T>(g + r * len, x + r * len, s + n * len, gx ? gx + r * len : nullptr, dn, len);
       }
     }
   });

@@ -9,6 +9,7 @@
 
 #include "../common.h"
 #include "batch_norm.h"
+#include "channel_gate.h"
 #include "depthwise.h"
 #include "pool2d.h"
 #include "single_channel_conv.h"
@@ -329,52 +330,114 @@ std::tuple<Tensor, Tensor> spatial_scale_backward(const Tensor& grad, const Tens
 
 // ------------------------------------------------------------------------------------------------ channel gate
 
-// grad * sigmoid(logits) + grad_avg / (H*W), plus grad_max at each channel's first maximum: the whole input gradient
-// of a channel gate (pool -> MLP -> scale) in one pass over grad.
-Tensor channel_gate_backward_x(const Tensor& grad, const Tensor& logits, const Tensor& grad_avg,
-                               const Tensor& grad_max, const Tensor& argmax) {
-  const char* op = "channel_gate_backward_x";
-  check_4d(op, "grad", grad);
-  check_device_type(op, "grad", grad, kDev);
-  const int64_t N = grad.size(0), C = grad.size(1), HW = grad.size(2) * grad.size(3);
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"logits", logits},
-                                {"grad_avg", grad_avg}, {"grad_max", grad_max}}) {
-    check_float(op, name, t);
-    check_same_device(op, name, t, "grad", grad);
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == C, "fastnas.", op, ": ", name,
-                      " must have shape [", N, ", ", C, "], got ", shape_str(t.sizes()));
+// A matrix argument of the gate: shape [rows, cols], x's dtype and device.
+void check_gate_param(const char* arg, const Tensor& t, std::initializer_list<int64_t> shape, const Tensor& x) {
+  const char* op = "channel_gate";
+  check_float(op, arg, t);
+  check_same_device(op, arg, t, "x", x);
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "fastnas.", op, ": ", arg, " has dtype ",
+                   dtype_name(t.scalar_type()), ", expected the dtype of x (", dtype_name(x.scalar_type()), ")");
+  TORCH_CHECK_VALUE(t.sizes().equals(shape), "fastnas.", op, ": ", arg, " must have shape ", shape_str(shape),
+                    ", got ", shape_str(t.sizes()));
+}
+
+// x and the MLP's weights: x [N, C, H, W] with H*W >= 1, w1 [hid, C], w2 [C, hid], b1 [hid] and b2 [C] when given.
+void check_channel_gate(const Tensor& x, const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
+                        const c10::optional<Tensor>& b2) {
+  const char* op = "channel_gate";
+  check_cpu_4d_float(op, "x", x);
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK_VALUE(HW >= 1 || x.size(0) * C == 0, "fastnas.", op, ": x has no spatial elements (shape ",
+                    shape_str(x.sizes()), "), the max is undefined");
+  check_index_range(op, HW);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(0) >= 1, "fastnas.", op, ": w1 must have shape [hidden, ", C,
+                    "] (hidden >= 1), got ", shape_str(w1.sizes()));
+  const int64_t hid = w1.size(0);
+  check_gate_param("w1", w1, {hid, C}, x);
+  check_gate_param("w2", w2, {C, hid}, x);
+  if (b1) check_gate_param("b1", *b1, {hid}, x);
+  if (b2) check_gate_param("b2", *b2, {C}, x);
+}
+
+// The MLP's weights in the accumulation type, kept alive beside the raw view the kernels read.
+template <typename A>
+struct GateWeights {
+  Tensor w1, b1, w2, b2;
+  GateMlp<A> view() const {
+    return {w1.const_data_ptr<A>(), b1.const_data_ptr<A>(), w2.const_data_ptr<A>(), b2.const_data_ptr<A>(),
+            w2.size(0), w1.size(0)};
   }
-  check_same_device(op, "argmax", argmax, "grad", grad);
-  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.", op, ": argmax has dtype ",
-                   dtype_name(argmax.scalar_type()), ", expected int32");
-  TORCH_CHECK_VALUE(argmax.dim() == 2 && argmax.size(0) == N && argmax.size(1) == C, "fastnas.", op,
-                    ": argmax must have shape [", N, ", ", C, "], got ", shape_str(argmax.sizes()));
-  Output o = make_output(grad);
-  if (grad.numel() == 0) return o.out;
-  Tensor g = in_layout(grad, o.layout);
-  Tensor l = as_acc(logits, grad.scalar_type());
-  Tensor a = as_acc(grad_avg, grad.scalar_type()).div(double(HW));
-  Tensor m = as_acc(grad_max, grad.scalar_type());
-  Tensor arg = argmax.contiguous();
-  // the channel scale's row plan, with the mean's share as the per-channel shift
-  const RowPlan p = plan(Gate::Channel, o.layout, N, C, HW);
-  const bool nchw = o.layout == Layout::NCHW;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::channel_gate_backward_x", [&] {
+};
+
+template <typename A>
+GateWeights<A> gate_weights(const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
+                            const c10::optional<Tensor>& b2) {
+  const auto acc = w1.options().dtype(c10::CppTypeToScalarType<A>::value);
+  auto bias = [&](const c10::optional<Tensor>& b, int64_t n) { return b ? b->to(acc).contiguous() : at::zeros({n}, acc); };
+  return {w1.to(acc).contiguous(), bias(b1, w1.size(0)), w2.to(acc).contiguous(), bias(b2, w2.size(0))};
+}
+
+// The whole channel gate (see channel_gate.h): (out, pooled [2N, C], hidden [2N, hid], logits [N, C], int32 argmax
+// [N, C]); the last four are what the backward reads.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_gate(const Tensor& x_in, const Tensor& w1,
+                                                                const c10::optional<Tensor>& b1, const Tensor& w2,
+                                                                const c10::optional<Tensor>& b2) {
+  check_channel_gate(x_in, w1, b1, w2, b2);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3), hid = w1.size(0);
+  Output o = make_output(x_in);
+  Tensor pooled = at::empty({2 * N, C}, x_in.options());
+  Tensor hidden = at::empty({2 * N, hid}, x_in.options());
+  Tensor logits = at::empty({N, C}, x_in.options());
+  Tensor arg = at::empty({N, C}, x_in.options().dtype(at::kInt));
+  if (N * C == 0) return {o.out, pooled, hidden.zero_(), logits, arg};
+  Tensor x = in_layout(x_in, o.layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::channel_gate", [&] {
     using A = at::opmath_type<scalar_t>;
-    Tensor s = sigmoid_of<A>(l);
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    scalar_t* op = o.buffer.data_ptr<scalar_t>();
-    const A *sp = s.const_data_ptr<A>(), *ap = a.const_data_ptr<A>();
-    if (p.scalar) {
-      scale_rows_by_scalar<scalar_t>(gp, sp, op, p.rows, p.len, ap);
-    } else {
-      scale_rows_by_vector<scalar_t>(gp, sp, op, p.rows, p.len, p.group, ap);
-    }
-    channel_gate_add_max_share<scalar_t>(gp, sp, ap, m.const_data_ptr<A>(), arg.const_data_ptr<int32_t>(), op, N, C,
-                                         C * HW, nchw ? HW : 1, nchw ? 1 : C);
+    const GateWeights<A> w = gate_weights<A>(w1, b1, w2, b2);
+    const GateTensors<scalar_t> t{N, C, HW, o.layout == Layout::NCHW, x.const_data_ptr<scalar_t>(),
+                                  pooled.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
+                                  logits.data_ptr<scalar_t>(), arg.data_ptr<int32_t>()};
+    channel_gate_fwd<scalar_t>(w.view(), t, o.buffer.data_ptr<scalar_t>());
   });
   o.finish();
-  return o.out;
+  return {o.out, pooled, hidden, logits, arg};
+}
+
+// (grad x (an empty tensor unless need_x_grad), grad logits [N, C], grad hidden [2N, hid]); the weights' gradients
+// are small products of these with the saved pooled and hidden rows.
+std::tuple<Tensor, Tensor, Tensor> channel_gate_backward(const Tensor& grad, const Tensor& x_in, const Tensor& argmax,
+                                                         const Tensor& logits, const Tensor& hidden, const Tensor& w1,
+                                                         const Tensor& w2, bool need_x_grad) {
+  const char* op = "channel_gate";
+  check_channel_gate(x_in, w1, c10::nullopt, w2, c10::nullopt);
+  check_grad(op, grad, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3), hid = w1.size(0);
+  check_gate_param("logits", logits, {N, C}, x_in);
+  check_gate_param("hidden", hidden, {2 * N, hid}, x_in);
+  check_same_device(op, "argmax", argmax, "x", x_in);
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.", op, ": argmax has dtype ",
+                   dtype_name(argmax.scalar_type()), ", expected int32");
+  TORCH_CHECK_VALUE(argmax.sizes().equals({N, C}), "fastnas.", op, ": argmax must have shape [", N, ", ", C,
+                    "], got ", shape_str(argmax.sizes()));
+  Output o = make_output(grad);
+  Tensor gx = need_x_grad ? o.out : at::empty({0}, grad.options());
+  Tensor glogits = at::empty({N, C}, x_in.options());
+  Tensor ghidden = at::empty({2 * N, hid}, x_in.options());
+  if (N * C == 0) return {gx, glogits, ghidden.zero_()};
+  Tensor g = in_layout(grad, o.layout), x = in_layout(x_in, o.layout);
+  Tensor l = logits.contiguous(), h = hidden.contiguous(), arg = argmax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::channel_gate_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const GateWeights<A> w = gate_weights<A>(w1, c10::nullopt, w2, c10::nullopt);
+    const GateTensors<scalar_t> t{N, C, HW, o.layout == Layout::NCHW, x.const_data_ptr<scalar_t>(),
+                                  nullptr, const_cast<scalar_t*>(h.const_data_ptr<scalar_t>()),
+                                  const_cast<scalar_t*>(l.const_data_ptr<scalar_t>()),
+                                  const_cast<int32_t*>(arg.const_data_ptr<int32_t>())};
+    channel_gate_bwd<scalar_t>(w.view(), t, g.const_data_ptr<scalar_t>(), glogits.data_ptr<scalar_t>(),
+                               ghidden.data_ptr<scalar_t>(), need_x_grad ? o.buffer.data_ptr<scalar_t>() : nullptr);
+  });
+  if (need_x_grad) o.finish();
+  return {gx, glogits, ghidden};
 }
 
 // ------------------------------------------------------------------------------------------------ depthwise conv
@@ -851,7 +914,8 @@ void register_impls(torch::Library& m) {
   m.impl("channel_scale_backward", &channel_scale_backward);
   m.impl("spatial_scale", &spatial_scale);
   m.impl("spatial_scale_backward", &spatial_scale_backward);
-  m.impl("channel_gate_backward_x", &channel_gate_backward_x);
+  m.impl("channel_gate", &channel_gate);
+  m.impl("channel_gate_backward", &channel_gate_backward);
   m.impl("depthwise_conv2d_weight_grad", &depthwise_conv2d_weight_grad);
   m.impl("batch_norm_train", &batch_norm_train);
   m.impl("normalized_mixed_sum", &normalized_mixed_sum);

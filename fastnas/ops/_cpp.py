@@ -137,11 +137,21 @@ if _LOAD_ERROR is None:
 
     torch.library.register_fake("fastnas::channel_scale_backward", _fake_scale_backward)
 
-    @torch.library.register_fake("fastnas::channel_gate_backward_x")
-    def _(grad, logits, grad_avg, grad_max, argmax):
-        _checks.check_4d("channel_gate_backward_x", "grad", grad)
-        return torch.empty_like(grad)
     torch.library.register_fake("fastnas::spatial_scale_backward", _fake_scale_backward)
+
+    @torch.library.register_fake("fastnas::channel_gate")
+    def _(x, w1, b1, w2, b2):
+        _gates.check_inputs(x, w1, b1, w2, b2)
+        n, c = x.shape[:2]
+        hidden = w1.shape[0]
+        return (torch.empty_like(x), x.new_empty(2 * n, c), x.new_empty(2 * n, hidden), x.new_empty(n, c),
+                x.new_empty(n, c, dtype=torch.int32))
+
+    @torch.library.register_fake("fastnas::channel_gate_backward")
+    def _(grad, x, argmax, logits, hidden, w1, w2, need_x_grad):
+        gx = torch.empty_like(grad) if need_x_grad else grad.new_empty(0)
+        return gx, torch.empty_like(logits, memory_format=torch.contiguous_format), \
+            torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fastnas::depthwise_conv2d_weight_grad")
     def _(grad, x, kernel_size, stride, padding, dilation):

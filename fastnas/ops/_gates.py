@@ -2,14 +2,17 @@
 
 Composed of a backend's ops, the gate is about ten autograd nodes (pool, concatenation, two linears, ReLU, split,
 add, scale) and its input gradient arrives in two parts that autograd adds in an extra pass over the activation.
-:class:`FusedChannelGate` runs the compiled ``fastnas::channel_pool`` / ``channel_scale`` / ``channel_scale_backward``
-operators with the tiny MLP in between and writes the backward by hand:
+:class:`FusedChannelGate` is one node with a hand-written backward:
 
-* forward: one pass to pool (mean, max, int32 argmax), the MLP on the [2N, C] pooled rows, one pass to scale;
-* backward: one pass over (grad, x) for the logits gradient, the MLP's backward, then one pass over grad writing
-  the whole input gradient, grad·σ + the mean's share + the max's share at the argmax
-  (``fastnas::channel_gate_backward_x``, a CPU kernel; on other devices the scale op and two in-place updates).
+* on the CPU, ``fastnas::channel_gate`` and ``fastnas::channel_gate_backward`` (``csrc/cpu/channel_gate.h``) run
+  the whole gate image by image: the forward pools an image, runs the MLP on its two pooled rows and scales it while
+  it is still in the core's L2 cache; the backward reduces (grad, x) over an image for the logits' gradient, runs
+  the MLP's backward and writes the image's input gradient, grad·σ + the mean's share + the max's share at the
+  argmax, from the cached grad. So x and grad are read from memory once each, not twice;
+* on other devices, the compiled ``channel_pool`` / ``channel_scale`` / ``channel_scale_backward`` operators with the
+  MLP in PyTorch between them, and the input gradient from the scale op and two in-place updates.
 
+The weights' gradients are small matrix products of the logits' and hidden rows' gradients with the saved rows.
 Only x, the argmax, the logits, the pooled rows and the hidden activations are kept. The arithmetic is that of the
 reference composition (:func:`composite`); the tests compare the two.
 """
@@ -75,44 +78,55 @@ class FusedChannelGate(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                 b2: torch.Tensor | None) -> torch.Tensor:
         ops = torch.ops.fastnas
-        avg, mx, argmax = ops.channel_pool.default(x)
-        n = avg.shape[0]
-        pooled = torch.cat([avg, mx], dim=0)
-        hidden = torch.relu(F.linear(pooled, w1, b1))
-        both = F.linear(hidden, w2, b2)
-        logits = both[:n] + both[n:]
+        if x.device.type == "cpu":  # pool, MLP and scale in one kernel
+            out, pooled, hidden, logits, argmax = ops.channel_gate.default(x, w1, b1, w2, b2)
+        else:
+            avg, mx, argmax = ops.channel_pool.default(x)
+            n = avg.shape[0]
+            pooled = torch.cat([avg, mx], dim=0)
+            hidden = torch.relu(F.linear(pooled, w1, b1))
+            both = F.linear(hidden, w2, b2)
+            logits = both[:n] + both[n:]
+            out = ops.channel_scale.default(x, logits)
         ctx.save_for_backward(x, argmax, logits, pooled, hidden, w1, w2)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        return ops.channel_scale.default(x, logits)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, argmax, logits, pooled, hidden, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        n, c, h, w = x.shape
-        # one pass over (grad, x): the logits' gradient Σ_hw grad·x·σ'(logits)
-        _, glogits = torch.ops.fastnas.channel_scale_backward.default(grad, x, logits, False)
+        if x.device.type == "cpu":  # the logits', hidden rows' and input's gradients in one kernel
+            gx, glogits, ghidden = torch.ops.fastnas.channel_gate_backward.default(
+                grad, x, argmax, logits, hidden, w1, w2, need_x)
+        else:
+            gx, glogits, ghidden = _backward_composed(grad, argmax, x, logits, hidden, w1, w2, need_x)
         gboth = torch.cat([glogits, glogits], dim=0)  # the logits are the sum of the two rows' MLP outputs
         gw2 = gboth.t().mm(hidden) if need_w2 else None
         gb2 = gboth.sum(0) if need_b2 and ctx.has_b2 else None
-        ghidden = gboth.mm(w2) * (hidden > 0)
         gw1 = ghidden.t().mm(pooled) if need_w1 else None
         gb1 = ghidden.sum(0) if need_b1 and ctx.has_b1 else None
-        if not need_x:
-            return None, gw1, gb1, gw2, gb2
-        gpooled = ghidden.mm(w1)
-        gavg, gmax = gpooled[:n], gpooled[n:]
-        if x.device.type == "cpu":  # one pass over grad: grad·σ + the mean's share + the max's share at the argmax
-            gx = torch.ops.fastnas.channel_gate_backward_x.default(grad, logits, gavg, gmax, argmax)
-        else:
-            gx = _input_grad_composed(grad, logits, gavg, gmax, argmax)
-        return gx, gw1, gb1, gw2, gb2
+        return (gx if need_x else None), gw1, gb1, gw2, gb2
+
+
+def _backward_composed(grad: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
+                       hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, need_x: bool):
+    """What ``fastnas::channel_gate_backward`` computes, from the scale op's backward, the MLP's backward in
+    PyTorch and :func:`_input_grad_composed` (devices without that kernel)."""
+    # one pass over (grad, x): the logits' gradient Σ_hw grad·x·σ'(logits)
+    _, glogits = torch.ops.fastnas.channel_scale_backward.default(grad, x, logits, False)
+    ghidden = torch.cat([glogits, glogits], dim=0).mm(w2) * (hidden > 0)
+    if not need_x:
+        return None, glogits, ghidden
+    n = logits.shape[0]
+    gpooled = ghidden.mm(w1)
+    return _input_grad_composed(grad, logits, gpooled[:n], gpooled[n:], argmax), glogits, ghidden
 
 
 def _input_grad_composed(grad: torch.Tensor, logits: torch.Tensor, gavg: torch.Tensor, gmax: torch.Tensor,
                          argmax: torch.Tensor) -> torch.Tensor:
-    """What ``fastnas::channel_gate_backward_x`` computes, from the scale op and two in-place updates (devices
-    without that kernel)."""
+    """The input gradient of the gate, grad·σ(logits) + gavg / (H·W) + gmax at each channel's argmax, from the
+    scale op and two in-place updates."""
     n, c, h, w = grad.shape
     gx = torch.ops.fastnas.channel_scale.default(grad, logits)  # grad·σ(logits): the scale's own kernel
     channels_last = _checks.prefers_channels_last(gx)

@@ -1,0 +1,265 @@
+// The whole CBAM channel gate on the CPU, out = x * sigmoid(MLP(mean_hw x) + MLP(max_hw x)) with the shared MLP
+// p -> relu(p w1^T + b1) w2^T + b2, forward and backward.
+//
+// Two schedules with the same arithmetic (and bit-identical results):
+// - image by image (a task per image, when there are at least as many images as threads): the image's pooling,
+//   MLP and scaling run back to back, so its second pass over x (forward) or over the gradient (backward) reads
+//   the image from the core's L2 cache instead of memory;
+// - pass by pass (fewer images than threads): each pass over the batch is parallel, the tiny MLP runs in between.
+//
+// The MLP rounds to T where the reference composition (linear layers in T) does: the pooled rows, the hidden
+// activations, each row's output and the logits; and in the backward the logits' gradient, the hidden rows'
+// gradient and the pooled rows' gradient.
+#pragma once
+
+#include "kernels.h"
+
+namespace fastnas::cpu {
+inline namespace CPU_CAPABILITY {
+
+// The MLP's weights in the accumulation type A (biases zero when absent).
+template <typename A>
+struct GateMlp {
+  const A* w1;  // [hid, C]
+  const A* b1;  // [hid]
+  const A* w2;  // [C, hid]
+  const A* b2;  // [C]
+  int64_t C, hid;
+};
+
+// Where the gate's tensors live. x, out, g, gx: [N, C, H, W] in one layout (NCHW or NHWC, dense); pooled, hidden:
+// [2N, C] and [2N, hid] (the mean's rows, then the max's); logits, arg: [N, C].
+template <typename T>
+struct GateTensors {
+  int64_t N, C, HW;
+  bool nchw;
+  const T* x;
+  T* pooled;
+  T* hidden;
+  T* logits;
+  int32_t* arg;
+};
+
+// The MLP of image n: hidden rows n and N + n from pooled rows n and N + n; logits row n; s[C] = sigmoid(logits).
+template <typename T, typename A = at::opmath_type<T>>
+void gate_mlp_forward(const GateMlp<A>& m, const GateTensors<T>& t, int64_t n, A* s) {
+  const T* pa = t.pooled + n * m.C;
+  const T* pm = t.pooled + (t.N + n) * m.C;
+  T* ha = t.hidden + n * m.hid;
+  T* hm = t.hidden + (t.N + n) * m.hid;
+  for (int64_t j = 0; j < m.hid; ++j) {
+    const A* wj = m.w1 + j * m.C;
+    A a = 0, b = 0;
+    for (int64_t c = 0; c < m.C; ++c) {
+      a += wj[c] * A(pa[c]);
+      b += wj[c] * A(pm[c]);
+    }
+    a += m.b1[j];
+    b += m.b1[j];
+    ha[j] = T(a > A(0) || std::isnan(a) ? a : A(0));  // relu, NaN kept (as torch.relu)
+    hm[j] = T(b > A(0) || std::isnan(b) ? b : A(0));
+  }
+  T* l = t.logits + n * m.C;
+  for (int64_t c = 0; c < m.C; ++c) {
+    const A* wc = m.w2 + c * m.hid;
+    A a = 0, b = 0;
+    for (int64_t j = 0; j < m.hid; ++j) {
+      a += wc[j] * A(ha[j]);
+      b += wc[j] * A(hm[j]);
+    }
+    l[c] = T(A(T(a + m.b2[c])) + A(T(b + m.b2[c])));
+    s[c] = sigmoid(A(l[c]));
+  }
+}
+
+// The MLP's backward for image n from d[C] = sum_hw g x: glogits row n = sigmoid'(logits) d, ghidden rows n and
+// N + n (masked by relu); when ga / gm are given, the pooled rows' gradients (ga already divided by H*W).
+template <typename T, typename A = at::opmath_type<T>>
+void gate_mlp_backward(const GateMlp<A>& m, const GateTensors<T>& t, int64_t n, const A* d, T* glogits, T* ghidden,
+                       A* ga, A* gm) {
+  T* gl = glogits + n * m.C;
+  const T* l = t.logits + n * m.C;
+  for (int64_t c = 0; c < m.C; ++c) {
+    const A s = sigmoid(A(l[c]));
+    gl[c] = T(s * (A(1) - s) * d[c]);
+  }
+  const T* ha = t.hidden + n * m.hid;
+  const T* hm = t.hidden + (t.N + n) * m.hid;
+  T* gha = ghidden + n * m.hid;
+  T* ghm = ghidden + (t.N + n) * m.hid;
+  for (int64_t j = 0; j < m.hid; ++j) {  // both rows' outputs were summed into the logits: one gradient for both
+    A a = 0;
+    for (int64_t c = 0; c < m.C; ++c) a += A(gl[c]) * m.w2[c * m.hid + j];
+    const T tj = T(a);
+    gha[j] = A(ha[j]) > A(0) ? tj : T(0);
+    ghm[j] = A(hm[j]) > A(0) ? tj : T(0);
+  }
+  if (ga == nullptr) return;
+  const A inv_hw = A(1) / A(t.HW);
+  for (int64_t c = 0; c < m.C; ++c) {
+    A a = 0, b = 0;
+    for (int64_t j = 0; j < m.hid; ++j) {
+      a += A(gha[j]) * m.w1[j * m.C + c];
+      b += A(ghm[j]) * m.w1[j * m.C + c];
+    }
+    ga[c] = A(T(a)) * inv_hw;
+    gm[c] = A(T(b));
+  }
+}
+
+// Pool image n into pooled rows n and N + n and arg row n; sa, sm, sid: scratch of C (NHWC).
+template <typename T, typename A = at::opmath_type<T>>
+void gate_pool_image(const GateTensors<T>& t, int64_t n, A* sa, A* sm, A* sid) {
+  const T* xn = t.x + n * t.C * t.HW;
+  T* avg = t.pooled + n * t.C;
+  T* mx = t.pooled + (t.N + n) * t.C;
+  int32_t* arg = t.arg + n * t.C;
+  if (t.nchw) {
+    for (int64_t c = 0; c < t.C; ++c) {
+      PoolAcc<A> p = reduce_row(xn + c * t.HW, t.HW);
+      avg[c] = T(p.sum / A(t.HW));
+      mx[c] = T(p.max);
+      arg[c] = static_cast<int32_t>(p.arg);
+    }
+  } else {
+    channel_pool_image_nhwc<T>(xn, t.C, t.HW, sa, sm, sid, avg, mx, arg);
+  }
+}
+
+// out (image n) = x * s, s[C] the image's gate values.
+template <typename T, typename A = at::opmath_type<T>>
+void gate_scale_image(const GateTensors<T>& t, int64_t n, const A* s, T* out) {
+  const int64_t off = n * t.C * t.HW;
+  if (t.nchw) {
+    for (int64_t c = 0; c < t.C; ++c) scale_row_by_scalar<T>(t.x + off + c * t.HW, s[c], out + off + c * t.HW, t.HW, nullptr);
+  } else {
+    for (int64_t h = 0; h < t.HW; ++h) scale_row_by_vector<T>(t.x + off + h * t.C, s, out + off + h * t.C, t.C, nullptr);
+  }
+}
+
+// d[C] = sum_hw g x over image n.
+template <typename T, typename A = at::opmath_type<T>>
+void gate_dot_image(const GateTensors<T>& t, const T* g, int64_t n, A* d) {
+  const int64_t off = n * t.C * t.HW;
+  if (t.nchw) {
+    for (int64_t c = 0; c < t.C; ++c) d[c] = scale_row_by_scalar_bwd<T>(g + off + c * t.HW, t.x + off + c * t.HW, A(0), nullptr, t.HW);
+  } else {
+    std::fill(d, d + t.C, A(0));
+    for (int64_t h = 0; h < t.HW; ++h) scale_row_by_vector_bwd<T>(g + off + h * t.C, t.x + off + h * t.C, nullptr, nullptr, d, t.C);
+  }
+}
+
+// The max's share of image n's input gradient, after g * s + ga was written everywhere: the element at each
+// channel's first maximum becomes g * s + ga + gm. s, ga, gm: the image's C values.
+template <typename T, typename A = at::opmath_type<T>>
+void gate_add_max_share_image(const GateTensors<T>& t, const T* g, int64_t n, const A* s, const A* ga, const A* gm,
+                              T* gx) {
+  const int64_t off = n * t.C * t.HW;
+  const int32_t* arg = t.arg + n * t.C;
+  for (int64_t c = 0; c < t.C; ++c) {
+    const int64_t i = off + (t.nchw ? c * t.HW + arg[c] : int64_t(arg[c]) * t.C + c);
+    gx[i] = T(A(g[i]) * s[c] + ga[c] + gm[c]);
+  }
+}
+
+// gx (image n) = g * s + ga, plus gm at each channel's argmax.
+template <typename T, typename A = at::opmath_type<T>>
+void gate_input_grad_image(const GateTensors<T>& t, const T* g, int64_t n, const A* s, const A* ga, const A* gm,
+                           T* gx) {
+  const int64_t off = n * t.C * t.HW;
+  if (t.nchw) {
+    for (int64_t c = 0; c < t.C; ++c) {
+      scale_row_by_scalar<T>(g + off + c * t.HW, s[c], gx + off + c * t.HW, t.HW, ga + c);
+    }
+  } else {
+    for (int64_t h = 0; h < t.HW; ++h) scale_row_by_vector<T>(g + off + h * t.C, s, gx + off + h * t.C, t.C, ga);
+  }
+  gate_add_max_share_image(t, g, n, s, ga, gm, gx);
+}
+
+// Whether the gate runs image by image (see the top of this file).
+inline bool gate_by_image(int64_t N) { return N >= at::get_num_threads(); }
+
+// Forward: out, and pooled, hidden, logits, arg for the backward.
+template <typename T, typename A = at::opmath_type<T>>
+void channel_gate_fwd(const GateMlp<A>& m, const GateTensors<T>& t, T* out) {
+  const int64_t C = t.C, image = C * t.HW;
+  if (gate_by_image(t.N)) {
+    at::parallel_for(0, t.N, std::max<int64_t>(1, kGrain / std::max<int64_t>(image, 1)), [&](int64_t b, int64_t e) {
+      std::vector<A> s(C), sm(C), sid(C);
+      for (int64_t n = b; n < e; ++n) {
+        gate_pool_image(t, n, s.data(), sm.data(), sid.data());
+        gate_mlp_forward(m, t, n, s.data());
+        gate_scale_image(t, n, s.data(), out);
+      }
+    });
+    return;
+  }
+  std::vector<A> s(t.N * C);
+  if (t.nchw) {  // a task per (image, channel) row
+    at::parallel_for(0, t.N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(t.HW, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / C, c = r % C;
+        PoolAcc<A> p = reduce_row(t.x + r * t.HW, t.HW);
+        t.pooled[n * C + c] = T(p.sum / A(t.HW));
+        t.pooled[(t.N + n) * C + c] = T(p.max);
+        t.arg[r] = static_cast<int32_t>(p.arg);
+      }
+    });
+  } else {
+    at::parallel_for(0, t.N, 1, [&](int64_t b, int64_t e) {
+      std::vector<A> sa(C), sm(C), sid(C);
+      for (int64_t n = b; n < e; ++n) gate_pool_image(t, n, sa.data(), sm.data(), sid.data());
+    });
+  }
+  for (int64_t n = 0; n < t.N; ++n) gate_mlp_forward(m, t, n, s.data() + n * C);
+  if (t.nchw) {
+    scale_rows_by_scalar<T>(t.x, s.data(), out, t.N * C, t.HW);
+  } else {
+    scale_rows_by_vector<T>(t.x, s.data(), out, t.N * t.HW, C, t.HW);
+  }
+}
+
+// Backward: glogits, ghidden and (when gx is given) the input gradient.
+template <typename T, typename A = at::opmath_type<T>>
+void channel_gate_bwd(const GateMlp<A>& m, const GateTensors<T>& t, const T* g, T* glogits, T* ghidden, T* gx) {
+  const int64_t C = t.C, image = C * t.HW;
+  if (gate_by_image(t.N)) {
+    at::parallel_for(0, t.N, std::max<int64_t>(1, kGrain / std::max<int64_t>(image, 1)), [&](int64_t b, int64_t e) {
+      std::vector<A> d(C), s(C), ga(C), gm(C);
+      for (int64_t n = b; n < e; ++n) {
+        gate_dot_image(t, g, n, d.data());
+        gate_mlp_backward(m, t, n, d.data(), glogits, ghidden, gx ? ga.data() : nullptr, gm.data());
+        if (gx) {
+          for (int64_t c = 0; c < C; ++c) s[c] = sigmoid(A(t.logits[n * C + c]));
+          gate_input_grad_image(t, g, n, s.data(), ga.data(), gm.data(), gx);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<A> d(t.N * C), s(t.N * C), ga(t.N * C), gm(t.N * C);
+  if (t.nchw) {
+    scale_rows_by_scalar_bwd<T>(g, t.x, s.data(), nullptr, d.data(), t.N * C, t.HW);
+  } else {
+    scale_rows_by_vector_bwd<T>(g, t.x, s.data(), nullptr, d.data(), t.N, t.HW, C);
+  }
+  for (int64_t n = 0; n < t.N; ++n) {
+    gate_mlp_backward(m, t, n, d.data() + n * C, glogits, ghidden, gx ? ga.data() + n * C : nullptr,
+                      gm.data() + n * C);
+  }
+  if (!gx) return;
+  for (int64_t i = 0; i < t.N * C; ++i) s[i] = sigmoid(A(t.logits[i]));
+  if (t.nchw) {
+    scale_rows_by_scalar<T>(g, s.data(), gx, t.N * C, t.HW, ga.data());
+  } else {
+    scale_rows_by_vector<T>(g, s.data(), gx, t.N * t.HW, C, t.HW, ga.data());
+  }
+  for (int64_t n = 0; n < t.N; ++n) {
+    const int64_t k = n * C;
+    gate_add_max_share_image(t, g, n, s.data() + k, ga.data() + k, gm.data() + k, gx);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastnas::cpu
