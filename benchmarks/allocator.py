@@ -3,10 +3,10 @@
 In an op benchmark the heap is small, and glibc gives freed memory at its top back to the system (and serves big
 blocks from fresh mappings) between calls: the next call's outputs then fault their pages in again, about 1 ms per
 4 MiB tensor on a 2-core machine, more than a fused kernel takes, and whether a call faults depends on where earlier
-frees left the heap's top, not on the op. In a whole training step the heap stays big and faults are rare (first-order
-search steps at batch 32: 0 to 200 faults in most steps, now and then a step with ~10 000, a few % of a 3 s step). ``keep_heap`` sets glibc's trim and
-mmap thresholds high so every provider's timing sees a warm heap, as inside a step. ``FASTNAS_BENCH_MALLOC=system``
-keeps glibc's defaults (to measure the faulting regime).
+frees left the heap's top, not on the op. In a whole training step the heap stays big and faults are rare
+(first-order search steps at batch 32: 0 to 200 faults in most steps, now and then one with ~10 000, a few % of a
+3 s step). ``keep_heap`` sets glibc's trim and mmap thresholds high so every provider's timing sees a warm heap, as
+inside a step. ``FASTNAS_BENCH_MALLOC=system`` keeps glibc's defaults (to measure the faulting regime).
 """
 from __future__ import annotations
 

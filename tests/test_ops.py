@@ -193,6 +193,25 @@ def test_nan_propagates(name, device):
     assert torch.isnan(y[0, 1, 1, 2]) and torch.isnan(y).sum() == 1
 
 
+@pytest.mark.parametrize("name,device", TARGETS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_spatial_pool_nan_and_ties_on_every_path(name, device, layout):
+    """42 positions of 19 channels reach every path of the CPU kernels (NCHW: blocks of four vectors and of one, single
+    positions; channels_last: transposed blocks of rows, the channels after the last full block, single rows), with
+    ties (small integers) and NaNs, against the reference's values and gradient routing."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (3, 19, 6, 7), generator=gen).float()
+    for n, c, h, w in ((0, 5, 0, 1), (1, 18, 5, 6), (2, 0, 3, 3), (2, 7, 4, 0), (2, 9, 4, 0)):
+        x[n, c, h, w] = float("nan")
+    x = _layout(x.to(device), layout).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    out, ref = ops.spatial_pool(x, backend=name), ops.spatial_pool(xr, backend="reference")
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    g = torch.randn(out.shape, generator=gen).to(device)
+    (gx,), (gr,) = torch.autograd.grad(out, x, g), torch.autograd.grad(ref, xr, g)
+    torch.testing.assert_close(gx, gr)
+
+
 BAD_INPUTS = [
     ("mixed_sum", lambda d: ([], torch.ones(0, device=d)), ValueError, "at least one"),
     ("mixed_sum", lambda d: ([torch.ones(2, 3, device=d), torch.ones(2, 4, device=d)], torch.ones(2, device=d)),

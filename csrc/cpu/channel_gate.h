@@ -28,7 +28,8 @@ struct GateMlp {
 };
 
 // Where the gate's tensors live. x, out, g, gx: [N, C, H, W] in one layout (NCHW or NHWC, dense); pooled, hidden:
-// [2N, C] and [2N, hid] (the mean's rows, then the max's); logits, arg: [N, C].
+// [2N, C] and [2N, hid] (the mean's rows, then the max's); logits, arg: [N, C]. The forward writes pooled, hidden,
+// logits and arg; the backward reads hidden, logits and arg (pooled is not needed there).
 template <typename T>
 struct GateTensors {
   int64_t N, C, HW;
@@ -131,9 +132,13 @@ template <typename T, typename A = at::opmath_type<T>>
 void gate_scale_image(const GateTensors<T>& t, int64_t n, const A* s, T* out) {
   const int64_t off = n * t.C * t.HW;
   if (t.nchw) {
-    for (int64_t c = 0; c < t.C; ++c) scale_row_by_scalar<T>(t.x + off + c * t.HW, s[c], out + off + c * t.HW, t.HW, nullptr);
+    for (int64_t c = 0; c < t.C; ++c) {
+      scale_row_by_scalar<T>(t.x + off + c * t.HW, s[c], out + off + c * t.HW, t.HW, nullptr);
+    }
   } else {
-    for (int64_t h = 0; h < t.HW; ++h) scale_row_by_vector<T>(t.x + off + h * t.C, s, out + off + h * t.C, t.C, nullptr);
+    for (int64_t h = 0; h < t.HW; ++h) {
+      scale_row_by_vector<T>(t.x + off + h * t.C, s, out + off + h * t.C, t.C, nullptr);
+    }
   }
 }
 
@@ -142,10 +147,14 @@ template <typename T, typename A = at::opmath_type<T>>
 void gate_dot_image(const GateTensors<T>& t, const T* g, int64_t n, A* d) {
   const int64_t off = n * t.C * t.HW;
   if (t.nchw) {
-    for (int64_t c = 0; c < t.C; ++c) d[c] = scale_row_by_scalar_bwd<T>(g + off + c * t.HW, t.x + off + c * t.HW, A(0), nullptr, t.HW);
+    for (int64_t c = 0; c < t.C; ++c) {
+      d[c] = scale_row_by_scalar_bwd<T>(g + off + c * t.HW, t.x + off + c * t.HW, A(0), nullptr, t.HW);
+    }
   } else {
     std::fill(d, d + t.C, A(0));
-    for (int64_t h = 0; h < t.HW; ++h) scale_row_by_vector_bwd<T>(g + off + h * t.C, t.x + off + h * t.C, nullptr, nullptr, d, t.C);
+    for (int64_t h = 0; h < t.HW; ++h) {
+      scale_row_by_vector_bwd<T>(g + off + h * t.C, t.x + off + h * t.C, nullptr, nullptr, d, t.C);
+    }
   }
 }
 

@@ -583,6 +583,20 @@ void channel_pool_bwd_nhwc(const T* ga, const T* gm, const int32_t* arg, T* out,
 // Positions per task of the NCHW spatial kernels (their per-task buffers stay in L1).
 constexpr int64_t kSpatialBlock = 1024;
 
+// Stores the index lanes of id (whole numbers) as int32 at dst; returns the bitmask of the lanes where s is NaN.
+template <typename A>
+C10_ALWAYS_INLINE int store_index_lanes(const Vectorized<A>& id, const Vectorized<A>& s, int32_t* dst) {
+  constexpr int64_t W = Vectorized<A>::size();
+  if constexpr (std::is_same_v<A, float>) {
+    at::vec::convert_to_int_of_same_size(id).store(dst);
+  } else {
+    __at_align__ A ib[W];
+    id.store(ib);
+    for (int64_t l = 0; l < W; ++l) dst[l] = static_cast<int32_t>(ib[l]);
+  }
+  return ~s.isnan().zero_mask() & ((1 << W) - 1);
+}
+
 // The [N, 2, H, W] output of spatial_pool is channels_last: (max, mean) side by side for every position, i.e.
 // out[(n * HW + hw) * 2 + {0, 1}]. The 7x7 convolution that follows it in a CBAM gate runs ~3x faster (forward and
 // backward) on that layout than on NCHW.
@@ -605,52 +619,50 @@ void spatial_pool_nchw(const T* x, T* out, int32_t* arg, int64_t N, int64_t C, i
       const T* xn = x + n * C * HW;
       T* on = out + n * 2 * HW;
       int32_t* an = arg + n * HW;
-      int64_t i = lo;
-      for (; i + 2 * W <= hi; i += 2 * W) {
-        V m0 = VT::load(xn + i), m1 = VT::load(xn + i + W);
-        V s0 = m0, s1 = m1;
-        V i0(A(0)), i1(A(0));
+      // U vectors of positions at a time (independent chains hide the compare-blend latency)
+      auto positions = [&](auto u_count, int64_t i) {
+        constexpr int64_t U = decltype(u_count)::value;
+        V m[U], s[U], id[U];
+        for (int64_t u = 0; u < U; ++u) {
+          m[u] = s[u] = VT::load(xn + i + u * W);
+          id[u] = V(A(0));
+        }
         for (int64_t c = 1; c < C; ++c) {
           const V vc(static_cast<A>(c));
-          V v0 = VT::load(xn + c * HW + i), v1 = VT::load(xn + c * HW + i + W);
-          s0 = s0 + v0;
-          s1 = s1 + v1;
-          V t0 = v0 > m0, t1 = v1 > m1;  // NaN positions are redone exactly below
-          m0 = V::blendv(m0, v0, t0);
-          m1 = V::blendv(m1, v1, t1);
-          i0 = V::blendv(i0, vc, t0);
-          i1 = V::blendv(i1, vc, t1);
-        }
-        // (max, mean) pairs: interleave the two vectors of each half
-        auto [p0, p1] = at::vec::interleave2(m0, s0 * V(invC));
-        auto [p2, p3] = at::vec::interleave2(m1, s1 * V(invC));
-        VT::store(on + 2 * i, p0);
-        VT::store(on + 2 * i + W, p1);
-        VT::store(on + 2 * i + 2 * W, p2);
-        VT::store(on + 2 * i + 3 * W, p3);
-        __at_align__ A ib[2 * W];
-        __at_align__ A sb[2 * W];
-        i0.store(ib);
-        i1.store(ib + W);
-        s0.store(sb);
-        s1.store(sb + W);
-        for (int64_t l = 0; l < 2 * W; ++l) {
-          an[i + l] = static_cast<int32_t>(ib[l]);
-          if (C10_UNLIKELY(std::isnan(sb[l]))) {  // a NaN at this position: the exact scan
-            A m = A(xn[i + l]);
-            int32_t id = 0;
-            for (int64_t c = 1; c < C; ++c) {
-              A v = A(xn[c * HW + i + l]);
-              if (beats_later(v, m)) {
-                m = v;
-                id = static_cast<int32_t>(c);
-              }
-            }
-            on[2 * (i + l)] = T(m);
-            an[i + l] = id;
+          for (int64_t u = 0; u < U; ++u) {
+            const V v = VT::load(xn + c * HW + i + u * W);
+            s[u] = s[u] + v;
+            const V take = v > m[u];  // NaN positions are redone exactly below
+            m[u] = V::blendv(m[u], v, take);
+            id[u] = V::blendv(id[u], vc, take);
           }
         }
-      }
+        uint64_t nans = 0;
+        for (int64_t u = 0; u < U; ++u) {  // (max, mean) pairs: interleave the two vectors
+          auto [p0, p1] = at::vec::interleave2(m[u], s[u] * V(invC));
+          VT::store(on + 2 * (i + u * W), p0);
+          VT::store(on + 2 * (i + u * W) + W, p1);
+          nans |= uint64_t(store_index_lanes(id[u], s[u], an + i + u * W)) << (u * W);
+        }
+        for (int64_t l = 0; C10_UNLIKELY(nans != 0) && l < U * W; ++l) {
+          if ((nans >> l) & 1) {  // a NaN at this position: the exact scan
+            A mx = A(xn[i + l]);
+            int32_t best = 0;
+            for (int64_t c = 1; c < C; ++c) {
+              A v = A(xn[c * HW + i + l]);
+              if (beats_later(v, mx)) {
+                mx = v;
+                best = static_cast<int32_t>(c);
+              }
+            }
+            on[2 * (i + l)] = T(mx);
+            an[i + l] = best;
+          }
+        }
+      };
+      int64_t i = lo;
+      for (; i + 4 * W <= hi; i += 4 * W) positions(std::integral_constant<int64_t, 4>{}, i);
+      for (; i + W <= hi; i += W) positions(std::integral_constant<int64_t, 1>{}, i);
       for (; i < hi; ++i) {
         A m = A(xn[i]), s = m;
         int32_t id = 0;
@@ -670,18 +682,70 @@ void spatial_pool_nchw(const T* x, T* out, int32_t* arg, int64_t N, int64_t C, i
   });
 }
 
-// x [N*HW, C] -> out [N*HW, 2] (max, mean), arg [N*HW]
+// W rows of x [rows, C] starting at row r as W x W blocks transposed to channel-major vectors (lane p = row r + p),
+// folded into a running sum, NaN-blind max and its first index per lane; a NaN makes the sum NaN and the caller
+// redoes that row exactly.
+template <typename T>
+C10_ALWAYS_INLINE void spatial_pool_rows_nhwc(const T* x, int64_t r, int64_t C, Vectorized<at::opmath_type<T>>& m,
+                                              Vectorized<at::opmath_type<T>>& s, Vectorized<at::opmath_type<T>>& id) {
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
+  __at_align__ A rows[W * W];
+  __at_align__ A cols[W * W];
+  auto fold = [&](const V& v, int64_t c) {
+    if (c == 0) {
+      m = s = v;
+      id = V(A(0));
+      return;
+    }
+    s = s + v;
+    const V take = v > m;
+    m = V::blendv(m, v, take);
+    id = V::blendv(id, V(static_cast<A>(c)), take);
+  };
+  int64_t c0 = 0;
+  for (; c0 + W <= C; c0 += W) {
+    for (int64_t p = 0; p < W; ++p) VT::load(x + (r + p) * C + c0).store(rows + p * W);
+    at::vec::transpose_mxn<A, W, W>(rows, W, cols, W);
+    for (int64_t k = 0; k < W; ++k) fold(V::loadu(cols + k * W), c0 + k);
+  }
+  for (; c0 < C; ++c0) {  // the channels after the last full block, one gathered vector each
+    for (int64_t p = 0; p < W; ++p) rows[p] = A(x[(r + p) * C + c0]);
+    fold(V::loadu(rows), c0);
+  }
+}
+
+// x [N*HW, C] -> out [N*HW, 2] (max, mean), arg [N*HW]: blocks of W positions vectorised across positions (through
+// W x W transposes), the rest row by row.
 template <typename T>
 void spatial_pool_nhwc(const T* x, T* out, int32_t* arg, int64_t rows, int64_t C) {
-  using A = at::opmath_type<T>;
+  using VT = VecT<T>;
+  using A = typename VT::A;
+  using V = typename VT::V;
+  constexpr int64_t W = VT::W;
   const A invC = A(1) / A(C);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      PoolAcc<A> p = reduce_row(x + r * C, C);
-      out[2 * r] = T(p.max);
-      out[2 * r + 1] = T(p.sum * invC);
-      arg[r] = static_cast<int32_t>(p.arg);
+  auto exact_row = [&](int64_t r) {
+    PoolAcc<A> p = reduce_row(x + r * C, C);
+    out[2 * r] = T(p.max);
+    out[2 * r + 1] = T(p.sum * invC);
+    arg[r] = static_cast<int32_t>(p.arg);
+  };
+  at::parallel_for(0, rows, std::max<int64_t>(W, kGrain / C), [&](int64_t b, int64_t e) {
+    int64_t r = b;
+    for (; r + W <= e; r += W) {
+      V m, s, id;
+      spatial_pool_rows_nhwc<T>(x, r, C, m, s, id);
+      auto [p0, p1] = at::vec::interleave2(m, s * V(invC));
+      VT::store(out + 2 * r, p0);
+      VT::store(out + 2 * r + W, p1);
+      const int nans = store_index_lanes(id, s, arg + r);
+      for (int64_t p = 0; C10_UNLIKELY(nans != 0) && p < W; ++p) {
+        if ((nans >> p) & 1) exact_row(r + p);  // a NaN in this row: its exact scan
+      }
     }
+    for (; r < e; ++r) exact_row(r);
   });
 }
 
@@ -851,7 +915,9 @@ template <typename T>
 void scale_rows_by_scalar(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len,
                           const at::opmath_type<T>* shift = nullptr) {
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) scale_row_by_scalar<T>(x + r * len, s[r], out + r * len, len, shift ? shift + r : nullptr);
+    for (int64_t r = b; r < e; ++r) {
+      scale_row_by_scalar<T>(x + r * len, s[r], out + r * len, len, shift ? shift + r : nullptr);
+    }
   });
 }
 

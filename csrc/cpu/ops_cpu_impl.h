@@ -373,7 +373,9 @@ template <typename A>
 GateWeights<A> gate_weights(const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
                             const c10::optional<Tensor>& b2) {
   const auto acc = w1.options().dtype(c10::CppTypeToScalarType<A>::value);
-  auto bias = [&](const c10::optional<Tensor>& b, int64_t n) { return b ? b->to(acc).contiguous() : at::zeros({n}, acc); };
+  auto bias = [&](const c10::optional<Tensor>& b, int64_t n) {
+    return b ? b->to(acc).contiguous() : at::zeros({n}, acc);
+  };
   return {w1.to(acc).contiguous(), bias(b1, w1.size(0)), w2.to(acc).contiguous(), bias(b2, w2.size(0))};
 }
 
@@ -429,10 +431,9 @@ std::tuple<Tensor, Tensor, Tensor> channel_gate_backward(const Tensor& grad, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::channel_gate_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     const GateWeights<A> w = gate_weights<A>(w1, c10::nullopt, w2, c10::nullopt);
-    const GateTensors<scalar_t> t{N, C, HW, o.layout == Layout::NCHW, x.const_data_ptr<scalar_t>(),
-                                  nullptr, const_cast<scalar_t*>(h.const_data_ptr<scalar_t>()),
-                                  const_cast<scalar_t*>(l.const_data_ptr<scalar_t>()),
-                                  const_cast<int32_t*>(arg.const_data_ptr<int32_t>())};
+    // (the backward only reads hidden, logits and argmax)
+    const GateTensors<scalar_t> t{N, C, HW, o.layout == Layout::NCHW, x.const_data_ptr<scalar_t>(), nullptr,
+                                  h.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), arg.data_ptr<int32_t>()};
     channel_gate_bwd<scalar_t>(w.view(), t, g.const_data_ptr<scalar_t>(), glogits.data_ptr<scalar_t>(),
                                ghidden.data_ptr<scalar_t>(), need_x_grad ? o.buffer.data_ptr<scalar_t>() : nullptr);
   });
