@@ -469,7 +469,8 @@ void channel_pool_nchw(const T* x, T* avg, T* mx, int32_t* arg, int64_t rows, in
   });
 }
 
-// One image xn [HW, C] -> avg[C], max[C], arg[C]; s, m, id: scratch of C elements.
+// One image xn [HW, C] -> avg[C], max[C], arg[C]; s, m, id: scratch of C elements. Channels in chunks of up to four
+// vectors whose running sums, maxima and indices stay in registers over all rows; the last few channels one by one.
 template <typename T>
 void channel_pool_image_nhwc(const T* xn, int64_t C, int64_t HW, at::opmath_type<T>* s, at::opmath_type<T>* m,
                              at::opmath_type<T>* id, T* avg, T* mx, int32_t* arg) {
@@ -477,24 +478,39 @@ void channel_pool_image_nhwc(const T* xn, int64_t C, int64_t HW, at::opmath_type
   using A = typename VT::A;
   using V = typename VT::V;
   constexpr int64_t W = VT::W;
-  for (int64_t c = 0; c < C; ++c) {
+  auto chunk = [&](auto u_count, int64_t c0) {
+    constexpr int64_t U = decltype(u_count)::value;
+    V vs[U], vm[U], vi[U];
+    for (int64_t u = 0; u < U; ++u) {
+      vs[u] = vm[u] = VT::load(xn + c0 + u * W);
+      vi[u] = V(A(0));
+    }
+    for (int64_t h = 1; h < HW; ++h) {
+      const T* row = xn + h * C + c0;
+      const V vh(static_cast<A>(h));
+      for (int64_t u = 0; u < U; ++u) {
+        const V v = VT::load(row + u * W);
+        vs[u] = vs[u] + v;
+        const V take = v > vm[u];  // NaN columns are redone exactly below
+        vm[u] = V::blendv(vm[u], v, take);
+        vi[u] = V::blendv(vi[u], vh, take);
+      }
+    }
+    for (int64_t u = 0; u < U; ++u) {
+      vs[u].store(s + c0 + u * W);
+      vm[u].store(m + c0 + u * W);
+      vi[u].store(id + c0 + u * W);
+    }
+  };
+  int64_t c0 = 0;
+  for (; c0 + 4 * W <= C; c0 += 4 * W) chunk(std::integral_constant<int64_t, 4>{}, c0);
+  for (; c0 + 2 * W <= C; c0 += 2 * W) chunk(std::integral_constant<int64_t, 2>{}, c0);
+  for (; c0 + W <= C; c0 += W) chunk(std::integral_constant<int64_t, 1>{}, c0);
+  for (int64_t c = c0; c < C; ++c) {
     s[c] = m[c] = A(xn[c]);
     id[c] = 0;
-  }
-  for (int64_t h = 1; h < HW; ++h) {
-    const T* row = xn + h * C;
-    const V vh(static_cast<A>(h));
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      V v = VT::load(row + c);
-      V vm = V::loadu(m + c);
-      V take = v > vm;  // NaN columns are redone exactly below
-      (V::loadu(s + c) + v).store(s + c);
-      V::blendv(vm, v, take).store(m + c);
-      V::blendv(V::loadu(id + c), vh, take).store(id + c);
-    }
-    for (; c < C; ++c) {
-      A v = A(row[c]);
+    for (int64_t h = 1; h < HW; ++h) {
+      const A v = A(xn[h * C + c]);
       s[c] += v;
       if (beats_later(v, m[c])) {
         m[c] = v;
@@ -928,9 +944,14 @@ template <typename T>
 void scale_rows_by_vector(const T* x, const at::opmath_type<T>* s, T* out, int64_t rows, int64_t len, int64_t group,
                           const at::opmath_type<T>* shift = nullptr) {
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+    int64_t grp = b / group, left = group - b % group;  // the row's group, and its rows from here on
     for (int64_t r = b; r < e; ++r) {
-      const int64_t off = (r / group) * len;
+      const int64_t off = grp * len;
       scale_row_by_vector<T>(x + r * len, s + off, out + r * len, len, shift ? shift + off : nullptr);
+      if (--left == 0) {
+        ++grp;
+        left = group;
+      }
     }
   });
 }

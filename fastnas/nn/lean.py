@@ -106,9 +106,9 @@ class LeanConv2d(nn.Conv2d):
             stride, padding, dilation = self.subsampled
         # the backend's own kernels (compiled regions too: the kernels have fake implementations)
         if (self.depthwise or self.single_channel) and getattr(self, "memory_efficient", True) \
-                and torch.is_grad_enabled() and isinstance(padding, tuple):
-            if self.depthwise:
-                fused = ops.cpu_kernel("depthwise_conv2d", x.device)
+                and isinstance(padding, tuple):
+            if self.depthwise:  # (its forward is PyTorch's: only worth it when a backward follows)
+                fused = ops.cpu_kernel("depthwise_conv2d", x.device) if torch.is_grad_enabled() else None
                 if fused is not None:
                     return fused(x, self.weight, stride, padding, dilation)
             elif _single_conv.applies(x, self.weight, stride, padding, dilation, self.groups):
