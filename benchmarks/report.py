@@ -130,7 +130,8 @@ def side_by_side_table(data: dict) -> str:
             return "; ".join(f"{p} {v['min_ms']:.2f}/{v['median_ms']:.2f} ms" for p, v in st.items())
 
         warm = e.get("providers_warm")
-        rows.append(f"| {e['op']} fwd+bwd s1 fp32 | {cells(e['providers'])} | "
+        layout = "channels_last" if e.get("layout") == "cl" else "NCHW"
+        rows.append(f"| {e['op']} fwd+bwd s1 fp32 {layout} | {cells(e['providers'])} | "
                     f"{_x(e.get('speedup_vs_reference_median'))} | {_x(e.get('speedup_vs_reference_compiled_median'))} | "
                     f"{cells(warm) if warm else '—'} | {_x(e.get('speedup_vs_reference_warm_median'))} | "
                     f"{_x(e.get('speedup_vs_reference_compiled_warm_median'))} | "
