@@ -320,10 +320,12 @@ def spatial_scale(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                       b2: torch.Tensor | None) -> torch.Tensor:
-    """The whole channel gate as one autograd node (:class:`fastnas.ops._gates.FusedChannelGate`); under autocast
-    or with the MLP in another dtype than x, the composition of the ops."""
-    if _gates.fused_applies(x, w1):
-        return _gates.FusedChannelGate.apply(x, w1, b1, w2, b2)
+    """The whole channel gate as one autograd node (:class:`fastnas.ops._gates.FusedChannelGate`; under autocast
+    with the MLP cast to x's dtype); where that does not apply (:func:`fastnas.ops._gates.fused_params`), the
+    composition of the ops."""
+    params = _gates.fused_params(x, w1, b1, w2, b2)
+    if params is not None:
+        return _gates.FusedChannelGate.apply(x, *params)
     return _gates.composite(channel_pool, channel_scale, x, w1, b1, w2, b2)
 
 

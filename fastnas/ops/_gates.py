@@ -66,9 +66,20 @@ def composite(channel_pool, channel_scale, x: torch.Tensor, w1: torch.Tensor, b1
     return channel_scale(x, both[:n] + both[n:])
 
 
-def fused_applies(x: torch.Tensor, w1: torch.Tensor) -> bool:
-    """The fused node needs the activations and the MLP in one dtype, and no autocast (which retypes the linears)."""
-    return x.dtype == w1.dtype and not torch.is_autocast_enabled(x.device.type)
+def fused_params(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None) -> tuple | None:
+    """The MLP's parameters for the fused node, or None where the ops are composed instead.
+
+    The fused node needs the activations and the MLP in one dtype. Under autocast, when x already has the autocast
+    dtype, the parameters are cast to it (differentiably: their gradients come back in their own dtype), which is what
+    autocast does to a linear layer's inputs; an x of another dtype under autocast composes the ops."""
+    params = (w1, b1, w2, b2)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        if x.dtype != torch.get_autocast_dtype(device):
+            return None
+        return tuple(None if p is None else p.to(x.dtype) for p in params)
+    return params if x.dtype == w1.dtype else None
 
 
 class FusedChannelGate(torch.autograd.Function):
