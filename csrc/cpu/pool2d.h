@@ -26,10 +26,11 @@ struct PoolGeometry {
 };
 
 // One output pixel of the max pool, channels [c, c + NV*W): the maximum of the window and the position of its first
-// occurrence (as float lanes). NaN propagates, and a later NaN replaces an earlier one (ATen's rule).
+// occurrence (tracked in float lanes, stored as bytes). NaN propagates, and a later NaN replaces an earlier one (ATen's
+// rule).
 template <typename T, int NV>
 C10_ALWAYS_INLINE void max_window_vec(const T* x, const PoolGeometry& g, int64_t n, int64_t ho, int64_t wo, int64_t c,
-                                      T* out, at::opmath_type<T>* where) {
+                                      T* out, uint8_t* where) {
   using VT = VecT<T>;
   using V = typename VT::V;
   constexpr int64_t Wv = VT::W;
@@ -57,7 +58,7 @@ C10_ALWAYS_INLINE void max_window_vec(const T* x, const PoolGeometry& g, int64_t
   }
   for (int v = 0; v < NV; ++v) {
     VT::store(out + v * Wv, best[v]);
-    pos[v].store(where + v * Wv);
+    at::vec::convert<uint8_t>(pos[v]).store(where + v * Wv, Wv);
   }
 }
 
@@ -67,15 +68,14 @@ void max_pool_fwd(const T* x, T* out, uint8_t* pos, const PoolGeometry& g) {
   constexpr int64_t Wv = VecT<T>::W;
   const int64_t C = g.C;
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<A> where(C);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, ho = r % g.Ho;
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
         T* op = out + (r * g.Wo + wo) * C;
         uint8_t* pp = pos + (r * g.Wo + wo) * C;
         int64_t c = 0;
-        for (; c + 2 * Wv <= C; c += 2 * Wv) max_window_vec<T, 2>(x, g, n, ho, wo, c, op + c, where.data() + c);
-        for (; c + Wv <= C; c += Wv) max_window_vec<T, 1>(x, g, n, ho, wo, c, op + c, where.data() + c);
+        for (; c + 2 * Wv <= C; c += 2 * Wv) max_window_vec<T, 2>(x, g, n, ho, wo, c, op + c, pp + c);
+        for (; c + Wv <= C; c += Wv) max_window_vec<T, 1>(x, g, n, ho, wo, c, op + c, pp + c);
         if (c < C) {
           int64_t h0, h1, w0, w1;
           g.window(ho, wo, h0, h1, w0, w1);
@@ -93,10 +93,9 @@ void max_pool_fwd(const T* x, T* out, uint8_t* pos, const PoolGeometry& g) {
               }
             }
             op[c] = static_cast<T>(best);
-            where[c] = k_best;
+            pp[c] = static_cast<uint8_t>(static_cast<int32_t>(k_best));
           }
         }
-        for (int64_t i = 0; i < C; ++i) pp[i] = static_cast<uint8_t>(static_cast<int32_t>(where[i]));
       }
     }
   });
