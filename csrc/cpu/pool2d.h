@@ -141,13 +141,22 @@ void avg_pool_fwd(const T* x, T* out, const PoolGeometry& g) {
         g.window(ho, wo, h0, h1, w0, w1);
         const A inv = A(1) / static_cast<A>((h1 - h0) * (w1 - w0));
         T* op = out + (r * g.Wo + wo) * C;
+        // NV vectors of channels at a time: independent add chains
+        auto channels = [&](auto nv_count, int64_t c) {
+          constexpr int64_t NV = decltype(nv_count)::value;
+          V sum[NV];
+          for (int64_t v = 0; v < NV; ++v) sum[v] = V(A(0));
+          for (int64_t h = h0; h < h1; ++h) {
+            for (int64_t w = w0; w < w1; ++w) {
+              const T* xp = x + ((n * g.H + h) * g.W + w) * C + c;
+              for (int64_t v = 0; v < NV; ++v) sum[v] = sum[v] + VT::load(xp + v * Wv);
+            }
+          }
+          for (int64_t v = 0; v < NV; ++v) VT::store(op + c + v * Wv, sum[v] * V(inv));
+        };
         int64_t c = 0;
-        for (; c + Wv <= C; c += Wv) {
-          V sum(A(0));
-          for (int64_t h = h0; h < h1; ++h)
-            for (int64_t w = w0; w < w1; ++w) sum = sum + VT::load(x + ((n * g.H + h) * g.W + w) * C + c);
-          VT::store(op + c, sum * V(inv));
-        }
+        for (; c + 2 * Wv <= C; c += 2 * Wv) channels(std::integral_constant<int64_t, 2>{}, c);
+        for (; c + Wv <= C; c += Wv) channels(std::integral_constant<int64_t, 1>{}, c);
         for (; c < C; ++c) {
           A sum = 0;
           for (int64_t h = h0; h < h1; ++h)
