@@ -278,6 +278,10 @@ if _LOAD_ERROR is None:
     _ss_backward, _ss_setup = _make_scale_autograd(_ops.spatial_scale.default, _ops.spatial_scale_backward.default)
     torch.library.register_autograd("fastnas::spatial_scale", _ss_backward, setup_context=_ss_setup)
 
+    _gates.COMPOSED_OPS["library"] = (
+        _ops.channel_pool.default, _ops.channel_scale.default,
+        lambda grad, x, logits: _ops.channel_scale_backward.default(grad, x, logits, False)[1])
+
     custom_ops = {
         "mixed_sum": _ops.mixed_sum,
         "channel_pool": _ops.channel_pool,
@@ -325,7 +329,8 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     composition of the ops."""
     params = _gates.fused_params(x, w1, b1, w2, b2)
     if params is not None:
-        return _gates.FusedChannelGate.apply(x, *params)
+        kernels = _gates.WHOLE_GATE if x.device.type == "cpu" else "library"
+        return _gates.FusedChannelGate.apply(kernels, x, *params)
     return _gates.composite(channel_pool, channel_scale, x, w1, b1, w2, b2)
 
 

@@ -82,64 +82,73 @@ def fused_params(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     return params if x.dtype == w1.dtype else None
 
 
+# The ops a fused node composes where there is no whole-gate kernel, per kernel family: (channel_pool -> (mean, max,
+# int32 argmax in H·W), channel_scale(x, logits), the logits' gradient (grad, x, logits) -> [N, C]). The backends
+# register theirs at import ("library": fastnas._C's operators, CPU or CUDA; "triton": the Triton kernels), so that
+# nothing is imported inside traced code.
+COMPOSED_OPS: dict[str, tuple] = {}
+WHOLE_GATE = "gate_kernels"  # fastnas._C's whole-gate operators (CPU)
+
+
 class FusedChannelGate(torch.autograd.Function):
-    """The channel gate on the compiled operators, one autograd node (see the module docstring)."""
+    """The channel gate on a backend's compiled operators, one autograd node (see the module docstring). ``kernels``:
+    :data:`WHOLE_GATE` or a key of :data:`COMPOSED_OPS`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+    def forward(ctx, kernels: str, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                 b2: torch.Tensor | None) -> torch.Tensor:
-        ops = torch.ops.fastnas
-        if x.device.type == "cpu":  # pool, MLP and scale in one kernel
-            out, pooled, hidden, logits, argmax = ops.channel_gate.default(x, w1, b1, w2, b2)
+        if kernels == WHOLE_GATE:  # pool, MLP and scale in one kernel
+            out, pooled, hidden, logits, argmax = torch.ops.fastnas.channel_gate.default(x, w1, b1, w2, b2)
         else:
-            avg, mx, argmax = ops.channel_pool.default(x)
+            pool, scale, _ = COMPOSED_OPS[kernels]
+            avg, mx, argmax = pool(x)
             n = avg.shape[0]
             pooled = torch.cat([avg, mx], dim=0)
             hidden = torch.relu(F.linear(pooled, w1, b1))
             both = F.linear(hidden, w2, b2)
             logits = both[:n] + both[n:]
-            out = ops.channel_scale.default(x, logits)
+            out = scale(x, logits)
         ctx.save_for_backward(x, argmax, logits, pooled, hidden, w1, w2)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.kernels, ctx.has_b1, ctx.has_b2 = kernels, b1 is not None, b2 is not None
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, argmax, logits, pooled, hidden, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        if x.device.type == "cpu":  # the logits', hidden rows' and input's gradients in one kernel
+        _, need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        if ctx.kernels == WHOLE_GATE:  # the logits', hidden rows' and input's gradients in one kernel
             gx, glogits, ghidden = torch.ops.fastnas.channel_gate_backward.default(
                 grad, x, argmax, logits, hidden, w1, w2, need_x)
         else:
-            gx, glogits, ghidden = _backward_composed(grad, argmax, x, logits, hidden, w1, w2, need_x)
+            gx, glogits, ghidden = _backward_composed(ctx.kernels, grad, argmax, x, logits, hidden, w1, w2, need_x)
         gboth = torch.cat([glogits, glogits], dim=0)  # the logits are the sum of the two rows' MLP outputs
         gw2 = gboth.t().mm(hidden) if need_w2 else None
         gb2 = gboth.sum(0) if need_b2 and ctx.has_b2 else None
         gw1 = ghidden.t().mm(pooled) if need_w1 else None
         gb1 = ghidden.sum(0) if need_b1 and ctx.has_b1 else None
-        return (gx if need_x else None), gw1, gb1, gw2, gb2
+        return None, (gx if need_x else None), gw1, gb1, gw2, gb2
 
 
-def _backward_composed(grad: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
+def _backward_composed(kernels: str, grad: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
                        hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, need_x: bool):
-    """What ``fastnas::channel_gate_backward`` computes, from the scale op's backward, the MLP's backward in
-    PyTorch and :func:`_input_grad_composed` (devices without that kernel)."""
-    # one pass over (grad, x): the logits' gradient Σ_hw grad·x·σ'(logits)
-    _, glogits = torch.ops.fastnas.channel_scale_backward.default(grad, x, logits, False)
+    """What ``fastnas::channel_gate_backward`` computes, from the kernel family's scale ops, the MLP's backward in
+    PyTorch and :func:`_input_grad_composed`."""
+    _, scale, logits_grad = COMPOSED_OPS[kernels]
+    glogits = logits_grad(grad, x, logits)  # one pass over (grad, x): Σ_hw grad·x·σ'(logits)
     ghidden = torch.cat([glogits, glogits], dim=0).mm(w2) * (hidden > 0)
     if not need_x:
         return None, glogits, ghidden
     n = logits.shape[0]
     gpooled = ghidden.mm(w1)
-    return _input_grad_composed(grad, logits, gpooled[:n], gpooled[n:], argmax), glogits, ghidden
+    return _input_grad_composed(scale, grad, logits, gpooled[:n], gpooled[n:], argmax), glogits, ghidden
 
 
-def _input_grad_composed(grad: torch.Tensor, logits: torch.Tensor, gavg: torch.Tensor, gmax: torch.Tensor,
+def _input_grad_composed(scale, grad: torch.Tensor, logits: torch.Tensor, gavg: torch.Tensor, gmax: torch.Tensor,
                          argmax: torch.Tensor) -> torch.Tensor:
     """The input gradient of the gate, grad·σ(logits) + gavg / (H·W) + gmax at each channel's argmax, from the
     scale op and two in-place updates."""
     n, c, h, w = grad.shape
-    gx = torch.ops.fastnas.channel_scale.default(grad, logits)  # grad·σ(logits): the scale's own kernel
+    gx = scale(grad, logits)  # grad·σ(logits): the scale's own kernel
     channels_last = _checks.prefers_channels_last(gx)
     if not channels_last:
         gx = gx.contiguous()  # (a no-op for NCHW)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _checks
+from . import _checks, _gates
 
 try:
     import triton  # noqa: F401
@@ -296,6 +296,18 @@ def spatial_scale(x: Tensor, logits: Tensor) -> Tensor:
     _checks.check_scale("spatial_scale", x, logits, _checks.spatial_scale_logits_shape(x))
     return _spatial_scale(x, logits)
 
+
+def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
+    """The whole channel gate as one autograd node on the Triton kernels (:class:`fastnas.ops._gates.FusedChannelGate`,
+    under autocast with the MLP cast to x's dtype); where that does not apply, the composition of the ops."""
+    params = _gates.fused_params(x, w1, b1, w2, b2)
+    if params is not None:
+        return _gates.FusedChannelGate.apply("triton", x, *params)
+    return _gates.composite(channel_pool, channel_scale, x, w1, b1, w2, b2)
+
+
+_gates.COMPOSED_OPS["triton"] = (
+    _channel_pool, _channel_scale, lambda grad, x, logits: _channel_scale_backward(grad, x, logits, False, True)[1])
 
 custom_ops = {
     "mixed_sum": _mixed_sum,
