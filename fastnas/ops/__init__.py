@@ -83,8 +83,8 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     """The whole CBAM channel gate: x · σ(MLP(mean_hw x) + MLP(max_hw x))[:, :, None, None] with the shared
     MLP(p) = relu(p w1ᵀ + b1) w2ᵀ + b2 (w1 [hidden, C], w2 [C, hidden]; biases may be None).
 
-    The ``cpu`` and ``cuda`` backends run it as one autograd node on their compiled operators (fewer passes over x
-    in the backward; see :mod:`fastnas.ops._gates`); the others compose their ``channel_pool`` and
+    The ``cpu``, ``cuda`` and ``triton`` backends run it as one autograd node on their compiled operators (fewer
+    passes over x; see :mod:`fastnas.ops._gates`); the reference composes its ``channel_pool`` and
     ``channel_scale``."""
     _gates.check_inputs(x, w1, b1, w2, b2)
     impl = implementation(_device_of(x), backend)

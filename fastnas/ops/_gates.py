@@ -9,8 +9,9 @@ add, scale) and its input gradient arrives in two parts that autograd adds in an
   it is still in the core's L2 cache; the backward reduces (grad, x) over an image for the logits' gradient, runs
   the MLP's backward and writes the image's input gradient, grad·σ + the mean's share + the max's share at the
   argmax, from the cached grad. So x and grad are read from memory once each, not twice;
-* on other devices, the compiled ``channel_pool`` / ``channel_scale`` / ``channel_scale_backward`` operators with the
-  MLP in PyTorch between them, and the input gradient from the scale op and two in-place updates.
+* otherwise (CUDA tensors on the ``cuda`` backend; the ``triton`` backend), the backend's pool and scale operators
+  (:data:`COMPOSED_OPS`) with the MLP in PyTorch between them, and the input gradient from the scale op and two
+  in-place updates.
 
 The weights' gradients are small matrix products of the logits' and hidden rows' gradients with the saved rows.
 Only x, the argmax, the logits, the pooled rows and the hidden activations are kept. The arithmetic is that of the
