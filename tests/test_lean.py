@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastnas.ops
-from fastnas.nn.lean import LeanBatchNorm2d, LeanConv2d, subsampling_plan
+from fastnas.nn.lean import LeanBatchNorm2d, LeanConv2d, subsample, subsampling_plan
 from fastnas.supernet import SuperNet
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
@@ -163,6 +163,50 @@ def test_strided_pointwise_conv_equals_torch_on_the_subsampled_input(layout, siz
     expected = torch.autograd.grad(y_plain, [x] if frozen else [x, plain.weight], g)
     got = torch.autograd.grad(y_lean, [x] if frozen else [x, lean.weight], g)
     for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("offset", [(0, 0), (1, 1), (1, 0)])
+@pytest.mark.parametrize("size", [(8, 6), (7, 5), (1, 1)])
+def test_subsample_equals_slicing_in_the_input_layout(layout, offset, size):
+    """subsample(x, 2, offset) = x[:, :, oh::2, ow::2] with x's layout, forward and backward (the gradient keeps x's
+    layout too); double backward through it is exact."""
+    x = torch.randn(2, 3, *size, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    y = subsample(x, (2, 2), offset)
+    expected = x[:, :, offset[0]::2, offset[1]::2]
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    g = torch.randn_like(expected)
+    (gx,), (ex,) = torch.autograd.grad(y, x, g), torch.autograd.grad(expected, x, g)
+    torch.testing.assert_close(gx, ex, rtol=0, atol=0)
+    if layout == torch.channels_last:
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradgradcheck(lambda t: subsample(t, (2, 2), offset), (x,))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("size", [(8, 6), (9, 7), (8, 7)])
+def test_factorized_reduce_equals_the_darts_formula(layout, size):
+    """FactorizedReduce (its shifted branch subsampled directly on even sizes, padded on odd ones) against DARTS's
+    formula written with nn.Conv2d: output and every gradient, float64."""
+    from fastnas.nn.operations import FactorizedReduce
+
+    torch.manual_seed(4)
+    fr = FactorizedReduce(4, 6).double()
+    conv_1, conv_2 = nn.Conv2d(4, 3, 1, 2, bias=False).double(), nn.Conv2d(4, 3, 1, 2, bias=False).double()
+    conv_1.load_state_dict(fr.conv_1.state_dict())
+    conv_2.load_state_dict(fr.conv_2.state_dict())
+    bn = nn.BatchNorm2d(6).double()
+    x = torch.randn(2, 4, *size, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    y = fr(x)
+    r = torch.relu(x)
+    shifted = nn.functional.pad(r[:, :, 1:, 1:], (0, size[1] % 2, 0, size[0] % 2))
+    expected = bn(torch.cat([conv_1(r), conv_2(shifted)], dim=1))
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, fr.conv_1.weight, fr.conv_2.weight], g)
+    want = torch.autograd.grad(expected, [x, conv_1.weight, conv_2.weight], g)
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
 

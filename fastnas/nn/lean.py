@@ -52,6 +52,30 @@ class _FrozenWeightConv(torch.autograd.Function):
         return grad_input.to(dtype), None, None, None, None, None
 
 
+class _Subsample(torch.autograd.Function):
+    """``x[:, :, oh::sh, ow::sw]`` as a dense tensor in x's layout. Its backward writes the input gradient in x's
+    layout with one zero fill and one strided copy; slicing's own backward fills and copies a full-size tensor once
+    per sliced dimension, in NCHW, which then costs a layout conversion where x is channels_last."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stride: tuple[int, int], offset: tuple[int, int]) -> torch.Tensor:
+        layout = torch.channels_last if _channels_innermost(x) else torch.contiguous_format
+        ctx.conf = (x.shape, layout, stride, offset)
+        return x[:, :, offset[0]:: stride[0], offset[1]:: stride[1]].contiguous(memory_format=layout)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, layout, stride, offset = ctx.conf
+        grad_x = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout).zero_()
+        grad_x[:, :, offset[0]:: stride[0], offset[1]:: stride[1]] = grad  # (differentiable in grad)
+        return grad_x, None, None
+
+
+def subsample(x: torch.Tensor, stride: tuple[int, int], offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Every ``stride``-th row and column of x from ``offset`` on, dense, in x's layout (see :class:`_Subsample`)."""
+    return _Subsample.apply(x, tuple(stride), tuple(offset))
+
+
 def subsampling_plan(kernel_size, stride, padding, dilation) -> bool:
     """Whether a strided convolution reads only every s-th row and column, so that it equals an undilated stride-1
     convolution with padding (k−1)/2 of ``x[..., ::s, ::s]``, output sizes included. Two cases, per dimension:
@@ -99,11 +123,16 @@ class LeanConv2d(nn.Conv2d):
         self.single_channel = plain and self.out_channels == 1 and self.groups == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride, padding, dilation = self.stride, self.padding, self.dilation
         if self.subsampled is not None:
-            layout = torch.channels_last if _channels_innermost(x) else torch.contiguous_format
-            x = x[:, :, :: stride[0], :: stride[1]].contiguous(memory_format=layout)
-            stride, padding, dilation = self.subsampled
+            return self.forward_subsampled(subsample(x, self.stride))
+        return self._convolve(x, self.stride, self.padding, self.dilation)
+
+    def forward_subsampled(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of an input already subsampled (``x[..., ::s, ::s]`` or another phase of it; only where
+        :func:`subsampling_plan` holds)."""
+        return self._convolve(x, *self.subsampled)
+
+    def _convolve(self, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
         # the backend's own kernels (compiled regions too: the kernels have fake implementations)
         if (self.depthwise or self.single_channel) and getattr(self, "memory_efficient", True) \
                 and isinstance(padding, tuple):
