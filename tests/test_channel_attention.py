@@ -58,6 +58,13 @@ def test_matches_plain_pytorch_fp32(name, device, shape, hidden, layout, bias):
 
 
 @pytest.mark.parametrize("name,device", TARGETS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_wide_mlp_float64(name, device, layout):
+    """A hidden layer wider than a vector (the MLP's vectorised rows and their tails), float64."""
+    check(name, make((3, 21, 3, 4), 11, torch.float64, device, layout), torch.float64)
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_matches_plain_pytorch_dtypes(name, device, dtype):
     check(name, make((2, 6, 5, 3), 2, dtype, device, "channels_last"), dtype)

@@ -41,33 +41,67 @@ struct GateTensors {
   int32_t* arg;
 };
 
+// (Σ w[i] x[i], Σ w[i] y[i]) over i < n, vectorised (two rows against one weight row).
+template <typename A>
+C10_ALWAYS_INLINE std::pair<A, A> dot2(const A* w, const A* x, const A* y, int64_t n) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V vx(A(0)), vy(A(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V wv = V::loadu(w + i);
+    vx = at::vec::fmadd(wv, V::loadu(x + i), vx);
+    vy = at::vec::fmadd(wv, V::loadu(y + i), vy);
+  }
+  A sx = hsum(vx), sy = hsum(vy);
+  for (; i < n; ++i) {
+    sx += w[i] * x[i];
+    sy += w[i] * y[i];
+  }
+  return {sx, sy};
+}
+
+// acc[i] += a * w[i] for i < n, vectorised.
+template <typename A>
+C10_ALWAYS_INLINE void axpy(A a, const A* w, A* acc, int64_t n) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const V va(a);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) at::vec::fmadd(va, V::loadu(w + i), V::loadu(acc + i)).store(acc + i);
+  for (; i < n; ++i) acc[i] += a * w[i];
+}
+
+// Scratch rows of the MLP in the accumulation type, per task: C-sized (pa, pm) and hid-sized (ha, hm) pairs.
+template <typename A>
+struct GateScratch {
+  std::vector<A> pa, pm, ha, hm;
+  GateScratch(int64_t C, int64_t hid) : pa(C), pm(C), ha(hid), hm(hid) {}
+};
+
 // The MLP of image n: hidden rows n and N + n from pooled rows n and N + n; logits row n; s[C] = sigmoid(logits).
 template <typename T, typename A = at::opmath_type<T>>
-void gate_mlp_forward(const GateMlp<A>& m, const GateTensors<T>& t, int64_t n, A* s) {
+void gate_mlp_forward(const GateMlp<A>& m, const GateTensors<T>& t, int64_t n, A* s, GateScratch<A>& w) {
   const T* pa = t.pooled + n * m.C;
   const T* pm = t.pooled + (t.N + n) * m.C;
   T* ha = t.hidden + n * m.hid;
   T* hm = t.hidden + (t.N + n) * m.hid;
+  for (int64_t c = 0; c < m.C; ++c) {
+    w.pa[c] = A(pa[c]);
+    w.pm[c] = A(pm[c]);
+  }
   for (int64_t j = 0; j < m.hid; ++j) {
-    const A* wj = m.w1 + j * m.C;
-    A a = 0, b = 0;
-    for (int64_t c = 0; c < m.C; ++c) {
-      a += wj[c] * A(pa[c]);
-      b += wj[c] * A(pm[c]);
-    }
+    auto [a, b] = dot2(m.w1 + j * m.C, w.pa.data(), w.pm.data(), m.C);
     a += m.b1[j];
     b += m.b1[j];
     ha[j] = T(a > A(0) || std::isnan(a) ? a : A(0));  // relu, NaN kept (as torch.relu)
     hm[j] = T(b > A(0) || std::isnan(b) ? b : A(0));
+    w.ha[j] = A(ha[j]);
+    w.hm[j] = A(hm[j]);
   }
   T* l = t.logits + n * m.C;
   for (int64_t c = 0; c < m.C; ++c) {
-    const A* wc = m.w2 + c * m.hid;
-    A a = 0, b = 0;
-    for (int64_t j = 0; j < m.hid; ++j) {
-      a += wc[j] * A(ha[j]);
-      b += wc[j] * A(hm[j]);
-    }
+    auto [a, b] = dot2(m.w2 + c * m.hid, w.ha.data(), w.hm.data(), m.hid);
     l[c] = T(A(T(a + m.b2[c])) + A(T(b + m.b2[c])));
     s[c] = sigmoid(A(l[c]));
   }
@@ -77,34 +111,35 @@ void gate_mlp_forward(const GateMlp<A>& m, const GateTensors<T>& t, int64_t n, A
 // N + n (masked by relu); when ga / gm are given, the pooled rows' gradients (ga already divided by H*W).
 template <typename T, typename A = at::opmath_type<T>>
 void gate_mlp_backward(const GateMlp<A>& m, const GateTensors<T>& t, int64_t n, const A* d, T* glogits, T* ghidden,
-                       A* ga, A* gm) {
+                       A* ga, A* gm, GateScratch<A>& w) {
   T* gl = glogits + n * m.C;
   const T* l = t.logits + n * m.C;
-  for (int64_t c = 0; c < m.C; ++c) {
+  std::fill(w.ha.begin(), w.ha.end(), A(0));
+  for (int64_t c = 0; c < m.C; ++c) {  // and Σ_c glogits[c] w2[c, :], row by row of w2
     const A s = sigmoid(A(l[c]));
     gl[c] = T(s * (A(1) - s) * d[c]);
+    axpy(A(gl[c]), m.w2 + c * m.hid, w.ha.data(), m.hid);
   }
   const T* ha = t.hidden + n * m.hid;
   const T* hm = t.hidden + (t.N + n) * m.hid;
   T* gha = ghidden + n * m.hid;
   T* ghm = ghidden + (t.N + n) * m.hid;
   for (int64_t j = 0; j < m.hid; ++j) {  // both rows' outputs were summed into the logits: one gradient for both
-    A a = 0;
-    for (int64_t c = 0; c < m.C; ++c) a += A(gl[c]) * m.w2[c * m.hid + j];
-    const T tj = T(a);
+    const T tj = T(w.ha[j]);
     gha[j] = A(ha[j]) > A(0) ? tj : T(0);
     ghm[j] = A(hm[j]) > A(0) ? tj : T(0);
   }
   if (ga == nullptr) return;
+  std::fill(w.pa.begin(), w.pa.end(), A(0));
+  std::fill(w.pm.begin(), w.pm.end(), A(0));
+  for (int64_t j = 0; j < m.hid; ++j) {  // Σ_j ghidden[j] w1[j, :], row by row of w1
+    axpy(A(gha[j]), m.w1 + j * m.C, w.pa.data(), m.C);
+    axpy(A(ghm[j]), m.w1 + j * m.C, w.pm.data(), m.C);
+  }
   const A inv_hw = A(1) / A(t.HW);
   for (int64_t c = 0; c < m.C; ++c) {
-    A a = 0, b = 0;
-    for (int64_t j = 0; j < m.hid; ++j) {
-      a += A(gha[j]) * m.w1[j * m.C + c];
-      b += A(ghm[j]) * m.w1[j * m.C + c];
-    }
-    ga[c] = A(T(a)) * inv_hw;
-    gm[c] = A(T(b));
+    ga[c] = A(T(w.pa[c])) * inv_hw;
+    gm[c] = A(T(w.pm[c]));
   }
 }
 
@@ -196,9 +231,10 @@ void channel_gate_fwd(const GateMlp<A>& m, const GateTensors<T>& t, T* out) {
   if (gate_by_image(t.N)) {
     at::parallel_for(0, t.N, std::max<int64_t>(1, kGrain / std::max<int64_t>(image, 1)), [&](int64_t b, int64_t e) {
       std::vector<A> s(C), sm(C), sid(C);
+      GateScratch<A> w(C, m.hid);
       for (int64_t n = b; n < e; ++n) {
         gate_pool_image(t, n, s.data(), sm.data(), sid.data());
-        gate_mlp_forward(m, t, n, s.data());
+        gate_mlp_forward(m, t, n, s.data(), w);
         gate_scale_image(t, n, s.data(), out);
       }
     });
@@ -221,7 +257,8 @@ void channel_gate_fwd(const GateMlp<A>& m, const GateTensors<T>& t, T* out) {
       for (int64_t n = b; n < e; ++n) gate_pool_image(t, n, sa.data(), sm.data(), sid.data());
     });
   }
-  for (int64_t n = 0; n < t.N; ++n) gate_mlp_forward(m, t, n, s.data() + n * C);
+  GateScratch<A> w(C, m.hid);
+  for (int64_t n = 0; n < t.N; ++n) gate_mlp_forward(m, t, n, s.data() + n * C, w);
   if (t.nchw) {
     scale_rows_by_scalar<T>(t.x, s.data(), out, t.N * C, t.HW);
   } else {
@@ -236,9 +273,10 @@ void channel_gate_bwd(const GateMlp<A>& m, const GateTensors<T>& t, const T* g, 
   if (gate_by_image(t.N)) {
     at::parallel_for(0, t.N, std::max<int64_t>(1, kGrain / std::max<int64_t>(image, 1)), [&](int64_t b, int64_t e) {
       std::vector<A> d(C), s(C), ga(C), gm(C);
+      GateScratch<A> w(C, m.hid);
       for (int64_t n = b; n < e; ++n) {
         gate_dot_image(t, g, n, d.data());
-        gate_mlp_backward(m, t, n, d.data(), glogits, ghidden, gx ? ga.data() : nullptr, gm.data());
+        gate_mlp_backward(m, t, n, d.data(), glogits, ghidden, gx ? ga.data() : nullptr, gm.data(), w);
         if (gx) {
           for (int64_t c = 0; c < C; ++c) s[c] = sigmoid(A(t.logits[n * C + c]));
           gate_input_grad_image(t, g, n, s.data(), ga.data(), gm.data(), gx);
@@ -253,9 +291,10 @@ void channel_gate_bwd(const GateMlp<A>& m, const GateTensors<T>& t, const T* g, 
   } else {
     scale_rows_by_vector_bwd<T>(g, t.x, s.data(), nullptr, d.data(), t.N, t.HW, C);
   }
+  GateScratch<A> w(C, m.hid);
   for (int64_t n = 0; n < t.N; ++n) {
     gate_mlp_backward(m, t, n, d.data() + n * C, glogits, ghidden, gx ? ga.data() + n * C : nullptr,
-                      gm.data() + n * C);
+                      gm.data() + n * C, w);
   }
   if (!gx) return;
   for (int64_t i = 0; i < t.N * C; ++i) s[i] = sigmoid(A(t.logits[i]));
