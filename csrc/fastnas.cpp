@@ -66,6 +66,12 @@ TORCH_LIBRARY(fastnas, m) {
         "-> (Tensor, Tensor)");
   // its input gradient from the output: invstd * (grad - mean(grad) - y * mean(grad * y)) per channel
   m.def("batch_norm_backward(Tensor grad, Tensor y, Tensor invstd) -> Tensor");
+  // the affine one: (y = weight (x - mean) invstd + bias, mean [C], invstd [C]), running statistics as above
+  m.def("batch_norm_affine_train(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, "
+        "Tensor(b!) running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  // its gradients from the input: (grad x (an empty tensor unless need_x_grad), grad weight, grad bias)
+  m.def("batch_norm_affine_backward(Tensor grad, Tensor x, Tensor weight, Tensor mean, Tensor invstd, "
+        "bool need_x_grad) -> (Tensor, Tensor, Tensor)");
 
   // a node sum whose first num_normalized inputs pass through affine-free training-mode batch norms:
   // (sum_k<n w_k (zs[k] - mean_k) invstd_k + sum_k>=n w_k zs[k], means [n, C], invstds [n, C]); updates the

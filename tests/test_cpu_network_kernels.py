@@ -308,6 +308,79 @@ def test_batch_norm_bad_inputs(bad, match):
         bad()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (3, 37, 4, 5), (4, 40, 3, 1)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_affine_batch_norm_module_matches_torch(dtype, shape, momentum):
+    """LeanBatchNorm2d (affine, training, channels_last, cpu backend) runs the affine kernels and equals
+    nn.BatchNorm2d: output, running statistics, input and parameter gradients; the inputs far from zero mean (the
+    backward's sums are taken about the mean)."""
+    from fastnas.nn.lean import LeanBatchNorm2d
+
+    c = shape[1]
+    ours, ref = LeanBatchNorm2d(c, momentum=momentum).to(dtype), torch.nn.BatchNorm2d(c, momentum=momentum)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    ref = ref.double()
+    ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in ours.state_dict().items()})
+    for step in range(2):
+        x = _make(shape, dtype, "channels_last", seed=step, scale=2.0, shift=50.0).requires_grad_()
+        xr = x.detach().double().requires_grad_()
+        with ops.backend("cpu"):
+            y = ours(x)
+        y_ref = ref(xr)
+        assert y.grad_fn.name() == "_AffineBatchNormBackward"
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        tol = TOL[dtype]
+        torch.testing.assert_close(y.double(), y_ref, **tol)
+        g = _make(shape, dtype, "channels_last", seed=7 + step)
+        got = torch.autograd.grad(y, [x, ours.weight, ours.bias], g)
+        want = torch.autograd.grad(y_ref, [xr, ref.weight, ref.bias], g.double())
+        for a, b in zip(got, want):
+            scale = max(1.0, float(b.abs().max()))  # parameter gradients sum over the batch
+            torch.testing.assert_close(a.double() / scale, b / scale, **tol)
+    torch.testing.assert_close(ours.running_mean.double(), ref.running_mean, **tol)
+    torch.testing.assert_close(ours.running_var.double(), ref.running_var, **tol)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+
+
+def test_affine_batch_norm_falls_back_where_the_kernels_do_not_apply():
+    from fastnas.nn.lean import LeanBatchNorm2d
+
+    bn = LeanBatchNorm2d(4)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with ops.backend("cpu"):
+        assert bn(x).grad_fn.name() != "_AffineBatchNormBackward"  # NCHW input: PyTorch's
+        bn.eval()
+        assert bn(x.to(memory_format=torch.channels_last)).grad_fn.name() != "_AffineBatchNormBackward"
+    bn.train()
+    with ops.backend("reference"):
+        assert bn(x.to(memory_format=torch.channels_last)).grad_fn.name() != "_AffineBatchNormBackward"
+
+
+def test_affine_batch_norm_gradcheck_and_opcheck():
+    from fastnas.nn.lean import LeanBatchNorm2d
+
+    bn = LeanBatchNorm2d(3).double()
+    x = _make((2, 3, 4, 5), torch.float64, "channels_last").requires_grad_()
+    with ops.backend("cpu"):
+        assert torch.autograd.gradcheck(bn, (x,))
+        assert torch.autograd.gradgradcheck(bn, (x,))
+    x = _make((2, 5, 4, 3), torch.float32, "channels_last")
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    torch.library.opcheck(torch.ops.fastnas.batch_norm_affine_train.default,
+                          (x, w, b, torch.zeros(5), torch.ones(5), 0.1, 1e-5))
+    y, mean, invstd = torch.ops.fastnas.batch_norm_affine_train(x, w, b, torch.zeros(5), torch.ones(5), 0.1, 1e-5)
+    for need_x in (True, False):
+        torch.library.opcheck(torch.ops.fastnas.batch_norm_affine_backward.default,
+                              (torch.randn_like(y), x, w, mean, invstd, need_x))
+    with pytest.raises(ValueError, match=r"batch_norm_affine_train: weight must have shape \[5\]"):
+        torch.ops.fastnas.batch_norm_affine_train(x, w[:4], b, torch.zeros(5), torch.ones(5), 0.1, 1e-5)
+    with pytest.raises(TypeError, match=r"batch_norm_affine_backward: invstd has dtype torch.float64"):
+        torch.ops.fastnas.batch_norm_affine_backward(torch.randn_like(y), x, w, mean, invstd.double(), True)
+
+
 # ------------------------------------------------------------------------------------------------ normalized sum
 
 def _normalized_sum_reference(zs, weights, num_normalized, means, variances, momentum=0.1, eps=1e-5):

@@ -1,9 +1,11 @@
 // Per-channel kernels on channels_last data [M, C] (M = N*H*W rows), vectorised over the channels, for the
-// affine-free training-mode batch norm and for the search-cell node sum that applies its candidates' batch norms:
+// training-mode batch norms (affine-free and affine) and for the search-cell node sum that applies its candidates'
+// batch norms:
 //   bn_stats:                 per-channel mean and biased variance in one pass over x (each block of rows is summed
 //                             twice while it is in L1, then the blocks are merged with Chan's formula);
 //   per_channel_weighted_sum: out = bias + sum_k coef_k * z_k (the batch norm's y = invstd x - invstd mean is K = 1);
-//   grad_dot_sums:            sum_r g and sum_r g * z_k, in one pass over g and every z_k;
+//   grad_dot_sums:            sum_r g and sum_r g * z_k, in one pass over g and every z_k (the first z_k optionally
+//                             shifted per channel);
 //   per_channel_affine_grad:  gz = a g + b z + c (the batch norm's input gradient from its output y, and the fused
 //                             node sum's input gradients, are per-channel affine in the gradient and one tensor).
 // Deterministic: row blocks depend on M and C only and are merged in order.
@@ -28,6 +30,17 @@ C10_ALWAYS_INLINE void bn_channel_loop(int64_t C, Body body, Tail tail) {
   for (; c < C; ++c) tail(c);
 }
 
+// The channels in chunks of up to four vectors (independent add chains for the row reductions, which are otherwise
+// bound by the latency of one chain), then one by one: body(std::integral_constant<int64_t, U>, c), tail(c).
+template <typename T, typename Body, typename Tail>
+C10_ALWAYS_INLINE void bn_channel_chunks(int64_t C, Body body, Tail tail) {
+  constexpr int64_t Wv = VecT<T>::W;
+  int64_t c = 0;
+  for (; c + 4 * Wv <= C; c += 4 * Wv) body(std::integral_constant<int64_t, 4>{}, c);
+  for (; c + Wv <= C; c += Wv) body(std::integral_constant<int64_t, 1>{}, c);
+  for (; c < C; ++c) tail(c);
+}
+
 // mean and biased variance of every channel; writes mean[C], var[C] (accumulation type)
 template <typename T>
 void bn_stats(const T* x, int64_t M, int64_t C, at::opmath_type<T>* mean, at::opmath_type<T>* var) {
@@ -40,27 +53,41 @@ void bn_stats(const T* x, int64_t M, int64_t C, at::opmath_type<T>* mean, at::op
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * R, r1 = std::min(M, r0 + R);
-      const A inv_n = A(1) / static_cast<A>(r1 - r0);
+      const A n_rows = static_cast<A>(r1 - r0);
       A* mu = bmean.data() + b * C;
       A* m2 = bm2.data() + b * C;
-      bn_channel_loop<T>(
+      bn_channel_chunks<T>(
           C,
-          [&](int64_t c) {
-            V s(A(0));
-            for (int64_t r = r0; r < r1; ++r) s = s + VT::load(x + r * C + c);
-            const V m = s * V(inv_n);
-            V q(A(0));
-            for (int64_t r = r0; r < r1; ++r) {
-              const V d = VT::load(x + r * C + c) - m;
-              q = at::vec::fmadd(d, d, q);
+          [&](auto u_count, int64_t c) {
+            constexpr int64_t U = decltype(u_count)::value;
+            constexpr int64_t Wv = VT::W;
+            // the sum is taken about the block's first row (exact differences when the spread is small against
+            // the mean), so the mean keeps its precision when |mean| >> std
+            V s[U], m[U], q[U], first[U];
+            for (int64_t u = 0; u < U; ++u) {
+              s[u] = q[u] = V(A(0));
+              first[u] = VT::load(x + r0 * C + c + u * Wv);
             }
-            m.store(mu + c);
-            q.store(m2 + c);
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int64_t u = 0; u < U; ++u) s[u] = s[u] + (VT::load(x + r * C + c + u * Wv) - first[u]);
+            }
+            for (int64_t u = 0; u < U; ++u) m[u] = first[u] + s[u] / V(n_rows);
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int64_t u = 0; u < U; ++u) {
+                const V d = VT::load(x + r * C + c + u * Wv) - m[u];
+                q[u] = at::vec::fmadd(d, d, q[u]);
+              }
+            }
+            for (int64_t u = 0; u < U; ++u) {
+              m[u].store(mu + c + u * Wv);
+              q[u].store(m2 + c + u * Wv);
+            }
           },
           [&](int64_t c) {
             A s = 0;
-            for (int64_t r = r0; r < r1; ++r) s += static_cast<A>(x[r * C + c]);
-            const A m = s * inv_n;
+            const A first = static_cast<A>(x[r0 * C + c]);
+            for (int64_t r = r0; r < r1; ++r) s += static_cast<A>(x[r * C + c]) - first;
+            const A m = first + s / n_rows;
             A q = 0;
             for (int64_t r = r0; r < r1; ++r) {
               const A d = static_cast<A>(x[r * C + c]) - m;
@@ -88,10 +115,12 @@ void bn_stats(const T* x, int64_t M, int64_t C, at::opmath_type<T>* mean, at::op
   }
 }
 
-// out[r, c] = bias[c] + sum_k coef[k * C + c] z_k[r, c]
+// out[r, c] = bias[c] + sum_k coef[k * C + c] z_k[r, c]; with one input and zshift, bias + coef (z - zshift) (a batch
+// norm about its mean: no cancellation between coef z and bias when |mean| >> std)
 template <typename T>
 void per_channel_weighted_sum(const std::vector<const T*>& zs, const at::opmath_type<T>* coef,
-                              const at::opmath_type<T>* bias, T* out, int64_t M, int64_t C) {
+                              const at::opmath_type<T>* bias, T* out, int64_t M, int64_t C,
+                              const at::opmath_type<T>* zshift = nullptr) {
   using A = at::opmath_type<T>;
   using VT = VecT<T>;
   using V = typename VT::V;
@@ -105,10 +134,14 @@ void per_channel_weighted_sum(const std::vector<const T*>& zs, const at::opmath_
         bn_channel_loop<T>(
             C,
             [&](int64_t c) {
-              const V v = at::vec::fmadd(V::loadu(coef + c), VT::load(z + r * C + c), V::loadu(bias + c));
-              VT::store(out + r * C + c, v);
+              V zv = VT::load(z + r * C + c);
+              if (zshift) zv = zv - V::loadu(zshift + c);
+              VT::store(out + r * C + c, at::vec::fmadd(V::loadu(coef + c), zv, V::loadu(bias + c)));
             },
-            [&](int64_t c) { out[r * C + c] = static_cast<T>(bias[c] + coef[c] * static_cast<A>(z[r * C + c])); });
+            [&](int64_t c) {
+              const A zv = static_cast<A>(z[r * C + c]) - (zshift ? zshift[c] : A(0));
+              out[r * C + c] = static_cast<T>(bias[c] + coef[c] * zv);
+            });
       }
       return;
     }
@@ -130,9 +163,11 @@ void per_channel_weighted_sum(const std::vector<const T*>& zs, const at::opmath_
   });
 }
 
-// sums[c] = sum_r g[r, c] and sums[(1 + k) C + c] = sum_r g[r, c] z_k[r, c], deterministic
+// sums[c] = sum_r g[r, c] and sums[(1 + k) C + c] = sum_r g[r, c] z_k[r, c], deterministic; with shift0, the first
+// dot is sum_r g[r, c] (z_0[r, c] - shift0[c]) (a batch norm's sum of g x̂ / invstd, without cancellation)
 template <typename T>
-std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<const T*>& zs, int64_t M, int64_t C) {
+std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<const T*>& zs, int64_t M, int64_t C,
+                                              const at::opmath_type<T>* shift0 = nullptr) {
   using A = at::opmath_type<T>;
   using VT = VecT<T>;
   using V = typename VT::V;
@@ -149,30 +184,48 @@ std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<cons
       for (int64_t k = 0; k < std::max<int64_t>(K, 1); ++k) {
         const T* z = k < K ? zs[k] : nullptr;
         A* dot = p + (k + 1) * C;
-        bn_channel_loop<T>(
+        bn_channel_chunks<T>(
             C,
-            [&](int64_t c) {
-              V s(A(0)), d(A(0));
+            [&](auto u_count, int64_t c) {
+              constexpr int64_t U = decltype(u_count)::value;
+              constexpr int64_t Wv = VT::W;
+              V s[U], d[U], sh[U];
+              for (int64_t u = 0; u < U; ++u) {
+                s[u] = d[u] = V(A(0));
+                sh[u] = (k == 0 && shift0) ? V::loadu(shift0 + c + u * Wv) : V(A(0));
+              }
               if (k > 0) {
-                for (int64_t r = r0; r < r1; ++r)
-                  d = at::vec::fmadd(VT::load(g + r * C + c), VT::load(z + r * C + c), d);
+                for (int64_t r = r0; r < r1; ++r) {
+                  for (int64_t u = 0; u < U; ++u) {
+                    const int64_t i = r * C + c + u * Wv;
+                    d[u] = at::vec::fmadd(VT::load(g + i), VT::load(z + i), d[u]);
+                  }
+                }
               } else if (z != nullptr) {
                 for (int64_t r = r0; r < r1; ++r) {
-                  const V gv = VT::load(g + r * C + c);
-                  s = s + gv;
-                  d = at::vec::fmadd(gv, VT::load(z + r * C + c), d);
+                  for (int64_t u = 0; u < U; ++u) {
+                    const int64_t i = r * C + c + u * Wv;
+                    const V gv = VT::load(g + i);
+                    s[u] = s[u] + gv;
+                    d[u] = at::vec::fmadd(gv, VT::load(z + i) - sh[u], d[u]);
+                  }
                 }
               } else {
-                for (int64_t r = r0; r < r1; ++r) s = s + VT::load(g + r * C + c);
+                for (int64_t r = r0; r < r1; ++r) {
+                  for (int64_t u = 0; u < U; ++u) s[u] = s[u] + VT::load(g + r * C + c + u * Wv);
+                }
               }
-              if (k == 0) s.store(p + c);
-              if (z != nullptr) d.store(dot + c);
+              for (int64_t u = 0; u < U; ++u) {
+                if (k == 0) s[u].store(p + c + u * Wv);
+                if (z != nullptr) d[u].store(dot + c + u * Wv);
+              }
             },
             [&](int64_t c) {
               A s = 0, d = 0;
+              const A sh = (k == 0 && shift0) ? shift0[c] : A(0);
               for (int64_t r = r0; r < r1; ++r) {
                 s += static_cast<A>(g[r * C + c]);
-                if (z != nullptr) d += static_cast<A>(g[r * C + c]) * static_cast<A>(z[r * C + c]);
+                if (z != nullptr) d += static_cast<A>(g[r * C + c]) * (static_cast<A>(z[r * C + c]) - sh);
               }
               if (k == 0) p[c] = s;
               if (z != nullptr) dot[c] = d;
@@ -186,10 +239,11 @@ std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<cons
   return total;
 }
 
-// gz[r, c] = a[c] g[r, c] + b[c] z[r, c] + cc[c]
+// gz[r, c] = a[c] g[r, c] + b[c] (z[r, c] - zshift[c]) + cc[c] (zshift 0 when not given)
 template <typename T>
 void per_channel_affine_grad(const T* g, const T* z, const at::opmath_type<T>* a, const at::opmath_type<T>* b,
-                             const at::opmath_type<T>* cc, T* gz, int64_t M, int64_t C) {
+                             const at::opmath_type<T>* cc, T* gz, int64_t M, int64_t C,
+                             const at::opmath_type<T>* zshift = nullptr) {
   using A = at::opmath_type<T>;
   using VT = VecT<T>;
   using V = typename VT::V;
@@ -200,11 +254,13 @@ void per_channel_affine_grad(const T* g, const T* z, const at::opmath_type<T>* a
           C,
           [&](int64_t c) {
             V v = at::vec::fmadd(V::loadu(a + c), VT::load(g + r * C + c), V::loadu(cc + c));
-            VT::store(gz + r * C + c, at::vec::fmadd(V::loadu(b + c), VT::load(z + r * C + c), v));
+            V zv = VT::load(z + r * C + c);
+            if (zshift) zv = zv - V::loadu(zshift + c);
+            VT::store(gz + r * C + c, at::vec::fmadd(V::loadu(b + c), zv, v));
           },
           [&](int64_t c) {
-            gz[r * C + c] = static_cast<T>(a[c] * static_cast<A>(g[r * C + c]) + b[c] * static_cast<A>(z[r * C + c]) +
-                                           cc[c]);
+            const A zv = static_cast<A>(z[r * C + c]) - (zshift ? zshift[c] : A(0));
+            gz[r * C + c] = static_cast<T>(a[c] * static_cast<A>(g[r * C + c]) + b[c] * zv + cc[c]);
           });
     }
   });

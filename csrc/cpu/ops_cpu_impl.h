@@ -615,9 +615,11 @@ void check_running_stat(const char* op, const std::string& name, const Tensor& t
                     shape_str(t.sizes()));
 }
 
-std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mean, Tensor& running_var,
-                                            double momentum, double eps) {
-  const char* op = "batch_norm_train";
+// Training-mode batch norm of a channels_last copy of x: (y = weight (x - mean) invstd + bias, mean, invstd), the
+// running statistics updated; weight and bias absent: the affine-free y = (x - mean) invstd.
+std::tuple<Tensor, Tensor, Tensor> bn_train(const char* op, const Tensor& x, const c10::optional<Tensor>& weight,
+                                            const c10::optional<Tensor>& bias, Tensor& running_mean,
+                                            Tensor& running_var, double momentum, double eps) {
   check_cpu_4d_float(op, "x", x);
   const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(1, C);
   TORCH_CHECK_VALUE(M > 1, "fastnas.", op, ": training needs more than one value per channel, got input of shape ",
@@ -625,6 +627,13 @@ std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mea
   check_running_stat(op, "running_mean", running_mean, x, C);
   check_running_stat(op, "running_var", running_var, x, C);
   const c10::ScalarType acc = acc_dtype(x.scalar_type());
+  Tensor w, b;
+  if (weight) {
+    check_running_stat(op, "weight", *weight, x, C);
+    check_running_stat(op, "bias", *bias, x, C);
+    w = weight->to(acc).contiguous();
+    b = bias->to(acc).contiguous();
+  }
   Tensor mean = at::empty({C}, x.options().dtype(acc)), var = at::empty({C}, x.options().dtype(acc));
   Tensor invstd = at::empty({C}, x.options().dtype(acc));
   Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
@@ -635,16 +644,79 @@ std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mea
     A* vp = var.data_ptr<A>();
     A* ip = invstd.data_ptr<A>();
     bn_stats<scalar_t>(xc.const_data_ptr<scalar_t>(), M, C, mp, vp);
-    std::vector<A> shift(C);  // y = invstd x - invstd mean
+    std::vector<A> scale(C), shift(C);  // y = scale (x - mean) + shift
     for (int64_t c = 0; c < C; ++c) {
       ip[c] = A(1) / std::sqrt(vp[c] + static_cast<A>(eps));
-      shift[c] = -ip[c] * mp[c];
+      scale[c] = weight ? w.const_data_ptr<A>()[c] * ip[c] : ip[c];
+      shift[c] = weight ? b.const_data_ptr<A>()[c] : A(0);
     }
-    per_channel_weighted_sum<scalar_t>({xc.const_data_ptr<scalar_t>()}, ip, shift.data(), y.data_ptr<scalar_t>(), M,
-                                       C);
+    per_channel_weighted_sum<scalar_t>({xc.const_data_ptr<scalar_t>()}, scale.data(), shift.data(),
+                                       y.data_ptr<scalar_t>(), M, C, mp);
   });
   update_running_stats(running_mean, running_var, mean, var, momentum, M);
-  return {prefers_channels_last(x) ? y : y.contiguous(), invstd};
+  return {prefers_channels_last(x) ? y : y.contiguous(), mean, invstd};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mean, Tensor& running_var,
+                                            double momentum, double eps) {
+  auto [y, mean, invstd] = bn_train("batch_norm_train", x, c10::nullopt, c10::nullopt, running_mean, running_var,
+                                    momentum, eps);
+  return {y, invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_affine_train(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                           Tensor& running_mean, Tensor& running_var, double momentum,
+                                                           double eps) {
+  return bn_train("batch_norm_affine_train", x, weight, bias, running_mean, running_var, momentum, eps);
+}
+
+// The affine batch norm's gradients (grad x (an empty tensor unless need_x_grad), grad weight, grad bias) from its
+// input x and the saved mean and invstd: with S_g = sum g and S = sum g (x - mean) invstd (= grad weight) per
+// channel, grad x = weight invstd (g - S_g / M - (x - mean) invstd S / M), per-channel affine in (g, x).
+std::tuple<Tensor, Tensor, Tensor> batch_norm_affine_backward(const Tensor& grad, const Tensor& x,
+                                                              const Tensor& weight, const Tensor& mean,
+                                                              const Tensor& invstd, bool need_x_grad) {
+  const char* op = "batch_norm_affine_backward";
+  check_cpu_4d_float(op, "x", x);
+  check_grad(op, grad, x);
+  const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(1, C);
+  const c10::ScalarType acc = acc_dtype(x.scalar_type());
+  check_running_stat(op, "weight", weight, x, C);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"mean", mean}, {"invstd", invstd}}) {
+    check_running_stat(op, name, t, x, C);
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, "fastnas.", op, ": ", name, " has dtype ", dtype_name(t.scalar_type()),
+                     ", expected ", dtype_name(acc));
+  }
+  Tensor gx = at::empty({0}, x.options());
+  Tensor gw = at::zeros({C}, x.options().dtype(acc)), gb = at::zeros({C}, x.options().dtype(acc));
+  if (M > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast), xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    Tensor w = weight.to(acc).contiguous(), mu = mean.contiguous(), is = invstd.contiguous();
+    if (need_x_grad) gx = at::empty_like(xc, c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::batch_norm_affine_backward",
+                                    [&] {
+      using A = at::opmath_type<scalar_t>;
+      const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+      const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+      const A *wp = w.const_data_ptr<A>(), *mp = mu.const_data_ptr<A>(), *ip = is.const_data_ptr<A>();
+      const std::vector<A> sums = grad_dot_sums<scalar_t>(gp, {xp}, M, C, mp);  // sum g, sum g (x - mean)
+      A *gwp = gw.data_ptr<A>(), *gbp = gb.data_ptr<A>();
+      std::vector<A> a(C), b(C), shift(C);  // grad x = a g + b (x - mean) + shift
+      for (int64_t c = 0; c < C; ++c) {
+        gbp[c] = sums[c];
+        gwp[c] = sums[C + c] * ip[c];
+        a[c] = wp[c] * ip[c];
+        b[c] = -a[c] * ip[c] * gwp[c] / static_cast<A>(M);
+        shift[c] = -a[c] * sums[c] / static_cast<A>(M);
+      }
+      if (need_x_grad) {
+        per_channel_affine_grad<scalar_t>(gp, xp, a.data(), b.data(), shift.data(), gx.data_ptr<scalar_t>(), M, C,
+                                          mp);
+      }
+    });
+    if (need_x_grad && !prefers_channels_last(x)) gx = gx.contiguous();
+  }
+  return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
 
 // the input gradient of batch_norm_train from its output y and invstd
@@ -919,6 +991,8 @@ void register_impls(torch::Library& m) {
   m.impl("channel_gate_backward", &channel_gate_backward);
   m.impl("depthwise_conv2d_weight_grad", &depthwise_conv2d_weight_grad);
   m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("batch_norm_affine_train", &batch_norm_affine_train);
+  m.impl("batch_norm_affine_backward", &batch_norm_affine_backward);
   m.impl("normalized_mixed_sum", &normalized_mixed_sum);
   m.impl("normalized_mixed_sum_backward", &normalized_mixed_sum_backward);
   m.impl("batch_norm_backward", &batch_norm_backward);

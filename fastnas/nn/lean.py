@@ -196,9 +196,38 @@ class _OutputSavingBatchNorm(torch.autograd.Function):
         return grad_input, None, None, None, None, None
 
 
+class _AffineBatchNorm(torch.autograd.Function):
+    """Affine training-mode batch norm on the ``cpu`` backend's kernels (``kernels``: its ``batch_norm_affine_train``
+    and ``batch_norm_affine_backward``): the statistics in one pass and y in another, the backward's per-channel sums
+    in one pass and the input gradient in another. It saves x, as PyTorch's does; under ``create_graph`` the backward
+    is ATen's batch-norm backward, which is differentiable, so double backward is exact."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean, running_var,
+                momentum: float, eps: float, kernels) -> torch.Tensor:
+        y, mean, invstd = kernels[0](x, weight, bias, running_mean, running_var, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.backward_kernel, ctx.eps = kernels[1], eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # double backward
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad, x, weight, None, None, mean, invstd, True,
+                                                                   ctx.eps, [need_x, need_w, need_b])
+        else:
+            gx, gw, gb = ctx.backward_kernel(grad, x, weight, mean, invstd, need_x)
+        return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None), None, None, None, \
+            None, None
+
+
 class LeanBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that, affine-free and training, saves its output rather than its input (on the ``cpu``
-    backend's batch-norm kernels for channels_last inputs)."""
+    backend's batch-norm kernels for channels_last inputs); affine and training on the ``cpu`` backend with a
+    channels_last input, it runs that backend's affine batch-norm kernels (ATen's channels_last batch norm takes
+    several times longer on a few dozen channels)."""
 
     memory_efficient = True
 
@@ -218,8 +247,26 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
             kernels = None if forward is None else (forward, ops.cpu_kernel("batch_norm_backward", x.device))
         return _OutputSavingBatchNorm.apply(x, running_mean, running_var, momentum, self.eps, kernels)[0]
 
+    def affine_kernels(self, x: torch.Tensor) -> tuple | None:
+        """The ``cpu`` backend's affine batch-norm kernels where they apply to this call (affine, training with
+        running statistics, a channels_last fp32/fp64 CPU input and parameters of its dtype, eager), else None."""
+        if not (self.affine and self.training and self.track_running_stats and x.dim() == 4
+                and x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype
+                and prefers_channels_last(x) and not torch.is_autocast_enabled(x.device.type)
+                and not torch.compiler.is_compiling()):
+            return None
+        forward = ops.cpu_kernel("batch_norm_affine_train", x.device)
+        return None if forward is None else (forward, ops.cpu_kernel("batch_norm_affine_backward", x.device))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.lean_applies(x):
+        if self.lean_applies(x):
+            self.num_batches_tracked.add_(1)
+            return self.lean_forward(x, self.running_mean, self.running_var)
+        kernels = self.affine_kernels(x)
+        if kernels is None:
             return super().forward(x)
+        self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
-        return self.lean_forward(x, self.running_mean, self.running_var)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        return _AffineBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum,
+                                      self.eps, kernels)

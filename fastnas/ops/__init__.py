@@ -109,7 +109,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int | tuple[
 
 def cpu_kernel(name: str, device: torch.device | str, backend: str | None = None):
     """The ``cpu`` backend's function ``name`` (``depthwise_conv2d``, ``single_channel_conv2d``, ``batch_norm_train``,
-    ``batch_norm_backward``, ``normalized_mixed_sum``: kernels beyond the five ops, which the network's modules use) when tensors on ``device`` run on the ``cpu``
+    ``batch_norm_backward``, ``batch_norm_affine_train``, ``batch_norm_affine_backward``, ``normalized_mixed_sum``:
+    kernels beyond the five ops, which the network's modules use) when tensors on ``device`` run on the ``cpu``
     backend under the selection ``backend``; None otherwise (the modules then use PyTorch's own)."""
     device = torch.device(device)
     if device.type != "cpu" or resolve_backend(device, backend) != "cpu":

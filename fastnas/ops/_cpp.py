@@ -167,6 +167,17 @@ if _LOAD_ERROR is None:
     def _(grad, y, invstd):
         return _checks.empty_in_layout(y.shape, y, _checks.prefers_channels_last(y))
 
+    @torch.library.register_fake("fastnas::batch_norm_affine_train")
+    def _(x, weight, bias, running_mean, running_var, momentum, eps):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stat = x.new_empty((x.shape[1],), dtype=acc)
+        return _checks.empty_in_layout(x.shape, x, _checks.prefers_channels_last(x)), stat, torch.empty_like(stat)
+
+    @torch.library.register_fake("fastnas::batch_norm_affine_backward")
+    def _(grad, x, weight, mean, invstd, need_x_grad):
+        gx = _checks.empty_in_layout(x.shape, x, _checks.prefers_channels_last(x)) if need_x_grad else x.new_empty(0)
+        return gx, torch.empty_like(weight), torch.empty_like(weight)
+
     @torch.library.register_fake("fastnas::normalized_mixed_sum")
     def _(zs, weights, num_normalized, running_means, running_vars, momentum, eps):
         z = zs[0]
@@ -293,6 +304,8 @@ if _LOAD_ERROR is None:
         "depthwise_conv2d_weight_grad": _ops.depthwise_conv2d_weight_grad,
         "batch_norm_train": _ops.batch_norm_train,
         "batch_norm_backward": _ops.batch_norm_backward,
+        "batch_norm_affine_train": _ops.batch_norm_affine_train,
+        "batch_norm_affine_backward": _ops.batch_norm_affine_backward,
         "normalized_mixed_sum": _ops.normalized_mixed_sum,
         "single_channel_conv2d": _ops.single_channel_conv2d,
     }
@@ -343,3 +356,17 @@ def batch_norm_train(x: torch.Tensor, running_mean: torch.Tensor, running_var: t
 def batch_norm_backward(grad: torch.Tensor, y: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
     """The input gradient of :func:`batch_norm_train` from its output."""
     return torch.ops.fastnas.batch_norm_backward.default(grad, y, invstd)
+
+
+def batch_norm_affine_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                            running_var: torch.Tensor, momentum: float,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Affine training-mode batch norm of a CPU tensor: (y, mean, invstd), running statistics updated in place."""
+    return torch.ops.fastnas.batch_norm_affine_train.default(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def batch_norm_affine_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                               invstd: torch.Tensor, need_x_grad: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """(grad x or an empty tensor, grad weight, grad bias) of :func:`batch_norm_affine_train`."""
+    return torch.ops.fastnas.batch_norm_affine_backward.default(grad, x, weight, mean, invstd, need_x_grad)
