@@ -184,6 +184,34 @@ def test_portable_cpu_kernels_match_the_reference():
                             out = getattr(R, op)(xr)
                             sum(o.square().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
                             torch.testing.assert_close(xg.grad, xr.grad, **tol)
+        # the network-layer kernels (float64, channels_last): channel gate, pools, affine batch norm
+        import torch.nn.functional as F
+        from fastnas.nn import ChannelAttention
+        from fastnas.nn.lean import LeanBatchNorm2d
+        x = torch.randn(3, 21, 5, 6, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        gate = ChannelAttention(21, reduction=2).double()
+        pairs = [(lambda t: gate(t), "cpu", "reference"),
+                 (lambda t: ops.max_pool2d(t, 3, 1, 1), "cpu", "reference"),
+                 (lambda t: ops.avg_pool2d(t, 3, 2, 1), "cpu", "reference")]
+        for fn, a, b in pairs:
+            outs = []
+            for name in (a, b):
+                t = x.detach().requires_grad_()
+                with ops.backend(name):
+                    y = fn(t)
+                y.square().sum().backward()
+                outs.append((y, t.grad))
+            for u, v in zip(*outs):
+                torch.testing.assert_close(u, v)
+        bn, ref = LeanBatchNorm2d(21).double(), torch.nn.BatchNorm2d(21).double()
+        t, r = x.detach().requires_grad_(), x.detach().requires_grad_()
+        with ops.backend("cpu"):
+            y = bn(t)
+        assert y.grad_fn.name() == "_AffineBatchNormBackward"
+        y.square().sum().backward()
+        ref(r).square().sum().backward()
+        torch.testing.assert_close(t.grad, r.grad)
+        torch.testing.assert_close(bn.weight.grad, ref.weight.grad)
         print("ok")
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
