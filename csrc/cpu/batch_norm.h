@@ -30,15 +30,11 @@ C10_ALWAYS_INLINE void bn_channel_loop(int64_t C, Body body, Tail tail) {
   for (; c < C; ++c) tail(c);
 }
 
-// The channels in chunks of up to four vectors (independent add chains for the row reductions, which are otherwise
-// bound by the latency of one chain), then one by one: body(std::integral_constant<int64_t, U>, c), tail(c).
+// The channels in chunks of vectors (vector_chunks: independent add chains for the row reductions, which are
+// otherwise bound by the latency of one chain), then one by one: body(std::integral_constant<int64_t, U>, c), tail(c).
 template <typename T, typename Body, typename Tail>
 C10_ALWAYS_INLINE void bn_channel_chunks(int64_t C, Body body, Tail tail) {
-  constexpr int64_t Wv = VecT<T>::W;
-  int64_t c = 0;
-  for (; c + 4 * Wv <= C; c += 4 * Wv) body(std::integral_constant<int64_t, 4>{}, c);
-  for (; c + Wv <= C; c += Wv) body(std::integral_constant<int64_t, 1>{}, c);
-  for (; c < C; ++c) tail(c);
+  for (int64_t c = vector_chunks<VecT<T>::W>(0, C, body); c < C; ++c) tail(c);
 }
 
 // mean and biased variance of every channel; writes mean[C], var[C] (accumulation type)

@@ -140,6 +140,28 @@ C10_ALWAYS_INLINE void merge_max(V& m, V& id, const V& m2, const V& id2) {
   id = V::blendv(id, id2, take);
 }
 
+// [begin, end) in chunks of four, two and one vectors of W elements, in order: body(std::integral_constant<int64_t, U>,
+// i) for each chunk (U independent vector chains hide the latency of a reduction's add or compare-blend chain).
+// Returns where the chunks end; the rest (fewer than W elements) is the caller's.
+template <int64_t W, typename Body>
+C10_ALWAYS_INLINE int64_t vector_chunks(int64_t begin, int64_t end, Body body) {
+  int64_t i = begin;
+  for (; i + 4 * W <= end; i += 4 * W) body(std::integral_constant<int64_t, 4>{}, i);
+  for (; i + 2 * W <= end; i += 2 * W) body(std::integral_constant<int64_t, 2>{}, i);
+  for (; i + W <= end; i += W) body(std::integral_constant<int64_t, 1>{}, i);
+  return i;
+}
+
+// One step of a running (sum s, max m, index id of the first max) vector lane, fed values v at index idx in
+// increasing order. The max is NaN-blind (v > m): a NaN makes the lane's sum NaN, and the callers redo it exactly.
+template <typename V>
+C10_ALWAYS_INLINE void pool_lane_add(V& s, V& m, V& id, const V& v, const V& idx) {
+  s = s + v;
+  const V take = v > m;
+  m = V::blendv(m, v, take);
+  id = V::blendv(id, idx, take);
+}
+
 // Sum, NaN-propagating max and index of the first maximum of p[0..n) (n >= 1), in one pass. Up to U independent
 // vector accumulators hide the latency of the add / max chains; each lane sees its indices in increasing order, and
 // merge_max / the final lane scan pick NaN first, then the larger value, then the smaller index.
@@ -478,7 +500,7 @@ void channel_pool_image_nhwc(const T* xn, int64_t C, int64_t HW, at::opmath_type
   using A = typename VT::A;
   using V = typename VT::V;
   constexpr int64_t W = VT::W;
-  auto chunk = [&](auto u_count, int64_t c0) {
+  auto chunk = [&](auto u_count, int64_t c0) {  // rows are the steps, channels c0 + [0, U W) the lanes
     constexpr int64_t U = decltype(u_count)::value;
     V vs[U], vm[U], vi[U];
     for (int64_t u = 0; u < U; ++u) {
@@ -488,13 +510,7 @@ void channel_pool_image_nhwc(const T* xn, int64_t C, int64_t HW, at::opmath_type
     for (int64_t h = 1; h < HW; ++h) {
       const T* row = xn + h * C + c0;
       const V vh(static_cast<A>(h));
-      for (int64_t u = 0; u < U; ++u) {
-        const V v = VT::load(row + u * W);
-        vs[u] = vs[u] + v;
-        const V take = v > vm[u];  // NaN columns are redone exactly below
-        vm[u] = V::blendv(vm[u], v, take);
-        vi[u] = V::blendv(vi[u], vh, take);
-      }
+      for (int64_t u = 0; u < U; ++u) pool_lane_add(vs[u], vm[u], vi[u], VT::load(row + u * W), vh);
     }
     for (int64_t u = 0; u < U; ++u) {
       vs[u].store(s + c0 + u * W);
@@ -502,10 +518,7 @@ void channel_pool_image_nhwc(const T* xn, int64_t C, int64_t HW, at::opmath_type
       vi[u].store(id + c0 + u * W);
     }
   };
-  int64_t c0 = 0;
-  for (; c0 + 4 * W <= C; c0 += 4 * W) chunk(std::integral_constant<int64_t, 4>{}, c0);
-  for (; c0 + 2 * W <= C; c0 += 2 * W) chunk(std::integral_constant<int64_t, 2>{}, c0);
-  for (; c0 + W <= C; c0 += W) chunk(std::integral_constant<int64_t, 1>{}, c0);
+  const int64_t c0 = vector_chunks<W>(0, C, chunk);
   for (int64_t c = c0; c < C; ++c) {
     s[c] = m[c] = A(xn[c]);
     id[c] = 0;
@@ -645,13 +658,7 @@ void spatial_pool_nchw(const T* x, T* out, int32_t* arg, int64_t N, int64_t C, i
         }
         for (int64_t c = 1; c < C; ++c) {
           const V vc(static_cast<A>(c));
-          for (int64_t u = 0; u < U; ++u) {
-            const V v = VT::load(xn + c * HW + i + u * W);
-            s[u] = s[u] + v;
-            const V take = v > m[u];  // NaN positions are redone exactly below
-            m[u] = V::blendv(m[u], v, take);
-            id[u] = V::blendv(id[u], vc, take);
-          }
+          for (int64_t u = 0; u < U; ++u) pool_lane_add(s[u], m[u], id[u], VT::load(xn + c * HW + i + u * W), vc);
         }
         uint64_t nans = 0;
         for (int64_t u = 0; u < U; ++u) {  // (max, mean) pairs: interleave the two vectors
@@ -676,9 +683,7 @@ void spatial_pool_nchw(const T* x, T* out, int32_t* arg, int64_t N, int64_t C, i
           }
         }
       };
-      int64_t i = lo;
-      for (; i + 4 * W <= hi; i += 4 * W) positions(std::integral_constant<int64_t, 4>{}, i);
-      for (; i + W <= hi; i += W) positions(std::integral_constant<int64_t, 1>{}, i);
+      int64_t i = vector_chunks<W>(lo, hi, positions);
       for (; i < hi; ++i) {
         A m = A(xn[i]), s = m;
         int32_t id = 0;
@@ -716,10 +721,7 @@ C10_ALWAYS_INLINE void spatial_pool_rows_nhwc(const T* x, int64_t r, int64_t C, 
       id = V(A(0));
       return;
     }
-    s = s + v;
-    const V take = v > m;
-    m = V::blendv(m, v, take);
-    id = V::blendv(id, V(static_cast<A>(c)), take);
+    pool_lane_add(s, m, id, v, V(static_cast<A>(c)));
   };
   int64_t c0 = 0;
   for (; c0 + W <= C; c0 += W) {
