@@ -3,11 +3,13 @@
 // batch norms:
 //   bn_stats:                 per-channel mean and biased variance in one pass over x (each block of rows is summed
 //                             twice while it is in L1, then the blocks are merged with Chan's formula);
-//   per_channel_weighted_sum: out = bias + sum_k coef_k * z_k (the batch norm's y = invstd x - invstd mean is K = 1);
-//   grad_dot_sums:            sum_r g and sum_r g * z_k, in one pass over g and every z_k (the first z_k optionally
-//                             shifted per channel);
-//   per_channel_affine_grad:  gz = a g + b z + c (the batch norm's input gradient from its output y, and the fused
-//                             node sum's input gradients, are per-channel affine in the gradient and one tensor).
+//   per_channel_weighted_sum: out = bias + sum_k coef_k * (z_k - shift_k) (the batch norm's y = invstd (x - mean) is
+//                             K = 1);
+//   grad_dot_sums:            sum_r g and sum_r g * (z_k - shift_k), in one pass over g and every z_k;
+//   per_channel_affine_grad:  gz = a g + b (z - shift) + c (the batch norm's input gradient, and the fused node sum's
+//                             input gradients, are per-channel affine in the gradient and one tensor).
+// The shifts are per channel (a batch norm's mean; none where not given): sums and products taken about the mean
+// lose no precision to cancellation when |mean| >> std.
 // Deterministic: row blocks depend on M and C only and are merged in order.
 //
 // Included by ops_cpu_impl.h (once per CPU capability).
@@ -111,12 +113,11 @@ void bn_stats(const T* x, int64_t M, int64_t C, at::opmath_type<T>* mean, at::op
   }
 }
 
-// out[r, c] = bias[c] + sum_k coef[k * C + c] z_k[r, c]; with one input and zshift, bias + coef (z - zshift) (a batch
-// norm about its mean: no cancellation between coef z and bias when |mean| >> std)
+// out[r, c] = bias[c] + sum_k coef[k * C + c] (z_k[r, c] - shifts[k * C + c]) (shifts 0 when not given)
 template <typename T>
 void per_channel_weighted_sum(const std::vector<const T*>& zs, const at::opmath_type<T>* coef,
                               const at::opmath_type<T>* bias, T* out, int64_t M, int64_t C,
-                              const at::opmath_type<T>* zshift = nullptr) {
+                              const at::opmath_type<T>* shifts = nullptr) {
   using A = at::opmath_type<T>;
   using VT = VecT<T>;
   using V = typename VT::V;
@@ -131,11 +132,11 @@ void per_channel_weighted_sum(const std::vector<const T*>& zs, const at::opmath_
             C,
             [&](int64_t c) {
               V zv = VT::load(z + r * C + c);
-              if (zshift) zv = zv - V::loadu(zshift + c);
+              if (shifts) zv = zv - V::loadu(shifts + c);
               VT::store(out + r * C + c, at::vec::fmadd(V::loadu(coef + c), zv, V::loadu(bias + c)));
             },
             [&](int64_t c) {
-              const A zv = static_cast<A>(z[r * C + c]) - (zshift ? zshift[c] : A(0));
+              const A zv = static_cast<A>(z[r * C + c]) - (shifts ? shifts[c] : A(0));
               out[r * C + c] = static_cast<T>(bias[c] + coef[c] * zv);
             });
       }
@@ -146,24 +147,29 @@ void per_channel_weighted_sum(const std::vector<const T*>& zs, const at::opmath_
           C,
           [&](int64_t c) {
             V acc = V::loadu(bias + c);
-            for (int64_t k = 0; k < K; ++k)
-              acc = at::vec::fmadd(V::loadu(coef + k * C + c), VT::load(zp[k] + r * C + c), acc);
+            for (int64_t k = 0; k < K; ++k) {
+              V zv = VT::load(zp[k] + r * C + c);
+              if (shifts) zv = zv - V::loadu(shifts + k * C + c);
+              acc = at::vec::fmadd(V::loadu(coef + k * C + c), zv, acc);
+            }
             VT::store(out + r * C + c, acc);
           },
           [&](int64_t c) {
             A acc = bias[c];
-            for (int64_t k = 0; k < K; ++k) acc += coef[k * C + c] * static_cast<A>(zp[k][r * C + c]);
+            for (int64_t k = 0; k < K; ++k) {
+              acc += coef[k * C + c] * (static_cast<A>(zp[k][r * C + c]) - (shifts ? shifts[k * C + c] : A(0)));
+            }
             out[r * C + c] = static_cast<T>(acc);
           });
     }
   });
 }
 
-// sums[c] = sum_r g[r, c] and sums[(1 + k) C + c] = sum_r g[r, c] z_k[r, c], deterministic; with shift0, the first
-// dot is sum_r g[r, c] (z_0[r, c] - shift0[c]) (a batch norm's sum of g x̂ / invstd, without cancellation)
+// sums[c] = sum_r g[r, c] and sums[(1 + k) C + c] = sum_r g[r, c] (z_k[r, c] - shifts[k * C + c]) (shifts 0 when
+// not given), deterministic
 template <typename T>
 std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<const T*>& zs, int64_t M, int64_t C,
-                                              const at::opmath_type<T>* shift0 = nullptr) {
+                                              const at::opmath_type<T>* shifts = nullptr) {
   using A = at::opmath_type<T>;
   using VT = VecT<T>;
   using V = typename VT::V;
@@ -188,13 +194,13 @@ std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<cons
               V s[U], d[U], sh[U];
               for (int64_t u = 0; u < U; ++u) {
                 s[u] = d[u] = V(A(0));
-                sh[u] = (k == 0 && shift0) ? V::loadu(shift0 + c + u * Wv) : V(A(0));
+                sh[u] = (z != nullptr && shifts) ? V::loadu(shifts + k * C + c + u * Wv) : V(A(0));
               }
               if (k > 0) {
                 for (int64_t r = r0; r < r1; ++r) {
                   for (int64_t u = 0; u < U; ++u) {
                     const int64_t i = r * C + c + u * Wv;
-                    d[u] = at::vec::fmadd(VT::load(g + i), VT::load(z + i), d[u]);
+                    d[u] = at::vec::fmadd(VT::load(g + i), VT::load(z + i) - sh[u], d[u]);
                   }
                 }
               } else if (z != nullptr) {
@@ -218,7 +224,7 @@ std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<cons
             },
             [&](int64_t c) {
               A s = 0, d = 0;
-              const A sh = (k == 0 && shift0) ? shift0[c] : A(0);
+              const A sh = (z != nullptr && shifts) ? shifts[k * C + c] : A(0);
               for (int64_t r = r0; r < r1; ++r) {
                 s += static_cast<A>(g[r * C + c]);
                 if (z != nullptr) d += static_cast<A>(g[r * C + c]) * (static_cast<A>(z[r * C + c]) - sh);
@@ -235,11 +241,11 @@ std::vector<at::opmath_type<T>> grad_dot_sums(const T* g, const std::vector<cons
   return total;
 }
 
-// gz[r, c] = a[c] g[r, c] + b[c] (z[r, c] - zshift[c]) + cc[c] (zshift 0 when not given)
+// gz[r, c] = a[c] g[r, c] + b[c] (z[r, c] - shift[c]) + cc[c] (shift 0 when not given)
 template <typename T>
 void per_channel_affine_grad(const T* g, const T* z, const at::opmath_type<T>* a, const at::opmath_type<T>* b,
                              const at::opmath_type<T>* cc, T* gz, int64_t M, int64_t C,
-                             const at::opmath_type<T>* zshift = nullptr) {
+                             const at::opmath_type<T>* shift = nullptr) {
   using A = at::opmath_type<T>;
   using VT = VecT<T>;
   using V = typename VT::V;
@@ -251,11 +257,11 @@ void per_channel_affine_grad(const T* g, const T* z, const at::opmath_type<T>* a
           [&](int64_t c) {
             V v = at::vec::fmadd(V::loadu(a + c), VT::load(g + r * C + c), V::loadu(cc + c));
             V zv = VT::load(z + r * C + c);
-            if (zshift) zv = zv - V::loadu(zshift + c);
+            if (shift) zv = zv - V::loadu(shift + c);
             VT::store(gz + r * C + c, at::vec::fmadd(V::loadu(b + c), zv, v));
           },
           [&](int64_t c) {
-            const A zv = static_cast<A>(z[r * C + c]) - (zshift ? zshift[c] : A(0));
+            const A zv = static_cast<A>(z[r * C + c]) - (shift ? shift[c] : A(0));
             gz[r * C + c] = static_cast<T>(a[c] * static_cast<A>(g[r * C + c]) + b[c] * zv + cc[c]);
           });
     }

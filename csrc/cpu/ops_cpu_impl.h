@@ -512,18 +512,15 @@ std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, at::IntArrayRef kernel_si
   const char* op = "max_pool2d";
   check_cpu_4d_float(op, "x", x);
   const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
-  const bool cl = prefers_channels_last(x);
-  Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().memory_format(c10::MemoryFormat::ChannelsLast));
-  Tensor pos = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().dtype(at::kByte).memory_format(
-                                                     c10::MemoryFormat::ChannelsLast));
+  Tensor out = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, x.scalar_type());
+  Tensor pos = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, at::kByte);
   if (out.numel() > 0) {
     Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::max_pool2d", [&] {
       max_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), g);
     });
   }
-  if (!cl) return {out.contiguous(), pos};
-  return {out, pos};
+  return {prefers_channels_last(x) ? out : out.contiguous(), pos};
 }
 
 Tensor max_pool2d_backward(const Tensor& grad, const Tensor& argmax, int64_t H, int64_t W,
@@ -583,7 +580,7 @@ Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArra
 }
 
 // ------------------------------------------------------------------------------------------------ batch norm
-// Affine-free, training mode, computed on channels_last data; y keeps channels_last when x prefers it.
+// Training mode (affine-free or affine), computed on channels_last data; y keeps channels_last when x prefers it.
 
 // running statistics, as nn.BatchNorm2d updates them (the unbiased variance); mean, var in the accumulation type
 void update_running_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
@@ -788,7 +785,8 @@ std::tuple<Tensor, Tensor, Tensor> normalized_mixed_sum(at::TensorList zs, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z0.scalar_type(), "fastnas::normalized_mixed_sum", [&] {
     using A = at::opmath_type<scalar_t>;
     const A* wp = w.const_data_ptr<A>();
-    std::vector<A> coef(K * C), bias(C, A(0));
+    // out = sum_k<Kn w_k invstd_k (z_k - mean_k) + sum_k>=Kn w_k z_k: the normalised inputs about their means
+    std::vector<A> coef(K * C), bias(C, A(0)), shift(K * C, A(0));
     for (int64_t k = 0; k < K; ++k) {
       if (k < Kn) {
         A* mp = means.data_ptr<A>() + k * C;
@@ -798,7 +796,7 @@ std::tuple<Tensor, Tensor, Tensor> normalized_mixed_sum(at::TensorList zs, const
         for (int64_t c = 0; c < C; ++c) {
           ip[c] = A(1) / std::sqrt(vp[c] + static_cast<A>(eps));
           coef[k * C + c] = wp[k] * ip[c];
-          bias[c] -= coef[k * C + c] * mp[c];
+          shift[k * C + c] = mp[c];
         }
       } else {
         for (int64_t c = 0; c < C; ++c) coef[k * C + c] = wp[k];
@@ -806,7 +804,10 @@ std::tuple<Tensor, Tensor, Tensor> normalized_mixed_sum(at::TensorList zs, const
     }
     std::vector<const scalar_t*> ptrs;
     for (const Tensor& z : zc) ptrs.push_back(z.const_data_ptr<scalar_t>());
-    if (M > 0) per_channel_weighted_sum<scalar_t>(ptrs, coef.data(), bias.data(), out.data_ptr<scalar_t>(), M, C);
+    if (M > 0) {
+      per_channel_weighted_sum<scalar_t>(ptrs, coef.data(), bias.data(), out.data_ptr<scalar_t>(), M, C,
+                                         Kn > 0 ? shift.data() : nullptr);
+    }
   });
   for (int64_t k = 0; k < Kn; ++k)
     update_running_stats(running_means[k], running_vars[k], means[k], vars[k], momentum, M);
@@ -850,7 +851,10 @@ std::tuple<std::vector<Tensor>, Tensor> normalized_mixed_sum_backward(const Tens
     using A = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> ptrs;
     for (const Tensor& z : zc) ptrs.push_back(z.const_data_ptr<scalar_t>());
-    const std::vector<A> sums = grad_dot_sums<scalar_t>(gc.const_data_ptr<scalar_t>(), ptrs, M, C);
+    // the normalised inputs' sums about their means (the others' shifts 0)
+    std::vector<A> shift(used * C, A(0));
+    std::copy(mc.const_data_ptr<A>(), mc.const_data_ptr<A>() + Kn * C, shift.begin());
+    const std::vector<A> sums = grad_dot_sums<scalar_t>(gc.const_data_ptr<scalar_t>(), ptrs, M, C, shift.data());
     const A* sg = sums.data();
     const A* wp = w.const_data_ptr<A>();
     const A inv_m = A(1) / static_cast<A>(M);
@@ -862,17 +866,17 @@ std::tuple<std::vector<Tensor>, Tensor> normalized_mixed_sum_backward(const Tens
         const A* is = ic.const_data_ptr<A>() + k * C;
         A dot = 0;
         for (int64_t c = 0; c < C; ++c) {
-          const A sgy = is[c] * (t[c] - mu[c] * sg[c]);  // sum over rows of g * y_k
+          const A sgy = is[c] * t[c];  // sum over rows of g * y_k
           dot += sgy;
           a[c] = wp[k] * is[c];
           b[c] = -wp[k] * is[c] * is[c] * sgy * inv_m;
-          cc[c] = -a[c] * sg[c] * inv_m - b[c] * mu[c];
+          cc[c] = -a[c] * sg[c] * inv_m;
         }
         if (need_weights_grad) gw.data_ptr<A>()[k] = dot;
-        if (need_zs_grad) {
+        if (need_zs_grad) {  // gz = a g + b (z - mean) + cc
           Tensor gz = at::empty_like(gc, c10::MemoryFormat::ChannelsLast);
           per_channel_affine_grad<scalar_t>(gc.const_data_ptr<scalar_t>(), ptrs[k], a.data(), b.data(), cc.data(),
-                                            gz.data_ptr<scalar_t>(), M, C);
+                                            gz.data_ptr<scalar_t>(), M, C, mu);
           gzs.push_back(cl ? gz : gz.contiguous());
         }
       } else {
