@@ -20,11 +20,10 @@ THRESHOLD_BYTES = 1 << 30
 regime = "system (not configured)"  # what keep_heap set, for the results
 
 
-def keep_heap() -> str:
-    """Configure the allocator as FASTNAS_BENCH_MALLOC asks; returns the regime in force (also in ``regime``)."""
+def keep_heap() -> None:
+    """Configure the allocator as FASTNAS_BENCH_MALLOC asks; ``regime`` names the regime in force."""
     global regime
     regime = _configure()
-    return regime
 
 
 def _configure() -> str:

@@ -3,9 +3,9 @@ glibc's heap kept (:mod:`benchmarks.allocator`), and the devices' copy bandwidth
 the allocator regime in pytest-benchmark's ``machine_info``."""
 import os
 
-from benchmarks.allocator import keep_heap
+from benchmarks import allocator
 
-MALLOC_REGIME = keep_heap()
+allocator.keep_heap()
 
 os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("FASTNAS_BENCH_THREADS", "2"))
 
@@ -21,7 +21,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     disabled = config.getoption("benchmark_disable", False)
     machine_info["fastnas"] = {
         "threads": torch.get_num_threads(),
-        "malloc": MALLOC_REGIME,
+        "malloc": allocator.regime,
         "torch": torch.__version__,
         "copy_bandwidth": {} if disabled else {"cpu": copy_bandwidth("cpu")},
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -31,6 +31,15 @@ def _grads(out, wrt, g):
     return torch.autograd.grad(out, wrt, g)
 
 
+def _assert_close_with_grads(out, ref, wrt, tol):
+    """out equals ref within tol, and so do their gradients with respect to the leaves wrt (one random output
+    gradient)."""
+    torch.testing.assert_close(out, ref, **tol)
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, wrt, g), _grads(ref, wrt, g)):
+        torch.testing.assert_close(a, b, **tol)
+
+
 # ------------------------------------------------------------------------------------------------ depthwise conv
 
 DW_CONFS = [  # kernel, stride, padding, dilation
@@ -48,11 +57,7 @@ def test_depthwise_matches_torch_float64(conf, layout, channels):
     x = _make((2, channels, 9, 7), torch.float64, layout).requires_grad_()
     w = _make((channels, 1, *k), torch.float64, "nchw", seed=1).requires_grad_()
     ref = F.conv2d(x, w, None, s, p, d, channels)
-    out = ops.depthwise_conv2d(x, w, s, p, d, backend="cpu")
-    torch.testing.assert_close(out, ref, **TOL[torch.float64])
-    g = torch.randn_like(ref)
-    for a, b in zip(_grads(out, (x, w), g), _grads(ref, (x, w), g)):
-        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    _assert_close_with_grads(ops.depthwise_conv2d(x, w, s, p, d, backend="cpu"), ref, (x, w), TOL[torch.float64])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -518,11 +523,8 @@ def test_single_channel_conv_matches_torch_float64(conf, layout, size):
         pytest.skip("the filter does not fit")
     x = _make((2, c, *size), torch.float64, layout).requires_grad_()
     w = _make((1, c, k, k), torch.float64, "nchw", seed=1).requires_grad_()
-    out, ref = SingleChannelConv2d.apply(x, w, (p, p)), F.conv2d(x, w, None, 1, p)
-    torch.testing.assert_close(out, ref, **TOL[torch.float64])
-    g = torch.randn_like(ref)
-    for a, b in zip(_grads(out, (x, w), g), _grads(ref, (x, w), g)):
-        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    _assert_close_with_grads(SingleChannelConv2d.apply(x, w, (p, p)), F.conv2d(x, w, None, 1, p), (x, w),
+                             TOL[torch.float64])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

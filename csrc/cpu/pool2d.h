@@ -101,6 +101,23 @@ void max_pool_fwd(const T* x, T* out, uint8_t* pos, const PoolGeometry& g) {
   });
 }
 
+// The backward passes' scaffold: each image's input gradient is accumulated (in the accumulation type, zeroed) by
+// scatter(n, acc), acc being [H*W, C], then stored; an image per task, so the scatters need no atomics.
+template <typename T, typename Scatter>
+void scatter_by_image(T* gx, const PoolGeometry& g, Scatter scatter) {
+  using A = at::opmath_type<T>;
+  const int64_t image = g.H * g.W * g.C;
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<A> acc(image);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      scatter(n, acc.data());
+      T* dst = gx + n * image;
+      for (int64_t i = 0; i < image; ++i) dst[i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
 template <typename T>
 void max_pool_bwd(const T* grad, const uint8_t* pos, T* gx, const PoolGeometry& g) {
   using A = at::opmath_type<T>;
@@ -108,20 +125,14 @@ void max_pool_bwd(const T* grad, const uint8_t* pos, T* gx, const PoolGeometry& 
   // element offset of each window position from the window's corner
   std::vector<int64_t> offset(g.kh * g.kw);
   for (int64_t k = 0; k < g.kh * g.kw; ++k) offset[k] = ((k / g.kw) * g.W + k % g.kw) * C;
-  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<A> acc(g.H * g.W * C);
-    for (int64_t n = n0; n < n1; ++n) {
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t ho = 0; ho < g.Ho; ++ho) {
-        for (int64_t wo = 0; wo < g.Wo; ++wo) {
-          const int64_t o = ((n * g.Ho + ho) * g.Wo + wo) * C;
-          // the corner may lie in the padding; the maximum itself never does
-          A* corner = acc.data() + ((ho * g.sh - g.ph) * g.W + wo * g.sw - g.pw) * C;
-          for (int64_t c = 0; c < C; ++c) corner[offset[pos[o + c]] + c] += static_cast<A>(grad[o + c]);
-        }
+  scatter_by_image(gx, g, [&](int64_t n, A* acc) {
+    for (int64_t ho = 0; ho < g.Ho; ++ho) {
+      for (int64_t wo = 0; wo < g.Wo; ++wo) {
+        const int64_t o = ((n * g.Ho + ho) * g.Wo + wo) * C;
+        // the corner may lie in the padding; the maximum itself never does
+        A* corner = acc + ((ho * g.sh - g.ph) * g.W + wo * g.sw - g.pw) * C;
+        for (int64_t c = 0; c < C; ++c) corner[offset[pos[o + c]] + c] += static_cast<A>(grad[o + c]);
       }
-      T* dst = gx + n * g.H * g.W * C;
-      for (int64_t i = 0; i < g.H * g.W * C; ++i) dst[i] = static_cast<T>(acc[i]);
     }
   });
 }
@@ -172,28 +183,22 @@ template <typename T>
 void avg_pool_bwd(const T* grad, T* gx, const PoolGeometry& g) {
   using A = at::opmath_type<T>;
   const int64_t C = g.C;
-  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<A> acc(g.H * g.W * C);
+  scatter_by_image(gx, g, [&](int64_t n, A* acc) {
     std::vector<A> share(C);
-    for (int64_t n = n0; n < n1; ++n) {
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t ho = 0; ho < g.Ho; ++ho) {
-        for (int64_t wo = 0; wo < g.Wo; ++wo) {
-          int64_t h0, h1, w0, w1;
-          g.window(ho, wo, h0, h1, w0, w1);
-          const A inv = A(1) / static_cast<A>((h1 - h0) * (w1 - w0));
-          const T* gp = grad + ((n * g.Ho + ho) * g.Wo + wo) * C;
-          for (int64_t c = 0; c < C; ++c) share[c] = static_cast<A>(gp[c]) * inv;
-          for (int64_t h = h0; h < h1; ++h) {
-            for (int64_t w = w0; w < w1; ++w) {
-              A* ap = acc.data() + (h * g.W + w) * C;
-              for (int64_t c = 0; c < C; ++c) ap[c] += share[c];
-            }
+    for (int64_t ho = 0; ho < g.Ho; ++ho) {
+      for (int64_t wo = 0; wo < g.Wo; ++wo) {
+        int64_t h0, h1, w0, w1;
+        g.window(ho, wo, h0, h1, w0, w1);
+        const A inv = A(1) / static_cast<A>((h1 - h0) * (w1 - w0));
+        const T* gp = grad + ((n * g.Ho + ho) * g.Wo + wo) * C;
+        for (int64_t c = 0; c < C; ++c) share[c] = static_cast<A>(gp[c]) * inv;
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            A* ap = acc + (h * g.W + w) * C;
+            for (int64_t c = 0; c < C; ++c) ap[c] += share[c];
           }
         }
       }
-      T* dst = gx + n * g.H * g.W * C;
-      for (int64_t i = 0; i < g.H * g.W * C; ++i) dst[i] = static_cast<T>(acc[i]);
     }
   });
 }

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import _single_conv
-from ..ops._checks import prefers_channels_last
+from ..ops._checks import prefers_channels_last, stand_in
 
 
 def _lean_path_allowed(module: nn.Module) -> bool:
@@ -33,7 +33,7 @@ class _FrozenWeightConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
-        ctx.conf = (x.shape, x.dtype, x.device, x.stride(), stride, padding, dilation, groups)
+        ctx.conf = (x.shape, x.dtype, x.stride(), stride, padding, dilation, groups)
         ctx.save_for_backward(weight)
         return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
 
@@ -41,14 +41,13 @@ class _FrozenWeightConv(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         # linear in grad: under create_graph, ATen's convolution_backward is differentiable in grad (not in the
         # stand-in, whose values are never read)
-        shape, dtype, device, strides, stride, padding, dilation, groups = ctx.conf
+        shape, dtype, strides, stride, padding, dilation, groups = ctx.conf
         (weight,) = ctx.saved_tensors
         # the input's values are not read when only the input gradient is asked for: an unfilled stand-in with the
-        # input's layout gives the kernel its shape and memory format
-        stand_in = torch.empty_strided(shape, strides, dtype=grad.dtype, device=device)  # (autocast: the dtype run)
+        # input's layout (in the dtype the forward ran in under autocast) gives the kernel its shape and format
         grad_input = torch.ops.aten.convolution_backward(
-            grad, stand_in, weight.to(grad.dtype), None, stride, padding, dilation, False, [0, 0], groups,
-            [True, False, False])[0]
+            grad, stand_in(shape, strides, grad), weight.to(grad.dtype), None, stride, padding, dilation, False,
+            [0, 0], groups, [True, False, False])[0]
         return grad_input.to(dtype), None, None, None, None, None
 
 
@@ -196,6 +195,12 @@ class _OutputSavingBatchNorm(torch.autograd.Function):
         return grad_input, None, None, None, None, None
 
 
+def _cpu_kernels(forward: str, backward: str, x: torch.Tensor) -> tuple | None:
+    """The ``cpu`` backend's (forward, backward) kernel pair for x's device under the current selection, or None."""
+    kernel = ops.cpu_kernel(forward, x.device)
+    return None if kernel is None else (kernel, ops.cpu_kernel(backward, x.device))
+
+
 class _AffineBatchNorm(torch.autograd.Function):
     """Affine training-mode batch norm on the ``cpu`` backend's kernels (``kernels``: its ``batch_norm_affine_train``
     and ``batch_norm_affine_backward``): the statistics in one pass and y in another, the backward's per-channel sums
@@ -237,15 +242,15 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
                     or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or not _lean_path_allowed(self)
                     or torch.is_autocast_enabled(x.device.type))
 
+    def _momentum(self) -> float:
+        """The running statistics' update factor of this step (a cumulative average when momentum is None)."""
+        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+
     def lean_forward(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
         """The output-saving path, updating the given running statistics."""
         self._check_input_dim(x)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        kernels = None
-        if prefers_channels_last(x):
-            forward = ops.cpu_kernel("batch_norm_train", x.device)
-            kernels = None if forward is None else (forward, ops.cpu_kernel("batch_norm_backward", x.device))
-        return _OutputSavingBatchNorm.apply(x, running_mean, running_var, momentum, self.eps, kernels)[0]
+        kernels = _cpu_kernels("batch_norm_train", "batch_norm_backward", x) if prefers_channels_last(x) else None
+        return _OutputSavingBatchNorm.apply(x, running_mean, running_var, self._momentum(), self.eps, kernels)[0]
 
     def affine_kernels(self, x: torch.Tensor) -> tuple | None:
         """The ``cpu`` backend's affine batch-norm kernels where they apply to this call (affine, training with
@@ -255,8 +260,7 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
                 and prefers_channels_last(x) and not torch.is_autocast_enabled(x.device.type)
                 and not torch.compiler.is_compiling()):
             return None
-        forward = ops.cpu_kernel("batch_norm_affine_train", x.device)
-        return None if forward is None else (forward, ops.cpu_kernel("batch_norm_affine_backward", x.device))
+        return _cpu_kernels("batch_norm_affine_train", "batch_norm_affine_backward", x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean_applies(x):
@@ -267,6 +271,5 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        return _AffineBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum,
+        return _AffineBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self._momentum(),
                                       self.eps, kernels)

@@ -87,3 +87,14 @@ def int_pair(op: str, name: str, v, minimum: int) -> tuple[int, int]:
     if len(t) != 2 or not all(isinstance(i, int) and i >= minimum for i in t):
         raise ValueError(f"fastnas.{op}: {name} must be an int or two ints >= {minimum}, got {v!r}")
     return t  # type: ignore[return-value]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stand_in(shape, strides, like: torch.Tensor) -> torch.Tensor:
+    """An unfilled tensor of an input's shape and strides in ``like``'s dtype and device, for a backward kernel that
+    reads only the input's shape and layout (its values are never read)."""
+    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)

@@ -159,7 +159,7 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastnas::batch_norm_train")
     def _(x, running_mean, running_var, momentum, eps):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = _checks.acc_dtype(x.dtype)
         return _checks.empty_in_layout(x.shape, x, _checks.prefers_channels_last(x)), x.new_empty((x.shape[1],),
                                                                                                 dtype=acc)
 
@@ -169,7 +169,7 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastnas::batch_norm_affine_train")
     def _(x, weight, bias, running_mean, running_var, momentum, eps):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = _checks.acc_dtype(x.dtype)
         stat = x.new_empty((x.shape[1],), dtype=acc)
         return _checks.empty_in_layout(x.shape, x, _checks.prefers_channels_last(x)), stat, torch.empty_like(stat)
 
@@ -181,7 +181,7 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("fastnas::normalized_mixed_sum")
     def _(zs, weights, num_normalized, running_means, running_vars, momentum, eps):
         z = zs[0]
-        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+        acc = _checks.acc_dtype(z.dtype)
         stats = z.new_empty((num_normalized, z.shape[1]), dtype=acc)
         return _checks.empty_in_layout(z.shape, z, _checks.prefers_channels_last(z)), stats, torch.empty_like(stats)
 
@@ -189,7 +189,7 @@ if _LOAD_ERROR is None:
     def _(grad, zs, weights, means, invstds, need_zs_grad, need_weights_grad):
         like = zs[0] if len(zs) else grad
         cl = _checks.prefers_channels_last(grad) or _checks.prefers_channels_last(like)
-        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        acc = _checks.acc_dtype(grad.dtype)
         gzs = [_checks.empty_in_layout(grad.shape, grad, cl) for _ in range(weights.shape[0])] if need_zs_grad else []
         return gzs, grad.new_empty((weights.shape[0] if need_weights_grad else 0,), dtype=acc)
 
@@ -206,7 +206,7 @@ if _LOAD_ERROR is None:
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_x_grad \
             else x.new_empty((0,))
         gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight_grad \
-            else x.new_empty((0,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            else x.new_empty((0,), dtype=_checks.acc_dtype(x.dtype))
         return gx, gw
 
     _pool2d.register()
@@ -337,14 +337,10 @@ def spatial_scale(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                       b2: torch.Tensor | None) -> torch.Tensor:
-    """The whole channel gate as one autograd node (:class:`fastnas.ops._gates.FusedChannelGate`; under autocast
-    with the MLP cast to x's dtype); where that does not apply (:func:`fastnas.ops._gates.fused_params`), the
-    composition of the ops."""
-    params = _gates.fused_params(x, w1, b1, w2, b2)
-    if params is not None:
-        kernels = _gates.WHOLE_GATE if x.device.type == "cpu" else "library"
-        return _gates.FusedChannelGate.apply(kernels, x, *params)
-    return _gates.composite(channel_pool, channel_scale, x, w1, b1, w2, b2)
+    """The whole channel gate (:func:`fastnas.ops._gates.channel_attention`): the CPU's whole-gate kernels, the
+    pool and scale kernels on CUDA."""
+    kernels = _gates.WHOLE_GATE if x.device.type == "cpu" else "library"
+    return _gates.channel_attention(kernels, channel_pool, channel_scale, x, w1, b1, w2, b2)
 
 
 def batch_norm_train(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float,

@@ -42,9 +42,9 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor, like: torch.Tensor | tu
         return F.conv2d(grad, weight.flip(-2, -1), None, 1, flipped_padding, dilation, weight.shape[0])
     shape, strides = (like.shape, like.stride()) if isinstance(like, torch.Tensor) else like
     # only the shape and layout of the input are read when only its gradient is asked for
-    stand_in = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)
-    return torch.ops.aten.convolution_backward(grad, stand_in, weight, None, stride, padding, dilation, False,
-                                               [0, 0], weight.shape[0], [True, False, False])[0]
+    return torch.ops.aten.convolution_backward(grad, _checks.stand_in(shape, strides, grad), weight, None, stride,
+                                               padding, dilation, False, [0, 0], weight.shape[0],
+                                               [True, False, False])[0]
 
 
 class DepthwiseConv2d(torch.autograd.Function):

@@ -83,6 +83,17 @@ def fused_params(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     return params if x.dtype == w1.dtype else None
 
 
+def channel_attention(kernels: str, channel_pool, channel_scale, x: torch.Tensor, w1: torch.Tensor,
+                      b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
+    """A compiled backend's channel gate: one :class:`FusedChannelGate` node on ``kernels`` (under autocast with the
+    MLP cast to x's dtype), or where that does not apply (:func:`fused_params`) the composition of the backend's
+    ``channel_pool`` and ``channel_scale``."""
+    params = fused_params(x, w1, b1, w2, b2)
+    if params is not None:
+        return FusedChannelGate.apply(kernels, x, *params)
+    return composite(channel_pool, channel_scale, x, w1, b1, w2, b2)
+
+
 # The ops a fused node composes where there is no whole-gate kernel, per kernel family: (channel_pool -> (mean, max,
 # int32 argmax in H·W), channel_scale(x, logits), the logits' gradient (grad, x, logits) -> [N, C]). The backends
 # register theirs at import ("library": fastnas._C's operators, CPU or CUDA; "triton": the Triton kernels), so that

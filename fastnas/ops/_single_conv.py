@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks
+
 # more input channels than this: oneDNN's GEMM-based convolution is the better choice
 MAX_CHANNELS = 8
 
@@ -32,7 +34,7 @@ class SingleChannelConv2d(torch.autograd.Function):
         shape, strides, padding = ctx.conf
         need_x, need_w = ctx.needs_input_grad[:2]
         if x is None:  # only the input gradient: the kernel reads the input's shape and layout, not its values
-            x = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)
+            x = _checks.stand_in(shape, strides, grad)
         if torch.is_grad_enabled():  # double backward: ATen's formula is differentiable
             gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(padding), [1, 1],
                                                             False, [0, 0], 1, [need_x, need_w, False])

@@ -298,12 +298,8 @@ def spatial_scale(x: Tensor, logits: Tensor) -> Tensor:
 
 
 def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
-    """The whole channel gate as one autograd node on the Triton kernels (:class:`fastnas.ops._gates.FusedChannelGate`,
-    under autocast with the MLP cast to x's dtype); where that does not apply, the composition of the ops."""
-    params = _gates.fused_params(x, w1, b1, w2, b2)
-    if params is not None:
-        return _gates.FusedChannelGate.apply("triton", x, *params)
-    return _gates.composite(channel_pool, channel_scale, x, w1, b1, w2, b2)
+    """The whole channel gate on the Triton kernels (:func:`fastnas.ops._gates.channel_attention`)."""
+    return _gates.channel_attention("triton", channel_pool, channel_scale, x, w1, b1, w2, b2)
 
 
 _gates.COMPOSED_OPS["triton"] = (

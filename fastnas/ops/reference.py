@@ -12,15 +12,11 @@ import torch
 from . import _checks
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def mixed_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ_k weights[k] · xs[k]."""
     _checks.check_mixed_sum(xs, weights)
     dtype = xs[0].dtype
-    acc = _acc_dtype(dtype)
+    acc = _checks.acc_dtype(dtype)
     w = weights.to(acc)
     if dtype == acc:
         out = xs[0] * w[0]
@@ -40,7 +36,7 @@ def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.reshape(n, c, x.shape[2] * x.shape[3])
     if flat.shape[-1] == 0:
         raise ValueError(f"fastnas.channel_pool: x has no spatial elements (shape {list(x.shape)}), the max is undefined")
-    avg = flat.to(_acc_dtype(x.dtype)).mean(dim=2).to(x.dtype)
+    avg = flat.to(_checks.acc_dtype(x.dtype)).mean(dim=2).to(x.dtype)
     mx = flat.max(dim=2).values
     return avg, mx
 
@@ -51,14 +47,14 @@ def spatial_pool(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 0:
         raise ValueError(f"fastnas.spatial_pool: x has no channels (shape {list(x.shape)}), the max is undefined")
     mx = x.max(dim=1, keepdim=True).values
-    avg = x.to(_acc_dtype(x.dtype)).mean(dim=1, keepdim=True).to(x.dtype)
+    avg = x.to(_checks.acc_dtype(x.dtype)).mean(dim=1, keepdim=True).to(x.dtype)
     return torch.cat([mx, avg], dim=1)
 
 
 def channel_scale(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """x · sigmoid(logits)[:, :, None, None]."""
     _checks.check_scale("channel_scale", x, logits, _checks.channel_scale_logits_shape(x))
-    acc = _acc_dtype(x.dtype)
+    acc = _checks.acc_dtype(x.dtype)
     s = torch.sigmoid(logits.to(acc))[:, :, None, None]
     return (x.to(acc) * s).to(x.dtype)
 
@@ -66,7 +62,7 @@ def channel_scale(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def spatial_scale(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """x · sigmoid(logits), logits [N, 1, H, W]."""
     _checks.check_scale("spatial_scale", x, logits, _checks.spatial_scale_logits_shape(x))
-    acc = _acc_dtype(x.dtype)
+    acc = _checks.acc_dtype(x.dtype)
     s = torch.sigmoid(logits.to(acc))
     return (x.to(acc) * s).to(x.dtype)
 
