@@ -162,6 +162,23 @@ C10_ALWAYS_INLINE void pool_lane_add(V& s, V& m, V& id, const V& v, const V& idx
   id = V::blendv(id, idx, take);
 }
 
+// U pool lanes over n >= 1 steps: step k reads the U vectors at base + k * stride + u * W (its index is k); the
+// lanes start from step 0.
+template <typename T, int64_t U, typename V>
+C10_ALWAYS_INLINE void pool_lanes_strided(const T* base, int64_t stride, int64_t n, V (&s)[U], V (&m)[U], V (&id)[U]) {
+  using A = at::opmath_type<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t u = 0; u < U; ++u) {
+    s[u] = m[u] = VecT<T>::load(base + u * W);
+    id[u] = V(A(0));
+  }
+  for (int64_t k = 1; k < n; ++k) {
+    const V vk(static_cast<A>(k));
+    const T* step = base + k * stride;
+    for (int64_t u = 0; u < U; ++u) pool_lane_add(s[u], m[u], id[u], VecT<T>::load(step + u * W), vk);
+  }
+}
+
 // Sum, NaN-propagating max and index of the first maximum of p[0..n) (n >= 1), in one pass. Up to U independent
 // vector accumulators hide the latency of the add / max chains; each lane sees its indices in increasing order, and
 // merge_max / the final lane scan pick NaN first, then the larger value, then the smaller index.
@@ -503,15 +520,7 @@ void channel_pool_image_nhwc(const T* xn, int64_t C, int64_t HW, at::opmath_type
   auto chunk = [&](auto u_count, int64_t c0) {  // rows are the steps, channels c0 + [0, U W) the lanes
     constexpr int64_t U = decltype(u_count)::value;
     V vs[U], vm[U], vi[U];
-    for (int64_t u = 0; u < U; ++u) {
-      vs[u] = vm[u] = VT::load(xn + c0 + u * W);
-      vi[u] = V(A(0));
-    }
-    for (int64_t h = 1; h < HW; ++h) {
-      const T* row = xn + h * C + c0;
-      const V vh(static_cast<A>(h));
-      for (int64_t u = 0; u < U; ++u) pool_lane_add(vs[u], vm[u], vi[u], VT::load(row + u * W), vh);
-    }
+    pool_lanes_strided<T, U>(xn + c0, C, HW, vs, vm, vi);
     for (int64_t u = 0; u < U; ++u) {
       vs[u].store(s + c0 + u * W);
       vm[u].store(m + c0 + u * W);
@@ -652,14 +661,7 @@ void spatial_pool_nchw(const T* x, T* out, int32_t* arg, int64_t N, int64_t C, i
       auto positions = [&](auto u_count, int64_t i) {
         constexpr int64_t U = decltype(u_count)::value;
         V m[U], s[U], id[U];
-        for (int64_t u = 0; u < U; ++u) {
-          m[u] = s[u] = VT::load(xn + i + u * W);
-          id[u] = V(A(0));
-        }
-        for (int64_t c = 1; c < C; ++c) {
-          const V vc(static_cast<A>(c));
-          for (int64_t u = 0; u < U; ++u) pool_lane_add(s[u], m[u], id[u], VT::load(xn + c * HW + i + u * W), vc);
-        }
+        pool_lanes_strided<T, U>(xn + i, HW, C, s, m, id);
         uint64_t nans = 0;
         for (int64_t u = 0; u < U; ++u) {  // (max, mean) pairs: interleave the two vectors
           auto [p0, p1] = at::vec::interleave2(m[u], s[u] * V(invC));
