@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: build the extension, run the CUDA and Triton tests, then the benchmarks, all in under 8 minutes, every
-# result in one folder ($OUT if set, else benchmarks/results/gpu-DATE). For a fresh GPU machine without network whose
-# Python already has torch (>= 2.6), triton, pytest, pytest-benchmark and ninja. Run from the repository root:
+# result in one folder ($OUT if set, else benchmarks/out/gpu-DATE, which git ignores). For a fresh GPU machine without
+# network whose Python already has torch (>= 2.6), triton, pytest, pytest-benchmark and ninja. Run from the repository
+# root:
 #     bash benchmarks/gpu_check.sh
 # Without a GPU it runs what the CPU allows (environment, build, a no-timing smoke run of the benchmarks, the report,
 # the Triton bench's dry run) and skips the GPU phases. GPU_CHECK_BUILD=0 skips the build (extension already built).
@@ -11,7 +12,7 @@ set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-460}          # seconds for the whole script (under 8 minutes)
-OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
+OUT=${OUT:-benchmarks/out/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
 PY=${PYTHON:-python}

@@ -1,6 +1,9 @@
 """Turn pytest-benchmark's JSON into a Markdown table and a PNG plot.
 
-    python -m benchmarks.report results.json --out DIR      # writes DIR/table.md and DIR/plot.png
+    python -m benchmarks.report benchmarks/out/cpu.json --out DIR   # writes DIR/table.md and DIR/plot.png
+
+DIR defaults to ``benchmarks/out`` (ignored by git, like the raw JSON); the published table and plot live in
+``benchmarks/results/``.
 
 Tables (times are medians):
 - ops: one row per op, mode, shape and dtype; per provider the time, then for each fused provider (anything but
@@ -256,7 +259,7 @@ def plot(data: dict, path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="pytest-benchmark JSON -> table.md + plot.png")
     parser.add_argument("json", nargs="+", help="one or more --benchmark-json files (benchmarks are merged)")
-    parser.add_argument("--out", default=".", help="output folder")
+    parser.add_argument("--out", default="benchmarks/out", help="output folder")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     data = load(args.json[0])
