@@ -1,10 +1,13 @@
 """Atomic checkpoints and exact resumption.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the old one, so
-an interrupted run never leaves a half-written file. Loading uses ``torch.load(weights_only=True)``.
+an interrupted run never leaves a half-written file. The files of one epoch (the checkpoint and the JSON history
+beside it) are committed together by :func:`write_together`: all are written first, and only then renamed, so a
+full disk leaves every file at the previous epoch. Loading uses ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -31,6 +34,36 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``obj`` serialised as :func:`torch.save` writes it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_together(files: dict[Path, bytes]) -> None:
+    """Write every file, or none: each is written and flushed to a temporary file beside it, then all are renamed
+    into place (in the given order). On an error (a full disk) the temporary files are removed and the old files
+    stay as they were."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:

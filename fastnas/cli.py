@@ -9,8 +9,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import checkpoint, config as cfgmod, distributed
-from .errors import CheckpointError, FastNASError
+from . import checkpoint, config as cfgmod, distributed, rundir, runtime
+from .errors import CheckpointError, FastNASError, RunFolderError
 from .runtime import log
 
 
@@ -24,6 +24,8 @@ def new_parser(prog: str, description: str, presets: dict[str, dict[str, Any]], 
     p.add_argument("--out", default="runs", help="folder under which the run folder is created")
     p.add_argument("--run-dir", default=None, help=f"exact run folder to write (default: OUT/{run_kind}-PRESET-TIME)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --run-dir to name a folder that holds another run (its outputs are removed first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -53,6 +55,28 @@ def config_from_args(args: argparse.Namespace, config_class: type, presets: dict
     base = cfgmod.merge(config_class().to_dict(), cfgmod.preset(args.preset, presets))
     overrides = {k: getattr(args, k) for k in config_class.__dataclass_fields__ if hasattr(args, k)}
     return config_class.from_dict(cfgmod.merge(base, overrides))
+
+
+def claim_run_dir(args: argparse.Namespace, prefix: str) -> Path:
+    """The new run's folder (``--run-dir``, or a fresh ``OUT/PREFIX-TIME``), created and locked for this run."""
+    if args.run_dir:
+        return rundir.claim(args.run_dir, overwrite=args.overwrite)
+    try:
+        path = runtime.new_run_dir(args.out, prefix)
+    except OSError as exc:
+        raise RunFolderError(f"cannot create a run folder under {args.out}: {exc.strerror or exc}") from None
+    return rundir.claim(path)
+
+
+def commit_epoch(run_dir: Path, epoch: int, files: dict[Path, bytes]) -> None:
+    """Write an epoch's files together (:func:`checkpoint.write_together`); an I/O error (a full disk) becomes a
+    one-line error that says the previous epoch's files are intact."""
+    try:
+        checkpoint.write_together(files)
+    except OSError as exc:
+        raise RunFolderError(f"cannot write epoch {epoch}'s files to {run_dir} ({exc.strerror or exc}); the files "
+                             f"of epoch {epoch - 1} are intact: free some space and continue with --resume "
+                             f"{run_dir}") from None
 
 
 def explicit_options(argv: Sequence[str]) -> list[str]:
@@ -87,4 +111,7 @@ def main(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
             print(f"{prog}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
-    return distributed.run_main(prog, lambda: run(args, argv), (FastNASError,))
+    try:
+        return distributed.run_main(prog, lambda: run(args, argv), (FastNASError,))
+    finally:
+        rundir.release_all()  # the run folder is this command's only while it runs

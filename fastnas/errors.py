@@ -15,3 +15,11 @@ class DataError(FastNASError):
 
 class CheckpointError(FastNASError):
     """A checkpoint is missing, corrupt, or belongs to another configuration."""
+
+
+class RunFolderError(FastNASError):
+    """A run folder cannot be created or written, is in use by another run, or holds a run already."""
+
+
+class DivergedError(FastNASError):
+    """The loss or the architecture weights became NaN or infinite: the run stops, its last good checkpoint kept."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from . import distributed, ops
-from .errors import ConfigError
+from .errors import ConfigError, DivergedError
 
 log = logging.getLogger("fastnas")
 
@@ -23,7 +24,12 @@ def pick_device(name: str) -> torch.device:
     """``auto``: CUDA when there is one. Under torchrun, ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     if dev.type == "cuda" and distributed.launched():
@@ -32,6 +38,18 @@ def pick_device(name: str) -> torch.device:
                               f"cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES")
         dev = torch.device("cuda", distributed.local_rank())
     return dev
+
+
+def diverged(what: str, run: str, epoch: int, step: int, run_dir: Path | None, option: str) -> DivergedError:
+    """The error that stops a run whose ``what`` became NaN or infinite at ``step`` (from 0) of epoch ``epoch``
+    (completed epochs before it), logged to the run's log too. The last completed epoch's checkpoint is left as it
+    is: the caller raises before writing anything of the failed epoch."""
+    kept = (f"the checkpoint of epoch {epoch} is kept in {run_dir}" if run_dir is not None and epoch > 0
+            else "no epoch had completed, so there is no checkpoint")
+    message = (f"{what} became NaN or infinite at epoch {epoch + 1}, step {step + 1}; the {run} stops ({kept}). "
+               f"Lower {option} or --grad-clip and start again")
+    log.error(message)
+    return DivergedError(message)
 
 
 def seed_everything(seed: int) -> None:
@@ -101,10 +119,25 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as strict JSON: a NaN or infinite float is written as null (JSON has no token for it)."""
+    return json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n"
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: Path) -> None:
     from .checkpoint import write_text_atomic
 
-    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
+    write_text_atomic(json_text(obj), path)
 
 
 class Meter:

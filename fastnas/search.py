@@ -12,6 +12,7 @@ architecture gradients are averaged across processes, and only rank 0 writes the
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, cli, compilation, distributed, runtime
+from . import checkpoint, cli, compilation, distributed, rundir, runtime
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .config import SEARCH_PRESETS, SearchConfig
@@ -131,8 +132,14 @@ class Search:
         checkpoint.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is not None:
-            checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
+        """Commit the epoch: the checkpoint and ``alphas.json`` together (see :func:`checkpoint.write_together`)."""
+        if self.run_dir is None:
+            return
+        alphas = {"primitives": list(self.model.primitives), "edges": self.model.edge_names(),
+                  "epochs": self.history}
+        cli.commit_epoch(self.run_dir, self.epoch, {
+            self.run_dir / "checkpoint.pt": checkpoint.torch_bytes(self.state_dict()),
+            self.run_dir / "alphas.json": runtime.json_text(alphas).encode()})
 
     # -- loop -------------------------------------------------------------------------------------------------------
     def train_epoch(self) -> runtime.Meter:
@@ -162,8 +169,14 @@ class Search:
                     xv, yv = next(valid_iter)
                 xv, yv = runtime.to_device(xv, yv, self.device, self.channels_last)
                 self.architect.step(x, y, xv, yv, lr, self.optimizer)
+                if not all(bool(torch.isfinite(a).all()) for a in self.model.arch_parameters()):
+                    raise runtime.diverged("the architecture weights (alphas)", "search", self.epoch, step,
+                                           self.run_dir, f"--arch-lr (now {cfg.arch_lr})")
             loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
                                        self.model.arch_parameters(), self.scaler)
+            if not math.isfinite(float(loss)):
+                raise runtime.diverged("the training loss", "search", self.epoch, step, self.run_dir,
+                                       f"--lr (now {cfg.lr})")
             if cfg.compile and self.epoch == 0 and step == 0:
                 self._report_compilation()
             meter.update(loss, logits, y)
@@ -216,7 +229,6 @@ class Search:
                 digest = distributed.verify_sync(self.model, "alphas and weights")
                 log.info(f"verify-sync: epoch {self.epoch}: alphas and weights identical on all "
                          f"{distributed.world_size()} processes (sha256 {digest})")
-            self.write_epoch_outputs()
             self.save_checkpoint()
         genotype = self.model.genotype()
         if self.epoch == cfg.epochs:
@@ -225,12 +237,6 @@ class Search:
                             self.history[-1]["valid_acc"] if self.history else float("nan"))
 
     # -- outputs ----------------------------------------------------------------------------------------------------
-    def write_epoch_outputs(self) -> None:
-        if self.run_dir is None:
-            return
-        runtime.write_json({"primitives": list(self.model.primitives), "edges": self.model.edge_names(),
-                            "epochs": self.history}, self.run_dir / "alphas.json")
-
     def write_final_outputs(self, genotype: Genotype) -> None:
         report = attention_report(genotype)
         log.info(f"genotype: {genotype}")
@@ -308,6 +314,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         search = Search(cfg, run_dir if main_process else None, progress=main_process and not args.no_progress,
                         verify_sync=args.verify_sync)
         search.load_state_dict(state)
+        if main_process:
+            rundir.claim(run_dir, resume=True)
         log.info(f"resumed {run_dir} after epoch {search.epoch}")
     else:
         cfg = config_from_args(args)
@@ -318,14 +326,12 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                   "  The papers' searches on CIFAR-10: python -m fastnas.search --preset at-darts --data-dir DIR\n"
                   "  (or --preset darts); add --download to fetch CIFAR-10 there. See --help for every option.",
                   file=sys.stderr)
-        run_dir = None
+        # refuses bad input (data, sizes, backend) before any folder exists
+        search = Search(cfg, None, progress=main_process and not args.no_progress, verify_sync=args.verify_sync)
         if main_process:  # only rank 0 makes and writes the run folder
-            run_dir = Path(args.run_dir) if args.run_dir else runtime.new_run_dir(args.out, f"search-{args.preset}")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            runtime.setup_logging(run_dir)
-        search = Search(cfg, run_dir, progress=main_process and not args.no_progress, verify_sync=args.verify_sync)
-        if run_dir is not None:
-            runtime.write_json({"preset": args.preset, **cfg.to_dict()}, run_dir / "config.json")
+            search.run_dir = cli.claim_run_dir(args, f"search-{args.preset}")
+            runtime.setup_logging(search.run_dir)
+            runtime.write_json({"preset": args.preset, **cfg.to_dict()}, search.run_dir / "config.json")
     result = search.run()
     distributed.barrier()  # the job ends when every process has finished
     if main_process:

@@ -15,6 +15,7 @@ normalises with statistics over all processes.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import checkpoint, cli, compilation, distributed, genotypes, runtime
+from . import checkpoint, cli, compilation, distributed, genotypes, rundir, runtime
 from .config import TRAIN_PRESETS, TrainConfig
 from .data import dataset_info, load_split, set_epoch, shard_sampler
 from .errors import CheckpointError, ConfigError
@@ -191,8 +192,12 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is not None:
-            checkpoint.save_atomic(self.state_dict(), self.run_dir / "checkpoint.pt")
+        """Commit the epoch: the checkpoint and ``metrics.json`` together (see :func:`checkpoint.write_together`)."""
+        if self.run_dir is None:
+            return
+        cli.commit_epoch(self.run_dir, self.epoch, {
+            self.run_dir / "checkpoint.pt": checkpoint.torch_bytes(self.state_dict()),
+            self.run_dir / "metrics.json": runtime.json_text({**self.summary(), "epochs": self.history}).encode()})
 
     # -- loop -------------------------------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +233,9 @@ class Trainer:
                 break
             x, y = runtime.to_device(x, y, self.device, self.channels_last)
             loss, logits = self.train_step(x, y)
+            if not math.isfinite(float(loss)):
+                raise runtime.diverged("the training loss", "training", self.epoch, step, self.run_dir,
+                                       f"--lr (now {cfg.lr})")
             meter.update(loss, logits, y)
             bar.set_postfix(loss=f"{meter.avg_loss:.3f}", acc=f"{meter.accuracy:.1f}",
                             img_s=f"{meter.throughput:.0f}")
@@ -279,8 +287,8 @@ class Trainer:
                 digest = distributed.verify_sync(self.model)
                 log.info(f"verify-sync: epoch {self.epoch}: weights identical on all {distributed.world_size()} "
                          f"processes (sha256 {digest})")
-            self.write_epoch_outputs()
             self.save_checkpoint()
+            self.write_model()
         final = self.history[-1]["test_acc"] if self.history else float("nan")
         if self.epoch == cfg.epochs:
             log.info(f"final test accuracy {final:.2f}%, best {self.best_test_acc:.2f}% (majority-class baseline "
@@ -296,13 +304,12 @@ class Trainer:
                 "param_count_with_auxiliary": self.model.param_count(auxiliary=True),
                 "majority_baseline_acc": self.majority_baseline}
 
-    def write_epoch_outputs(self) -> None:
+    def write_model(self) -> None:
+        """The trained model as ``fastnas.load_model`` reads it (derived from the checkpoint: a resume rewrites it)."""
         if self.run_dir is None:
             return
-        summary = self.summary()
-        runtime.write_json({**summary, "epochs": self.history}, self.run_dir / "metrics.json")
         self.genotype.to_json(self.run_dir / "genotype.json")
-        save_model(self.model, self.run_dir, {"dataset": self.cfg.dataset, **summary})
+        save_model(self.model, self.run_dir, {"dataset": self.cfg.dataset, **self.summary()})
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -363,6 +370,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         trainer = Trainer(cfg, run_dir if main_process else None, progress=main_process and not args.no_progress,
                           verify_sync=args.verify_sync)
         trainer.load_state_dict(state)
+        if main_process:
+            rundir.claim(run_dir, resume=True)
         log.info(f"resumed {run_dir} after epoch {trainer.epoch}")
     else:
         cfg = config_from_args(args)
@@ -376,8 +385,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         # refuses bad input before any folder exists
         trainer = Trainer(cfg, None, progress=main_process and not args.no_progress, verify_sync=args.verify_sync)
         if main_process:  # only rank 0 makes and writes the run folder
-            run_dir = Path(args.run_dir) if args.run_dir else runtime.new_run_dir(args.out, f"train-{args.preset}")
-            run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir = cli.claim_run_dir(args, f"train-{args.preset}")
             trainer.run_dir = run_dir
             runtime.setup_logging(run_dir)
             runtime.write_json({"preset": args.preset, "genotype_source": source, **cfg.to_dict()},

@@ -1,0 +1,78 @@
+"""A run folder, owned by one run at a time.
+
+A run takes its folder with an exclusive ``flock`` on ``.lock`` inside it, held until the process exits (the kernel
+drops it when a run is killed, so a crash leaves nothing stale). A second run into the same folder is refused while
+the first holds it. A folder that already holds a run's outputs is written only to continue that run (``--resume``)
+or with ``--overwrite``, which first removes the outputs it names, so that nothing of the old run mixes with the new.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import RunFolderError
+
+LOCK_NAME = ".lock"
+# what a search or a retraining writes; their presence means the folder holds a run
+RUN_OUTPUTS = ("config.json", "log.txt", "checkpoint.pt", "alphas.json", "alphas.png", "genotype.json",
+               "genotype.txt", "analysis.txt", "normal.png", "reduce.png", "metrics.json", "model.safetensors",
+               "model.json")
+
+_held: dict[Path, int] = {}  # folder -> descriptor of its lock file, kept open for the life of the process
+
+
+def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create (when needed) and lock the run folder ``path``; returns it.
+
+    Raises :class:`RunFolderError` when the folder cannot be created or written, when another run holds it, or when
+    it holds a run's outputs and neither ``resume`` nor ``overwrite`` is given."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunFolderError(f"cannot create the run folder {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = _read_owner(fd)
+        os.close(fd)
+        raise RunFolderError(f"the run folder {path} is in use by another run{owner}; wait for it to finish or "
+                             f"choose another --run-dir") from None
+    existing = [name for name in RUN_OUTPUTS if (path / name).exists()]
+    if existing and not resume:
+        if not overwrite:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise RunFolderError(f"{path} already holds a run ({', '.join(existing[:4])}"
+                                 f"{', ...' if len(existing) > 4 else ''}); continue it with --resume {path}, "
+                                 f"pass --overwrite to replace it, or choose another --run-dir")
+        for name in existing:
+            (path / name).unlink()
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[path.resolve()] = fd
+    return path
+
+
+def release(path: str | Path) -> None:
+    """Give the folder up (the command that claimed it has ended; a process may run several commands)."""
+    fd = _held.pop(Path(path).resolve(), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def release_all() -> None:
+    """Give up every folder this process holds."""
+    for path in list(_held):
+        release(path)
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except OSError:
+        return ""
+    return f" (process {pid})" if pid.isdigit() else ""
