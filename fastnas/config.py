@@ -2,14 +2,76 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from .errors import ConfigError
 
 
 def _to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Rules shared by every configuration class: a field that a class has is checked by its rule (option name,
+# predicate, what is expected). Numbers must be finite: a NaN or infinite learning rate would run and write a
+# meaningless result.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
+    "C": (lambda v: _integer(v) and v >= 2 and v % 2 == 0, "an even integer >= 2"),
+    "layers": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "stem_multiplier": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "limit": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
+    "max_steps": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
+    "workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "seed": (lambda v: _integer(v) and 0 <= v < 2 ** 63, "an integer in [0, 2^63)"),
+    "lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "lr_min": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a finite number in [0, 1)"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "grad_clip": (lambda v: _number(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    "arch_lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "arch_weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "arch_betas": (lambda v: len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "warmup_epochs": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "partial_channels": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "auxiliary_weight": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "drop_path_prob": (lambda v: _number(v) and 0 <= v < 1, "a finite number in [0, 1)"),
+    "cutout": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "amp": (lambda v: v in ("off", "bf16", "fp16"), "off, bf16 or fp16"),
+    "device": (lambda v: device_ok(v), "auto, cpu, cuda or cuda:N"),
+}
+
+
+def device_ok(name: Any) -> bool:
+    """Whether ``name`` names a device: ``auto`` or what ``torch.device`` accepts of cpu and cuda."""
+    if name == "auto":
+        return True
+    try:
+        return torch.device(name).type in ("cpu", "cuda")
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def check_fields(cfg: Any) -> None:
+    """Apply :data:`_RULES` to the fields ``cfg`` has; a ConfigError names the first bad option."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for name, (ok, expected) in _RULES.items():
+        if name in names and not ok(getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(cfg, name)!r}")
 
 
 def _check_keys(cls: type, d: dict[str, Any]) -> None:
@@ -69,15 +131,13 @@ class SearchConfig:
         return cls(**d)
 
     def validate(self) -> None:
+        check_fields(self)
         checks = [
             (self.order in (1, 2), f"--order must be 1 or 2, got {self.order}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.C >= 2 and self.C % 2 == 0, f"--C must be even and >= 2, got {self.C}"),
-            (self.layers >= 1, f"--layers must be >= 1, got {self.layers}"),
-            (0.0 < self.train_portion < 1.0, f"--train-portion must be in (0, 1), got {self.train_portion}"),
-            (self.amp in ("off", "bf16", "fp16"), f"--amp must be off, bf16 or fp16, got {self.amp!r}"),
-            (self.partial_channels >= 1, f"--partial-channels must be >= 1, got {self.partial_channels}"),
+            (_number(self.train_portion) and 0.0 < self.train_portion < 1.0,
+             f"--train-portion must be in (0, 1), got {self.train_portion}"),
+            (1 <= self.multiplier <= self.steps,
+             f"--multiplier must be between 1 and --steps ({self.steps}), got {self.multiplier}"),
             (self.compile_scope in ("regions", "model"),
              f"--compile-scope must be regions or model, got {self.compile_scope!r}"),
             (not (self.order == 2 and self.amp == "fp16"),
@@ -159,24 +219,7 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.eval_batch_size is None or self.eval_batch_size >= 1,
-             f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
-            (self.C >= 2 and self.C % 2 == 0, f"--C must be even and >= 2, got {self.C}"),
-            (self.layers >= 1, f"--layers must be >= 1, got {self.layers}"),
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (0.0 <= self.drop_path_prob < 1.0, f"--drop-path-prob must be in [0, 1), got {self.drop_path_prob}"),
-            (self.auxiliary_weight >= 0.0, f"--auxiliary-weight must be >= 0, got {self.auxiliary_weight}"),
-            (self.cutout >= 0, f"--cutout must be >= 0, got {self.cutout}"),
-            (self.lr > 0.0 and self.lr_min >= 0.0, f"--lr must be > 0 and --lr-min >= 0, got {self.lr}, {self.lr_min}"),
-            (self.amp in ("off", "bf16", "fp16"), f"--amp must be off, bf16 or fp16, got {self.amp!r}"),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_fields(self)
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {

@@ -128,12 +128,17 @@ class EvalNet(nn.Module):
     intermediate nodes the genotype must have.
     """
 
-    def __init__(self, genotype: Genotype | str, C: int = 36, layers: int = 20, num_classes: int = 10,
+    def __init__(self, genotype: Genotype | str | dict, C: int = 36, layers: int = 20, num_classes: int = 10,
                  auxiliary: bool = False, drop_path_prob: float = 0.0, in_channels: int = 3, input_size: int = 32,
                  stem_multiplier: int = 3, steps: int | None = None) -> None:
         super().__init__()
         if isinstance(genotype, str):
             genotype = Genotype.parse(genotype)
+        elif isinstance(genotype, dict):
+            genotype = Genotype.from_dict(genotype)
+        elif not isinstance(genotype, Genotype):
+            raise ConfigError(f"EvalNet needs a Genotype, a genotype string or its dict, got "
+                              f"{type(genotype).__name__}")
         genotype.validate(known_ops=registered_ops(), steps=steps)
         if C < 2 or C % 2 or layers < 1 or num_classes < 1 or in_channels < 1:
             raise ConfigError(f"EvalNet needs an even C >= 2 and layers, num_classes, in_channels >= 1, got C={C}, "

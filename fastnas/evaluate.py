@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from . import runtime
 from .data import dataset_info, load_split
-from .errors import DataError, FastNASError
+from .config import device_ok
+from .errors import ConfigError, DataError, FastNASError
 from .evalnet import EvalNet, load_model
 
 
@@ -73,13 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The numeric and device options, checked as the training CLIs check theirs."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be an integer >= 1, got {args.limit}")
+    if not device_ok(args.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_options(args)
         meter = evaluate_run(args.run_dir, args.dataset, args.split, args.data_dir, args.download, args.batch_size,
                              args.device, args.backend, args.amp, args.channels_last, args.limit)
     except FastNASError as exc:
         print(f"fastnas.evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    if meter.n == 0:
+        print(f"fastnas.evaluate: error: the {args.split} split has no images", file=sys.stderr)
         return 2
     print(f"{args.split} accuracy: {meter.accuracy:.2f}% ({meter.correct}/{meter.n} images), "
           f"loss {meter.avg_loss:.4f}")
