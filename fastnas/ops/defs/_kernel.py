@@ -44,8 +44,8 @@ def flat_needs(ctx, n: int) -> list[bool]:
     """``ctx.needs_input_grad`` as one bool per tensor input (list inputs spread out), the first ``n``."""
     flat: list[bool] = []
     for v in ctx.needs_input_grad:
-        flat.extend(bool(b) for b in v) if isinstance(v, (list, tuple)) else flat.append(bool(v))
-    return flat[:n]
+        flat.extend(v if isinstance(v, (list, tuple)) else (v,))
+    return [bool(b) for b in flat[:n]]
 
 
 def backward_kernels(kernels: dict, references: dict) -> dict:

@@ -58,11 +58,12 @@ AUTOGRAD: dict = {}
 
 
 def input_grad(grad: torch.Tensor, weight: torch.Tensor, like: tuple, stride: _IntPair, padding: _IntPair,
-               dilation: _IntPair) -> torch.Tensor:
-    """The input gradient; ``like`` is the input's (shape, strides)."""
+               dilation: _IntPair, flipped: bool) -> torch.Tensor:
+    """The input gradient (``flipped``: at stride 1 as the forward convolution with the flipped filter); ``like``
+    is the input's (shape, strides)."""
     kernel = weight.shape[-2:]
     flipped_padding = tuple(d * (k - 1) - p for k, p, d in zip(kernel, padding, dilation))
-    if stride == (1, 1) and min(flipped_padding) >= 0:
+    if flipped and stride == (1, 1) and min(flipped_padding) >= 0:
         return F.conv2d(grad, weight.flip(-2, -1), None, 1, flipped_padding, dilation, weight.shape[0])
     # only the shape and layout of the input are read when only its gradient is asked for
     return torch.ops.aten.convolution_backward(grad, layout.stand_in(*like, grad), weight, None, stride, padding,
@@ -85,15 +86,17 @@ class DepthwiseConv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         backend, shape, dtype, strides, stride, padding, dilation = ctx.conf
         need_x, need_w = ctx.needs_input_grad[1:3]
+        kernels = get(backend).kernels
         grad_x = None
         if need_x:  # (in the forward's dtype under autocast, where the weight is frozen)
-            grad_x = input_grad(grad, weight.to(grad.dtype), (shape, strides), stride, padding, dilation).to(dtype)
+            grad_x = input_grad(grad, weight.to(grad.dtype), (shape, strides), stride, padding, dilation,
+                                "depthwise_conv2d_weight_grad" in kernels).to(dtype)
         grad_w = None
         if need_w and torch.is_grad_enabled():  # double backward: ATen's formula is differentiable
             grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
                                                          [0, 0], weight.shape[0], [False, True, False])[1]
         elif need_w:
-            grad_w = get(backend).kernels["depthwise_conv2d_weight_grad"](
+            grad_w = kernels["depthwise_conv2d_weight_grad"](
                 grad, x, list(weight.shape[-2:]), list(stride), list(padding), list(dilation))
         return None, grad_x, grad_w, None, None, None
 
