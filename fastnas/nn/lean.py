@@ -9,9 +9,9 @@
 
 Both compute what ``nn.Conv2d`` / ``nn.BatchNorm2d`` compute, through the ops :func:`fastnas.ops.depthwise_conv2d`,
 :func:`fastnas.ops.single_channel_conv2d` and :func:`fastnas.ops.batch_norm` (which run the selected backend's
-kernels where they apply) or ATen's, and double backward through them is exact. ``memory_efficient = False`` on a module (``SuperNet.set_memory_efficient`` does it for the whole network)
-selects PyTorch's own autograd. Under ``torch.compile`` the plain path is traced and
-AOTAutograd chooses what to save.
+kernels where they apply) or ATen's, and double backward through them is exact. ``memory_efficient = False`` on a
+module (``SuperNet.set_memory_efficient`` does it for the whole network) selects PyTorch's own autograd. Under
+``torch.compile`` the plain path is traced and AOTAutograd chooses what to save.
 """
 from __future__ import annotations
 
@@ -102,8 +102,9 @@ class LeanConv2d(nn.Conv2d):
     """``nn.Conv2d`` that keeps only its weight for the backward while the weight is frozen (no bias, zero padding
     mode: the convolutions of the search space). A depthwise convolution runs on the selected backend's depthwise
     kernels where it has them (:func:`fastnas.ops.depthwise_conv2d`), a stride-1 convolution of a few channels to one
-    (a spatial gate's) on its single-channel kernels (the ops decide where the kernels apply). A strided dilated convolution that reads every s-th pixel only
-    (:func:`subsampling_plan`) runs as the equal undilated convolution of the subsampled input."""
+    (a spatial gate's) on its single-channel kernels (the ops decide where the kernels apply). A strided dilated
+    convolution that reads every s-th pixel only (:func:`subsampling_plan`) runs as the equal undilated convolution
+    of the subsampled input."""
 
     memory_efficient = True
 

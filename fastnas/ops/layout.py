@@ -1,4 +1,5 @@
-"""The output-layout rule of every backend (``csrc/common.h`` has the C++ copy), and the dtype the kernels accumulate in.
+"""The output-layout rule of every backend (``csrc/common.h`` has the C++ copy), and the kernels' accumulation
+dtype.
 
 * An output shaped like an input is allocated like it (``empty_like``: a dense input's strides are kept, anything
   else becomes contiguous).

@@ -40,6 +40,10 @@ def check(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> None:
 def reference(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ_k weights[k]·xs[k], accumulated in float32 for half inputs (float64 for float64)."""
     check(xs, weights)
+    return _weighted_sum(xs, weights)
+
+
+def _weighted_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     dtype = xs[0].dtype
     acc = layout.acc_dtype(dtype)
     w = weights.to(acc)
@@ -105,9 +109,6 @@ AUTOGRAD = {"mixed_sum": _autograd}
 def mixed_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Σ_k weights[k]·xs[k]; ``xs`` share shape, dtype and device, ``weights`` is [K] (may be float32 beside half
     ``xs``)."""
-    checks.check_tensor_list(OP, "xs", xs)
-    kernel = select(xs[0].device.type if len(xs) else "cpu", backend).kernels.get(OP)
-    if kernel is None:
-        return reference(xs, weights)
     check(xs, weights)
-    return kernel(list(xs), weights)
+    kernel = select(xs[0].device.type, backend).kernels.get(OP)
+    return _weighted_sum(xs, weights) if kernel is None else kernel(list(xs), weights)
