@@ -164,6 +164,17 @@ def test_opcheck(name, device, kernel):
     torch.library.opcheck(kernels[kernel], args)
 
 
+@pytest.mark.parametrize("name,device", [t for t in TARGETS if t.values[0] != "reference"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_layout_rule(name, device, channels_last):
+    """spatial_pool's result is channels_last on every backend with kernels; gradients keep the input's layout."""
+    x = _t((2, 3, 4, 5), device, torch.float32, channels_last).requires_grad_()
+    y = ops.spatial_pool(x, backend=name)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    (gx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert gx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 # ------------------------------------------------------------------------------------------------ higher derivatives
 
 @pytest.mark.parametrize("name,device", TARGETS)

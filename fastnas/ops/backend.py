@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -204,10 +203,6 @@ class backend:
 
     def __repr__(self) -> str:
         return f"fastnas.ops.backend({self.name!r})"
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(device: torch.device | str = "cpu", name: str | None = None) -> str:
