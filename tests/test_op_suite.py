@@ -260,7 +260,10 @@ BAD_ARGS = [
      "single_channel_conv2d: padding"),
     (lambda x: ops.batch_norm(x, None, torch.ones(3)), TypeError, "batch_norm: running_mean must be a Tensor"),
     (lambda x: ops.batch_norm(x, torch.zeros(3), torch.ones(3), momentum="fast"), ValueError, "batch_norm: momentum"),
+    (lambda x: ops.batch_norm(x, torch.zeros(3), torch.ones(3), "w", "b"), TypeError, "batch_norm: weight"),
     (lambda x: ops.normalized_mixed_sum([], [x], torch.ones(1)), ValueError, "normalized_mixed_sum: normalized"),
+    (lambda x: ops.normalized_mixed_sum([(x, None)], [], torch.ones(1)), TypeError,
+     r"normalized_mixed_sum: normalized\[0\] must be a \(tensor, nn.BatchNorm2d\) pair"),
 ]
 
 

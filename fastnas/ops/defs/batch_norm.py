@@ -163,6 +163,9 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.T
     momentum, eps = checks.check_number(OP, "momentum", momentum, 0.0), checks.check_number(OP, "eps", eps, 0.0)
     if (weight is None) != (bias is None):
         raise ValueError(f"fastnas.{OP}: weight and bias must both be given or both be None")
+    if weight is not None:
+        checks.check_float(OP, "weight", weight)
+        checks.check_float(OP, "bias", bias)
     chosen = select(x.device.type, backend)
     if not _eager_float(x):
         return reference(x, running_mean, running_var, weight, bias, momentum, eps)

@@ -143,6 +143,10 @@ def normalized_mixed_sum(normalized: list[tuple[torch.Tensor, nn.BatchNorm2d]], 
     checks.check_tensor_list(OP, "plain", plain)
     if not normalized:
         raise ValueError(f"fastnas.{OP}: normalized must hold at least one (tensor, batch norm) pair")
+    for k, pair in enumerate(normalized):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], nn.BatchNorm2d)):
+            raise TypeError(f"fastnas.{OP}: normalized[{k}] must be a (tensor, nn.BatchNorm2d) pair, got {pair!r}")
+        checks.check_4d(OP, f"normalized[{k}][0]", pair[0])
     if not fused_norms_apply(normalized[0][0], backend=backend):
         return reference(normalized, plain, weights)
     norms = [bn for _, bn in normalized]
