@@ -89,12 +89,6 @@ def as_npr(t: torch.Tensor) -> torch.Tensor:
     return t if hw_mergeable(t) else t.contiguous()
 
 
-def empty_like_npr(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An output in the layout of ``t`` (contiguous when that layout would not allow the ``[N, P, R]`` view)."""
-    out = torch.empty_like(t, dtype=dtype)
-    return out if hw_mergeable(out) else torch.empty(t.shape, dtype=out.dtype, device=t.device)
-
-
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one block of memory in some order of the axes."""
     if t.is_contiguous():

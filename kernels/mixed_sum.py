@@ -143,7 +143,8 @@ def _same_layout(xs: Sequence[torch.Tensor], like: torch.Tensor) -> list[torch.T
 
 
 def output_like(x0: torch.Tensor) -> torch.Tensor:
-    """The output (and each input gradient) of mixed_sum: ``empty_like(xs[0])``, which is dense in every case."""
+    """The output of mixed_sum (``empty_like(xs[0])``) or an input gradient (``empty_like(grad)``), as
+    :mod:`fastnas.ops.layout` says; dense in every case."""
     return torch.empty_like(x0)
 
 
@@ -181,14 +182,13 @@ def mixed_sum_backward(
     weights: torch.Tensor,
     need_xs: bool,
     need_w: bool,
-    shape_like: torch.Tensor | None = None,
     block: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(grad xs, grad weights). ``xs`` may be empty when ``need_w`` is false; the gradients of the inputs then take
-    the layout of ``shape_like`` (default: of ``grad``)."""
+    """(grad xs, grad weights); the gradients of the inputs in the layout of ``empty_like(grad)``. ``xs`` may be
+    empty when ``need_w`` is false."""
     k_total = weights.shape[0]
-    like = xs[0] if len(xs) else (shape_like if shape_like is not None else grad)
-    gxs = [output_like(like) for _ in range(k_total)] if need_xs else []
+    like = grad
+    gxs = [output_like(grad) for _ in range(k_total)] if need_xs else []
     n = like.numel()
     gw = None
     if need_w:

@@ -21,7 +21,7 @@ import fastnas.ops as ops
 from fastnas.ops import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_cpp = pytest.importorskip("fastnas.ops._cpp")
+_cpp = pytest.importorskip("fastnas.ops.backends.cpp")
 BUILT = _cpp.backend_available("cpu")[0]
 needs_lib = pytest.mark.skipif(not BUILT, reason="fastnas._C is not built")
 
@@ -159,7 +159,8 @@ def test_portable_cpu_kernels_match_the_reference():
     """The kernels compiled for the baseline instruction set (used where AVX2 is missing) are right too."""
     code = textwrap.dedent("""
         import torch, fastnas.ops as ops
-        from fastnas.ops import reference as R, _cpp
+        from fastnas.ops import reference as R
+        from fastnas.ops.backends import cpp as _cpp
         assert _cpp.cpu_capability() == "default", _cpp.cpu_capability()
         g = torch.Generator().manual_seed(0)
         for shape in [(3, 37, 9, 11), (2, 16, 32, 32), (1, 3, 1, 70)]:

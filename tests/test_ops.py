@@ -243,8 +243,7 @@ def test_bad_input_names_the_problem(name, device, op, make, exc, pattern):
 @pytest.mark.parametrize("name,device", [t for t in TARGETS if t.values[0] != "reference"])
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(name, device, op):
-    impl = ops.implementation(torch.device(device), name)
-    custom = impl.custom_ops[op]
+    custom = ops.implementation(torch.device(device), name).kernels[op]
     args = make_inputs(op, (2, 3, 4, 5), torch.float32, device, k=3)
     torch.library.opcheck(custom, _leaves(args))
 
@@ -274,7 +273,7 @@ def test_backend_selection_is_scoped_and_observable():
     with pytest.raises(ValueError, match="unknown fastnas backend"):
         ops.backend("fastest")
     avail = ops.available_backends()
-    assert avail["reference"] == "available" and set(avail) == {"reference", "cpu", "cuda", "triton"}
+    assert avail["reference"] == "available" and {"reference", "cpu", "cuda", "triton"} <= set(avail)
 
 
 def test_backend_for_wrong_device_is_refused():

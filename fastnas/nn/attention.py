@@ -21,7 +21,8 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, channels: int, reduction: int = DEFAULT_REDUCTION) -> None:
         super().__init__()
-        if channels < 1 or reduction < 1:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (channels, reduction)) \
+                or channels < 1 or reduction < 1:
             raise ValueError(f"ChannelAttention needs channels >= 1 and reduction >= 1, got {channels} and {reduction}")
         hidden = mlp_hidden_width(channels, reduction)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
@@ -36,8 +37,8 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, kernel_size: int = 7, affine: bool = True) -> None:
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"SpatialAttention needs an odd kernel_size, got {kernel_size}")
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 != 1:
+            raise ValueError(f"SpatialAttention needs an odd positive int kernel_size, got {kernel_size!r}")
         self.conv = LeanConv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = LeanBatchNorm2d(1, affine=affine)
 

@@ -51,7 +51,7 @@ class RecomputableBatchNorm(LeanBatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _recomputing and self.training and self.track_running_stats:
             # the same computation on throw-away copies of the statistics (so the same tensors are saved)
-            if self.lean_applies(x):
+            if self.lean_applies(x) or self.affine:
                 return self.lean_forward(x, self.running_mean.clone(), self.running_var.clone())
             return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True,
                                 self.momentum if self.momentum is not None else 0.1, self.eps)

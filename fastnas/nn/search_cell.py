@@ -22,8 +22,8 @@ from torch import nn
 from .. import ops
 from ..errors import ConfigError
 from ..space import channel_attention_op, make_op
-from ..ops._checks import prefers_channels_last
-from ..ops._normalized_sum import normalized_mixed_sum
+from ..ops import prefers_channels_last
+from ..ops import normalized_mixed_sum
 from .attention import DEFAULT_REDUCTION
 from .operations import FactorizedReduce, LeadingReLU, ReLUConvBN
 from .recompute import RecomputableBatchNorm, recompute
