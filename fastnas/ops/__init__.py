@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 
 from . import _checks, _depthwise, _gates, _pool2d, reference
+from ._checks import prefers_channels_last
+from ._normalized_sum import normalized_mixed_sum
 from ._dispatch import (
     BACKEND_NAMES,
     BackendUnavailable,
@@ -36,9 +38,12 @@ __all__ = [
     "channel_scale",
     "cpu_kernel",
     "depthwise_conv2d",
+    "fused_norms_apply",
     "get_backend",
     "max_pool2d",
     "mixed_sum",
+    "normalized_mixed_sum",
+    "prefers_channels_last",
     "reference",
     "resolve_backend",
     "set_backend",
@@ -116,6 +121,15 @@ def cpu_kernel(name: str, device: torch.device | str, backend: str | None = None
     if device.type != "cpu" or resolve_backend(device, backend) != "cpu":
         return None
     return getattr(implementation(device, backend), name)
+
+
+def fused_norms_apply(like: torch.Tensor) -> bool:
+    """Whether :func:`normalized_mixed_sum` runs on tensors like ``like``: the ``cpu`` backend's kernel, eager with
+    gradients, channels_last float32/float64 without autocast."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and like.dtype in (torch.float32, torch.float64) and prefers_channels_last(like)
+            and not torch.is_autocast_enabled(like.device.type)
+            and cpu_kernel("normalized_mixed_sum", like.device) is not None)
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
