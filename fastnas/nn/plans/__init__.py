@@ -1,14 +1,14 @@
 """How a search cell's node sums Σ w·op(h) are executed: one plan per way, chosen once per network.
 
-=============  ===========================================================================================
-``plain``      every candidate whole, every activation stored (:class:`PlainPlan`, as DARTS)
-``memory``     parameter-free candidates recomputed in the backward, relu(state) shared (:class:`MemoryPlan`)
-``fused_norms`` the memory plan, with the ``cpu`` backend's node sum applying the candidates' final batch norms
-               (:class:`FusedNormsPlan`; the default)
-``partial``    PC-DARTS's partial channels (:class:`PartialChannelsPlan`)
-``regions``    another plan with the cell's modules run as compiled regions (:class:`RegionsPlan`;
-               :func:`fastnas.compilation.compile_regions`)
-=============  ===========================================================================================
+===============  =========================================================================================
+``plain``        every candidate whole, every activation stored (:class:`PlainPlan`, as DARTS)
+``memory``       parameter-free candidates recomputed in the backward, relu(state) shared (:class:`MemoryPlan`)
+``fused_norms``  the memory plan, with the ``cpu`` backend's node sum applying the candidates' final batch norms
+                 (:class:`FusedNormsPlan`; the default)
+``partial``      PC-DARTS's partial channels (:class:`PartialChannelsPlan`)
+``regions``      another plan with the cell's modules run as compiled regions (:class:`RegionsPlan`;
+                 :func:`fastnas.compilation.compile_regions`)
+===============  =========================================================================================
 """
 from __future__ import annotations
 
