@@ -1,14 +1,12 @@
 """Regional compilation of the full search supernet (first-order step, ``cpu`` backend, channels_last).
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m benchmarks.regional_compile regional   # cold, then run it again: warm
-    python -m benchmarks.regional_compile candidates                                      # one region per candidate
     python -m benchmarks.regional_compile eager                                           # the same step, eager
-    python -m benchmarks.regional_compile compare [--rounds 10]         # all three in one process, interleaved
+    python -m benchmarks.regional_compile compare [--rounds 10]           # both in one process, interleaved
 
 ``regional`` is what ``--compile`` does (:func:`fastnas.compilation.compile_regions`: the candidates with parameters
-of each edge as one region, and both preprocessing ops of every cell). ``candidates`` compiles each candidate with
-parameters as its own region instead (``per_edge=False``, the alternative measured and not taken). Prints the first
-step (compilation included), three more steps, and Inductor's FX-graph cache counters.
+of each edge as one region, and both preprocessing ops of every cell). Prints the first step (compilation
+included), three more steps, and Inductor's FX-graph cache counters.
 ``python -m benchmarks.compile_time --provider cpu_cl_regions`` measures the ``regional`` case in fresh processes,
 cold and warm.
 """
@@ -20,7 +18,7 @@ import os
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["regional", "candidates", "eager", "compare"])
+    parser.add_argument("mode", choices=["regional", "eager", "compare"])
     parser.add_argument("--rounds", type=int, default=10, help="compare: interleaved rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
@@ -33,21 +31,18 @@ def main(argv=None) -> int:
     from benchmarks.steps import build_step
 
     torch.set_num_threads(args.threads)
-    # mode: (step provider, extra preparation of the network)
-    modes = {"eager": ("cpu_cl", None), "regional": ("cpu_cl_regions", None),
-             "candidates": ("cpu_cl", _compile_candidates)}
-    if args.mode == "compare":  # the three side by side, round by round, after two warm-up steps each
+    modes = {"eager": "cpu_cl", "regional": "cpu_cl_regions"}  # mode: step provider
+    if args.mode == "compare":  # side by side, round by round, after two warm-up steps each
         from benchmarks.steps import interleaved_times
 
-        steps = {mode: build_step("search1", provider, prepare=prepare) for mode, (provider, prepare) in modes.items()}
+        steps = {mode: build_step("search1", provider) for mode, provider in modes.items()}
         for step in steps.values():
             step()
             step()
         for mode, times in interleaved_times(steps, args.rounds).items():
             print(f"{mode}: min {min(times):.3f} s, median {median(times):.3f} s", flush=True)
         return 0
-    provider, prepare = modes[args.mode]
-    step = build_step("search1", provider, prepare=prepare)
+    step = build_step("search1", modes[args.mode])
     print(f"first step (compilation included): {step_seconds(step, 1)[0]:.1f} s", flush=True)
     print("next steps: " + ", ".join(f"{t:.2f} s" for t in step_seconds(step, 3)), flush=True)
     from torch._dynamo.utils import counters
@@ -55,13 +50,6 @@ def main(argv=None) -> int:
     print("inductor:", {k: v for k, v in counters["inductor"].items() if "fxgraph" in k},
           "dynamo:", dict(counters["stats"]))
     return 0
-
-
-def _compile_candidates(net) -> None:
-    """One region per candidate op with parameters instead (the alternative measured and not taken)."""
-    from fastnas.compilation import compile_regions
-
-    print(f"compiled regions: {compile_regions(net, 'cpu', per_edge=False)}", flush=True)
 
 
 if __name__ == "__main__":

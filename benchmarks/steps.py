@@ -113,10 +113,8 @@ def skip_reason(provider: str) -> str | None:
     return None
 
 
-def build_step(kind: str, provider: str, seed: int = 0,
-               prepare: Callable[[nn.Module], None] | None = None) -> Callable[[], None]:
-    """A closure running one whole step of ``kind`` on ``provider`` (model, optimisers and a fixed batch built now);
-    ``prepare(net)``, if given, runs on the network before anything else uses it (e.g. to compile parts of it)."""
+def build_step(kind: str, provider: str, seed: int = 0) -> Callable[[], None]:
+    """A closure running one whole step of ``kind`` on ``provider`` (model, optimisers and a fixed batch built now)."""
     import fastnas.ops as ops
     from fastnas.architect import Architect, weight_step
     from fastnas.config import SearchConfig
@@ -135,8 +133,6 @@ def build_step(kind: str, provider: str, seed: int = 0,
                        memory_efficient=p.memory_efficient).to(dev)
         if p.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        if prepare is not None:
-            prepare(net)
         if p.regions:
             from fastnas.compilation import compile_regions
 
@@ -168,8 +164,6 @@ def build_step(kind: str, provider: str, seed: int = 0,
         layout = torch.channels_last if p.channels_last else torch.contiguous_format
         net = net.to(memory_format=layout)
         net.train()
-        if prepare is not None:
-            prepare(net)
         forward = torch.compile(net) if p.compiled else net
         optimizer = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
         x = torch.randn(SEARCH_BATCH, 3, 32, 32, generator=gen).to(dev, memory_format=layout)

@@ -1,4 +1,5 @@
-"""Modules built on the fused ops: attention gates, candidate operations, search and evaluation cells."""
+"""Modules built on the fused ops: attention gates, candidate operations, the search cell, and the plans that
+execute its node sums (:mod:`fastnas.nn.plans`)."""
 from .attention import CBAM, ChannelAttention, SpatialAttention
 from .operations import DilConv, FactorizedReduce, ReLUConvBN, SepConv, Zero
 from .pooling import AvgPool2d, MaxPool2d

@@ -1,9 +1,12 @@
 """The candidate operations of the DARTS search space, and the attention operations of AT-DARTS.
 
 Each factory takes ``(C, stride, affine)`` and returns a module mapping [N, C, H, W] to [N, C, H/stride, W/stride].
-Shapes and parameter counts follow the original DARTS implementation exactly.
+Shapes and parameter counts follow the original DARTS implementation exactly. :func:`layers` lists what an op
+applies in order, so that a search cell's plan can see the ReLU an op begins with and the batch norm it ends with.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -13,29 +16,7 @@ from .lean import LeanBatchNorm2d, LeanConv2d, subsample
 from .pooling import AvgPool2d, MaxPool2d
 
 
-class LeadingReLU:
-    """Mixin for ops that begin with a (non in-place) ReLU: ``after_relu(relu(x)) == forward(x)``.
-
-    A search cell computes ``relu(h)`` once per state and hands it to every such candidate, instead of each
-    candidate storing its own copy for the backward."""
-
-    def after_relu(self, r: torch.Tensor) -> torch.Tensor:
-        for module in list(self)[1:]:
-            r = module(r)
-        return r
-
-    def split_norm_after_relu(self, r: torch.Tensor) -> tuple[torch.Tensor, nn.Module] | None:
-        """(z, bn) with ``bn(z) == after_relu(r)`` when the op ends with a lean batch norm (a search cell's fused node
-        sum then applies it), else None."""
-        modules = list(self)
-        if not isinstance(modules[-1], LeanBatchNorm2d):
-            return None
-        for module in modules[1:-1]:
-            r = module(r)
-        return r, modules[-1]
-
-
-class ReLUConvBN(LeadingReLU, nn.Sequential):
+class ReLUConvBN(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
@@ -44,7 +25,7 @@ class ReLUConvBN(LeadingReLU, nn.Sequential):
         )
 
 
-class DilConv(LeadingReLU, nn.Sequential):
+class DilConv(nn.Sequential):
     """ReLU → depthwise (dilated) conv → pointwise conv → BN."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, dilation: int,
@@ -57,15 +38,8 @@ class DilConv(LeadingReLU, nn.Sequential):
         )
 
 
-class SepConv(LeadingReLU, nn.Sequential):
+class SepConv(nn.Sequential):
     """Two stacked separable convolutions; the first one carries the stride."""
-
-    def after_relu(self, r: torch.Tensor) -> torch.Tensor:
-        return self[1](self[0].after_relu(r))
-
-    def split_norm_after_relu(self, r: torch.Tensor) -> tuple[torch.Tensor, nn.Module] | None:
-        second = self[1]
-        return second.split_norm_after_relu(second[0](self[0].after_relu(r)))
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
@@ -74,7 +48,7 @@ class SepConv(LeadingReLU, nn.Sequential):
         )
 
 
-class FactorizedReduce(LeadingReLU, nn.Module):
+class FactorizedReduce(nn.Module):
     """Halve H and W with two offset 1×1 stride-2 convolutions whose outputs are concatenated."""
 
     def __init__(self, c_in: int, c_out: int, affine: bool = True):
@@ -87,22 +61,18 @@ class FactorizedReduce(LeadingReLU, nn.Module):
         self.bn = LeanBatchNorm2d(c_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.after_relu(self.relu(x))
+        return self.bn(self.reduce(self.relu(x)))
 
-    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
-        z, bn = self.split_norm_after_relu(x)
-        return bn(z)
-
-    def split_norm_after_relu(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The two convolutions, concatenated (before the batch norm)."""
         h_odd, w_odd = x.shape[-2] % 2, x.shape[-1] % 2
         if not (h_odd or w_odd) and self.conv_2.subsampled is not None:
             # the shifted branch reads the odd rows and columns: subsample them directly
-            return torch.cat([self.conv_1(x), self.conv_2.forward_subsampled(subsample(x, (2, 2), (1, 1)))],
-                             dim=1), self.bn
+            return torch.cat([self.conv_1(x), self.conv_2.forward_subsampled(subsample(x, (2, 2), (1, 1)))], dim=1)
         shifted = x[:, :, 1:, 1:]
         if h_odd or w_odd:  # pad the shifted branch back so that odd sizes work too
             shifted = nn.functional.pad(shifted, (0, w_odd, 0, h_odd))
-        return torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1), self.bn
+        return torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1)
 
 
 class Zero(nn.Module):
@@ -116,28 +86,31 @@ class Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride].mul(0.0)
 
 
-class Gated(LeadingReLU, nn.Sequential):
+class Gated(nn.Sequential):
     """An attention gate, preceded by FactorizedReduce at stride 2 (as skip_connect is)."""
-
-    def after_relu(self, r: torch.Tensor) -> torch.Tensor:
-        return self[1](self[0].after_relu(r))
 
 
 def _gated(gate: nn.Module, C: int, stride: int, affine: bool) -> nn.Module:
     return gate if stride == 1 else Gated(FactorizedReduce(C, C, affine), gate)
 
 
-class _ReLUSequential(LeadingReLU, nn.Sequential):
-    pass
-
-
 def _conv_7x1_1x7(C: int, stride: int, affine: bool) -> nn.Module:
-    return _ReLUSequential(
+    return nn.Sequential(
         nn.ReLU(inplace=False),
         LeanConv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
         LeanConv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
         LeanBatchNorm2d(C, affine=affine),
     )
+
+
+def layers(op: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """What ``op`` applies, in order: nested ``nn.Sequential`` flattened, :class:`FactorizedReduce` as its ReLU, its
+    convolutions and its batch norm, any other module as itself. Applying them in turn computes ``op(x)``."""
+    if isinstance(op, nn.Sequential):
+        return [layer for module in op for layer in layers(module)]
+    if isinstance(op, FactorizedReduce):
+        return [op.relu, op.reduce, op.bn]
+    return [op]
 
 
 BUILTIN_OPS = {
