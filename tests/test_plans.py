@@ -10,7 +10,7 @@ import torch
 import fastnas
 from fastnas.errors import ConfigError
 from fastnas.nn import plans
-from fastnas.ops._normalized_sum import NormalizedMixedSum
+from fastnas.ops.defs.normalized_mixed_sum import NormalizedMixedSum
 
 CPU = fastnas.ops.available_backends()["cpu"] == "available"
 BACKENDS = ["reference"] + (["cpu"] if CPU else [])
