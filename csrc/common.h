@@ -7,8 +7,10 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace fastnas {
@@ -53,6 +55,21 @@ inline void check_same_device(const char* op, const std::string& arg, const Tens
 inline void check_device_type(const char* op, const std::string& arg, const Tensor& t, c10::DeviceType type) {
   TORCH_CHECK_VALUE(t.device().type() == type, "fastnas.", op, ": ", arg, " is on ", t.device(), ", expected a ",
                     c10::DeviceTypeName(type, /*lower_case=*/true), " tensor");
+}
+
+// A 4-D floating-point tensor on a device of the given type.
+inline void check_4d_on(const char* op, const std::string& arg, const Tensor& t, c10::DeviceType type) {
+  check_4d(op, arg, t);
+  check_device_type(op, arg, t, type);
+}
+
+// Each of the named int[2] arguments holds two integers >= its minimum.
+inline void check_int_pairs(const char* op,
+                            std::initializer_list<std::tuple<const char*, at::IntArrayRef, int64_t>> args) {
+  for (const auto& [name, v, lo] : args) {
+    TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= lo && v[1] >= lo, "fastnas.", op, ": ", name,
+                      " must be two integers >= ", lo, ", got ", shape_str(v));
+  }
 }
 
 inline void check_mixed_sum(at::TensorList xs, const Tensor& weights) {
@@ -213,5 +230,8 @@ inline SpatialPoolGrad spatial_pool_grad_view(const Tensor& g) {
 
 // Accumulation dtype: float64 for float64, else float32.
 inline c10::ScalarType acc_dtype(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// weights / logits as a contiguous tensor of the accumulation type of `like`
+inline Tensor as_acc(const Tensor& t, c10::ScalarType like) { return t.to(acc_dtype(like)).contiguous(); }
 
 }  // namespace fastnas

@@ -4,10 +4,15 @@
 // (count_include_pad=False). The backward passes scatter into the input gradient image by image, each image owned by
 // one thread: deterministic.
 //
-// Included by ops_cpu_impl.h (once per CPU capability).
+// Compiled once per CPU capability (cpu_ops.h), in a namespace named after it.
 #pragma once
 
-#include "kernels.h"
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "vec.h"
 
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
@@ -201,6 +206,119 @@ void avg_pool_bwd(const T* grad, T* gx, const PoolGeometry& g) {
       }
     }
   });
+}
+
+namespace {
+
+// kh x kw max / average pooling (average: count_include_pad=False), computed on channels_last data; results keep
+// channels_last when the input prefers it (prefers_channels_last), else they are NCHW.
+
+void check_pool_args(const char* op, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_int_pairs(op, {{"kernel_size", kernel_size, 1}, {"stride", stride, 1}, {"padding", padding, 0}});
+  TORCH_CHECK_VALUE(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, "fastnas.", op,
+                    ": padding ", shape_str(padding), " must be at most half the kernel size ",
+                    shape_str(kernel_size));
+  TORCH_CHECK_VALUE(kernel_size[0] * kernel_size[1] <= 255, "fastnas.", op, ": windows of at most 255 elements, got ",
+                    shape_str(kernel_size));
+}
+
+PoolGeometry pool_geometry(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_pool_args(op, kernel_size, stride, padding);
+  const int64_t Ho = (H + 2 * padding[0] - kernel_size[0]) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - kernel_size[1]) / stride[1] + 1;
+  TORCH_CHECK_VALUE(H + 2 * padding[0] >= kernel_size[0] && W + 2 * padding[1] >= kernel_size[1], "fastnas.", op,
+                    ": the ", kernel_size[0], "x", kernel_size[1], " window (padding ", shape_str(padding),
+                    ") does not fit an input of ", H, "x", W);
+  return {N, H, W, C, Ho, Wo, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1]};
+}
+
+Tensor pool_output(const Tensor& like, at::IntArrayRef sizes, bool channels_last, c10::ScalarType dtype) {
+  return at::empty(sizes, like.options().dtype(dtype).memory_format(
+                              channels_last ? c10::MemoryFormat::ChannelsLast : c10::MemoryFormat::Contiguous));
+}
+
+// (the pooled tensor, uint8 window position of each first maximum)
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                      at::IntArrayRef padding) {
+  const char* op = "max_pool2d";
+  check_4d_on(op, "x", x, at::kCPU);
+  const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
+  Tensor out = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, x.scalar_type());
+  Tensor pos = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, at::kByte);
+  if (out.numel() > 0) {
+    Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::max_pool2d", [&] {
+      max_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), g);
+    });
+  }
+  return {prefers_channels_last(x) ? out : out.contiguous(), pos};
+}
+
+Tensor max_pool2d_backward(const Tensor& grad, const Tensor& argmax, int64_t H, int64_t W,
+                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                           bool channels_last) {
+  const char* op = "max_pool2d";
+  check_4d_on(op, "grad", grad, at::kCPU);
+  const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo && argmax.sizes().equals(grad.sizes()), "fastnas.",
+                    op, ": backward expects grad and argmax of shape [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo,
+                    "], got ", shape_str(grad.sizes()), " and ", shape_str(argmax.sizes()));
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kByte, "fastnas.", op, ": backward expects a uint8 argmax, got ",
+                   dtype_name(argmax.scalar_type()));
+  Tensor gx = pool_output(grad, {g.N, g.C, H, W}, true, grad.scalar_type());
+  if (gx.numel() > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+    Tensor pc = argmax.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::max_pool2d_backward",
+                                    [&] {
+      max_pool_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), pc.const_data_ptr<uint8_t>(), gx.data_ptr<scalar_t>(),
+                             g);
+    });
+  }
+  return channels_last ? gx : gx.contiguous();
+}
+
+Tensor avg_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "avg_pool2d";
+  check_4d_on(op, "x", x, at::kCPU);
+  const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
+  Tensor out = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, x.scalar_type());
+  if (out.numel() > 0) {
+    Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::avg_pool2d", [&] {
+      avg_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
+    });
+  }
+  return prefers_channels_last(x) ? out : out.contiguous();
+}
+
+Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, bool channels_last) {
+  const char* op = "avg_pool2d";
+  check_4d_on(op, "grad", grad, at::kCPU);
+  const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo, "fastnas.", op, ": backward expects grad of shape [",
+                    g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "], got ", shape_str(grad.sizes()));
+  Tensor gx = pool_output(grad, {g.N, g.C, H, W}, true, grad.scalar_type());
+  if (gx.numel() > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::avg_pool2d_backward",
+                                    [&] {
+      avg_pool_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), g);
+    });
+  }
+  return channels_last ? gx : gx.contiguous();
+}
+
+}  // namespace
+
+// the CPU kernels of pool2d
+inline void register_pool2d(torch::Library& m) {
+  m.impl("max_pool2d", &max_pool2d);
+  m.impl("max_pool2d_backward", &max_pool2d_backward);
+  m.impl("avg_pool2d", &avg_pool2d);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward);
 }
 
 }  // namespace CPU_CAPABILITY
