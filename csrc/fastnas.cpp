@@ -7,7 +7,7 @@
 
 #ifdef FASTNAS_WITH_CUDA
 namespace fastnas::cuda {
-std::vector<int64_t> arch_list();  // cuda/ops_cuda.cu
+std::vector<int64_t> arch_list();  // cuda/arch_list.cu
 }
 #endif
 
