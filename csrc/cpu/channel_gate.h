@@ -404,11 +404,9 @@ std::tuple<Tensor, Tensor, Tensor> channel_gate_backward(const Tensor& grad, con
   const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3), hid = w1.size(0);
   check_gate_param("logits", logits, {N, C}, x_in);
   check_gate_param("hidden", hidden, {2 * N, hid}, x_in);
-  check_same_device(op, "argmax", argmax, "x", x_in);
-  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.", op, ": argmax has dtype ",
-                   dtype_name(argmax.scalar_type()), ", expected int32");
   TORCH_CHECK_VALUE(argmax.sizes().equals({N, C}), "fastnas.", op, ": argmax must have shape [", N, ", ", C,
                     "], got ", shape_str(argmax.sizes()));
+  check_index_tensor(op, "argmax", argmax, at::kInt, HW, "x", x_in);
   Output o = make_output(grad);
   Tensor gx = need_x_grad ? o.out : at::empty({0}, grad.options());
   Tensor glogits = at::empty({N, C}, x_in.options());

@@ -86,11 +86,20 @@ std::tuple<std::vector<Tensor>, Tensor> normalized_mixed_sum_backward(const Tens
                                                                       bool need_weights_grad) {
   const char* op = "normalized_mixed_sum";
   check_4d_on(op, "grad", grad, at::kCPU);
-  const int64_t K = weights.numel(), Kn = means.size(0);
-  const int64_t C = grad.size(1), M = grad.numel() / std::max<int64_t>(1, C);
-  TORCH_CHECK_VALUE(means.dim() == 2 && means.size(1) == C && invstds.sizes().equals(means.sizes()) && Kn <= K,
-                    "fastnas.", op, ": backward expects means and invstds of one shape [num_normalized, ", C, "], got ",
-                    shape_str(means.sizes()), " and ", shape_str(invstds.sizes()));
+  check_float(op, "weights", weights);
+  check_same_device(op, "weights", weights, "grad", grad);
+  TORCH_CHECK_VALUE(weights.dim() == 1, "fastnas.", op, ": weights must be 1-D, got shape ", shape_str(weights.sizes()));
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"means", means}, {"invstds", invstds}}) {
+    check_float(op, name, t);
+    check_same_device(op, name, t, "grad", grad);
+  }
+  const int64_t K = weights.numel(), C = grad.size(1), M = grad.numel() / std::max<int64_t>(1, C);
+  TORCH_CHECK_VALUE(means.dim() == 2 && means.size(1) == C && invstds.sizes().equals(means.sizes()) &&
+                        means.size(0) <= K,
+                    "fastnas.", op, ": backward expects means and invstds of one shape [num_normalized, ", C,
+                    "] with num_normalized <= ", K, " (the number of weights), got ", shape_str(means.sizes()), " and ",
+                    shape_str(invstds.sizes()));
+  const int64_t Kn = means.size(0);
   const int64_t used = need_weights_grad ? K : Kn;
   TORCH_CHECK_VALUE(static_cast<int64_t>(zs.size()) >= used, "fastnas.", op, ": backward expects ", used,
                     " inputs, got ", zs.size());

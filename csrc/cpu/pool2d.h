@@ -7,6 +7,8 @@
 // Compiled once per CPU capability (cpu_ops.h), in a namespace named after it.
 #pragma once
 
+#include <array>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -127,16 +129,42 @@ template <typename T>
 void max_pool_bwd(const T* grad, const uint8_t* pos, T* gx, const PoolGeometry& g) {
   using A = at::opmath_type<T>;
   const int64_t C = g.C;
-  // element offset of each window position from the window's corner
-  std::vector<int64_t> offset(g.kh * g.kw);
-  for (int64_t k = 0; k < g.kh * g.kw; ++k) offset[k] = ((k / g.kw) * g.W + k % g.kw) * C;
+  // each window position's row and column in the window (past the window: row kh, which no window holds) and its
+  // element offset from the window's corner
+  const int64_t khw = g.kh * g.kw;
+  std::array<int64_t, 256> row, col, offset;
+  for (int64_t k = 0; k < 256; ++k) {
+    row[k] = k < khw ? k / g.kw : g.kh;
+    col[k] = k < khw ? k % g.kw : 0;
+    offset[k] = (row[k] * g.W + col[k]) * C;
+  }
   scatter_by_image(gx, g, [&](int64_t n, A* acc) {
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
         const int64_t o = ((n * g.Ho + ho) * g.Wo + wo) * C;
-        // the corner may lie in the padding; the maximum itself never does
-        A* corner = acc + ((ho * g.sh - g.ph) * g.W + wo * g.sw - g.pw) * C;
-        for (int64_t c = 0; c < C; ++c) corner[offset[pos[o + c]] + c] += static_cast<A>(grad[o + c]);
+        const uint8_t* p = pos + o;
+        // the corner may lie in the padding; the maximum itself never does. The positions are checked before any
+        // is written: inside the window's part inside the input (rows [i0, i1), columns [j0, j1)); for a window
+        // wholly inside the input that is the largest position (a vectorised max) below kh * kw.
+        const int64_t hs = ho * g.sh - g.ph, ws = wo * g.sw - g.pw;
+        int64_t h0, h1, w0, w1;
+        g.window(ho, wo, h0, h1, w0, w1);
+        const int64_t i0 = h0 - hs, i1 = h1 - hs, j0 = w0 - ws, j1 = w1 - ws;
+        if (i0 == 0 && i1 == g.kh && j0 == 0 && j1 == g.kw) {
+          uint8_t largest = 0;
+          for (int64_t c = 0; c < C; ++c) largest = std::max(largest, p[c]);
+          TORCH_CHECK_INDEX(largest < khw, "fastnas.max_pool2d: argmax holds window position ", int(largest),
+                            " at [", n, ", :, ", ho, ", ", wo, "], outside the ", g.kh, "x", g.kw, " window");
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            TORCH_CHECK_INDEX(row[p[c]] >= i0 && row[p[c]] < i1 && col[p[c]] >= j0 && col[p[c]] < j1,
+                              "fastnas.max_pool2d: argmax holds window position ", int(p[c]), " at [", n, ", ", c,
+                              ", ", ho, ", ", wo, "], outside the ", g.kh, "x", g.kw,
+                              " window's part inside the input");
+          }
+        }
+        A* corner = acc + (hs * g.W + ws) * C;
+        for (int64_t c = 0; c < C; ++c) corner[offset[p[c]] + c] += static_cast<A>(grad[o + c]);
       }
     }
   });
@@ -260,12 +288,15 @@ Tensor max_pool2d_backward(const Tensor& grad, const Tensor& argmax, int64_t H, 
                            bool channels_last) {
   const char* op = "max_pool2d";
   check_4d_on(op, "grad", grad, at::kCPU);
+  check_size_arg(op, "H", H);
+  check_size_arg(op, "W", W);
   const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
   TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo && argmax.sizes().equals(grad.sizes()), "fastnas.",
                     op, ": backward expects grad and argmax of shape [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo,
                     "], got ", shape_str(grad.sizes()), " and ", shape_str(argmax.sizes()));
   TORCH_CHECK_TYPE(argmax.scalar_type() == at::kByte, "fastnas.", op, ": backward expects a uint8 argmax, got ",
                    dtype_name(argmax.scalar_type()));
+  check_same_device(op, "argmax", argmax, "grad", grad);
   Tensor gx = pool_output(grad, {g.N, g.C, H, W}, true, grad.scalar_type());
   if (gx.numel() > 0) {
     Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);

@@ -201,6 +201,7 @@ std::tuple<Tensor, Tensor> single_channel_conv2d_backward(const Tensor& grad, co
   const char* op = "single_channel_conv2d";
   SingleConvGeometry g = single_conv_geometry(op, x, weight, padding);
   check_float(op, "grad", grad);
+  check_same_device(op, "grad", grad, "x", x);
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == g.N && grad.size(1) == 1 && grad.size(2) == g.Ho &&
                         grad.size(3) == g.Wo,
                     "fastnas.", op, ": grad must have shape [", g.N, ", 1, ", g.Ho, ", ", g.Wo, "], got ",

@@ -251,13 +251,8 @@ std::tuple<Tensor, Tensor> spatial_pool(const Tensor& x_in) {
 }
 
 Tensor spatial_pool_backward(const Tensor& grad_in, const Tensor& argmax, int64_t C, bool channels_last) {
-  check_4d("spatial_pool", "grad", grad_in);
-  check_device_type("spatial_pool", "grad", grad_in, at::kCPU);
+  check_spatial_pool_backward(grad_in, argmax, C, at::kCPU);
   const int64_t N = grad_in.size(0), H = grad_in.size(2), W = grad_in.size(3), HW = H * W;
-  TORCH_CHECK_VALUE(grad_in.size(1) == 2 && argmax.dim() == 3 && argmax.size(0) == N && argmax.size(1) == H &&
-                        argmax.size(2) == W,
-                    "fastnas.spatial_pool: backward expects grad [N, 2, H, W] and argmax [N, H, W]");
-  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.spatial_pool: backward expects an int32 argmax");
   const Layout L = channels_last ? Layout::NHWC : Layout::NCHW;
   Tensor out = at::empty({N, C, H, W}, grad_in.options().memory_format(memory_format(L)));
   if (out.numel() == 0) return out;

@@ -105,12 +105,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x_in) {
 
 Tensor channel_pool_backward(const Tensor& grad_avg, const Tensor& grad_max, const Tensor& argmax, int64_t H,
                              int64_t W, bool channels_last) {
-  check_float("channel_pool", "grad_avg", grad_avg);
-  check_device_type("channel_pool", "grad_avg", grad_avg, kDev);
-  TORCH_CHECK_VALUE(grad_avg.dim() == 2 && grad_max.sizes().equals(grad_avg.sizes()) &&
-                        argmax.sizes().equals(grad_avg.sizes()),
-                    "fastnas.channel_pool: backward expects grad_avg, grad_max and argmax of one shape [N, C]");
-  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.channel_pool: backward expects an int32 argmax");
+  check_channel_pool_backward(grad_avg, grad_max, argmax, H, W, kDev);
   c10::cuda::CUDAGuard guard(grad_avg.device());
   const int64_t N = grad_avg.size(0), C = grad_avg.size(1), HW = H * W;
   const Layout L = channels_last ? Layout::NHWC : Layout::NCHW;

@@ -69,13 +69,8 @@ std::tuple<Tensor, Tensor> spatial_pool(const Tensor& x_in) {
 }
 
 Tensor spatial_pool_backward(const Tensor& grad, const Tensor& argmax, int64_t C, bool channels_last) {
-  check_4d("spatial_pool", "grad", grad);
-  check_device_type("spatial_pool", "grad", grad, kDev);
+  check_spatial_pool_backward(grad, argmax, C, kDev);
   const int64_t N = grad.size(0), H = grad.size(2), W = grad.size(3), HW = H * W;
-  TORCH_CHECK_VALUE(grad.size(1) == 2 && argmax.dim() == 3 && argmax.size(0) == N && argmax.size(1) == H &&
-                        argmax.size(2) == W,
-                    "fastnas.spatial_pool: backward expects grad [N, 2, H, W] and argmax [N, H, W]");
-  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.spatial_pool: backward expects an int32 argmax");
   c10::cuda::CUDAGuard guard(grad.device());
   const Layout L = channels_last ? Layout::NHWC : Layout::NCHW;
   Tensor out = at::empty({N, C, H, W}, grad.options().memory_format(memory_format(L)));
