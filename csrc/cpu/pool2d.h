@@ -258,6 +258,9 @@ PoolGeometry pool_geometry(const char* op, int64_t N, int64_t C, int64_t H, int6
   TORCH_CHECK_VALUE(H + 2 * padding[0] >= kernel_size[0] && W + 2 * padding[1] >= kernel_size[1], "fastnas.", op,
                     ": the ", kernel_size[0], "x", kernel_size[1], " window (padding ", shape_str(padding),
                     ") does not fit an input of ", H, "x", W);
+  // (padding at most half the window: every window then holds an input element, unless the input has none)
+  TORCH_CHECK_VALUE((H > 0 && W > 0) || N * C == 0, "fastnas.", op, ": an input of ", H, "x", W,
+                    " leaves the windows empty (padding ", shape_str(padding), ")");
   return {N, H, W, C, Ho, Wo, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1]};
 }
 
