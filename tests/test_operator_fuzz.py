@@ -399,18 +399,25 @@ def test_operators_under_address_sanitizer():
     if not lib:
         pytest.skip("FASTNAS_FUZZ_ASAN_LIB is not set (docs/testing.md)")
     assert os.path.isfile(lib), f"FASTNAS_FUZZ_ASAN_LIB={lib} does not exist"
-    try:
-        asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    except OSError as e:
-        pytest.skip(f"no gcc to locate libasan: {e}")
-    if not os.path.isabs(asan) or not os.path.exists(asan):
-        pytest.skip(f"libasan not found (gcc -print-file-name=libasan.so: {asan!r})")
-    env = {"LD_PRELOAD": asan, "FASTNAS_FUZZ_LIB": lib,
+    # libasan first; libstdc++ too, or ASan's __cxa_throw interceptor finds no real one when torch throws
+    preload = []
+    for name in ("libasan.so", "libstdc++.so"):
+        try:
+            path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        except OSError as e:
+            pytest.skip(f"no gcc to locate {name}: {e}")
+        if not os.path.isabs(path) or not os.path.exists(path):
+            pytest.skip(f"{name} not found (gcc -print-file-name={name}: {path!r})")
+        preload.append(path)
+    env = {"LD_PRELOAD": " ".join(preload), "FASTNAS_FUZZ_LIB": lib,
            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86"}
-    smoke = subprocess.run([sys.executable, "-c", f"import torch; torch.ops.load_library({lib!r}); print('ok')"],
-                           capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    # can ASan run here at all: load the library and raise one C++ exception through it
+    smoke_code = (f"import torch; torch.ops.load_library({lib!r})\n"
+                  "try:\n    torch.ops.fastnas.mixed_sum([], torch.ones(0))\nexcept ValueError:\n    print('ok')")
+    smoke = subprocess.run([sys.executable, "-c", smoke_code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, **env})
     if smoke.returncode != 0 or "ok" not in smoke.stdout:
-        if "AddressSanitizer" in smoke.stderr and "ERROR" in smoke.stderr:
+        if "ERROR: AddressSanitizer" in smoke.stderr:
             pytest.fail(f"ASan report while loading the library:\n{smoke.stderr[-6000:]}")
         pytest.skip(f"ASan cannot run here: {smoke.stderr.strip().splitlines()[-1:] or smoke.returncode}")
     res = _run(env)
