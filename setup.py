@@ -11,7 +11,7 @@ Environment switches, all optional:
 """
 import glob
 import os
-import shutil
+import runpy
 
 from setuptools import find_packages, setup
 
@@ -19,38 +19,10 @@ packages = find_packages(include=["fastnas", "fastnas.*"]) + ["fastnas.kernels"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _is_cuda_root(path):
-    """A toolkit root holds the real nvcc and the runtime library (not a wrapper's directory)."""
-    if not path:
-        return False
-    libs = ("lib64/libcudart.so", "lib/libcudart.so", "targets/x86_64-linux/lib/libcudart.so",
-            "targets/sbsa-linux/lib/libcudart.so")
-    return os.path.isfile(os.path.join(path, "bin", "nvcc")) and any(
-        os.path.exists(os.path.join(path, lib)) for lib in libs)
-
-
-def _find_cuda_root():
-    """The real CUDA toolkit root, or None. An `nvcc` on PATH may be a wrapper script elsewhere: follow links and
-    check for libcudart next to it before trusting it."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-        try:  # a wrapper script that execs the real nvcc: take the absolute path it names
-            with open(nvcc, "rb") as f:
-                head = f.read(4096)
-            if head.startswith(b"#!"):
-                for tok in head.decode("utf-8", "replace").split():
-                    if tok.endswith("/bin/nvcc") and os.path.isabs(tok):
-                        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(tok))))
-        except OSError:
-            pass
-    candidates.append("/usr/local/cuda")
-    candidates.extend(sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
-    for c in candidates:
-        if c and _is_cuda_root(os.path.realpath(c)):
-            return os.path.realpath(c)
-    return None
+# The CUDA toolkit is found by tools/cuda_root.py, which CMakeLists.txt runs too.
+_cuda_root = runpy.run_path(os.path.join(ROOT, "tools", "cuda_root.py"))
+_is_cuda_root = _cuda_root["is_cuda_root"]
+_find_cuda_root = _cuda_root["find_cuda_root"]
 
 
 def _extensions():

@@ -7,8 +7,10 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace fastnas {
@@ -53,6 +55,45 @@ inline void check_same_device(const char* op, const std::string& arg, const Tens
 inline void check_device_type(const char* op, const std::string& arg, const Tensor& t, c10::DeviceType type) {
   TORCH_CHECK_VALUE(t.device().type() == type, "fastnas.", op, ": ", arg, " is on ", t.device(), ", expected a ",
                     c10::DeviceTypeName(type, /*lower_case=*/true), " tensor");
+}
+
+// A 4-D floating-point tensor on a device of the given type.
+inline void check_4d_on(const char* op, const std::string& arg, const Tensor& t, c10::DeviceType type) {
+  check_4d(op, arg, t);
+  check_device_type(op, arg, t, type);
+}
+
+// Sizes and window arguments are below 2^31: their sums and products then cannot overflow int64.
+constexpr int64_t kMaxArg = (int64_t(1) << 31) - 1;
+
+// Each of the named int[2] arguments holds two integers in [its minimum, kMaxArg].
+inline void check_int_pairs(const char* op,
+                            std::initializer_list<std::tuple<const char*, at::IntArrayRef, int64_t>> args) {
+  for (const auto& [name, v, lo] : args) {
+    TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= lo && v[1] >= lo && v[0] <= kMaxArg && v[1] <= kMaxArg, "fastnas.",
+                      op, ": ", name, " must be two integers in [", lo, ", 2^31), got ", shape_str(v));
+  }
+}
+
+// A size argument of a backward op (the forward input's H, W or C): in [0, 2^31).
+inline void check_size_arg(const char* op, const char* arg, int64_t v) {
+  TORCH_CHECK_VALUE(v >= 0 && v <= kMaxArg, "fastnas.", op, ": ", arg, " must be in [0, 2^31), got ", v);
+}
+
+// An index tensor (a saved argmax, which a caller may have altered): of the given dtype, on the device of `ref`, with
+// every value in [0, end). One pass over it (a min/max reduction; a device sync on CUDA), cheap beside the backward
+// that reads it: an index outside would read or write out of bounds.
+inline void check_index_tensor(const char* op, const char* arg, const Tensor& t, c10::ScalarType dtype, int64_t end,
+                               const char* ref_arg, const Tensor& ref) {
+  TORCH_CHECK_TYPE(t.defined() && t.scalar_type() == dtype, "fastnas.", op, ": ", arg, " has dtype ",
+                   t.defined() ? dtype_name(t.scalar_type()) : std::string("undefined"), ", expected ",
+                   dtype_name(dtype));
+  check_same_device(op, arg, t, ref_arg, ref);
+  if (t.numel() == 0) return;
+  const auto [lo, hi] = t.aminmax();
+  const int64_t min = lo.item<int64_t>(), max = hi.item<int64_t>();
+  TORCH_CHECK_INDEX(min >= 0 && max < end, "fastnas.", op, ": ", arg, " holds indices in [", min, ", ", max,
+                    "], expected indices in [0, ", end, ")");
 }
 
 inline void check_mixed_sum(at::TensorList xs, const Tensor& weights) {
@@ -131,6 +172,40 @@ inline void check_mixed_sum_backward_xs(const Tensor& grad, const Tensor& weight
   check_same_device("mixed_sum", "weights", weights, "grad", grad);
   TORCH_CHECK_VALUE(weights.dim() == 1, "fastnas.mixed_sum: weights must be 1-D, got shape ",
                     shape_str(weights.sizes()));
+}
+
+// channel_pool_backward: grad_avg, grad_max [N, C] of one float dtype, an int32 argmax [N, C] in [0, H*W).
+inline void check_channel_pool_backward(const Tensor& grad_avg, const Tensor& grad_max, const Tensor& argmax,
+                                        int64_t H, int64_t W, c10::DeviceType device_type) {
+  const char* op = "channel_pool";
+  check_float(op, "grad_avg", grad_avg);
+  check_device_type(op, "grad_avg", grad_avg, device_type);
+  check_float(op, "grad_max", grad_max);
+  check_same_device(op, "grad_max", grad_max, "grad_avg", grad_avg);
+  TORCH_CHECK_VALUE(grad_avg.dim() == 2 && grad_max.sizes().equals(grad_avg.sizes()) && argmax.defined() &&
+                        argmax.sizes().equals(grad_avg.sizes()),
+                    "fastnas.channel_pool: backward expects grad_avg, grad_max and argmax of one shape [N, C]");
+  TORCH_CHECK_TYPE(grad_max.scalar_type() == grad_avg.scalar_type() && argmax.scalar_type() == at::kInt,
+                   "fastnas.channel_pool: backward expects grad_max of the dtype of grad_avg and an int32 argmax");
+  check_size_arg(op, "H", H);
+  check_size_arg(op, "W", W);
+  TORCH_CHECK_VALUE(H * W <= kMaxArg, "fastnas.channel_pool: H*W must be below 2^31, got ", H, "x", W);
+  if (H * W > 0) check_index_tensor(op, "argmax", argmax, at::kInt, H * W, "grad_avg", grad_avg);
+}
+
+// spatial_pool_backward: grad [N, 2, H, W] (float), an int32 argmax [N, H, W] in [0, C).
+inline void check_spatial_pool_backward(const Tensor& grad, const Tensor& argmax, int64_t C,
+                                        c10::DeviceType device_type) {
+  const char* op = "spatial_pool";
+  check_4d(op, "grad", grad);
+  check_device_type(op, "grad", grad, device_type);
+  const int64_t N = grad.size(0), H = grad.size(2), W = grad.size(3);
+  TORCH_CHECK_VALUE(grad.size(1) == 2 && argmax.defined() && argmax.dim() == 3 && argmax.size(0) == N &&
+                        argmax.size(1) == H && argmax.size(2) == W,
+                    "fastnas.spatial_pool: backward expects grad [N, 2, H, W] and argmax [N, H, W]");
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kInt, "fastnas.spatial_pool: backward expects an int32 argmax");
+  check_size_arg(op, "C", C);
+  if (C > 0) check_index_tensor(op, "argmax", argmax, at::kInt, C, "grad", grad);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -213,5 +288,8 @@ inline SpatialPoolGrad spatial_pool_grad_view(const Tensor& g) {
 
 // Accumulation dtype: float64 for float64, else float32.
 inline c10::ScalarType acc_dtype(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// weights / logits as a contiguous tensor of the accumulation type of `like`
+inline Tensor as_acc(const Tensor& t, c10::ScalarType like) { return t.to(acc_dtype(like)).contiguous(); }
 
 }  // namespace fastnas

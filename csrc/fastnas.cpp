@@ -1,5 +1,7 @@
-// The operator schemas of fastnas, defined once. CPU kernels live in cpu/, CUDA kernels in cuda/; the fake (meta)
-// implementations and the autograd formulas are registered from Python (fastnas/ops/_cpp.py).
+// The operator schemas of fastnas, defined once. Each op's kernels, host wrapper and registration live in
+// cpu/<op>.h (listed in cpu/cpu_ops.h) and cuda/<op>.cu; the fake (meta) implementations and the autograd formulas
+// are registered from Python (fastnas/ops/_cpp.py). A new op adds its schema here, those files, and its include and
+// register call in cpu_ops.h.
 #include <torch/library.h>
 
 #include <cstdint>
@@ -7,7 +9,7 @@
 
 #ifdef FASTNAS_WITH_CUDA
 namespace fastnas::cuda {
-std::vector<int64_t> arch_list();  // cuda/ops_cuda.cu
+std::vector<int64_t> arch_list();  // cuda/arch_list.cu
 }
 #endif
 

@@ -12,10 +12,15 @@
 // lose no precision to cancellation when |mean| >> std.
 // Deterministic: row blocks depend on M and C only and are merged in order.
 //
-// Included by ops_cpu_impl.h (once per CPU capability).
+// Compiled once per CPU capability (cpu_ops.h), in a namespace named after it.
 #pragma once
 
-#include "kernels.h"
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "vec.h"
 
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
@@ -266,6 +271,188 @@ void per_channel_affine_grad(const T* g, const T* z, const at::opmath_type<T>* a
           });
     }
   });
+}
+
+namespace {
+
+// Training mode (affine-free or affine), computed on channels_last data; y keeps channels_last when x prefers it.
+
+// running statistics, as nn.BatchNorm2d updates them (the unbiased variance); mean, var in the accumulation type
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
+                          double momentum, int64_t M) {
+  const double unbias = double(M) / double(M - 1);
+  const c10::ScalarType acc = mean.scalar_type();
+  if (running_mean.scalar_type() == acc && running_var.scalar_type() == acc && running_mean.is_contiguous() &&
+      running_var.is_contiguous()) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "fastnas::update_running_stats", [&] {
+      scalar_t *rm = running_mean.data_ptr<scalar_t>(), *rv = running_var.data_ptr<scalar_t>();
+      const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *vp = var.const_data_ptr<scalar_t>();
+      const scalar_t m = static_cast<scalar_t>(momentum), keep = static_cast<scalar_t>(1.0 - momentum);
+      for (int64_t c = 0; c < mean.numel(); ++c) {
+        rm[c] = keep * rm[c] + m * mp[c];
+        rv[c] = keep * rv[c] + m * static_cast<scalar_t>(unbias) * vp[c];
+      }
+    });
+  } else {
+    Tensor rm = running_mean, rv = running_var;  // shallow handles: the updates land in the caller's tensors
+    rm.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+    rv.mul_(1.0 - momentum).add_(var.to(running_var.scalar_type()), momentum * unbias);
+  }
+}
+
+void check_running_stat(const char* op, const std::string& name, const Tensor& t, const Tensor& like, int64_t C) {
+  check_float(op, name, t);
+  check_same_device(op, name, t, "x", like);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "fastnas.", op, ": ", name, " must have shape [", C, "], got ",
+                    shape_str(t.sizes()));
+}
+
+// Training-mode batch norm of a channels_last copy of x: (y = weight (x - mean) invstd + bias, mean, invstd), the
+// running statistics updated; weight and bias absent: the affine-free y = (x - mean) invstd.
+std::tuple<Tensor, Tensor, Tensor> bn_train(const char* op, const Tensor& x, const c10::optional<Tensor>& weight,
+                                            const c10::optional<Tensor>& bias, Tensor& running_mean,
+                                            Tensor& running_var, double momentum, double eps) {
+  check_4d_on(op, "x", x, at::kCPU);
+  const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(1, C);
+  TORCH_CHECK_VALUE(M > 1, "fastnas.", op, ": training needs more than one value per channel, got input of shape ",
+                    shape_str(x.sizes()));
+  check_running_stat(op, "running_mean", running_mean, x, C);
+  check_running_stat(op, "running_var", running_var, x, C);
+  const c10::ScalarType acc = acc_dtype(x.scalar_type());
+  Tensor w, b;
+  if (weight) {
+    check_running_stat(op, "weight", *weight, x, C);
+    check_running_stat(op, "bias", *bias, x, C);
+    w = weight->to(acc).contiguous();
+    b = bias->to(acc).contiguous();
+  }
+  Tensor mean = at::empty({C}, x.options().dtype(acc)), var = at::empty({C}, x.options().dtype(acc));
+  Tensor invstd = at::empty({C}, x.options().dtype(acc));
+  Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+  Tensor y = at::empty_like(xc, c10::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::batch_norm_train", [&] {
+    using A = at::opmath_type<scalar_t>;
+    A* mp = mean.data_ptr<A>();
+    A* vp = var.data_ptr<A>();
+    A* ip = invstd.data_ptr<A>();
+    bn_stats<scalar_t>(xc.const_data_ptr<scalar_t>(), M, C, mp, vp);
+    std::vector<A> scale(C), shift(C);  // y = scale (x - mean) + shift
+    for (int64_t c = 0; c < C; ++c) {
+      ip[c] = A(1) / std::sqrt(vp[c] + static_cast<A>(eps));
+      scale[c] = weight ? w.const_data_ptr<A>()[c] * ip[c] : ip[c];
+      shift[c] = weight ? b.const_data_ptr<A>()[c] : A(0);
+    }
+    per_channel_weighted_sum<scalar_t>({xc.const_data_ptr<scalar_t>()}, scale.data(), shift.data(),
+                                       y.data_ptr<scalar_t>(), M, C, mp);
+  });
+  update_running_stats(running_mean, running_var, mean, var, momentum, M);
+  return {prefers_channels_last(x) ? y : y.contiguous(), mean, invstd};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_train(const Tensor& x, Tensor& running_mean, Tensor& running_var,
+                                            double momentum, double eps) {
+  auto [y, mean, invstd] = bn_train("batch_norm_train", x, c10::nullopt, c10::nullopt, running_mean, running_var,
+                                    momentum, eps);
+  return {y, invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_affine_train(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                           Tensor& running_mean, Tensor& running_var, double momentum,
+                                                           double eps) {
+  return bn_train("batch_norm_affine_train", x, weight, bias, running_mean, running_var, momentum, eps);
+}
+
+// The affine batch norm's gradients (grad x (an empty tensor unless need_x_grad), grad weight, grad bias) from its
+// input x and the saved mean and invstd: with S_g = sum g and S = sum g (x - mean) invstd (= grad weight) per
+// channel, grad x = weight invstd (g - S_g / M - (x - mean) invstd S / M), per-channel affine in (g, x).
+std::tuple<Tensor, Tensor, Tensor> batch_norm_affine_backward(const Tensor& grad, const Tensor& x,
+                                                              const Tensor& weight, const Tensor& mean,
+                                                              const Tensor& invstd, bool need_x_grad) {
+  const char* op = "batch_norm_affine_backward";
+  check_4d_on(op, "x", x, at::kCPU);
+  check_grad(op, grad, x);
+  const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(1, C);
+  const c10::ScalarType acc = acc_dtype(x.scalar_type());
+  check_running_stat(op, "weight", weight, x, C);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"mean", mean}, {"invstd", invstd}}) {
+    check_running_stat(op, name, t, x, C);
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, "fastnas.", op, ": ", name, " has dtype ", dtype_name(t.scalar_type()),
+                     ", expected ", dtype_name(acc));
+  }
+  Tensor gx = at::empty({0}, x.options());
+  Tensor gw = at::zeros({C}, x.options().dtype(acc)), gb = at::zeros({C}, x.options().dtype(acc));
+  if (M > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast), xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    Tensor w = weight.to(acc).contiguous(), mu = mean.contiguous(), is = invstd.contiguous();
+    if (need_x_grad) gx = at::empty_like(xc, c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::batch_norm_affine_backward",
+                                    [&] {
+      using A = at::opmath_type<scalar_t>;
+      const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+      const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+      const A *wp = w.const_data_ptr<A>(), *mp = mu.const_data_ptr<A>(), *ip = is.const_data_ptr<A>();
+      const std::vector<A> sums = grad_dot_sums<scalar_t>(gp, {xp}, M, C, mp);  // sum g, sum g (x - mean)
+      A *gwp = gw.data_ptr<A>(), *gbp = gb.data_ptr<A>();
+      std::vector<A> a(C), b(C), shift(C);  // grad x = a g + b (x - mean) + shift
+      for (int64_t c = 0; c < C; ++c) {
+        gbp[c] = sums[c];
+        gwp[c] = sums[C + c] * ip[c];
+        a[c] = wp[c] * ip[c];
+        b[c] = -a[c] * ip[c] * gwp[c] / static_cast<A>(M);
+        shift[c] = -a[c] * sums[c] / static_cast<A>(M);
+      }
+      if (need_x_grad) {
+        per_channel_affine_grad<scalar_t>(gp, xp, a.data(), b.data(), shift.data(), gx.data_ptr<scalar_t>(), M, C,
+                                          mp);
+      }
+    });
+    if (need_x_grad && !prefers_channels_last(x)) gx = gx.contiguous();
+  }
+  return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
+}
+
+// the input gradient of batch_norm_train from its output y and invstd
+Tensor batch_norm_backward(const Tensor& grad, const Tensor& y, const Tensor& invstd) {
+  const char* op = "batch_norm_backward";
+  check_4d_on(op, "y", y, at::kCPU);
+  check_grad(op, grad, y);
+  const int64_t C = y.size(1), M = y.numel() / std::max<int64_t>(1, C);
+  const c10::ScalarType acc = acc_dtype(y.scalar_type());
+  check_same_device(op, "invstd", invstd, "y", y);
+  TORCH_CHECK_TYPE(invstd.scalar_type() == acc, "fastnas.", op, ": invstd has dtype ",
+                   dtype_name(invstd.scalar_type()), ", expected ", dtype_name(acc));
+  TORCH_CHECK_VALUE(invstd.dim() == 1 && invstd.size(0) == C, "fastnas.", op, ": invstd must have shape [", C,
+                    "], got ", shape_str(invstd.sizes()));
+  Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast), yc = y.contiguous(c10::MemoryFormat::ChannelsLast);
+  Tensor gx = at::empty_like(yc, c10::MemoryFormat::ChannelsLast);
+  if (M > 0) {
+    Tensor is = invstd.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "fastnas::batch_norm_backward", [&] {
+      using A = at::opmath_type<scalar_t>;
+      // gx = invstd (g - mean(g) - y mean(g y)): per-channel affine in (g, y)
+      const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+      const scalar_t* yp = yc.const_data_ptr<scalar_t>();
+      const std::vector<A> sums = grad_dot_sums<scalar_t>(gp, {yp}, M, C);
+      const A* ip = is.const_data_ptr<A>();
+      std::vector<A> a(ip, ip + C), b(C), shift(C);
+      for (int64_t c = 0; c < C; ++c) {
+        b[c] = -ip[c] * sums[C + c] / static_cast<A>(M);
+        shift[c] = -ip[c] * sums[c] / static_cast<A>(M);
+      }
+      per_channel_affine_grad<scalar_t>(gp, yp, a.data(), b.data(), shift.data(), gx.data_ptr<scalar_t>(), M, C);
+    });
+  }
+  return prefers_channels_last(y) ? gx : gx.contiguous();
+}
+
+}  // namespace
+
+// the CPU kernels of batch_norm
+inline void register_batch_norm(torch::Library& m) {
+  m.impl("batch_norm_train", &batch_norm_train);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+  m.impl("batch_norm_affine_train", &batch_norm_affine_train);
+  m.impl("batch_norm_affine_backward", &batch_norm_affine_backward);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -10,9 +10,16 @@
 // The MLP rounds to T where the reference composition (linear layers in T) does: the pooled rows, the hidden
 // activations, each row's output and the logits; and in the backward the logits' gradient, the hidden rows'
 // gradient and the pooled rows' gradient.
+//
+// Compiled once per CPU capability (cpu_ops.h), in a namespace named after it.
 #pragma once
 
-#include "kernels.h"
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "channel_pool.h"
+#include "scale.h"
 
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
@@ -307,6 +314,125 @@ void channel_gate_bwd(const GateMlp<A>& m, const GateTensors<T>& t, const T* g, 
     const int64_t k = n * C;
     gate_add_max_share_image(t, g, n, s.data() + k, ga.data() + k, gm.data() + k, gx);
   }
+}
+
+namespace {
+
+// A matrix argument of the gate: shape [rows, cols], x's dtype and device.
+void check_gate_param(const char* arg, const Tensor& t, std::initializer_list<int64_t> shape, const Tensor& x) {
+  const char* op = "channel_gate";
+  check_float(op, arg, t);
+  check_same_device(op, arg, t, "x", x);
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "fastnas.", op, ": ", arg, " has dtype ",
+                   dtype_name(t.scalar_type()), ", expected the dtype of x (", dtype_name(x.scalar_type()), ")");
+  TORCH_CHECK_VALUE(t.sizes().equals(shape), "fastnas.", op, ": ", arg, " must have shape ", shape_str(shape),
+                    ", got ", shape_str(t.sizes()));
+}
+
+// x and the MLP's weights: x [N, C, H, W] with H*W >= 1, w1 [hid, C], w2 [C, hid], b1 [hid] and b2 [C] when given.
+void check_channel_gate(const Tensor& x, const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
+                        const c10::optional<Tensor>& b2) {
+  const char* op = "channel_gate";
+  check_4d_on(op, "x", x, at::kCPU);
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK_VALUE(HW >= 1 || x.size(0) * C == 0, "fastnas.", op, ": x has no spatial elements (shape ",
+                    shape_str(x.sizes()), "), the max is undefined");
+  check_index_range(op, HW);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(0) >= 1, "fastnas.", op, ": w1 must have shape [hidden, ", C,
+                    "] (hidden >= 1), got ", shape_str(w1.sizes()));
+  const int64_t hid = w1.size(0);
+  check_gate_param("w1", w1, {hid, C}, x);
+  check_gate_param("w2", w2, {C, hid}, x);
+  if (b1) check_gate_param("b1", *b1, {hid}, x);
+  if (b2) check_gate_param("b2", *b2, {C}, x);
+}
+
+// The MLP's weights in the accumulation type, kept alive beside the raw view the kernels read.
+template <typename A>
+struct GateWeights {
+  Tensor w1, b1, w2, b2;
+  GateMlp<A> view() const {
+    return {w1.const_data_ptr<A>(), b1.const_data_ptr<A>(), w2.const_data_ptr<A>(), b2.const_data_ptr<A>(),
+            w2.size(0), w1.size(0)};
+  }
+};
+
+template <typename A>
+GateWeights<A> gate_weights(const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
+                            const c10::optional<Tensor>& b2) {
+  const auto acc = w1.options().dtype(c10::CppTypeToScalarType<A>::value);
+  auto bias = [&](const c10::optional<Tensor>& b, int64_t n) {
+    return b ? b->to(acc).contiguous() : at::zeros({n}, acc);
+  };
+  return {w1.to(acc).contiguous(), bias(b1, w1.size(0)), w2.to(acc).contiguous(), bias(b2, w2.size(0))};
+}
+
+// The whole channel gate (see channel_gate.h): (out, pooled [2N, C], hidden [2N, hid], logits [N, C], int32 argmax
+// [N, C]); the last four are what the backward reads.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_gate(const Tensor& x_in, const Tensor& w1,
+                                                                const c10::optional<Tensor>& b1, const Tensor& w2,
+                                                                const c10::optional<Tensor>& b2) {
+  check_channel_gate(x_in, w1, b1, w2, b2);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3), hid = w1.size(0);
+  Output o = make_output(x_in);
+  Tensor pooled = at::empty({2 * N, C}, x_in.options());
+  Tensor hidden = at::empty({2 * N, hid}, x_in.options());
+  Tensor logits = at::empty({N, C}, x_in.options());
+  Tensor arg = at::empty({N, C}, x_in.options().dtype(at::kInt));
+  if (N * C == 0) return {o.out, pooled, hidden.zero_(), logits, arg};
+  Tensor x = in_layout(x_in, o.layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::channel_gate", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const GateWeights<A> w = gate_weights<A>(w1, b1, w2, b2);
+    const GateTensors<scalar_t> t{N, C, HW, o.layout == Layout::NCHW, x.const_data_ptr<scalar_t>(),
+                                  pooled.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
+                                  logits.data_ptr<scalar_t>(), arg.data_ptr<int32_t>()};
+    channel_gate_fwd<scalar_t>(w.view(), t, o.buffer.data_ptr<scalar_t>());
+  });
+  o.finish();
+  return {o.out, pooled, hidden, logits, arg};
+}
+
+// (grad x (an empty tensor unless need_x_grad), grad logits [N, C], grad hidden [2N, hid]); the weights' gradients
+// are small products of these with the saved pooled and hidden rows.
+std::tuple<Tensor, Tensor, Tensor> channel_gate_backward(const Tensor& grad, const Tensor& x_in, const Tensor& argmax,
+                                                         const Tensor& logits, const Tensor& hidden, const Tensor& w1,
+                                                         const Tensor& w2, bool need_x_grad) {
+  const char* op = "channel_gate";
+  check_channel_gate(x_in, w1, c10::nullopt, w2, c10::nullopt);
+  check_grad(op, grad, x_in);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3), hid = w1.size(0);
+  check_gate_param("logits", logits, {N, C}, x_in);
+  check_gate_param("hidden", hidden, {2 * N, hid}, x_in);
+  TORCH_CHECK_VALUE(argmax.sizes().equals({N, C}), "fastnas.", op, ": argmax must have shape [", N, ", ", C,
+                    "], got ", shape_str(argmax.sizes()));
+  check_index_tensor(op, "argmax", argmax, at::kInt, HW, "x", x_in);
+  Output o = make_output(grad);
+  Tensor gx = need_x_grad ? o.out : at::empty({0}, grad.options());
+  Tensor glogits = at::empty({N, C}, x_in.options());
+  Tensor ghidden = at::empty({2 * N, hid}, x_in.options());
+  if (N * C == 0) return {gx, glogits, ghidden.zero_()};
+  Tensor g = in_layout(grad, o.layout), x = in_layout(x_in, o.layout);
+  Tensor l = logits.contiguous(), h = hidden.contiguous(), arg = argmax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::channel_gate_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const GateWeights<A> w = gate_weights<A>(w1, c10::nullopt, w2, c10::nullopt);
+    // (the backward only reads hidden, logits and argmax)
+    const GateTensors<scalar_t> t{N, C, HW, o.layout == Layout::NCHW, x.const_data_ptr<scalar_t>(), nullptr,
+                                  h.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), arg.data_ptr<int32_t>()};
+    channel_gate_bwd<scalar_t>(w.view(), t, g.const_data_ptr<scalar_t>(), glogits.data_ptr<scalar_t>(),
+                               ghidden.data_ptr<scalar_t>(), need_x_grad ? o.buffer.data_ptr<scalar_t>() : nullptr);
+  });
+  if (need_x_grad) o.finish();
+  return {gx, glogits, ghidden};
+}
+
+}  // namespace
+
+// the CPU kernels of channel_gate
+inline void register_channel_gate(torch::Library& m) {
+  m.impl("channel_gate", &channel_gate);
+  m.impl("channel_gate_backward", &channel_gate_backward);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -37,7 +38,7 @@
 #endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#include "ops_cpu_impl.h"
+#include "cpu_ops.h"
 #pragma GCC pop_options
 
 #endif

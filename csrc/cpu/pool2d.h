@@ -4,10 +4,17 @@
 // (count_include_pad=False). The backward passes scatter into the input gradient image by image, each image owned by
 // one thread: deterministic.
 //
-// Included by ops_cpu_impl.h (once per CPU capability).
+// Compiled once per CPU capability (cpu_ops.h), in a namespace named after it.
 #pragma once
 
-#include "kernels.h"
+#include <array>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "vec.h"
 
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
@@ -122,16 +129,42 @@ template <typename T>
 void max_pool_bwd(const T* grad, const uint8_t* pos, T* gx, const PoolGeometry& g) {
   using A = at::opmath_type<T>;
   const int64_t C = g.C;
-  // element offset of each window position from the window's corner
-  std::vector<int64_t> offset(g.kh * g.kw);
-  for (int64_t k = 0; k < g.kh * g.kw; ++k) offset[k] = ((k / g.kw) * g.W + k % g.kw) * C;
+  // each window position's row and column in the window (past the window: row kh, which no window holds) and its
+  // element offset from the window's corner
+  const int64_t khw = g.kh * g.kw;
+  std::array<int64_t, 256> row, col, offset;
+  for (int64_t k = 0; k < 256; ++k) {
+    row[k] = k < khw ? k / g.kw : g.kh;
+    col[k] = k < khw ? k % g.kw : 0;
+    offset[k] = (row[k] * g.W + col[k]) * C;
+  }
   scatter_by_image(gx, g, [&](int64_t n, A* acc) {
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
         const int64_t o = ((n * g.Ho + ho) * g.Wo + wo) * C;
-        // the corner may lie in the padding; the maximum itself never does
-        A* corner = acc + ((ho * g.sh - g.ph) * g.W + wo * g.sw - g.pw) * C;
-        for (int64_t c = 0; c < C; ++c) corner[offset[pos[o + c]] + c] += static_cast<A>(grad[o + c]);
+        const uint8_t* p = pos + o;
+        // the corner may lie in the padding; the maximum itself never does. The positions are checked before any
+        // is written: inside the window's part inside the input (rows [i0, i1), columns [j0, j1)); for a window
+        // wholly inside the input that is the largest position (a vectorised max) below kh * kw.
+        const int64_t hs = ho * g.sh - g.ph, ws = wo * g.sw - g.pw;
+        int64_t h0, h1, w0, w1;
+        g.window(ho, wo, h0, h1, w0, w1);
+        const int64_t i0 = h0 - hs, i1 = h1 - hs, j0 = w0 - ws, j1 = w1 - ws;
+        if (i0 == 0 && i1 == g.kh && j0 == 0 && j1 == g.kw) {
+          uint8_t largest = 0;
+          for (int64_t c = 0; c < C; ++c) largest = std::max(largest, p[c]);
+          TORCH_CHECK_INDEX(largest < khw, "fastnas.max_pool2d: argmax holds window position ", int(largest),
+                            " at [", n, ", :, ", ho, ", ", wo, "], outside the ", g.kh, "x", g.kw, " window");
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            TORCH_CHECK_INDEX(row[p[c]] >= i0 && row[p[c]] < i1 && col[p[c]] >= j0 && col[p[c]] < j1,
+                              "fastnas.max_pool2d: argmax holds window position ", int(p[c]), " at [", n, ", ", c,
+                              ", ", ho, ", ", wo, "], outside the ", g.kh, "x", g.kw,
+                              " window's part inside the input");
+          }
+        }
+        A* corner = acc + (hs * g.W + ws) * C;
+        for (int64_t c = 0; c < C; ++c) corner[offset[p[c]] + c] += static_cast<A>(grad[o + c]);
       }
     }
   });
@@ -201,6 +234,125 @@ void avg_pool_bwd(const T* grad, T* gx, const PoolGeometry& g) {
       }
     }
   });
+}
+
+namespace {
+
+// kh x kw max / average pooling (average: count_include_pad=False), computed on channels_last data; results keep
+// channels_last when the input prefers it (prefers_channels_last), else they are NCHW.
+
+void check_pool_args(const char* op, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_int_pairs(op, {{"kernel_size", kernel_size, 1}, {"stride", stride, 1}, {"padding", padding, 0}});
+  TORCH_CHECK_VALUE(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, "fastnas.", op,
+                    ": padding ", shape_str(padding), " must be at most half the kernel size ",
+                    shape_str(kernel_size));
+  TORCH_CHECK_VALUE(kernel_size[0] * kernel_size[1] <= 255, "fastnas.", op, ": windows of at most 255 elements, got ",
+                    shape_str(kernel_size));
+}
+
+PoolGeometry pool_geometry(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_pool_args(op, kernel_size, stride, padding);
+  const int64_t Ho = (H + 2 * padding[0] - kernel_size[0]) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - kernel_size[1]) / stride[1] + 1;
+  TORCH_CHECK_VALUE(H + 2 * padding[0] >= kernel_size[0] && W + 2 * padding[1] >= kernel_size[1], "fastnas.", op,
+                    ": the ", kernel_size[0], "x", kernel_size[1], " window (padding ", shape_str(padding),
+                    ") does not fit an input of ", H, "x", W);
+  // (padding at most half the window: every window then holds an input element, unless the input has none)
+  TORCH_CHECK_VALUE((H > 0 && W > 0) || N * C == 0, "fastnas.", op, ": an input of ", H, "x", W,
+                    " leaves the windows empty (padding ", shape_str(padding), ")");
+  return {N, H, W, C, Ho, Wo, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1]};
+}
+
+Tensor pool_output(const Tensor& like, at::IntArrayRef sizes, bool channels_last, c10::ScalarType dtype) {
+  return at::empty(sizes, like.options().dtype(dtype).memory_format(
+                              channels_last ? c10::MemoryFormat::ChannelsLast : c10::MemoryFormat::Contiguous));
+}
+
+// (the pooled tensor, uint8 window position of each first maximum)
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                      at::IntArrayRef padding) {
+  const char* op = "max_pool2d";
+  check_4d_on(op, "x", x, at::kCPU);
+  const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
+  Tensor out = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, x.scalar_type());
+  Tensor pos = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, at::kByte);
+  if (out.numel() > 0) {
+    Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::max_pool2d", [&] {
+      max_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), g);
+    });
+  }
+  return {prefers_channels_last(x) ? out : out.contiguous(), pos};
+}
+
+Tensor max_pool2d_backward(const Tensor& grad, const Tensor& argmax, int64_t H, int64_t W,
+                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                           bool channels_last) {
+  const char* op = "max_pool2d";
+  check_4d_on(op, "grad", grad, at::kCPU);
+  check_size_arg(op, "H", H);
+  check_size_arg(op, "W", W);
+  const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo && argmax.sizes().equals(grad.sizes()), "fastnas.",
+                    op, ": backward expects grad and argmax of shape [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo,
+                    "], got ", shape_str(grad.sizes()), " and ", shape_str(argmax.sizes()));
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kByte, "fastnas.", op, ": backward expects a uint8 argmax, got ",
+                   dtype_name(argmax.scalar_type()));
+  check_same_device(op, "argmax", argmax, "grad", grad);
+  Tensor gx = pool_output(grad, {g.N, g.C, H, W}, true, grad.scalar_type());
+  if (gx.numel() > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+    Tensor pc = argmax.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::max_pool2d_backward",
+                                    [&] {
+      max_pool_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), pc.const_data_ptr<uint8_t>(), gx.data_ptr<scalar_t>(),
+                             g);
+    });
+  }
+  return channels_last ? gx : gx.contiguous();
+}
+
+Tensor avg_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "avg_pool2d";
+  check_4d_on(op, "x", x, at::kCPU);
+  const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
+  Tensor out = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, x.scalar_type());
+  if (out.numel() > 0) {
+    Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::avg_pool2d", [&] {
+      avg_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
+    });
+  }
+  return prefers_channels_last(x) ? out : out.contiguous();
+}
+
+Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, bool channels_last) {
+  const char* op = "avg_pool2d";
+  check_4d_on(op, "grad", grad, at::kCPU);
+  const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1), H, W, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo, "fastnas.", op, ": backward expects grad of shape [",
+                    g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "], got ", shape_str(grad.sizes()));
+  Tensor gx = pool_output(grad, {g.N, g.C, H, W}, true, grad.scalar_type());
+  if (gx.numel() > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::avg_pool2d_backward",
+                                    [&] {
+      avg_pool_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), g);
+    });
+  }
+  return channels_last ? gx : gx.contiguous();
+}
+
+}  // namespace
+
+// the CPU kernels of pool2d
+inline void register_pool2d(torch::Library& m) {
+  m.impl("max_pool2d", &max_pool2d);
+  m.impl("max_pool2d_backward", &max_pool2d_backward);
+  m.impl("avg_pool2d", &avg_pool2d);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward);
 }
 
 }  // namespace CPU_CAPABILITY

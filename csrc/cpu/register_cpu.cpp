@@ -9,11 +9,11 @@
 
 namespace fastnas::cpu {
 namespace DEFAULT {
-void register_impls(torch::Library& m);  // ops_cpu_default.cpp
+void register_impls(torch::Library& m);  // cpu_ops.h, compiled by ops_cpu_default.cpp
 }
 #if FASTNAS_HAVE_AVX2_KERNELS
 namespace AVX2 {
-void register_impls(torch::Library& m);  // ops_cpu_avx2.cpp
+void register_impls(torch::Library& m);  // cpu_ops.h, compiled by ops_cpu_avx2.cpp
 }
 #endif
 

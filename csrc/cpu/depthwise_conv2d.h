@@ -6,10 +6,15 @@
 // (KW * NV vectors). Deterministic: one partial sum per (image, block of output rows), blocks fixed by the problem
 // size, added in order.
 //
-// Included by ops_cpu_impl.h (once per CPU capability).
+// Compiled once per CPU capability (cpu_ops.h), in a namespace named after it.
 #pragma once
 
-#include "kernels.h"
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "vec.h"
 
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
@@ -145,6 +150,49 @@ void depthwise_weight_grad(const T* x, const T* gr, T* out, const DepthwiseGeome
   const int64_t khw = g.kh * g.kw;
   for (int64_t t = 0; t < khw; ++t)
     for (int64_t c = 0; c < g.C; ++c) out[c * khw + t] = static_cast<T>(total[t * g.C + c]);
+}
+
+namespace {
+
+// dW of a depthwise convolution (weight [C, 1, kh, kw]) from its output gradient and input, in x's dtype.
+Tensor depthwise_conv2d_weight_grad(const Tensor& grad, const Tensor& x, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "depthwise_conv2d_weight_grad";
+  check_4d_on(op, "x", x, at::kCPU);
+  check_4d(op, "grad", grad);
+  check_same_device(op, "grad", grad, "x", x);
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "fastnas.", op, ": grad has dtype ",
+                   dtype_name(grad.scalar_type()), ", expected the dtype of x (", dtype_name(x.scalar_type()), ")");
+  check_int_pairs(op, {{"kernel_size", kernel_size, 1}, {"stride", stride, 1}, {"padding", padding, 0},
+                       {"dilation", dilation, 1}});
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(Ho >= 1 && Wo >= 1, "fastnas.", op, ": the ", kernel_size[0], "x", kernel_size[1],
+                    " filter (dilation ", shape_str(dilation), ", padding ", shape_str(padding),
+                    ") does not fit the input of shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(grad.size(0) == N && grad.size(1) == C && grad.size(2) == Ho && grad.size(3) == Wo, "fastnas.",
+                    op, ": grad must have shape [", N, ", ", C, ", ", Ho, ", ", Wo, "], got ",
+                    shape_str(grad.sizes()));
+  Tensor out = at::zeros({C, 1, kernel_size[0], kernel_size[1]}, x.options());
+  if (N == 0 || C == 0) return out;
+  Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+  Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+  const DepthwiseGeometry geo{N, H, W, C, Ho, Wo, kernel_size[0], kernel_size[1], stride[0], stride[1],
+                              padding[0], padding[1], dilation[0], dilation[1]};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::depthwise_conv2d_weight_grad",
+                                  [&] {
+    depthwise_weight_grad<scalar_t>(xc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+                                    out.data_ptr<scalar_t>(), geo);
+  });
+  return out;
+}
+
+}  // namespace
+
+// the CPU kernels of depthwise_conv2d
+inline void register_depthwise_conv2d(torch::Library& m) {
+  m.impl("depthwise_conv2d_weight_grad", &depthwise_conv2d_weight_grad);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -8,10 +8,15 @@
 // weight gradient the correlation of the output gradient with the padded input, summed per image and then over the
 // images in order (deterministic).
 //
-// Included by ops_cpu_impl.h (once per CPU capability).
+// Compiled once per CPU capability (cpu_ops.h), in a namespace named after it.
 #pragma once
 
-#include "kernels.h"
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "vec.h"
 
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
@@ -141,6 +146,97 @@ void single_channel_conv_bwd(const T* grad, const T* x, const at::opmath_type<T>
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t t = 0; t < taps; ++t) gw[t] += partial[n * taps + t];
   }
+}
+
+namespace {
+
+// A stride-1 convolution of x [N, C, H, W] to one channel (weight [1, C, kh, kw], zero padding p < k, no bias): the
+// convolution of a CBAM spatial gate.
+
+SingleConvGeometry single_conv_geometry(const char* op, const Tensor& x, const Tensor& weight,
+                                        at::IntArrayRef padding) {
+  check_4d_on(op, "x", x, at::kCPU);
+  check_4d(op, "weight", weight);
+  check_same_device(op, "weight", weight, "x", x);
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "fastnas.", op, ": weight has dtype ",
+                   dtype_name(weight.scalar_type()), ", expected the dtype of x (", dtype_name(x.scalar_type()), ")");
+  TORCH_CHECK_VALUE(weight.size(0) == 1 && weight.size(1) == x.size(1), "fastnas.", op,
+                    ": weight must have shape [1, ", x.size(1), ", kh, kw], got ", shape_str(weight.sizes()));
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0 && padding[0] < kh && padding[1] < kw,
+                    "fastnas.", op, ": padding must be two integers in [0, kernel size), got ", shape_str(padding),
+                    " for a ", kh, "x", kw, " filter");
+  const int64_t H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(H + 2 * padding[0] >= kh && W + 2 * padding[1] >= kw, "fastnas.", op, ": the ", kh, "x", kw,
+                    " filter (padding ", shape_str(padding), ") does not fit an input of ", H, "x", W);
+  SingleConvGeometry g{x.size(0), x.size(1), H, W, kh, kw, padding[0], padding[1], H + 2 * padding[0] - kh + 1,
+                       W + 2 * padding[1] - kw + 1, 0, 0, 0, 0, 0, 0, 0};
+  g.os_n = g.Ho * g.Wo;
+  g.os_h = g.Wo;
+  g.os_w = 1;
+  return g;
+}
+
+Tensor single_channel_conv2d(const Tensor& x, const Tensor& weight, at::IntArrayRef padding) {
+  const char* op = "single_channel_conv2d";
+  SingleConvGeometry g = single_conv_geometry(op, x, weight, padding);
+  const auto fmt = prefers_channels_last(x) ? c10::MemoryFormat::ChannelsLast : c10::MemoryFormat::Contiguous;
+  Tensor out = at::empty({g.N, 1, g.Ho, g.Wo}, x.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  Tensor xc = x.contiguous(fmt);
+  g.xs_n = xc.stride(0), g.xs_c = xc.stride(1), g.xs_h = xc.stride(2), g.xs_w = xc.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::single_channel_conv2d", [&] {
+    using A = at::opmath_type<scalar_t>;
+    Tensor w = weight.to(acc_dtype(x.scalar_type())).contiguous();
+    single_channel_conv_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), w.const_data_ptr<A>(), out.data_ptr<scalar_t>(),
+                                      g);
+  });
+  return out;
+}
+
+// (grad x (empty unless need_x_grad), grad weight (empty unless need_weight_grad))
+std::tuple<Tensor, Tensor> single_channel_conv2d_backward(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                          at::IntArrayRef padding, bool need_x_grad,
+                                                          bool need_weight_grad) {
+  const char* op = "single_channel_conv2d";
+  SingleConvGeometry g = single_conv_geometry(op, x, weight, padding);
+  check_float(op, "grad", grad);
+  check_same_device(op, "grad", grad, "x", x);
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == g.N && grad.size(1) == 1 && grad.size(2) == g.Ho &&
+                        grad.size(3) == g.Wo,
+                    "fastnas.", op, ": grad must have shape [", g.N, ", 1, ", g.Ho, ", ", g.Wo, "], got ",
+                    shape_str(grad.sizes()));
+  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "fastnas.", op, ": grad has dtype ",
+                   dtype_name(grad.scalar_type()), ", expected ", dtype_name(x.scalar_type()));
+  const auto fmt = prefers_channels_last(x) ? c10::MemoryFormat::ChannelsLast : c10::MemoryFormat::Contiguous;
+  Tensor xc = x.contiguous(fmt);
+  g.xs_n = xc.stride(0), g.xs_c = xc.stride(1), g.xs_h = xc.stride(2), g.xs_w = xc.stride(3);
+  Tensor gx = need_x_grad ? at::empty_like(xc) : at::empty({0}, x.options());
+  Tensor gw_acc = at::zeros(need_weight_grad ? weight.sizes() : at::IntArrayRef{0},
+                            x.options().dtype(acc_dtype(x.scalar_type())));
+  if (g.N > 0 && (need_x_grad || need_weight_grad)) {
+    Tensor gc = grad.contiguous();  // [N, 1, Ho, Wo]: both layouts are this order
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                    "fastnas::single_channel_conv2d_backward",
+                                    [&] {
+      using A = at::opmath_type<scalar_t>;
+      Tensor w = weight.to(acc_dtype(x.scalar_type())).contiguous();
+      single_channel_conv_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                                        w.const_data_ptr<A>(), need_x_grad ? gx.data_ptr<scalar_t>() : nullptr,
+                                        need_weight_grad ? gw_acc.data_ptr<A>() : nullptr, g);
+    });
+  } else if (need_x_grad) {
+    gx.zero_();
+  }
+  return {gx, need_weight_grad ? gw_acc.to(weight.scalar_type()) : gw_acc};
+}
+
+}  // namespace
+
+// the CPU kernels of single_channel_conv2d
+inline void register_single_channel_conv2d(torch::Library& m) {
+  m.impl("single_channel_conv2d", &single_channel_conv2d);
+  m.impl("single_channel_conv2d_backward", &single_channel_conv2d_backward);
 }
 
 }  // namespace CPU_CAPABILITY
