@@ -155,3 +155,47 @@ def test_genotype_inputs_of_the_wrong_kind_are_clear(tmp_path):
         fastnas.EvalNet(None)
     with pytest.raises(ConfigError, match="missing"):
         fastnas.EvalNet({})
+
+
+# -- higher derivatives through the whole supernet ------------------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_supernet_hessian_vector_product_matches_the_reference_backend(channels_last):
+    """H·v of the loss with respect to α by double backward (RobustDARTS's eigenvalue, exact second order) on the
+    default backend and plan equals the reference backend's, in float64."""
+    torch.manual_seed(0)
+    net = fastnas.SuperNet(4, 3, 3, primitives=["none", "skip_connect", "sep_conv_3x3", "channel_attention",
+                                                "spatial_attention", "max_pool_3x3", "avg_pool_3x3"],
+                           steps=2, multiplier=2, in_channels=1).double()
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    alphas = net.arch_parameters()
+    v = [torch.randn_like(a) for a in alphas]
+    state = {k: t.clone() for k, t in net.state_dict().items()}
+
+    def hvp(backend):
+        net.load_state_dict(state)  # the same batch-norm statistics for both runs
+        with fastnas.ops.backend(backend):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            grads = torch.autograd.grad(loss, alphas, create_graph=True)
+            return torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), alphas)
+
+    for ours, ref in zip(hvp("auto"), hvp("reference")):
+        torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-9)
+        assert ref.abs().max() > 0
+
+
+def test_fused_node_sum_gradient_with_a_graph_when_one_input_feeds_another():
+    """A skip input h beside candidates computed from h: the gradient taken with create_graph (the path to higher
+    derivatives) equals the plain one; each input's gradient counts only its own path."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    grads = []
+    for create_graph in (False, True):
+        norms = [torch.nn.BatchNorm2d(4, affine=False).double() for _ in range(2)]
+        out = fastnas.ops.normalized_mixed_sum([(torch.relu(h) * 2, norms[0]), (h * h, norms[1])], [h], w)
+        grads.append(torch.autograd.grad(out, [w, h], g, create_graph=create_graph))
+    for plain, with_graph in zip(*grads):
+        torch.testing.assert_close(with_graph, plain, rtol=1e-10, atol=1e-12)

@@ -52,3 +52,19 @@ def backward_kernels(kernels: dict, references: dict) -> dict:
     """The kernels a backward runs: the backend's, or under ``create_graph`` (grad mode on in the backward) the
     differentiable references, so that higher derivatives are exact on every backend."""
     return references if torch.is_grad_enabled() else kernels
+
+
+def partial_vjp(fn: Callable, inputs: tuple, grad: torch.Tensor, needs: tuple) -> list:
+    """The vector-Jacobian product of ``fn(*inputs)`` with ``grad``, with a graph (for higher derivatives): one
+    partial derivative per needed input, None for the others.
+
+    ``fn`` runs on aliases of the inputs: when one input is computed from another (a node sum's skip input and a
+    candidate's output), the gradient of each alias holds only its own path, not the path through the other input,
+    which autograd adds once itself."""
+    with torch.enable_grad():
+        aliases = [t.view_as(t) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in inputs]
+        y = fn(*aliases)
+    wanted = [need and isinstance(a, torch.Tensor) and a.requires_grad for a, need in zip(aliases, needs)]
+    grads = iter(torch.autograd.grad(y, [a for a, w in zip(aliases, wanted) if w], grad, create_graph=True,
+                                     allow_unused=True))
+    return [next(grads) if w else None for w in wanted]

@@ -21,7 +21,7 @@ from .. import checks, layout
 from ..backend import get, select
 from . import channel_pool as _pool
 from . import scale as _scale
-from ._kernel import Kernel
+from ._kernel import Kernel, partial_vjp
 
 OP = "channel_attention"
 
@@ -161,11 +161,7 @@ class FusedChannelGate(torch.autograd.Function):
 
 def _differentiated(grad: torch.Tensor, inputs: tuple, needs: tuple) -> list:
     """The gradients of the reference gate with a graph (for higher derivatives)."""
-    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-    with torch.enable_grad():
-        y = reference(*inputs)
-    grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
-    return [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
+    return partial_vjp(reference, inputs, grad, needs)
 
 
 def _backward_composed(kernels, grad: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,

@@ -16,7 +16,7 @@ from torch import nn
 from .. import checks, layout
 from ..backend import get, select
 from . import mixed_sum as _mixed_sum
-from ._kernel import Kernel
+from ._kernel import Kernel, partial_vjp
 
 OP = "normalized_mixed_sum"
 KERNEL = "normalized_mixed_sum"
@@ -116,13 +116,12 @@ class NormalizedMixedSum(torch.autograd.Function):
 
 
 def _differentiated(grad, weights, zs, count, num_normalized, eps, need_w):
-    with torch.enable_grad():
-        terms = [F.batch_norm(z, None, None, None, None, True, 0.0, eps) for z in zs[:num_normalized]] + zs[
-            num_normalized:]
-        out = sum(weights[k] * t.to(grad.dtype) for k, t in enumerate(terms))
-    wrt = [t for t in (weights, *zs) if t.requires_grad]
-    got = iter(torch.autograd.grad(out, wrt, grad, create_graph=True, allow_unused=True))
-    gw, *gzs = [next(got) if t.requires_grad else None for t in (weights, *zs)]
+    """The gradients of the composition (batch norms with batch statistics, then the weighted sum) with a graph."""
+    def composition(w, *zs):
+        terms = [F.batch_norm(z, None, None, None, None, True, 0.0, eps) for z in zs[:num_normalized]]
+        return sum(w[k] * t.to(grad.dtype) for k, t in enumerate(terms + list(zs[num_normalized:])))
+
+    gw, *gzs = partial_vjp(composition, (weights, *zs), grad, (need_w,) + (True,) * len(zs))
     gzs += [weights[k] * grad for k in range(len(zs), count)]  # inputs not kept: linear in grad
     return gw, gzs
 
