@@ -1,7 +1,7 @@
 """A run folder, owned by one run at a time.
 
-A run takes its folder with an exclusive ``flock`` on ``.lock`` inside it, held until the process exits (the kernel
-drops it when a run is killed, so a crash leaves nothing stale). A second run into the same folder is refused while
+A run takes its folder with an exclusive ``flock`` on the folder itself, held until the process exits (the kernel
+drops it when a run is killed, so a crash leaves nothing stale, and the folder holds only the run's outputs). A second run into the same folder is refused while
 the first holds it. A folder that already holds a run's outputs is written only to continue that run (``--resume``)
 or with ``--overwrite``, which first removes the outputs it names, so that nothing of the old run mixes with the new.
 """
@@ -13,13 +13,12 @@ from pathlib import Path
 
 from .errors import RunFolderError
 
-LOCK_NAME = ".lock"
 # what a search or a retraining writes; their presence means the folder holds a run
 RUN_OUTPUTS = ("config.json", "log.txt", "checkpoint.pt", "alphas.json", "alphas.png", "genotype.json",
                "genotype.txt", "analysis.txt", "normal.png", "reduce.png", "metrics.json", "model.safetensors",
                "model.json")
 
-_held: dict[Path, int] = {}  # folder -> descriptor of its lock file, kept open for the life of the process
+_held: dict[Path, int] = {}  # folder -> its locked descriptor, kept open while the command runs
 
 
 def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -30,15 +29,17 @@ def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False) ->
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise RunFolderError(f"cannot create the run folder {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        os.close(fd)
+        raise RunFolderError(f"cannot write into the run folder {path}: permission denied")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        owner = _read_owner(fd)
         os.close(fd)
-        raise RunFolderError(f"the run folder {path} is in use by another run{owner}; wait for it to finish or "
+        raise RunFolderError(f"the run folder {path} is in use by another run; wait for it to finish or "
                              f"choose another --run-dir") from None
     existing = [name for name in RUN_OUTPUTS if (path / name).exists()]
     if existing and not resume:
@@ -50,8 +51,6 @@ def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False) ->
                                  f"pass --overwrite to replace it, or choose another --run-dir")
         for name in existing:
             (path / name).unlink()
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     _held[path.resolve()] = fd
     return path
 
@@ -69,10 +68,3 @@ def release_all() -> None:
     for path in list(_held):
         release(path)
 
-
-def _read_owner(fd: int) -> str:
-    try:
-        pid = os.pread(fd, 32, 0).decode().strip()
-    except OSError:
-        return ""
-    return f" (process {pid})" if pid.isdigit() else ""

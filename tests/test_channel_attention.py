@@ -266,7 +266,7 @@ def test_gate_operators_bad_input_names_the_problem():
         gate(x[0], w1, b1, w2, b2)
     _, _, hidden, logits, argmax = gate(x, w1, b1, w2, b2)
     back = torch.ops.fastnas.channel_gate_backward
-    with pytest.raises(TypeError, match=r"channel_gate: argmax has dtype torch.int64, expected int32"):
+    with pytest.raises(TypeError, match=r"channel_gate: argmax has dtype torch.int64, expected torch.int32"):
         back(x, x, argmax.long(), logits, hidden, w1, w2, True)
     with pytest.raises(ValueError, match=r"channel_gate: hidden must have shape \[8, 2\]"):
         back(x, x, argmax, logits, hidden[:4], w1, w2, True)

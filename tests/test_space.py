@@ -64,13 +64,22 @@ def test_attention_modules_match_cbam_definition():
     assert CBAM(32)(x).shape == x.shape
 
 
-def test_modules_compute_through_the_selected_backend(monkeypatch):
+def test_modules_compute_through_the_selected_backend():
     """A backend swap reaches every attention gate: the gates call fastnas.ops, not torch directly."""
-    import fastnas.ops.reference as ref
+    from fastnas.ops import reference
+    from fastnas.ops.backend import define_kernels, register_backend, required_kernels
 
-    calls = []
-    orig = ref.channel_scale
-    monkeypatch.setattr(ref, "channel_scale", lambda *a: calls.append(1) or orig(*a))
-    with fastnas.ops.backend("reference"):
-        ChannelAttention(8)(torch.randn(1, 8, 3, 3))
-    assert calls
+    calls: list[str] = []
+
+    def spy(name):
+        kernel = reference.KERNELS[name]
+        return lambda *args: calls.append(name) or kernel(*args)
+
+    register_backend("spy", define_kernels("fastnas_spy", {n: spy(n) for n in sorted(required_kernels())}), ("cpu",))
+    x = torch.randn(1, 8, 3, 3)
+    with fastnas.ops.backend("spy"):
+        ChannelAttention(8)(x)
+        assert "channel_pool" in calls and "channel_scale" in calls
+        calls.clear()
+        SpatialAttention(3)(x)
+        assert "spatial_pool" in calls and "spatial_scale" in calls
