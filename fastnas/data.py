@@ -459,17 +459,26 @@ def _check_images(samples: list[tuple[str, int]], skip_bad_images: bool,
 
 
 def _split(samples: list[tuple[str, int]], num_classes: int) -> tuple[list, list]:
-    """Hold out :data:`VAL_FRACTION` of each class (at least one image of a class with two or more) by
-    :data:`SPLIT_SEED`; the training part is returned shuffled, so that its first images mix the classes."""
+    """Hold out :data:`VAL_FRACTION` of each class (at least one image of a class with two or more), drawn by
+    :data:`SPLIT_SEED`. Returns (training part, held-out part)."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
+    by_class: list[list[tuple[str, int]]] = [[] for _ in range(num_classes)]
+    for sample in samples:
+        by_class[sample[1]].append(sample)
     train, val = [], []
-    for c in range(num_classes):
-        own = [s for s in samples if s[1] == c]
+    for own in by_class:
         order = torch.randperm(len(own), generator=g).tolist()
         k = max(1, round(VAL_FRACTION * len(own))) if len(own) >= 2 else 0
         val += [own[i] for i in order[:k]]
         train += [own[i] for i in order[k:]]
-    return [train[i] for i in torch.randperm(len(train), generator=g).tolist()], val
+    return train, val
+
+
+def _shuffled(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``samples`` in a fixed random order, so that the first images of a training part (the search's weight half,
+    ``--limit``) mix the classes instead of following the folders."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    return [samples[i] for i in torch.randperm(len(samples), generator=g).tolist()]
 
 
 def _statistics(samples: list[tuple[str, int]], info: dict[str, Any], workers: int) -> tuple[list, list]:
@@ -528,6 +537,7 @@ def open_folder(data_dir: str | Path | None, image_size: int | None = None, skip
         train, val = [s for s in train if s in kept], [s for s in val if s in kept]
     if not train:
         raise DataError(f"no readable training images in {root}")
+    train = _shuffled(train)
     if saved is not None:
         info = DatasetInfo("folder", int(saved["in_channels"]), len(classes), int(saved["image_size"]),
                            tuple(saved["mean"]), tuple(saved["std"]), tuple(classes))

@@ -87,6 +87,7 @@ def test_held_out_part_classes_and_channels_follow_the_folder(tmp_path):
     make_folder(split / "val", per_class=2, classes=("y",))
     parts = open_folder(split, image_size=8)
     assert parts.info.in_channels == 3 and len(parts.train) == 8
+    assert len({label for _, label in parts.train[:4]}) == 2  # shuffled here too
     assert [label for _, label in parts.val] == [1, 1]  # val/y is class 1 of train/'s classes
     with pytest.raises(DataError, match="the run was trained on"):
         open_folder(split, saved={"classes": ["x", "z"], "in_channels": 3, "image_size": 8, "mean": [0.5] * 3,
