@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="image side, and the network's input side")
     p.add_argument("--batch-size", type=int, default=64, help="loader batch (the quick preset's)")
     p.add_argument("--steps", type=int, default=3, help="timed search steps (after one warm-up step)")
+    p.add_argument("--threads", type=int, help="PyTorch threads (default: PyTorch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="fastnas-bench-") as tmp:
         root = make_folder(Path(tmp) / "images", args.images, args.classes, args.size)
         start = time.perf_counter()
