@@ -9,7 +9,7 @@ on the same data:
   start-up) is excluded;
 - the search step's own images per second: the first-order step (``Architect.step`` then ``weight_step``, as
   ``Search.train_epoch`` runs it) of the ``quick`` preset's supernet at that image size, on batches fetched
-  beforehand, so that no reading is timed; the median over the steps after one warm-up step.
+  beforehand, so that no reading is timed; all images over all the time of the steps after one warm-up step.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def search_step_throughput(root: Path, size: int, steps: int) -> tuple[float, in
                                        dict(dataset="folder", data_dir=str(root), image_size=size, device="cpu")))
     search = Search(cfg, None, progress=False)
     batches = list(zip(_batches(search.train_loader, steps + 1), _batches(search.valid_loader, steps + 1)))
-    lr, times = search.scheduler.get_last_lr()[0], []
+    lr, times, sizes = search.scheduler.get_last_lr()[0], [], []
     search.model.train()
     for (x, y), (xv, yv) in batches:
         x, y = runtime.to_device(x, y, search.device, search.channels_last)
@@ -71,7 +71,8 @@ def search_step_throughput(root: Path, size: int, steps: int) -> tuple[float, in
         weight_step(search.model, search.forward, search._loss, search.optimizer, x, y, cfg.grad_clip,
                     search.model.arch_parameters(), search.scaler)
         times.append(time.perf_counter() - start)
-    return x.shape[0] / statistics.median(times[1:]), x.shape[0], cfg
+        sizes.append(x.shape[0])
+    return sum(sizes[1:]) / sum(times[1:]), max(sizes), cfg
 
 
 def _batches(loader, n: int) -> list:
