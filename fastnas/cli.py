@@ -31,11 +31,18 @@ def new_parser(prog: str, description: str, presets: dict[str, dict[str, Any]], 
 
 
 def add_data_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100"], help="dataset (digits ships with the package)")
-    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python")
+    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100", "folder"],
+                   help="dataset (digits ships with the package; folder: your images under --data-dir)")
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python, or with --dataset "
+                                      "folder the images: DIR/<class>/<image>, or DIR/train/ and DIR/val/")
     g.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-dir")
+    g.add_argument("--image-size", type=int, help="--dataset folder: network input side; images are resized "
+                                                  "(short side) and cropped to it (default 32)")
+    g.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="--dataset folder: leave unreadable image files out (counted) instead of stopping")
     g.add_argument("--limit", type=int, help="use only the first N training images")
-    g.add_argument("--workers", type=int, help="data loader worker processes")
+    g.add_argument("--workers", type=int, help="data loader worker processes (default: 0 for in-memory "
+                                               "datasets, up to 4 for folders)")
 
 
 def add_engine_options(g: argparse._ArgumentGroup, network: str) -> None:
@@ -66,6 +73,14 @@ def claim_run_dir(args: argparse.Namespace, prefix: str) -> Path:
     except OSError as exc:
         raise RunFolderError(f"cannot create a run folder under {args.out}: {exc.strerror or exc}") from None
     return rundir.claim(path)
+
+
+def write_run_start(run_dir: Path, config: dict[str, Any], info) -> None:
+    """``config.json`` and ``data.json`` (:func:`fastnas.data.data_record`), committed together as a run starts."""
+    from .data import DATA_JSON, data_json_text
+
+    checkpoint.write_together({run_dir / "config.json": runtime.json_text(config).encode(),
+                               run_dir / DATA_JSON: data_json_text(info).encode()})
 
 
 def commit_epoch(run_dir: Path, epoch: int, files: dict[Path, bytes]) -> None:

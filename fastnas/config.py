@@ -36,7 +36,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stem_multiplier": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "limit": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
     "max_steps": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
-    "workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "workers": (lambda v: v is None or (_integer(v) and v >= 0), "an integer >= 0"),
+    "dataset": (lambda v: v in ("digits", "cifar10", "cifar100", "folder"), "digits, cifar10, cifar100 or folder"),
+    "image_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
+    "skip_bad_images": (lambda v: isinstance(v, bool), "true or false"),
     "seed": (lambda v: _integer(v) and 0 <= v < 2 ** 63, "an integer in [0, 2^63)"),
     "lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
     "lr_min": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
@@ -89,6 +92,8 @@ class SearchConfig:
     data_dir: str | None = None
     download: bool = False
     limit: int | None = None  # keep only the first N training images (smoke tests)
+    image_size: int | None = None  # --dataset folder: the network's input side (default 32)
+    skip_bad_images: bool = False  # --dataset folder: leave unreadable image files out instead of refusing
     primitives: str = "at-darts"
     C: int = 16
     layers: int = 8
@@ -109,7 +114,7 @@ class SearchConfig:
     order: int = 1
     warmup_epochs: int = 0  # epochs of weight steps only, before the architecture starts to move
     seed: int = 2
-    workers: int = 0
+    workers: int | None = None  # None: 0 for in-memory datasets, a few for folders (data.loader_workers)
     device: str = "auto"
     backend: str = "auto"
     amp: str = "off"
@@ -185,6 +190,8 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     limit: int | None = None  # keep only the first N training images (smoke tests)
+    image_size: int | None = None  # --dataset folder: the network's input side (default 32)
+    skip_bad_images: bool = False  # --dataset folder: leave unreadable image files out instead of refusing
     C: int = 36
     layers: int = 20
     steps: int = 4  # intermediate nodes per cell the genotype must have
@@ -202,7 +209,7 @@ class TrainConfig:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # None: 0 for in-memory datasets, a few for folders (data.loader_workers)
     device: str = "auto"
     backend: str = "auto"
     amp: str = "off"

@@ -1,12 +1,16 @@
 """Test accuracy of a trained model: ``python -m fastnas.evaluate RUN_DIR``.
 
 Reads the run folder's ``model.safetensors`` and ``model.json`` (written by ``python -m fastnas.train``), evaluates
-on the test split of the dataset it was trained on, and prints the accuracy.
+on the test split of the dataset it was trained on, and prints the accuracy. For an image folder the test split is
+its held-out part, read from the run's ``--data-dir`` (or another folder with the same classes) with the run's
+``data.json`` (classes, size, normalisation).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -14,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import runtime
-from .data import dataset_info, load_split
+from .data import (FolderImages, dataset_info, eval_transform, load_split, loader_workers, open_folder,
+                   read_data_json)
 from .config import device_ok
 from .errors import ConfigError, DataError, FastNASError
 from .evalnet import EvalNet, load_model
@@ -28,6 +33,10 @@ def check_dataset(model: EvalNet, dataset: str | None) -> str:
         if trained is None:
             raise DataError("the model does not record its dataset: pass --dataset")
         return trained
+    if "folder" in (dataset, trained):
+        if dataset != trained:
+            raise DataError(f"the model was trained on {trained!r}; it cannot be evaluated on {dataset!r}")
+        return dataset
     info = dataset_info(dataset)
     if trained is not None and dataset != trained:
         raise DataError(f"the model was trained on {trained!r} ({model.in_channels} channel(s), {model.num_classes} "
@@ -49,10 +58,30 @@ def evaluate_run(run_dir, dataset: str | None = None, split: str = "test", data_
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     dataset = check_dataset(model, dataset)
-    data = load_split(dataset, train=split == "train", data_dir=data_dir, download=download, limit=limit)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    if dataset == "folder":
+        data, workers = folder_split(run_dir, split, data_dir, limit), loader_workers("folder", None)
+    else:
+        data, workers = load_split(dataset, train=split == "train", data_dir=data_dir, download=download,
+                                   limit=limit), 0
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda")
     criterion = nn.CrossEntropyLoss()
     return runtime.evaluate(model, loader, lambda logits, y: criterion(logits.float(), y), dev, amp, channels_last)
+
+
+def folder_split(run_dir, split: str, data_dir=None, limit: int | None = None) -> FolderImages:
+    """The held-out (``test``) or training part of the image folder a run was trained on, as the run's
+    ``data.json`` says to read it; ``data_dir`` replaces the run's ``--data-dir``."""
+    info = read_data_json(run_dir)
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    data_dir = data_dir or config.get("data_dir")
+    parts = open_folder(data_dir, skip_bad_images=bool(config.get("skip_bad_images")),
+                        workers=loader_workers("folder", None), saved=info)
+    samples = parts.val if split == "test" else parts.train
+    return FolderImages(samples[:limit] if limit is not None else samples, eval_transform(info), parts.info)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("run_dir", help="the run folder (holding model.safetensors and model.json)")
-    add("--dataset", choices=["digits", "cifar10", "cifar100"], help="default: the dataset the model was trained on")
+    add("--dataset", choices=["digits", "cifar10", "cifar100", "folder"],
+        help="default: the dataset the model was trained on")
     add("--split", choices=["test", "train"], default="test")
-    add("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python")
+    add("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python, or the image folder "
+                           "(default for a folder: the run's own --data-dir)")
     add("--download", action="store_true", help="download CIFAR into --data-dir")
     add("--limit", type=int, help="evaluate only the first N images")
     add("--batch-size", type=int, default=256)

@@ -27,7 +27,7 @@ from . import checkpoint, cli, compilation, distributed, rundir, runtime
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .config import SEARCH_PRESETS, SearchConfig
-from .data import search_loaders, set_epoch
+from .data import check_image_size, check_resumed_data, search_loaders, set_epoch
 from .errors import CheckpointError, ConfigError
 from .genotype import Genotype
 from .runtime import log
@@ -59,9 +59,11 @@ class Search:
             raise ConfigError("--amp bf16 with the triton backend needs a GPU")
         runtime.seed_everything(cfg.seed)
 
+        check_image_size(cfg.dataset, cfg.image_size, cfg.layers)
         self.train_loader, self.valid_loader, self.info = search_loaders(
             cfg.dataset, cfg.batch_size, cfg.train_portion, cfg.data_dir, cfg.download, cfg.seed, cfg.workers,
-            cfg.limit, distributed.rank(), distributed.world_size())
+            cfg.limit, distributed.rank(), distributed.world_size(), cfg.image_size, cfg.skip_bad_images,
+            pin_memory=self.device.type == "cuda")
         check_input_size(self.info.image_size, self.info.image_size, cfg.layers)
         self.model = self.build_model().to(self.device)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.device)
@@ -316,6 +318,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         search.load_state_dict(state)
         if main_process:
             rundir.claim(run_dir, resume=True)
+            check_resumed_data(run_dir, search.info)
         log.info(f"resumed {run_dir} after epoch {search.epoch}")
     else:
         cfg = config_from_args(args)
@@ -331,7 +334,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         if main_process:  # only rank 0 makes and writes the run folder
             search.run_dir = cli.claim_run_dir(args, f"search-{args.preset}")
             runtime.setup_logging(search.run_dir)
-            runtime.write_json({"preset": args.preset, **cfg.to_dict()}, search.run_dir / "config.json")
+            cli.write_run_start(search.run_dir, {"preset": args.preset, **cfg.to_dict()}, search.info)
     result = search.run()
     distributed.barrier()  # the job ends when every process has finished
     if main_process:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint, cli, compilation, distributed, genotypes, rundir, runtime
 from .config import TRAIN_PRESETS, TrainConfig
-from .data import dataset_info, load_split, set_epoch, shard_sampler
+from .data import check_image_size, check_resumed_data, loader_workers, set_epoch, shard_sampler, train_test_data
 from .errors import CheckpointError, ConfigError
 from .evalnet import EvalNet, save_model
 from .genotype import Genotype
@@ -103,16 +103,16 @@ class Trainer:
         runtime.seed_everything(cfg.seed)
         rank, world = distributed.rank(), distributed.world_size()
 
-        self.info = dataset_info(cfg.dataset)
-        train_data = load_split(cfg.dataset, train=True, data_dir=cfg.data_dir, download=cfg.download, augment=True,
-                                cutout=cfg.cutout, limit=cfg.limit)
-        test_data = load_split(cfg.dataset, train=False, data_dir=cfg.data_dir, download=cfg.download)
+        check_image_size(cfg.dataset, cfg.image_size, cfg.layers)
+        workers, pin = loader_workers(cfg.dataset, cfg.workers), self.device.type == "cuda"
+        train_data, test_data, self.info = train_test_data(cfg.dataset, cfg.data_dir, cfg.download, cfg.cutout,
+                                                           cfg.limit, cfg.image_size, cfg.skip_bad_images, workers)
         self.train_loader = DataLoader(train_data, batch_size=cfg.batch_size,
                                        sampler=shard_sampler(range(len(train_data)), cfg.seed, rank, world),
-                                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+                                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
         test_share = test_data if world == 1 else Subset(test_data, range(rank, len(test_data), world))
         self.test_loader = DataLoader(test_share, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
-                                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+                                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
         counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)
         self.majority_baseline = 100.0 * float(counts.max()) / max(len(test_data), 1)  # always the commonest class
         self.model = self.build_model().to(self.device)
@@ -372,6 +372,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         trainer.load_state_dict(state)
         if main_process:
             rundir.claim(run_dir, resume=True)
+            check_resumed_data(run_dir, trainer.info)
         log.info(f"resumed {run_dir} after epoch {trainer.epoch}")
     else:
         cfg = config_from_args(args)
@@ -388,8 +389,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             run_dir = cli.claim_run_dir(args, f"train-{args.preset}")
             trainer.run_dir = run_dir
             runtime.setup_logging(run_dir)
-            runtime.write_json({"preset": args.preset, "genotype_source": source, **cfg.to_dict()},
-                               run_dir / "config.json")
+            cli.write_run_start(run_dir, {"preset": args.preset, "genotype_source": source, **cfg.to_dict()},
+                                trainer.info)
     result = trainer.run()
     distributed.barrier()  # the job ends when every process has finished
     if main_process:

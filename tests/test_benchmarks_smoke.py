@@ -71,3 +71,12 @@ def test_report_on_fixture(tmp_path):
     assert "4.00×" in table and "2.00×" in table and "100%" in table  # cpu vs ref, vs compiled ref, of floor
     assert "| search1 | cpu | 1.50 s | 1.60 s | 0.70× |" in table and "| 500 | 0.50× |" in table
     assert (tmp_path / "out" / "plot.png").stat().st_size > 1000
+
+
+def test_data_loading_benchmark_reads_a_generated_folder(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.data_loading import loader_throughput, make_folder
+
+    root = make_folder(tmp_path / "images", images=12, classes=3, size=8)
+    assert sorted(p.name for p in root.iterdir()) == ["class0", "class1", "class2"]
+    assert loader_throughput(root, size=8, batch=4, workers=0, passes=1) > 0

@@ -8,6 +8,7 @@ from torch import nn
 import fastnas
 from fastnas import search as search_cli
 from fastnas.architect import Architect
+from fastnas.data import read_data_json
 from fastnas.search import Search
 from helpers import tiny_search_config
 
@@ -110,8 +111,10 @@ def test_cli_writes_every_output(tmp_path, capsys):
                           "--batch-size", "16", "--max-steps", "2", "--run-dir", str(run), "--no-progress"])
     assert rc == 0
     for name in ["config.json", "log.txt", "alphas.json", "checkpoint.pt", "genotype.json", "genotype.txt",
-                 "normal.png", "reduce.png", "alphas.png", "analysis.txt"]:
+                 "normal.png", "reduce.png", "alphas.png", "analysis.txt", "data.json"]:
         assert (run / name).stat().st_size > 0, name
+    assert read_data_json(run) == {"dataset": "digits", "classes": [str(d) for d in range(10)], "in_channels": 1,
+                                   "image_size": 8, "mean": [0.3074], "std": [0.388]}
     alphas = json.loads((run / "alphas.json").read_text())
     assert len(alphas["epochs"]) == 2 and len(alphas["epochs"][0]["normal"]) == 14
     g = fastnas.Genotype.from_json(run / "genotype.json")

@@ -177,7 +177,7 @@ def test_cli_writes_every_output_and_evaluate_reads_it(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     for name in ["config.json", "log.txt", "metrics.json", "checkpoint.pt", "genotype.json", "model.safetensors",
-                 "model.json"]:
+                 "model.json", "data.json"]:
         assert (run / name).stat().st_size > 0, name
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 2 and metrics["finished"]
