@@ -287,3 +287,36 @@ def test_imagenet_network_refuses_what_it_cannot_take():
         EvalNet(DARTS_V2, 4, 3, 10, input_size=16, network="imagenet")
     with pytest.raises(ConfigError, match="network must be one of auto, cifar, imagenet"):
         EvalNet(DARTS_V2, 4, 3, 10, network="resnet")
+
+
+def test_imagenet_preset_has_darts_imagenet_hyperparameters():
+    p = TRAIN_PRESETS["imagenet"]
+    assert (p["network"], p["C"], p["layers"], p["epochs"], p["batch_size"], p["lr"], p["momentum"],
+            p["weight_decay"], p["lr_schedule"], p["lr_gamma"], p["lr_step"], p["label_smoothing"],
+            p["auxiliary"], p["auxiliary_weight"], p["grad_clip"], p["drop_path_prob"]) == (
+        "imagenet", 48, 14, 250, 128, 0.1, 0.9, 3e-5, "step", 0.97, 1, 0.1, True, 0.4, 5.0, 0.0)
+    TrainConfig(**p).validate()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("network", "resnet", "--network must be auto, cifar or imagenet"),
+    ("label_smoothing", 1.0, r"--label-smoothing must be a finite number in \[0, 1\)"),
+    ("lr_schedule", "linear", "--lr-schedule must be cosine or step"),
+    ("lr_gamma", 0.0, r"--lr-gamma must be a finite number in \(0, 1\]"),
+    ("lr_step", 0, "--lr-step must be an integer >= 1"),
+])
+def test_new_train_options_are_validated(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_step_schedule_and_label_smoothing_in_training():
+    from fastnas.train import Trainer
+
+    cfg = TrainConfig(genotype="DARTS_V2", dataset="digits", limit=32, C=4, layers=3, epochs=3, batch_size=16,
+                      eval_batch_size=360, max_steps=1, cutout=0, drop_path_prob=0.0, seed=3, device="cpu",
+                      lr=0.1, lr_schedule="step", lr_gamma=0.5, lr_step=2, label_smoothing=0.1)
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.train_criterion.label_smoothing == 0.1 and trainer.criterion.label_smoothing == 0.0
+    result = trainer.run()
+    assert [round(h["lr"], 6) for h in result.history] == [0.1, 0.1, 0.05]
