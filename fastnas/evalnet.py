@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .genotype import Edge, Genotype
 from .nn.operations import FactorizedReduce, ReLUConvBN
 from .space import make_op, registered_ops
@@ -337,7 +337,10 @@ def read_model_meta(run_dir: str | Path) -> dict[str, Any]:
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> EvalNet:
     """The trained network of a ``python -m fastnas.train`` run folder, in eval mode on ``device``.
 
-    The folder's ``model.json`` is attached as ``model.meta`` (dataset, epoch, accuracies)."""
+    The folder's ``model.json`` is attached as ``model.meta`` (dataset, epoch, accuracies); what its ``data.json``
+    says as ``model.data_info``, ``model.classes`` (the class of each output) and ``model.transform`` (a PIL image
+    to the tensor the model takes: ``model(model.transform(image)[None])``), or None for all three when the folder
+    does not say what its data are. A ``data.json`` whose classes or channels do not fit the model is refused."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -352,4 +355,27 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> EvalN
     except RuntimeError as exc:
         raise CheckpointError(f"{MODEL_FILE} does not fit {MODEL_META}: {str(exc).splitlines()[0]}") from None
     model.meta = meta
+    _attach_data(model, Path(run_dir))
     return model.to(device).eval()
+
+
+def _attach_data(model: EvalNet, run_dir: Path) -> None:
+    from ._run_data import DATA_FILE, eval_transform, read_data_json
+
+    try:
+        info = read_data_json(run_dir)
+    except DataError:
+        if (run_dir / DATA_FILE).exists():
+            raise
+        info = None
+    if info is not None:
+        if len(info["classes"]) != model.num_classes:
+            raise DataError(f"{run_dir / DATA_FILE} lists {len(info['classes'])} classes, but the model's classifier "
+                            f"has {model.num_classes} outputs")
+        if info["in_channels"] != model.in_channels:
+            raise DataError(f"{run_dir / DATA_FILE} says the images have {info['in_channels']} channel(s), but the "
+                            f"model takes {model.in_channels}")
+    # kept out of the module's children: the transform is not part of the network
+    object.__setattr__(model, "data_info", info)
+    object.__setattr__(model, "classes", None if info is None else list(info["classes"]))
+    object.__setattr__(model, "transform", None if info is None else eval_transform(info))
