@@ -320,3 +320,14 @@ def test_step_schedule_and_label_smoothing_in_training():
     assert trainer.train_criterion.label_smoothing == 0.1 and trainer.criterion.label_smoothing == 0.0
     result = trainer.run()
     assert [round(h["lr"], 6) for h in result.history] == [0.1, 0.1, 0.05]
+
+
+def test_train_cli_refuses_the_imagenet_network_on_small_images(capsys, tmp_path):
+    from fastnas import train as train_cli
+
+    rc = train_cli.main(["--network", "imagenet", "--layers", "3", "--limit", "32", "--no-progress", "--out",
+                         str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "input of 8x8 is too small for the ImageNet network" in err
+    assert not list(tmp_path.iterdir())

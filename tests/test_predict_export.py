@@ -87,7 +87,7 @@ def test_load_model_has_classes_and_transform(run):
 def test_predictor_top_k(run):
     run_dir, images_dir = run
     paths = _images(images_dir)
-    predictor = Predictor(run_dir, top_k=3)
+    predictor = fastnas.Predictor(run_dir, top_k=3)
     results = predictor.predict(paths)
     _, probs = _reference_probs(run_dir, paths)
     assert len(results) == 6
