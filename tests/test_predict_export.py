@@ -135,6 +135,8 @@ def test_onnx_export_matches_pytorch_with_standard_ops_only(run, tmp_path, capsy
     proto = onnx.load(str(path))
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"} and not proto.functions
     assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert proto.graph.input[0].name == "images" and batch.dim_param and not batch.dim_value  # dynamic batch
     assert json.loads({p.key: p.value for p in proto.metadata_props}["fastnas.classes"]) == [str(i) for i in range(10)]
     x, expected = _reference_probs(run_dir, _images(images_dir))  # six images: another batch size than traced
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
