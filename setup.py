@@ -92,5 +92,9 @@ setup(
         "matplotlib",
         "safetensors",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "ninja", "cmake>=3.26"], "triton": ["triton"]},
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "ninja", "cmake>=3.26", "onnx", "onnxruntime", "onnxscript"],
+        "triton": ["triton"],
+        "export": ["onnx", "onnxruntime", "onnxscript"],  # python -m fastnas.export --format onnx
+    },
 )

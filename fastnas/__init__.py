@@ -10,6 +10,7 @@ from . import genotypes, nn, ops
 from .errors import CheckpointError, ConfigError, DataError, FastNASError
 from .evalnet import EvalNet, load_model
 from .genotype import Genotype
+from .predict import Predictor
 from .space import SPACES, register_op
 from .supernet import SuperNet
 
@@ -17,4 +18,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "FastNASError", "Genotype", "SPACES", "SuperNet",
            "genotypes", "nn", "ops", "register_op"]
-__all__ += ["EvalNet", "load_model"]
+__all__ += ["EvalNet", "Predictor", "load_model"]

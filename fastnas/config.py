@@ -55,6 +55,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop_path_prob": (lambda v: _number(v) and 0 <= v < 1, "a finite number in [0, 1)"),
     "cutout": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     "amp": (lambda v: v in ("off", "bf16", "fp16"), "off, bf16 or fp16"),
+    "network": (lambda v: v in ("auto", "cifar", "imagenet"), "auto, cifar or imagenet"),
+    "label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a finite number in [0, 1)"),
+    "lr_schedule": (lambda v: v in ("cosine", "step"), "cosine or step"),
+    "lr_gamma": (lambda v: _number(v) and 0 < v <= 1, "a finite number in (0, 1]"),
+    "lr_step": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "device": (lambda v: device_ok(v), "auto, cpu, cuda or cuda:N"),
 }
 
@@ -192,6 +197,7 @@ class TrainConfig:
     limit: int | None = None  # keep only the first N training images (smoke tests)
     image_size: int | None = None  # --dataset folder: the network's input side (default 32)
     skip_bad_images: bool = False  # --dataset folder: leave unreadable image files out instead of refusing
+    network: str = "auto"  # cifar, imagenet, or auto: imagenet for images of 64 pixels and more (fastnas.evalnet)
     C: int = 36
     layers: int = 20
     steps: int = 4  # intermediate nodes per cell the genotype must have
@@ -204,10 +210,14 @@ class TrainConfig:
     batch_size: int = 96
     eval_batch_size: int | None = None  # default: batch_size
     lr: float = 0.025
+    lr_schedule: str = "cosine"  # cosine: to lr_min at the last epoch; step: times lr_gamma every lr_step epochs
     lr_min: float = 0.0
+    lr_gamma: float = 0.97
+    lr_step: int = 1
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
+    label_smoothing: float = 0.0  # of the training loss (main and auxiliary); the test loss is plain
     seed: int = 0
     workers: int | None = None  # None: 0 for in-memory datasets, a few for folders (data.loader_workers)
     device: str = "auto"
@@ -242,4 +252,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # the embedded digits, a few minutes on 2 CPU cores
     "quick": dict(dataset="digits", C=16, layers=8, epochs=30, batch_size=64, lr=0.05, cutout=0,
                   drop_path_prob=0.1, auxiliary=True, auxiliary_weight=0.4),
+    # DARTS's ImageNet evaluation (train_imagenet.py) on an image folder: the ImageNet network of 14 cells of C=48,
+    # 250 epochs, batch 128, SGD 0.1 / 0.9 / 3e-5 decayed by 0.97 every epoch, label smoothing 0.1, auxiliary
+    # weight 0.4, grad clip 5, no drop path, no cutout
+    "imagenet": dict(dataset="folder", network="imagenet", image_size=224, C=48, layers=14, epochs=250, batch_size=128, lr=0.1,
+                     lr_schedule="step", lr_gamma=0.97, lr_step=1, momentum=0.9, weight_decay=3e-5,
+                     label_smoothing=0.1, auxiliary=True, auxiliary_weight=0.4, grad_clip=5.0, drop_path_prob=0.0,
+                     cutout=0),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -551,7 +552,6 @@ def open_folder(data_dir: str | Path | None, image_size: int | None = None, skip
 
 # -- data.json: what a run's network takes ---------------------------------------------------------------------------
 DATA_JSON = "data.json"
-_DATA_KEYS = ("dataset", "classes", "in_channels", "image_size", "mean", "std")
 
 
 def data_record(info: DatasetInfo) -> dict[str, Any]:
@@ -572,19 +572,60 @@ def write_data_json(run_dir: str | Path, info: DatasetInfo) -> None:
     write_text_atomic(data_json_text(info), Path(run_dir) / DATA_JSON)
 
 
+def _check_record(record: Any, path: Path) -> dict[str, Any]:
+    """``record`` when it has every key with a sensible value; a one-line DataError naming the first bad one."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path} is not a JSON object")
+
+    def numbers(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+
+    c = record.get("in_channels")
+    checks = [
+        ("dataset", lambda v: isinstance(v, str) and v, "a dataset name"),
+        ("classes", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+         "a non-empty list of names"),
+        ("in_channels", lambda v: v in (1, 3), "1 or 3"),
+        ("image_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+        ("mean", lambda v: numbers(v) and len(v) == c, "a list of one number per channel"),
+        ("std", lambda v: numbers(v) and len(v) == c and all(x > 0 for x in v), "a list of one number > 0 per channel"),
+    ]
+    for key, ok, expected in checks:
+        if key not in record:
+            raise DataError(f"{path} is incomplete: no {key}")
+        if not ok(record[key]):
+            raise DataError(f"{path}: {key!r} must be {expected}, got {record[key]!r}")
+    return record
+
+
+def _dataset_named_in(run_dir: Path) -> str | None:
+    for name in ("config.json", "model.json"):
+        try:
+            dataset = json.loads((run_dir / name).read_text()).get("dataset")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if dataset:
+            return dataset
+    return None
+
+
 def read_data_json(run_dir: str | Path) -> dict[str, Any]:
-    """The ``data.json`` of a search or retraining run folder, checked to hold every key."""
-    path = Path(run_dir) / DATA_JSON
+    """The ``data.json`` of a search or retraining run folder, checked; for a run written before ``data.json``
+    existed, the same record rebuilt from the built-in dataset its ``config.json`` (or ``model.json``) names."""
+    run_dir = Path(run_dir)
+    path = run_dir / DATA_JSON
     try:
-        record = json.loads(path.read_text())
+        return _check_record(json.loads(path.read_text()), path)
     except FileNotFoundError:
-        raise DataError(f"{run_dir} holds no {DATA_JSON} (every search and retraining writes it when it "
-                        f"starts)") from None
+        pass
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
-    missing = [k for k in _DATA_KEYS if not isinstance(record, dict) or k not in record]
-    if missing:
-        raise DataError(f"{path} is incomplete: no {', '.join(missing)}")
+    dataset = _dataset_named_in(run_dir)
+    if dataset is None or dataset not in DATASETS:
+        raise DataError(f"{run_dir} holds no {DATA_JSON} (every search and retraining writes it when it starts): "
+                        f"the classes and the image transform of its model are unknown")
+    record = data_record(dataset_info(dataset))
+    record["classes"] = record["classes"] or [str(i) for i in range(dataset_info(dataset).num_classes)]
     return record
 
 

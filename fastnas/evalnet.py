@@ -6,8 +6,14 @@ the cell at 2/3 depth (training only), global average pooling and a linear class
 (:func:`fastnas.space.make_op`) may appear in the genotype, the CBAM attention gates included; those run on the fused
 ``fastnas.ops`` kernels of the selected backend.
 
+With ``network="imagenet"`` it is DARTS's ``NetworkImageNet`` instead: two stride-2 stems that reduce the image by 8
+before the cells (the first cell's earlier input is then reduced once more), and the ImageNet auxiliary head.
+``network="auto"`` (the default) picks the ImageNet network for images of at least :data:`IMAGENET_MIN_SIZE` (64)
+pixels and the CIFAR network below that.
+
 With ``DARTS_V2``, C=36, 20 layers and 10 classes it has exactly the parameters of the original implementation:
-3,349,342 without the auxiliary head (DARTS's "param size = 3.349342MB") and 3,825,768 with it.
+3,349,342 without the auxiliary head (DARTS's "param size = 3.349342MB") and 3,825,768 with it; the ImageNet
+network with C=48, 14 layers and 1000 classes has 4,718,752 without its head and 5,979,528 with it.
 
 :func:`load_model` rebuilds a trained network from a ``python -m fastnas.train`` run folder.
 """
@@ -23,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .genotype import Edge, Genotype
 from .nn.operations import FactorizedReduce, ReLUConvBN
 from .space import make_op, registered_ops
@@ -96,12 +102,26 @@ def auxiliary_geometry(size: int) -> tuple[int, int, int]:
     return kernel, stride, min(2, pooled)
 
 
-class AuxiliaryHead(nn.Module):
-    """DARTS's auxiliary classifier for CIFAR, adapted to other input sizes by :func:`auxiliary_geometry`."""
+def imagenet_auxiliary_geometry(size: int) -> tuple[int, int, int]:
+    """(pool kernel, pool stride, second conv kernel) of the ImageNet auxiliary head for a ``size``×``size`` input.
 
-    def __init__(self, C: int, num_classes: int, input_size: int = 8) -> None:
+    For 7×7 (a 224×224 image at 2/3 depth) this is DARTS's head exactly: 5×5 average pool with stride 2 to 2×2, then
+    a 2×2 conv to 1×1; other sizes adapt as :func:`auxiliary_geometry` does."""
+    if size < 1:
+        raise ConfigError(f"the auxiliary head needs an input of at least 1x1, got {size}x{size}")
+    kernel = min(5, size)
+    pooled = (size - kernel) // 2 + 1
+    return kernel, 2, min(2, pooled)
+
+
+class AuxiliaryHead(nn.Module):
+    """DARTS's auxiliary classifier for CIFAR, adapted to other input sizes by :func:`auxiliary_geometry`; with
+    ``imagenet=True`` DARTS's ImageNet head (pool stride 2, no batch norm after the second conv, as in the original),
+    adapted by :func:`imagenet_auxiliary_geometry`."""
+
+    def __init__(self, C: int, num_classes: int, input_size: int = 8, imagenet: bool = False) -> None:
         super().__init__()
-        kernel, stride, conv = auxiliary_geometry(input_size)
+        kernel, stride, conv = (imagenet_auxiliary_geometry if imagenet else auxiliary_geometry)(input_size)
         self.features = nn.Sequential(
             nn.ReLU(inplace=False),  # DARTS's is in place, which rewrites the cell output the next cells read
             nn.AvgPool2d(kernel, stride=stride, padding=0, count_include_pad=False),
@@ -109,7 +129,7 @@ class AuxiliaryHead(nn.Module):
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=True),
             nn.Conv2d(128, 768, conv, bias=False),
-            nn.BatchNorm2d(768),
+            *([] if imagenet else [nn.BatchNorm2d(768)]),
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(768, num_classes)
@@ -119,18 +139,44 @@ class AuxiliaryHead(nn.Module):
         return self.classifier(x.mean(dim=(2, 3)))  # 1×1 at DARTS's shape: the mean is the flatten
 
 
+NETWORKS = ("auto", "cifar", "imagenet")
+IMAGENET_MIN_SIZE = 64
+"""``network="auto"`` builds the ImageNet network for images of this side and larger, the CIFAR network below."""
+
+
+def resolve_network(network: str, input_size: int) -> str:
+    """``cifar`` or ``imagenet``: ``network`` itself, or for ``auto`` the one that fits ``input_size``."""
+    if network not in NETWORKS:
+        raise ConfigError(f"network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    if network == "auto":
+        return "imagenet" if input_size >= IMAGENET_MIN_SIZE else "cifar"
+    return network
+
+
+def check_imagenet_input_size(input_size: int, layers: int) -> None:
+    """Refuse an image the ImageNet network cannot take: its stems reduce it by 8, each reduction cell by 2."""
+    n = len(reduction_layers(layers))
+    need = 8 * 2 ** n
+    if input_size < need:
+        raise ConfigError(f"input of {input_size}x{input_size} is too small for the ImageNet network: its stem "
+                          f"reduces the image by 8 and each of its {n} reduction cells ({layers} layers) by 2, so it "
+                          f"needs at least {need}x{need} (the CIFAR network takes smaller images)")
+
+
 class EvalNet(nn.Module):
-    """DARTS's CIFAR evaluation network for ``genotype``.
+    """DARTS's evaluation network for ``genotype``: ``NetworkCIFAR`` or ``NetworkImageNet`` (``network``; ``auto``
+    picks by ``input_size``, see :func:`resolve_network`).
 
     ``forward`` returns the logits; in training mode with the auxiliary head it returns ``(logits, aux_logits)``
     (as torchvision's Inception does). ``drop_path_prob`` is an attribute: the training loop raises it linearly over
     the epochs. ``input_size`` (the image side) sizes the auxiliary head; ``steps``, when given, is the number of
-    intermediate nodes the genotype must have.
+    intermediate nodes the genotype must have. ``stem_multiplier`` applies to the CIFAR stem only (the ImageNet stems
+    have C channels).
     """
 
     def __init__(self, genotype: Genotype | str | dict, C: int = 36, layers: int = 20, num_classes: int = 10,
                  auxiliary: bool = False, drop_path_prob: float = 0.0, in_channels: int = 3, input_size: int = 32,
-                 stem_multiplier: int = 3, steps: int | None = None) -> None:
+                 stem_multiplier: int = 3, steps: int | None = None, network: str = "auto") -> None:
         super().__init__()
         if isinstance(genotype, str):
             genotype = Genotype.parse(genotype)
@@ -143,7 +189,12 @@ class EvalNet(nn.Module):
         if C < 2 or C % 2 or layers < 1 or num_classes < 1 or in_channels < 1:
             raise ConfigError(f"EvalNet needs an even C >= 2 and layers, num_classes, in_channels >= 1, got C={C}, "
                               f"layers={layers}, num_classes={num_classes}, in_channels={in_channels}")
-        check_input_size(input_size, input_size, layers)
+        network = resolve_network(network, input_size)
+        if network == "imagenet":
+            check_imagenet_input_size(input_size, layers)
+        else:
+            check_input_size(input_size, input_size, layers)
+        self.network, self.stem_multiplier = network, stem_multiplier
         self.genotype = genotype
         self.C, self.layers, self.num_classes = C, layers, num_classes
         self.in_channels, self.input_size = in_channels, input_size
@@ -152,13 +203,32 @@ class EvalNet(nn.Module):
         self.register_buffer("_drop_prob", torch.zeros(()), persistent=False)
         self.drop_path_prob = drop_path_prob
 
-        c_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr))
-        c_prev_prev, c_prev, c_curr = c_curr, c_curr, C
+        if network == "imagenet":
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C // 2),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C),
+            )
+            self.stem1 = nn.Sequential(
+                nn.ReLU(inplace=False),  # DARTS's is in place on stem0's output, which the first cell reads too
+                nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C),
+            )
+            # the first cell reads stem0's output (a quarter of the image) through FactorizedReduce
+            c_prev_prev, c_prev, c_curr = C, C, C
+            reduction_prev, size = True, math.ceil(math.ceil(math.ceil(input_size / 2) / 2) / 2)
+        else:
+            c_curr = stem_multiplier * C
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(c_curr))
+            c_prev_prev, c_prev, c_curr = c_curr, c_curr, C
+            reduction_prev, size = False, input_size
         reductions = reduction_layers(layers)
         self.aux_index = 2 * layers // 3
         self.cells = nn.ModuleList()
-        reduction_prev, size, aux_channels, aux_size = False, input_size, c_prev, input_size
+        aux_channels, aux_size = c_prev, size
         for i in range(layers):
             reduction = i in reductions
             if reduction:
@@ -172,7 +242,8 @@ class EvalNet(nn.Module):
             c_prev_prev, c_prev = c_prev, cell.multiplier * c_curr
             if i == self.aux_index:
                 aux_channels, aux_size = c_prev, size
-        self.auxiliary_head = AuxiliaryHead(aux_channels, num_classes, aux_size) if auxiliary else None
+        self.auxiliary_head = (AuxiliaryHead(aux_channels, num_classes, aux_size, imagenet=network == "imagenet")
+                               if auxiliary else None)
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
 
@@ -192,7 +263,11 @@ class EvalNet(nn.Module):
             raise ConfigError(f"EvalNet expects input [N, {self.in_channels}, H, W], got {list(x.shape)}")
         aux = None
         drop = self._drop_prob if self._drop_on else None
-        s0 = s1 = self.stem(x)
+        if self.network == "imagenet":
+            s0 = self.stem0(x)
+            s1 = self.stem1(s0)
+        else:
+            s0 = s1 = self.stem(x)
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, drop)
             if i == self.aux_index and self.auxiliary_head is not None and self.training:
@@ -209,11 +284,12 @@ class EvalNet(nn.Module):
         return {"genotype": self.genotype.to_dict(), "C": self.C, "layers": self.layers,
                 "num_classes": self.num_classes, "in_channels": self.in_channels, "input_size": self.input_size,
                 "auxiliary": self.auxiliary_head is not None,
-                "stem_multiplier": self.stem[0].out_channels // self.C}
+                "stem_multiplier": self.stem_multiplier, "network": self.network}
 
 
 def build_from_config(arch: dict[str, Any]) -> EvalNet:
     arch = dict(arch)
+    arch.setdefault("network", "cifar")  # saved before the ImageNet network existed: all were CIFAR networks
     genotype = Genotype.from_dict(arch.pop("genotype"))
     return EvalNet(genotype, **arch)
 
@@ -261,7 +337,10 @@ def read_model_meta(run_dir: str | Path) -> dict[str, Any]:
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> EvalNet:
     """The trained network of a ``python -m fastnas.train`` run folder, in eval mode on ``device``.
 
-    The folder's ``model.json`` is attached as ``model.meta`` (dataset, epoch, accuracies)."""
+    The folder's ``model.json`` is attached as ``model.meta`` (dataset, epoch, accuracies); what its ``data.json``
+    says as ``model.data_info``, ``model.classes`` (the class of each output) and ``model.transform`` (a PIL image
+    to the tensor the model takes: ``model(model.transform(image)[None])``), or None for all three when the folder
+    does not say what its data are. A ``data.json`` whose classes or channels do not fit the model is refused."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -276,4 +355,27 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> EvalN
     except RuntimeError as exc:
         raise CheckpointError(f"{MODEL_FILE} does not fit {MODEL_META}: {str(exc).splitlines()[0]}") from None
     model.meta = meta
+    _attach_data(model, Path(run_dir))
     return model.to(device).eval()
+
+
+def _attach_data(model: EvalNet, run_dir: Path) -> None:
+    from .data import DATA_JSON as DATA_FILE, eval_transform, read_data_json
+
+    try:
+        info = read_data_json(run_dir)
+    except DataError:
+        if (run_dir / DATA_FILE).exists():
+            raise
+        info = None
+    if info is not None:
+        if len(info["classes"]) != model.num_classes:
+            raise DataError(f"{run_dir / DATA_FILE} lists {len(info['classes'])} classes, but the model's classifier "
+                            f"has {model.num_classes} outputs")
+        if info["in_channels"] != model.in_channels:
+            raise DataError(f"{run_dir / DATA_FILE} says the images have {info['in_channels']} channel(s), but the "
+                            f"model takes {model.in_channels}")
+    # kept out of the module's children: the transform is not part of the network
+    object.__setattr__(model, "data_info", info)
+    object.__setattr__(model, "classes", None if info is None else list(info["classes"]))
+    object.__setattr__(model, "transform", None if info is None else eval_transform(info))

@@ -120,6 +120,7 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss()
+        self.train_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.forward = self._make_forward(self.model)  # testing, and training in a single process
         self.train_forward = self.forward
         if distributed.active():
@@ -134,7 +135,11 @@ class Trainer:
             self.train_forward = self._make_forward(ddp)
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
+        if cfg.lr_schedule == "step":  # DARTS's ImageNet schedule: epoch e trains at lr * gamma^(e // lr_step)
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs,
+                                                                        eta_min=cfg.lr_min)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.epoch = 0
         self.history: list[dict] = []
@@ -145,7 +150,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         return EvalNet(self.genotype, cfg.C, cfg.layers, info.num_classes, auxiliary=cfg.auxiliary,
                        drop_path_prob=0.0, in_channels=info.in_channels, input_size=info.image_size,
-                       stem_multiplier=cfg.stem_multiplier, steps=cfg.steps)
+                       stem_multiplier=cfg.stem_multiplier, steps=cfg.steps, network=cfg.network)
 
     def _make_forward(self, model: nn.Module):
         cfg, device = self.cfg, self.device
@@ -158,6 +163,10 @@ class Trainer:
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits.float(), y)
+
+    def _train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss: cross entropy with ``label_smoothing`` (DARTS smooths on ImageNet)."""
+        return self.train_criterion(logits.float(), y)
 
     @property
     def param_count(self) -> int:
@@ -183,7 +192,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            self.scheduler.T_max = self.cfg.epochs  # a resume may extend the run: the cosine spans the new total
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                self.scheduler.T_max = self.cfg.epochs  # a resume may extend the run: the cosine spans the new total
             self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint does not fit this configuration: {str(exc).splitlines()[0]}") from None
@@ -206,9 +216,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out = self.train_forward(x)
         logits, aux = out if isinstance(out, tuple) else (out, None)
-        loss = self._loss(logits, y)
+        loss = self._train_loss(logits, y)
         if aux is not None and cfg.auxiliary_weight > 0:
-            loss = loss + cfg.auxiliary_weight * self._loss(aux, y)
+            loss = loss + cfg.auxiliary_weight * self._train_loss(aux, y)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -320,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cutout, cosine lr). Without --preset: the 'quick' preset on the embedded digits dataset.",
         TRAIN_PRESETS,
         "base settings: 'darts' (DARTS's CIFAR-10 evaluation: 600 epochs, batch 96), 'at-darts' (Shin and "
-        "Bae: 600 epochs, batch 128), 'quick' (embedded digits, minutes on a CPU); options below override it",
+        "Bae: 600 epochs, batch 128), 'imagenet' (DARTS's ImageNet evaluation: ImageNet network, 250 epochs, "
+        "step decay, label smoothing), 'quick' (embedded digits, minutes on a CPU); options below override it",
         "train")
     p.add_argument("--genotype", default=None,
                    help="a genotype.json or genotype.txt file, a search run folder, a known name "
@@ -329,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_options(g)
     g.add_argument("--cutout", type=int, help="cutout square side (0: none)")
     g = p.add_argument_group("network")
+    g.add_argument("--network", choices=["auto", "cifar", "imagenet"],
+                   help="DARTS's CIFAR or ImageNet network (auto: ImageNet for images of 64 pixels and more)")
     g.add_argument("--C", "--init-channels", dest="C", type=int, help="initial channels")
     g.add_argument("--layers", type=int, help="number of cells")
     g.add_argument("--steps", type=int, help="intermediate nodes per cell (the genotype must have as many)")
@@ -341,8 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--eval-batch-size", type=int, help="test batch size (default: --batch-size)")
-    g.add_argument("--lr", type=float, help="SGD learning rate (cosine-annealed)")
-    g.add_argument("--lr-min", type=float, help="final learning rate")
+    g.add_argument("--lr", type=float, help="SGD learning rate")
+    g.add_argument("--lr-schedule", choices=["cosine", "step"], help="cosine to --lr-min, or step decay")
+    g.add_argument("--lr-min", type=float, help="final learning rate (cosine)")
+    g.add_argument("--lr-gamma", type=float, help="step decay factor (step)")
+    g.add_argument("--lr-step", type=int, help="epochs between decays (step)")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing of the training loss")
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--grad-clip", type=float, help="gradient norm clip (0: none)")

@@ -70,7 +70,13 @@ class _Subsample(torch.autograd.Function):
 
 
 def subsample(x: torch.Tensor, stride: tuple[int, int], offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """Every ``stride``-th row and column of x from ``offset`` on, dense, in x's layout (see :class:`_Subsample`)."""
+    """Every ``stride``-th row and column of x from ``offset`` on, dense, in x's layout (see :class:`_Subsample`).
+
+    Where no gradient is recorded (inference, a TorchScript trace, which cannot hold a Python autograd function),
+    the slice is copied directly: the same values."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing():
+        layout = torch.channels_last if _channels_innermost(x) else torch.contiguous_format
+        return x[:, :, offset[0]:: stride[0], offset[1]:: stride[1]].contiguous(memory_format=layout)
     return _Subsample.apply(x, tuple(stride), tuple(offset))
 
 
