@@ -23,16 +23,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, cli, compilation, distributed, rundir, runtime
+from . import checkpoint, cli, compilation, distributed, indicators, rundir, runtime
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .config import SEARCH_PRESETS, SearchConfig
 from .data import search_loaders, set_epoch
 from .errors import CheckpointError, ConfigError
 from .genotype import Genotype
+from .robust import Controls
 from .runtime import log
 from .supernet import SuperNet, check_input_size
-from .viz import plot_alpha_history, plot_cell
+from .viz import plot_alpha_history, plot_cell, plot_collapse
 
 CHECKPOINT_FORMAT = 1
 
@@ -75,9 +76,11 @@ class Search:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.arch_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.controls = Controls(cfg)  # collapse controls (fastnas.robust)
+        self.controls.install(self.model)
         self.architect = Architect(self.model, self._loss, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                                    cfg.order, cfg.momentum, cfg.weight_decay, forward=self.forward,
-                                   scaler=self.arch_scaler)
+                                   scaler=self.arch_scaler, terms=self.controls.arch_terms)
         self.epoch = 0
         self.history: list[dict] = []
 
@@ -145,6 +148,7 @@ class Search:
     def train_epoch(self) -> runtime.Meter:
         cfg = self.cfg
         self.model.train()
+        self.controls.start_epoch(self.epoch)
         if distributed.active():  # each rank's draws depend on (seed, epoch, rank) alone: resume stays exact
             distributed.seed_epoch(cfg.seed, self.epoch)
         set_epoch(self.train_loader, self.epoch)
@@ -172,8 +176,9 @@ class Search:
                 if not all(bool(torch.isfinite(a).all()) for a in self.model.arch_parameters()):
                     raise runtime.diverged("the architecture weights (alphas)", "search", self.epoch, step,
                                            self.run_dir, f"--arch-lr (now {cfg.arch_lr})")
-            loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
-                                       self.model.arch_parameters(), self.scaler)
+            with self.controls.weight_step(self.model):
+                loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y,
+                                           cfg.grad_clip, self.model.arch_parameters(), self.scaler)
             if not math.isfinite(float(loss)):
                 raise runtime.diverged("the training loss", "search", self.epoch, step, self.run_dir,
                                        f"--lr (now {cfg.lr})")
@@ -206,8 +211,11 @@ class Search:
             log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
                      f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all")
         log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
+        if self.controls.describe():
+            log.info("collapse controls: " + "; ".join(self.controls.describe()))
         valid = None
-        while self.epoch < stop:
+        stopped = self.history[-1].get("early_stop") if self.history else None
+        while self.epoch < stop and not stopped:
             with runtime.timed() as t:
                 train = self.train_epoch()
                 valid = runtime.evaluate(self.forward, self.valid_loader, self._loss, self.device, cfg.amp,
@@ -216,25 +224,49 @@ class Search:
                 distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
             self.epoch += 1
             w_normal, w_reduce = self.model.arch_weights()
+            genotype = self.model.genotype()
             self.history.append({
                 "epoch": self.epoch, "train_loss": train.avg_loss, "train_acc": train.accuracy,
                 "valid_loss": valid.avg_loss, "valid_acc": valid.accuracy, "seconds": t["seconds"],
-                "genotype": str(self.model.genotype()),
+                "genotype": str(genotype),
                 "normal": w_normal.detach().cpu().tolist(), "reduce": w_reduce.detach().cpu().tolist(),
+                "indicators": indicators.epoch_indicators(genotype, (w_normal, w_reduce), self._hessian()),
             })
             log.info(f"epoch {self.epoch}/{cfg.epochs}: train loss {train.avg_loss:.4f} acc {train.accuracy:.2f}% | "
                      f"valid loss {valid.avg_loss:.4f} acc {valid.accuracy:.2f}% | {train.throughput:.0f} img/s | "
                      f"{t['seconds']:.1f}s")
+            log.info(f"epoch {self.epoch} collapse indicators: "
+                     + indicators.describe(self.history[-1]["indicators"]))
+            stopped = self.controls.stop_reason(self.history, self.model.primitives)
+            if stopped:
+                self.history[-1]["early_stop"] = stopped
+                log.info(f"early stop after epoch {self.epoch}: {stopped}")
             if self.verify_sync:
                 digest = distributed.verify_sync(self.model, "alphas and weights")
                 log.info(f"verify-sync: epoch {self.epoch}: alphas and weights identical on all "
                          f"{distributed.world_size()} processes (sha256 {digest})")
             self.save_checkpoint()
-        genotype = self.model.genotype()
-        if self.epoch == cfg.epochs:
+        genotype, notes = self.controls.derive(self.model)
+        for note in notes:
+            log.info(f"skip limit {cfg.skip_limit} (P-DARTS): {note}")
+        if self.epoch == cfg.epochs or stopped:
             self.write_final_outputs(genotype)
         return SearchResult(genotype, self.history, self.run_dir,
                             self.history[-1]["valid_acc"] if self.history else float("nan"))
+
+    def _hessian(self) -> float | None:
+        """Every ``--hessian-every`` epochs: the dominant eigenvalue of the validation loss's Hessian w.r.t. α on
+        the epoch's first validation batch (the random streams are left as they were)."""
+        k = self.cfg.hessian_every
+        if not k or self.epoch % k:
+            return None
+        state = checkpoint.rng_state()
+        try:
+            set_epoch(self.valid_loader, self.epoch)
+            x, y = runtime.to_device(*next(iter(self.valid_loader)), self.device, self.channels_last)
+            return indicators.hessian_eigenvalue(self.model, self.forward, self._loss, x, y, seed=self.epoch)
+        finally:
+            checkpoint.set_rng_state(state)
 
     # -- outputs ----------------------------------------------------------------------------------------------------
     def write_final_outputs(self, genotype: Genotype) -> None:
@@ -249,6 +281,7 @@ class Search:
         plot_cell(genotype.normal, genotype.normal_concat, self.run_dir / "normal.png", "normal cell")
         plot_cell(genotype.reduce, genotype.reduce_concat, self.run_dir / "reduce.png", "reduction cell")
         plot_alpha_history(self.history, self.model.primitives, self.model.edge_names(), self.run_dir / "alphas.png")
+        plot_collapse(self.history, self.run_dir / "collapse.png")
         log.info(f"outputs in {self.run_dir}")
 
 
@@ -296,6 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--darts-memory", dest="memory_efficient", action="store_false", default=None,
                    help="store every activation as the DARTS formulation does (no recomputation, no shared ReLU); "
                         "for comparison")
+    g = p.add_argument_group("collapse controls", "against DARTS's collapse into parameter-free cells; all off by "
+                             "default (fastnas.robust, docs in the README)")
+    g.add_argument("--skip-limit", type=int, metavar="N",
+                   help="P-DARTS: the derived normal cell keeps at most N skip_connect edges (the weakest replaced by "
+                        "the next-best choice)")
+    g.add_argument("--aux-skip", action="store_true", default=None,
+                   help="DARTS-: an auxiliary skip on every stride-1 edge, coefficient decaying linearly 1 -> 0")
+    g.add_argument("--beta-decay", type=float, metavar="LAMBDA",
+                   help="beta-DARTS: Beta-Decay regularisation of the logits, coefficient rising linearly 0 -> LAMBDA")
+    g.add_argument("--alpha-noise", type=float, metavar="EPS",
+                   help="SDARTS-RS: U(-EPS, EPS) on the softmax weights in the weight step (paper: 0.03)")
+    g.add_argument("--early-stop", action="store_true", default=None,
+                   help="DARTS+: stop at two skip connections in the normal cell or a ranking of the alphas "
+                        "unchanged for --early-stop-patience epochs")
+    g.add_argument("--early-stop-patience", type=int, metavar="K", help="DARTS+'s epochs of unchanged ranking")
+    g.add_argument("--hessian-every", type=int, metavar="K",
+                   help="every K epochs, the dominant eigenvalue of the validation loss's Hessian w.r.t. alpha "
+                        "(RobustDARTS's indicator; 0: off)")
     distributed.add_cli_options(p)
     return p
 
