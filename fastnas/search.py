@@ -12,6 +12,8 @@ architecture gradients are averaged across processes, and only rank 0 writes the
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import math
 import sys
 import time
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, cli, compilation, distributed, indicators, rundir, runtime
+from . import checkpoint, cli, compilation, distributed, indicators, rundir, runtime, seeds
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .config import SEARCH_PRESETS, SearchConfig
@@ -347,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hessian-every", type=int, metavar="K",
                    help="every K epochs, the dominant eigenvalue of the validation loss's Hessian w.r.t. alpha "
                         "(RobustDARTS's indicator; 0: off)")
+    g.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run N searches one after another (seeds SEED..SEED+N-1, each in a seed-S folder) and write "
+                        "what their genotypes share (seeds.txt, seeds.json, seeds.png)")
     distributed.add_cli_options(p)
     return p
 
@@ -360,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.seeds != 1 and not args.resume:
+        return _main_seeds(args)
     if args.resume:
         run_dir, state, cfg, main_process = cli.resume(args, argv, SearchConfig, "search")
         search = Search(cfg, run_dir if main_process else None, progress=main_process and not args.no_progress,
@@ -387,6 +394,50 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     distributed.barrier()  # the job ends when every process has finished
     if main_process:
         print(str(result.genotype))
+    return 0
+
+
+def _main_seeds(args: argparse.Namespace) -> int:
+    """``--seeds N``: N searches of one configuration, one after another, and their summary (:mod:`fastnas.seeds`)."""
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be an integer >= 1, got {args.seeds}")
+    cfg = config_from_args(args)
+    cfg.validate()
+    main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
+    run_dir, results, folders = None, [], []
+    for i in range(args.seeds):
+        one = dataclasses.replace(cfg, seed=cfg.seed + i)
+        one.validate()
+        search = Search(one, None, progress=main_process and not args.no_progress, verify_sync=args.verify_sync)
+        handler = None
+        if main_process:
+            if run_dir is None:
+                run_dir = cli.claim_run_dir(args, f"search-{args.preset}")
+                runtime.setup_logging(run_dir)
+                runtime.write_json({"preset": args.preset, "seeds": args.seeds, **cfg.to_dict()},
+                                   run_dir / "config.json")
+            folder = run_dir / f"seed-{one.seed}"
+            folder.mkdir()
+            runtime.write_json({"preset": args.preset, **one.to_dict()}, folder / "config.json")
+            handler = logging.FileHandler(folder / "log.txt")  # each seed's own log too
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+            search.run_dir = folder
+            folders.append(folder)
+        log.info(f"seeds: search {i + 1} of {args.seeds}, seed {one.seed}")
+        try:
+            result = search.run()
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+        results.append((one.seed, result.genotype))
+    distributed.barrier()
+    if main_process:
+        summary = seeds.write_summary(run_dir, results, folders)
+        log.info(f"seeds: summary of {args.seeds} searches in {run_dir}\n" + seeds.report(summary))
+        for seed, genotype in results:
+            print(f"seed {seed}: {genotype}")
     return 0
 
 
