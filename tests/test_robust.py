@@ -333,3 +333,45 @@ def test_one_seed_gives_a_bitwise_identical_alpha_history():
     g2, h2, a2 = history()
     assert g1 == g2 and h1 == h2  # floats compared exactly
     assert all(torch.equal(x, y) for x, y in zip(a1, a2))
+
+
+# -- random baseline ------------------------------------------------------------------------------------------------
+def test_random_genotypes_follow_darts_derivation_rules():
+    import random
+
+    from fastnas.random_baseline import rank_of, sample_genotype
+
+    rng = random.Random(0)
+    seen_ops, seen_inputs = set(), set()
+    for _ in range(200):
+        g = sample_genotype("at-darts", 4, 4, rng)
+        g.validate(steps=4)
+        for cell in (g.normal, g.reduce):
+            for i in range(4):
+                (op_a, a), (op_b, b) = cell[2 * i], cell[2 * i + 1]
+                assert a != b and 0 <= a < i + 2 and 0 <= b < i + 2
+                seen_inputs.add((i, a))
+                seen_inputs.add((i, b))
+                seen_ops.update((op_a, op_b))
+        assert g.normal_concat == g.reduce_concat == [2, 3, 4, 5]
+    assert seen_ops == set(fastnas.space.SPACES["at-darts"]) - {"none"}
+    assert seen_inputs == {(i, j) for i in range(4) for j in range(i + 2)}
+    assert rank_of(50.0, [40.0, 50.0, 60.0, 30.0]) == {"beats": 2, "ties": 1, "trails": 1, "percentile": 62.5}
+
+
+def test_random_baseline_retrains_and_ranks(tmp_path, capsys):
+    from fastnas import random_baseline
+
+    run = tmp_path / "baseline"
+    rc = random_baseline.main(["--genotype", "DARTS_V2", "--samples", "2", "--space", "darts", "--dataset", "digits",
+                               "--limit", "32", "--C", "4", "--layers", "3", "--epochs", "1", "--batch-size", "16",
+                               "--max-steps", "1", "--no-auxiliary", "--run-dir", str(run), "--no-progress"])
+    assert rc == 0
+    report = json.loads((run / "baseline.json").read_text())
+    assert len(report["random"]) == 2 and report["searched"]["genotype"] == str(fastnas.genotypes.get("DARTS_V2"))
+    for r in report["random"]:
+        Genotype.parse(r["genotype"]).validate(known_ops=fastnas.space.SPACES["darts"], steps=4)
+    assert report["rank"]["beats"] + report["rank"]["ties"] + report["rank"]["trails"] == 2
+    for name in ("searched", "random-1", "random-2"):
+        assert (run / name / "metrics.json").exists(), name
+    assert "percentile" in capsys.readouterr().out
