@@ -325,7 +325,7 @@ def test_seeds_writes_a_summary_and_indicators(tmp_path, capsys):
 # -- determinism ----------------------------------------------------------------------------------------------------
 def test_one_seed_gives_a_bitwise_identical_alpha_history():
     def history():
-        s = Search(tiny_search_config(epochs=2, seed=7), progress=False)
+        s = Search(tiny_search_config(epochs=2, seed=7, max_steps=1), progress=False)
         result = s.run()
         return result.genotype, [{k: v for k, v in h.items() if k != "seconds"} for h in result.history], \
             [a.detach().clone() for a in s.model.arch_parameters()]
