@@ -30,7 +30,8 @@ def _tiny_fp64_net(primitives=("none", "skip_connect", "sep_conv_3x3", "channel_
 
 
 # -- P-DARTS: skip limit --------------------------------------------------------------------------------------------
-# softmax weights (rows sum to 1) of two nodes, rows: node 0 <- (c_{k-2}, c_{k-1}), node 1 <- (c_{k-2}, c_{k-1}, node 0); columns: PRIMS
+# softmax weights (rows sum to 1) of two nodes; rows: node 0 <- (c_{k-2}, c_{k-1}),
+# node 1 <- (c_{k-2}, c_{k-1}, node 0); columns: PRIMS
 HAND_WEIGHTS = torch.tensor([
     [0.0, 0.10, 0.60, 0.30],   # node 0 <- 0: skip strongest
     [0.0, 0.10, 0.50, 0.40],   # node 0 <- 1: skip, then sep
