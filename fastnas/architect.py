@@ -7,6 +7,9 @@ finite differences, (∇α L_train(w⁺, α) − ∇α L_train(w⁻, α)) / (2ε
 The virtual step runs through ``torch.func.functional_call``: no module is cloned, and the network's own weights
 and batch-norm statistics are left untouched.
 
+Regularisers of α alone (``terms``, e.g. β-DARTS's Beta-Decay, :mod:`fastnas.robust`) add their gradients to the
+architecture gradient of either order.
+
 Under torchrun both steps average their final gradients across ranks (:func:`fastnas.distributed.all_reduce_mean`)
 before the optimiser steps, so every rank applies the same update. In second order, each rank's virtual step and
 Hessian-vector product use its own batches (local ∇w L_train); the resulting architecture gradients are averaged.
@@ -14,7 +17,7 @@ Hessian-vector product use its own batches (local ∇w L_train); the resulting a
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -50,7 +53,8 @@ class Architect:
     def __init__(self, model: SuperNet, criterion: LossFn, lr: float = 3e-4, betas=(0.5, 0.999),
                  weight_decay: float = 1e-3, order: int = 1, network_momentum: float = 0.9,
                  network_weight_decay: float = 3e-4, forward: Callable | None = None,
-                 scaler: torch.amp.GradScaler | None = None, fd_radius: float = 1e-2) -> None:
+                 scaler: torch.amp.GradScaler | None = None, fd_radius: float = 1e-2,
+                 terms: Sequence[Callable[[SuperNet], list[torch.Tensor]]] = ()) -> None:
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
         self.model, self.criterion, self.order = model, criterion, order
@@ -58,6 +62,8 @@ class Architect:
         self.fd_radius = fd_radius  # ε·‖v‖ of the finite difference: 0.01 in DARTS
         self.forward = forward if forward is not None else model  # the (possibly compiled) model
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None  # fp16 loss scaling
+        # regularisers of α alone (fastnas.robust): each gives its gradient, added to the loss's
+        self.terms = list(terms)
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,
@@ -69,6 +75,9 @@ class Architect:
         else:
             loss, grads = self._second_order(x_train, y_train, x_valid, y_valid, eta, network_optimizer)
         distributed.all_reduce_mean(grads)  # no-op in a single process
+        for term in self.terms:  # the same on every rank; scaled as the loss's gradient is under fp16
+            scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+            grads = [g + scale * t.to(g.dtype) for g, t in zip(grads, term(self.model))]
         for a, g in zip(self.model.arch_parameters(), grads):
             a.grad = g
         if self.scaler is None:

@@ -61,6 +61,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr_gamma": (lambda v: _number(v) and 0 < v <= 1, "a finite number in (0, 1]"),
     "lr_step": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "device": (lambda v: device_ok(v), "auto, cpu, cuda or cuda:N"),
+    # collapse controls and indicators (fastnas.robust, fastnas.indicators)
+    "skip_limit": (lambda v: v is None or (_integer(v) and v >= 0), "an integer >= 0"),
+    "beta_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0 (0: off)"),
+    "alpha_noise": (lambda v: _number(v) and 0 <= v <= 1, "a finite number in [0, 1] (0: off)"),
+    "early_stop_patience": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "hessian_every": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
 }
 
 
@@ -129,6 +135,15 @@ class SearchConfig:
     partial_channels: int = 1
     memory_efficient: bool = True  # fastnas's memory plan; False stores every activation as DARTS does
     max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
+    # collapse controls (fastnas.robust), all off by default
+    skip_limit: int | None = None  # P-DARTS: at most N skip_connect edges in the derived normal cell
+    aux_skip: bool = False  # DARTS-: auxiliary skip on every stride-1 edge, its coefficient decaying 1 -> 0
+    beta_decay: float = 0.0  # beta-DARTS: Beta-Decay regularisation of the logits, coefficient ramped 0 -> this
+    alpha_noise: float = 0.0  # SDARTS-RS: U(-eps, eps) on the softmax weights in the weight step
+    early_stop: bool = False  # DARTS+: stop at two skip connections in the normal cell or a stable ranking
+    early_stop_patience: int = 10  # DARTS+: epochs without a change of the ranking of the alphas
+    # collapse indicators (fastnas.indicators)
+    hessian_every: int = 0  # dominant eigenvalue of the validation loss's Hessian w.r.t. alpha every k epochs
 
     to_dict = _to_dict
 

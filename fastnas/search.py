@@ -12,6 +12,8 @@ architecture gradients are averaged across processes, and only rank 0 writes the
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import math
 import sys
 import time
@@ -23,16 +25,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, cli, compilation, distributed, rundir, runtime
+from . import checkpoint, cli, compilation, distributed, indicators, rundir, runtime, seeds
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .config import SEARCH_PRESETS, SearchConfig
 from .data import check_image_size, check_resumed_data, search_loaders, set_epoch
 from .errors import CheckpointError, ConfigError
 from .genotype import Genotype
+from .robust import Controls
 from .runtime import log
 from .supernet import SuperNet, check_input_size
-from .viz import plot_alpha_history, plot_cell
+from .viz import plot_alpha_history, plot_cell, plot_collapse
 
 CHECKPOINT_FORMAT = 1
 
@@ -77,9 +80,11 @@ class Search:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.arch_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.controls = Controls(cfg)  # collapse controls (fastnas.robust)
+        self.controls.install(self.model)
         self.architect = Architect(self.model, self._loss, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                                    cfg.order, cfg.momentum, cfg.weight_decay, forward=self.forward,
-                                   scaler=self.arch_scaler)
+                                   scaler=self.arch_scaler, terms=self.controls.arch_terms)
         self.epoch = 0
         self.history: list[dict] = []
 
@@ -147,6 +152,7 @@ class Search:
     def train_epoch(self) -> runtime.Meter:
         cfg = self.cfg
         self.model.train()
+        self.controls.start_epoch(self.epoch)
         if distributed.active():  # each rank's draws depend on (seed, epoch, rank) alone: resume stays exact
             distributed.seed_epoch(cfg.seed, self.epoch)
         set_epoch(self.train_loader, self.epoch)
@@ -174,8 +180,9 @@ class Search:
                 if not all(bool(torch.isfinite(a).all()) for a in self.model.arch_parameters()):
                     raise runtime.diverged("the architecture weights (alphas)", "search", self.epoch, step,
                                            self.run_dir, f"--arch-lr (now {cfg.arch_lr})")
-            loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
-                                       self.model.arch_parameters(), self.scaler)
+            with self.controls.weight_step(self.model):
+                loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y,
+                                           cfg.grad_clip, self.model.arch_parameters(), self.scaler)
             if not math.isfinite(float(loss)):
                 raise runtime.diverged("the training loss", "search", self.epoch, step, self.run_dir,
                                        f"--lr (now {cfg.lr})")
@@ -208,8 +215,11 @@ class Search:
             log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
                      f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all")
         log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
+        if self.controls.describe():
+            log.info("collapse controls: " + "; ".join(self.controls.describe()))
         valid = None
-        while self.epoch < stop:
+        stopped = self.history[-1].get("early_stop") if self.history else None
+        while self.epoch < stop and not stopped:
             with runtime.timed() as t:
                 train = self.train_epoch()
                 valid = runtime.evaluate(self.forward, self.valid_loader, self._loss, self.device, cfg.amp,
@@ -218,25 +228,49 @@ class Search:
                 distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
             self.epoch += 1
             w_normal, w_reduce = self.model.arch_weights()
+            genotype = self.model.genotype()
             self.history.append({
                 "epoch": self.epoch, "train_loss": train.avg_loss, "train_acc": train.accuracy,
                 "valid_loss": valid.avg_loss, "valid_acc": valid.accuracy, "seconds": t["seconds"],
-                "genotype": str(self.model.genotype()),
+                "genotype": str(genotype),
                 "normal": w_normal.detach().cpu().tolist(), "reduce": w_reduce.detach().cpu().tolist(),
+                "indicators": indicators.epoch_indicators(genotype, (w_normal, w_reduce), self._hessian()),
             })
             log.info(f"epoch {self.epoch}/{cfg.epochs}: train loss {train.avg_loss:.4f} acc {train.accuracy:.2f}% | "
                      f"valid loss {valid.avg_loss:.4f} acc {valid.accuracy:.2f}% | {train.throughput:.0f} img/s | "
                      f"{t['seconds']:.1f}s")
+            log.info(f"epoch {self.epoch} collapse indicators: "
+                     + indicators.describe(self.history[-1]["indicators"]))
+            stopped = self.controls.stop_reason(self.history, self.model.primitives)
+            if stopped:
+                self.history[-1]["early_stop"] = stopped
+                log.info(f"early stop after epoch {self.epoch}: {stopped}")
             if self.verify_sync:
                 digest = distributed.verify_sync(self.model, "alphas and weights")
                 log.info(f"verify-sync: epoch {self.epoch}: alphas and weights identical on all "
                          f"{distributed.world_size()} processes (sha256 {digest})")
             self.save_checkpoint()
-        genotype = self.model.genotype()
-        if self.epoch == cfg.epochs:
+        genotype, notes = self.controls.derive(self.model)
+        for note in notes:
+            log.info(f"skip limit {cfg.skip_limit} (P-DARTS): {note}")
+        if self.epoch == cfg.epochs or stopped:
             self.write_final_outputs(genotype)
         return SearchResult(genotype, self.history, self.run_dir,
                             self.history[-1]["valid_acc"] if self.history else float("nan"))
+
+    def _hessian(self) -> float | None:
+        """Every ``--hessian-every`` epochs: the dominant eigenvalue of the validation loss's Hessian w.r.t. α on
+        the epoch's first validation batch (the random streams are left as they were)."""
+        k = self.cfg.hessian_every
+        if not k or self.epoch % k:
+            return None
+        state = checkpoint.rng_state()
+        try:
+            set_epoch(self.valid_loader, self.epoch)
+            x, y = runtime.to_device(*next(iter(self.valid_loader)), self.device, self.channels_last)
+            return indicators.hessian_eigenvalue(self.model, self.forward, self._loss, x, y, seed=self.epoch)
+        finally:
+            checkpoint.set_rng_state(state)
 
     # -- outputs ----------------------------------------------------------------------------------------------------
     def write_final_outputs(self, genotype: Genotype) -> None:
@@ -251,6 +285,7 @@ class Search:
         plot_cell(genotype.normal, genotype.normal_concat, self.run_dir / "normal.png", "normal cell")
         plot_cell(genotype.reduce, genotype.reduce_concat, self.run_dir / "reduce.png", "reduction cell")
         plot_alpha_history(self.history, self.model.primitives, self.model.edge_names(), self.run_dir / "alphas.png")
+        plot_collapse(self.history, self.run_dir / "collapse.png")
         log.info(f"outputs in {self.run_dir}")
 
 
@@ -298,6 +333,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--darts-memory", dest="memory_efficient", action="store_false", default=None,
                    help="store every activation as the DARTS formulation does (no recomputation, no shared ReLU); "
                         "for comparison")
+    g = p.add_argument_group("collapse controls", "against DARTS's collapse into parameter-free cells; all off by "
+                             "default (fastnas.robust, docs in the README)")
+    g.add_argument("--skip-limit", type=int, metavar="N",
+                   help="P-DARTS: the derived normal cell keeps at most N skip_connect edges (the weakest replaced by "
+                        "the next-best choice)")
+    g.add_argument("--aux-skip", action="store_true", default=None,
+                   help="DARTS-: an auxiliary skip on every stride-1 edge, coefficient decaying linearly 1 -> 0")
+    g.add_argument("--beta-decay", type=float, metavar="LAMBDA",
+                   help="beta-DARTS: Beta-Decay regularisation of the logits, coefficient rising linearly 0 -> LAMBDA")
+    g.add_argument("--alpha-noise", type=float, metavar="EPS",
+                   help="SDARTS-RS: U(-EPS, EPS) on the softmax weights in the weight step (paper: 0.03)")
+    g.add_argument("--early-stop", action="store_true", default=None,
+                   help="DARTS+: stop at two skip connections in the normal cell or a ranking of the alphas "
+                        "unchanged for --early-stop-patience epochs")
+    g.add_argument("--early-stop-patience", type=int, metavar="K", help="DARTS+'s epochs of unchanged ranking")
+    g.add_argument("--hessian-every", type=int, metavar="K",
+                   help="every K epochs, the dominant eigenvalue of the validation loss's Hessian w.r.t. alpha "
+                        "(RobustDARTS's indicator; 0: off)")
+    g.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run N searches one after another (seeds SEED..SEED+N-1, each in a seed-S folder) and write "
+                        "what their genotypes share (seeds.txt, seeds.json, seeds.png)")
     distributed.add_cli_options(p)
     return p
 
@@ -311,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.seeds != 1 and not args.resume:
+        return _main_seeds(args)
     if args.resume:
         run_dir, state, cfg, main_process = cli.resume(args, argv, SearchConfig, "search")
         search = Search(cfg, run_dir if main_process else None, progress=main_process and not args.no_progress,
@@ -339,6 +397,50 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     distributed.barrier()  # the job ends when every process has finished
     if main_process:
         print(str(result.genotype))
+    return 0
+
+
+def _main_seeds(args: argparse.Namespace) -> int:
+    """``--seeds N``: N searches of one configuration, one after another, and their summary (:mod:`fastnas.seeds`)."""
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be an integer >= 1, got {args.seeds}")
+    cfg = config_from_args(args)
+    cfg.validate()
+    main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
+    run_dir, results, folders = None, [], []
+    for i in range(args.seeds):
+        one = dataclasses.replace(cfg, seed=cfg.seed + i)
+        one.validate()
+        search = Search(one, None, progress=main_process and not args.no_progress, verify_sync=args.verify_sync)
+        handler = None
+        if main_process:
+            if run_dir is None:
+                run_dir = cli.claim_run_dir(args, f"search-{args.preset}")
+                runtime.setup_logging(run_dir)
+                runtime.write_json({"preset": args.preset, "seeds": args.seeds, **cfg.to_dict()},
+                                   run_dir / "config.json")
+            folder = run_dir / f"seed-{one.seed}"
+            folder.mkdir()
+            runtime.write_json({"preset": args.preset, **one.to_dict()}, folder / "config.json")
+            handler = logging.FileHandler(folder / "log.txt")  # each seed's own log too
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+            search.run_dir = folder
+            folders.append(folder)
+        log.info(f"seeds: search {i + 1} of {args.seeds}, seed {one.seed}")
+        try:
+            result = search.run()
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+        results.append((one.seed, result.genotype))
+    distributed.barrier()
+    if main_process:
+        summary = seeds.write_summary(run_dir, results, folders)
+        log.info(f"seeds: summary of {args.seeds} searches in {run_dir}\n" + seeds.report(summary))
+        for seed, genotype in results:
+            print(f"seed {seed}: {genotype}")
     return 0
 
 

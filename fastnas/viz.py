@@ -90,3 +90,51 @@ def plot_alpha_history(history: list[dict], primitives: Sequence[str], edge_name
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_collapse(history: list[dict], path: str | Path) -> None:
+    """The collapse indicators over the epochs (``indicators`` of each ``alphas.json`` entry): parameter-free and
+    attention edges of each derived cell, each cell type's α entropy, and the Hessian's dominant eigenvalue."""
+    rows = [h for h in history if "indicators" in h]
+    if not rows:
+        return
+    epochs = [h["epoch"] for h in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.0))
+    for ax, key, title in ((axes[0], "parameter_free", "parameter-free edges"), (axes[1], "attention",
+                                                                                  "attention edges"),
+                           (axes[2], "entropy", "entropy of softmax(α)")):
+        for kind, style in (("normal", "-"), ("reduce", "--")):
+            ax.plot(epochs, [h["indicators"][key][kind] for h in rows], style, marker="o", ms=3, label=kind)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    hess = [(e, h["indicators"].get("hessian_eigenvalue")) for e, h in zip(epochs, rows)]
+    hess = [(e, v) for e, v in hess if v is not None]
+    if hess:
+        axes[3].plot(*zip(*hess), marker="o", ms=3, color="tab:red")
+    else:
+        axes[3].text(0.5, 0.5, "off (--hessian-every)", ha="center", va="center", transform=axes[3].transAxes)
+    axes[3].set_title("dominant eigenvalue of ∇²α L_val", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cells_side_by_side(images: Sequence[tuple[str, Sequence[str | Path]]], path: str | Path) -> None:
+    """One row per (title, [cell pictures]) (e.g. a seed's normal.png and reduce.png), drawn side by side."""
+    if not images:
+        return
+    cols = max(len(paths) for _, paths in images)
+    fig, axes = plt.subplots(len(images), cols, figsize=(6.5 * cols, 2.9 * len(images)), squeeze=False)
+    for r, (title, paths) in enumerate(images):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(paths) and Path(paths[c]).exists():
+                ax.imshow(plt.imread(str(paths[c])))
+                ax.set_title(f"{title}: {Path(paths[c]).stem}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -8,11 +8,14 @@
 ``partial``      PC-DARTS's partial channels (:class:`PartialChannelsPlan`)
 ``regions``      another plan with the cell's modules run as compiled regions (:class:`RegionsPlan`;
                  :func:`fastnas.compilation.compile_regions`)
+``aux_skip``     another plan's sums plus DARTS-'s auxiliary skip β·h on the stride-1 edges (:class:`AuxSkipPlan`;
+                 a wrapper, like ``regions``, set by ``--aux-skip``)
 ===============  =========================================================================================
 """
 from __future__ import annotations
 
 from ...errors import ConfigError
+from .aux_skip import AuxSkipPlan
 from .base import CellPlan, NodeSum, Plan, Runner
 from .fused_norms import FusedNormsPlan
 from .memory import MemoryPlan
@@ -23,7 +26,7 @@ from .regions import RegionsPlan
 PLANS: dict[str, type[Plan]] = {plan.name: plan for plan in (PlainPlan, MemoryPlan, FusedNormsPlan,
                                                              PartialChannelsPlan, RegionsPlan)}
 
-__all__ = ["CellPlan", "FusedNormsPlan", "MemoryPlan", "NodeSum", "PLANS", "PartialChannelsPlan", "Plan",
+__all__ = ["AuxSkipPlan", "CellPlan", "FusedNormsPlan", "MemoryPlan", "NodeSum", "PLANS", "PartialChannelsPlan", "Plan",
            "PlainPlan", "RegionsPlan", "Runner", "default_plan", "make_plan"]
 
 
