@@ -1,6 +1,6 @@
-"""The user's own image folders: search, retrain and evaluate on ImageFolder layouts made on the fly (mixed sizes,
-PNG and JPEG, grayscale, RGB, RGBA and palette images, a corrupt file), the run's data.json, and one clear line with
-exit 2 for each kind of bad data. Tiny shapes throughout."""
+"""The user's own image folders: search, retrain, evaluate, predict and export on ImageFolder layouts made on the
+fly (mixed sizes, PNG and JPEG, grayscale, RGB, RGBA and palette images, a corrupt file), the run's data.json, and one
+clear line with exit 2 for each kind of bad data. Tiny shapes throughout."""
 import json
 import re
 
@@ -9,9 +9,12 @@ import torch
 from PIL import Image
 
 from fastnas import evaluate as evaluate_cli
+from fastnas import export as export_cli
+from fastnas import predict as predict_cli
 from fastnas import search as search_cli
 from fastnas import train as train_cli
 from fastnas.data import DataError, eval_transform, open_folder, read_data_json
+from fastnas.predict import Predictor
 
 CLASSES = ("cat", "dog", "fish")
 SIZES = [(10, 12), (17, 9), (16, 16), (9, 17)]
@@ -69,6 +72,23 @@ def test_search_retrain_and_evaluate_on_an_image_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     # the held-out part: 20% of each class of 6 (the corrupt file left out) -> 1 + 1 + 1 images
     assert re.search(r"test accuracy: [\d.]+% \(\d+/3 images\)", printed), printed
+
+    # predict names the folder's classes; the ONNX export predicts what PyTorch predicts on the same images
+    dogs = sorted(str(p) for p in (data / "dog").iterdir())
+    assert predict_cli.main([str(train_dir), str(data / "dog"), "--top-k", "2", "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    assert sorted(p["image"] for p in predicted) == dogs
+    assert all(len(p["top_k"]) == 2 and {t["class"] for t in p["top_k"]} <= set(CLASSES) for p in predicted)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    assert export_cli.main([str(train_dir), "--format", "onnx"]) == 0
+    predictor = Predictor(train_dir, backend="reference")
+    x = torch.stack([predictor.transform(Image.open(p)) for p in dogs])
+    expected = predictor.probabilities(dogs)
+    session = ort.InferenceSession(str(train_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs = torch.softmax(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), dim=1)
+    assert torch.equal(probs.argmax(1), expected.argmax(1))
+    assert float((probs - expected).abs().max()) < 1e-4
 
 
 def test_held_out_part_classes_and_channels_follow_the_folder(tmp_path):
