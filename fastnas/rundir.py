@@ -16,7 +16,7 @@ from .errors import RunFolderError
 # what a search or a retraining writes; their presence means the folder holds a run
 RUN_OUTPUTS = ("config.json", "log.txt", "checkpoint.pt", "alphas.json", "alphas.png", "genotype.json",
                "genotype.txt", "analysis.txt", "normal.png", "reduce.png", "metrics.json", "model.safetensors",
-               "model.json", "data.json")
+               "model.json", "data.json", "collapse.png", "seeds.json", "seeds.txt", "seeds.png")
 
 _held: dict[Path, int] = {}  # folder -> its locked descriptor, kept open while the command runs
 

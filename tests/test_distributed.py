@@ -28,9 +28,9 @@ TRAIN_ARGS = ["--genotype", "DARTS_V2", "--dataset", "digits", "--limit", "64", 
               "--batch-size", "8", "--max-steps", "2", "--eval-batch-size", "360", "--cutout", "2",
               "--drop-path-prob", "0.3", "--device", "cpu", "--no-progress", "--verify-sync"]
 SEARCH_OUTPUTS = {"config.json", "log.txt", "alphas.json", "checkpoint.pt", "genotype.json", "genotype.txt",
-                  "normal.png", "reduce.png", "alphas.png", "analysis.txt"}
+                  "normal.png", "reduce.png", "alphas.png", "analysis.txt", "collapse.png", "data.json"}
 TRAIN_OUTPUTS = {"config.json", "log.txt", "metrics.json", "checkpoint.pt", "genotype.json", "model.safetensors",
-                 "model.json"}
+                 "model.json", "data.json"}
 HERE = Path(__file__).parent
 
 
