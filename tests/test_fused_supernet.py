@@ -6,7 +6,7 @@ import torch
 
 import fastnas
 from fastnas.search import Search
-from helpers import tiny_search_config
+from helpers import saved_bytes, tiny_search_config
 
 FUSED = [b for b in ("cpu", "triton") if fastnas.ops.available_backends()[b] == "available"]
 
@@ -114,20 +114,6 @@ def test_refused_combinations():
         Search(tiny_search_config(C=6, partial_channels=4), progress=False)
 
 
-def _saved_bytes(net, x):
-    """Bytes that autograd keeps for the backward of one forward pass (parameters excluded)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x)
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    return sum(v for k, v in seen.items() if k not in params)
-
-
 @pytest.mark.parametrize("backend", ["reference"] + FUSED[:1])
 def test_memory_plan_same_arithmetic_less_saved(backend):
     """Recomputing the parameter-free candidates and sharing relu(state) changes nothing but what is stored:
@@ -143,4 +129,4 @@ def test_memory_plan_same_arithmetic_less_saved(backend):
     for (name, u), v in zip(plain.named_buffers(), lean.buffers()):
         torch.testing.assert_close(v, u, msg=lambda m: f"{name}: {m}")
     with fastnas.ops.backend(backend):
-        assert _saved_bytes(lean, x) < 0.8 * _saved_bytes(plain, x)
+        assert saved_bytes(lean, x) < 0.8 * saved_bytes(plain, x)

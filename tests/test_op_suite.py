@@ -10,25 +10,14 @@ import fastnas.ops as ops
 from fastnas.nn import CBAM, ChannelAttention, SpatialAttention
 from fastnas.ops import reference
 from fastnas.ops.backend import define_kernels, kernel_specs, register_backend, required_kernels
+from helpers import BACKENDS, backend_targets
 
 TOY_KERNELS = sorted(required_kernels() | {"max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"})
 register_backend("toy", define_kernels("fastnas_toy", {name: reference.KERNELS[name] for name in TOY_KERNELS}),
                  ("cpu",))
 
 
-def _targets():
-    out = []
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for name in ("reference", "cpu", "cuda", "triton", "toy"):
-            try:
-                ops.resolve_backend(dev, name)
-            except ops.BackendUnavailable:
-                continue
-            out.append(pytest.param(name, dev, id=f"{name}-{dev}"))
-    return out
-
-
-TARGETS = _targets()
+TARGETS = backend_targets(BACKENDS + ("toy",))
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
        torch.float16: dict(rtol=3e-3, atol=3e-3)}
 

@@ -11,6 +11,7 @@ import torch
 
 import fastnas.ops as ops
 from fastnas.ops import reference
+from helpers import backend_targets
 
 OPS = ("mixed_sum", "channel_pool", "channel_scale", "spatial_pool", "spatial_scale")
 SHAPES = [(2, 3, 5, 7), (1, 1, 1, 1), (3, 17, 4, 3)]
@@ -22,21 +23,7 @@ TOL = {  # (rtol, atol) of a result against the float64 reference on the same (r
 }
 
 
-def _targets():
-    """(backend, device) pairs that can run on this machine."""
-    out = []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for dev in devices:
-        for name in ("reference", "cpu", "cuda", "triton"):
-            try:
-                ops.resolve_backend(dev, name)
-            except ops.BackendUnavailable:
-                continue
-            out.append(pytest.param(name, dev, id=f"{name}-{dev}"))
-    return out
-
-
-TARGETS = _targets()
+TARGETS = backend_targets()
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:

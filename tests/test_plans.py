@@ -11,6 +11,7 @@ import fastnas
 from fastnas.errors import ConfigError
 from fastnas.nn import plans
 from fastnas.ops.defs.normalized_mixed_sum import NormalizedMixedSum
+from helpers import saved_bytes
 
 CPU = fastnas.ops.available_backends()["cpu"] == "available"
 BACKENDS = ["reference"] + (["cpu"] if CPU else [])
@@ -77,16 +78,7 @@ def test_memory_plans_store_less_than_plain():
     x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
 
     def saved(net):
-        sizes = {}
-
-        def pack(t):
-            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(x)
-        params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-        return sum(v for k, v in sizes.items() if k not in params)
+        return saved_bytes(net, x)
 
     plain = saved(_net("plain"))
     assert saved(_net("memory")) < 0.8 * plain
