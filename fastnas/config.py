@@ -137,9 +137,9 @@ class SearchConfig:
     max_steps: int | None = None  # stop each epoch after this many steps (smoke tests)
     # collapse controls (fastnas.robust), all off by default
     skip_limit: int | None = None  # P-DARTS: at most N skip_connect edges in the derived normal cell
-    aux_skip: bool = False  # DARTS-: auxiliary skip on every stride-1 edge, its coefficient decaying 1 -> 0
+    aux_skip: bool = False  # DARTS-: auxiliary skip on every edge, its coefficient decaying 1 -> 0
     beta_decay: float = 0.0  # beta-DARTS: Beta-Decay regularisation of the logits, coefficient ramped 0 -> this
-    alpha_noise: float = 0.0  # SDARTS-RS: U(-eps, eps) on the softmax weights in the weight step
+    alpha_noise: float = 0.0  # SDARTS-RS: U(-e, e) on the softmax weights in the weight step, e: 0.03 -> this
     early_stop: bool = False  # DARTS+: stop at two skip connections in the normal cell or a stable ranking
     early_stop_patience: int = 10  # DARTS+: epochs without a change of the ranking of the alphas
     # collapse indicators (fastnas.indicators)

@@ -8,16 +8,18 @@ is an option of ``python -m fastnas.search`` and a :class:`fastnas.config.Search
 ``--skip-limit N``     P-DARTS (Chen et al., 2019): the derived normal cell keeps at most N ``skip_connect`` edges.
                        While it has more, the skip weight of its weakest skip edge is set to 0 and the cell derived
                        again with DARTS's rule, so that node takes its next-best choice; each replacement is logged.
-``--aux-skip``         DARTS- (Chu et al., 2021): an auxiliary skip β_t·h on every stride-1 edge, outside α, with
-                       β_t = 1 − e/E in epoch e (from 0) of E (:class:`fastnas.nn.plans.AuxSkipPlan`).
+``--aux-skip``         DARTS- (Chu et al., 2021): an auxiliary skip on every edge, outside α (the identity; at stride
+                       2 a factorized reduction of its own), weighted β_t = 1 − e/E in epoch e (from 0) of E
+                       (:class:`fastnas.nn.plans.AuxSkipPlan`).
 ``--beta-decay λ``     β-DARTS (Ye et al., 2022): Beta-Decay regularisation in the architecture step,
                        L_β = λ_t · mean over the edges of both cell types of log Σ_k exp(α_k), λ_t = λ · e/E.
 ``--alpha-noise ε``    SDARTS-RS (Chen and Hsieh, 2020): in the weight step only, the softmax weights of every edge
-                       are perturbed by U(−ε, ε), clipped to [0, 1] and renormalised (as SDARTS's code does); the
-                       architecture step sees the clean α. The paper's ε for random smoothing is 0.03.
+                       are perturbed by U(−ε_t, ε_t), clipped to [0, 1] and renormalised; the architecture step sees
+                       the clean α. As in SDARTS's code, ε_t rises linearly from 0.03 in the first epoch towards ε
+                       (ε_t = 0.03 + (ε − 0.03)·e/E; the code's ε is 0.3; an ε below 0.03 is used throughout).
 ``--early-stop``       DARTS+ (Liang et al., 2019): stop when the derived normal cell holds two or more skip
-                       connections, or when the ranking of the ops on every edge has not changed for
-                       ``--early-stop-patience`` epochs (10 in the paper).
+                       connections, or when the ranking of the learnable ops (with parameters) on every edge has not
+                       changed for ``--early-stop-patience`` epochs (10 in the paper).
 =====================  ================================================================================================
 
 :class:`Controls` gathers them for :class:`fastnas.search.Search`, which only calls it at fixed points of its loop.
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .genotype import Edge, Genotype, derive_cell
+from .indicators import is_parameter_free_op
 from .nn.plans import AuxSkipPlan
 
 SKIP = "skip_connect"
@@ -134,6 +137,12 @@ def perturbed_weights(alpha: torch.Tensor, epsilon: float, generator: torch.Gene
     return p / p.sum(dim=-1, keepdim=True)
 
 
+def alpha_noise_schedule(epoch: int, epochs: int, epsilon: float, start: float = 0.03) -> float:
+    """ε_t = ε0 + (ε − ε0)·e/E in epoch ``epoch`` (from 0) of ``epochs``, ε0 = min(``start``, ε): SDARTS-RS's ramp."""
+    first = min(start, epsilon)
+    return first + (epsilon - first) * epoch / epochs
+
+
 @contextlib.contextmanager
 def alpha_noise(model, epsilon: float) -> Iterator[None]:
     """For the block, α of both cell types replaced by log(:func:`perturbed_weights`), so the network's softmax
@@ -154,9 +163,10 @@ def alpha_noise(model, epsilon: float) -> Iterator[None]:
 
 # -- DARTS+: early stopping -----------------------------------------------------------------------------------------
 def alpha_ranking(entry: dict, primitives: Sequence[str]) -> tuple:
-    """Per edge of both cell types, the ops other than ``none`` from strongest to weakest (an ``alphas.json`` epoch
-    entry: softmax weights under ``normal`` and ``reduce``)."""
-    keep = [k for k, p in enumerate(primitives) if p != "none"]
+    """Per edge of both cell types, the learnable ops (those with parameters: not ``none``, skip or pooling) from
+    strongest to weakest, as DARTS+'s criterion ranks them (an ``alphas.json`` epoch entry: softmax weights under
+    ``normal`` and ``reduce``)."""
+    keep = [k for k, p in enumerate(primitives) if not is_parameter_free_op(p)]
     ranking = []
     for kind in ("normal", "reduce"):
         for row in entry[kind]:
@@ -169,7 +179,7 @@ def early_stop_reason(history: Sequence[dict], primitives: Sequence[str], patien
     """DARTS+'s criteria on the epochs so far (``alphas.json`` entries): why the search stops now, or None.
 
     Stop when the last epoch's derived normal cell holds two or more skip connections, or when the ranking of the
-    ops on every edge (:func:`alpha_ranking`) has been the same for the last ``patience`` epochs (epochs of
+    learnable ops on every edge (:func:`alpha_ranking`) has been the same for the last ``patience`` epochs (epochs of
     warm-up, when α does not move, are not counted)."""
     if not history:
         return None
@@ -196,6 +206,7 @@ class Controls:
         self.cfg = cfg
         self.aux_plan: AuxSkipPlan | None = None
         self.beta_decay = BetaDecay(cfg.beta_decay) if cfg.beta_decay > 0 else None
+        self.noise_epsilon = cfg.alpha_noise  # SDARTS-RS's ε_t, set each epoch
         self.arch_terms = [self.beta_decay] if self.beta_decay is not None else []
 
     def describe(self) -> list[str]:
@@ -207,7 +218,8 @@ class Controls:
         if cfg.beta_decay > 0:
             out.append(f"Beta-Decay lambda {cfg.beta_decay}, ramped from 0 (beta-DARTS)")
         if cfg.alpha_noise > 0:
-            out.append(f"alpha noise U(-{cfg.alpha_noise}, {cfg.alpha_noise}) in the weight step (SDARTS-RS)")
+            out.append(f"alpha noise U(-eps, eps) in the weight step, eps {min(0.03, cfg.alpha_noise)} -> "
+                       f"{cfg.alpha_noise} (SDARTS-RS)")
         if cfg.early_stop:
             out.append(f"early stop, patience {cfg.early_stop_patience} (DARTS+)")
         return out
@@ -224,11 +236,13 @@ class Controls:
             self.aux_plan.coefficient = aux_skip_coefficient(epoch, self.cfg.epochs)
         if self.beta_decay is not None:
             self.beta_decay.set_epoch(epoch, self.cfg.epochs)
+        if self.cfg.alpha_noise > 0:
+            self.noise_epsilon = alpha_noise_schedule(epoch, self.cfg.epochs, self.cfg.alpha_noise)
 
     def weight_step(self, model):
         """The context of a weight step: α perturbed (SDARTS-RS) or as it is."""
         if self.cfg.alpha_noise > 0:
-            return alpha_noise(model, self.cfg.alpha_noise)
+            return alpha_noise(model, self.noise_epsilon)
         return contextlib.nullcontext()
 
     def derive(self, model) -> tuple[Genotype, list[str]]:

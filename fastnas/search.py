@@ -93,7 +93,8 @@ class Search:
         cfg = self.cfg
         return SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
                         cfg.stem_multiplier, in_channels=self.info.in_channels,
-                        partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient)
+                        partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient,
+                        aux_skip=cfg.aux_skip)
 
     def _make_forward(self):
         cfg, device = self.cfg, self.device
@@ -339,11 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="P-DARTS: the derived normal cell keeps at most N skip_connect edges (the weakest replaced by "
                         "the next-best choice)")
     g.add_argument("--aux-skip", action="store_true", default=None,
-                   help="DARTS-: an auxiliary skip on every stride-1 edge, coefficient decaying linearly 1 -> 0")
+                   help="DARTS-: an auxiliary skip on every edge (a factorized reduction at stride 2), "
+                        "coefficient decaying linearly 1 -> 0")
     g.add_argument("--beta-decay", type=float, metavar="LAMBDA",
                    help="beta-DARTS: Beta-Decay regularisation of the logits, coefficient rising linearly 0 -> LAMBDA")
     g.add_argument("--alpha-noise", type=float, metavar="EPS",
-                   help="SDARTS-RS: U(-EPS, EPS) on the softmax weights in the weight step (paper: 0.03)")
+                   help="SDARTS-RS: U(-e, e) on the softmax weights in the weight step, e rising linearly "
+                        "0.03 -> EPS over the search (SDARTS's code: 0.3)")
     g.add_argument("--early-stop", action="store_true", default=None,
                    help="DARTS+: stop at two skip connections in the normal cell or a ranking of the alphas "
                         "unchanged for --early-stop-patience epochs")

@@ -36,13 +36,14 @@ class SuperNet(nn.Module):
     ``memory_efficient`` picks one (see :meth:`set_memory_efficient`). The arithmetic is the same under every plan.
     The architecture weights ``alphas_normal`` and ``alphas_reduce`` ([edges, ops], initialised 1e-3·randn) are
     parameters of the module, so they are saved and loaded with it; :meth:`arch_parameters` and
-    :meth:`weight_parameters` keep them apart for the two optimisers.
+    :meth:`weight_parameters` keep them apart for the two optimisers. ``aux_skip`` gives the reduction cells the
+    weights of DARTS-'s auxiliary skip on their stride-2 edges (used under :class:`fastnas.nn.plans.AuxSkipPlan`).
     """
 
     def __init__(self, C: int = 16, layers: int = 8, num_classes: int = 10,
                  primitives: str | Sequence[str] = DEFAULT_SPACE, steps: int = 4, multiplier: int = 4,
                  stem_multiplier: int = 3, in_channels: int = 3, partial_channels: int = 1,
-                 memory_efficient: bool = True, plan: str | Plan | None = None) -> None:
+                 memory_efficient: bool = True, plan: str | Plan | None = None, aux_skip: bool = False) -> None:
         super().__init__()
         if C < 1 or layers < 1 or num_classes < 1 or steps < 1:
             raise ConfigError(f"SuperNet needs C, layers, num_classes and steps >= 1, got {C}, {layers}, "
@@ -54,7 +55,7 @@ class SuperNet(nn.Module):
         self.primitives = resolve_primitives(primitives)
         self.C, self.layers, self.num_classes = C, layers, num_classes
         self.steps, self.multiplier, self.in_channels = steps, multiplier, in_channels
-        self.partial_channels = partial_channels
+        self.partial_channels, self.aux_skip = partial_channels, aux_skip
         if partial_channels < 1 or C % partial_channels:
             raise ConfigError(f"partial_channels must be >= 1 and divide C={C}, got {partial_channels}")
 
@@ -69,7 +70,7 @@ class SuperNet(nn.Module):
             if reduction:
                 c_curr *= 2
             self.cells.append(SearchCell(self.primitives, steps, multiplier, c_prev_prev, c_prev, c_curr,
-                                         reduction, reduction_prev, partial_channels))
+                                         reduction, reduction_prev, partial_channels, aux_skip=aux_skip))
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, multiplier * c_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)

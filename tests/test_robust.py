@@ -20,9 +20,11 @@ from helpers import tiny_search_config
 PRIMS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
 
 
-def _tiny_fp64_net(primitives=("none", "skip_connect", "sep_conv_3x3", "channel_attention", "avg_pool_3x3")):
+def _tiny_fp64_net(primitives=("none", "skip_connect", "sep_conv_3x3", "channel_attention", "avg_pool_3x3"),
+                   aux_skip=False):
     torch.manual_seed(0)
-    net = fastnas.SuperNet(4, 3, 3, primitives=list(primitives), steps=2, multiplier=2, in_channels=1).double()
+    net = fastnas.SuperNet(4, 3, 3, primitives=list(primitives), steps=2, multiplier=2, in_channels=1,
+                           aux_skip=aux_skip).double()
     with torch.no_grad():
         for a in net.arch_parameters():
             a.normal_(0, 0.5)
@@ -88,10 +90,13 @@ def test_aux_skip_coefficient_follows_its_schedule_during_a_search():
 
 
 @fastnas.ops.backend("reference")
-def test_aux_skip_adds_beta_times_each_stride_one_input():
-    """With every op weight 0, each node is β·Σ of its stride-1 inputs: all of them in a normal cell, none of the
-    reduction cell's inputs (stride 2) but its earlier nodes."""
-    net = _tiny_fp64_net()
+def test_aux_skip_adds_beta_times_each_input_through_its_auxiliary_op():
+    """With every op weight 0, each node is β·Σ of its inputs: as they are at stride 1, through the edge's own
+    factorized reduction at stride 2 (the reduction cell's inputs), as DARTS-'s code does."""
+    with pytest.raises(ConfigError, match="aux_skip=True"):
+        _tiny_fp64_net().set_plan(AuxSkipPlan(_tiny_fp64_net().plan))
+    net = _tiny_fp64_net(aux_skip=True)
+    assert net.cells[0].aux_reduce is None and sorted(net.cells[1].aux_reduce) == ["0", "1", "2", "3"]
     base = net.plan
     beta = 0.3
     net.set_plan(AuxSkipPlan(base, beta))
@@ -103,8 +108,9 @@ def test_aux_skip_adds_beta_times_each_stride_one_input():
         out = cell(s0, s1, zeros)
         p0, p1 = cell.preprocess0(s0), cell.preprocess1(s1)
         if cell.reduction:
-            n0 = torch.zeros_like(out[:, :out.shape[1] // 2])
-            n1 = beta * n0
+            aux = cell.aux_reduce
+            n0 = beta * (aux["0"](p0) + aux["1"](p1))
+            n1 = beta * (aux["2"](p0) + aux["3"](p1) + n0)
         else:
             n0 = beta * (p0 + p1)
             n1 = beta * (p0 + p1 + n0)
@@ -171,6 +177,16 @@ def test_alpha_noise_perturbs_the_weight_step_only_and_restores_alpha():
     assert (p == 0).any() and torch.allclose(p.sum(-1), torch.ones(5, dtype=p.dtype))
 
 
+def test_alpha_noise_rises_linearly_from_0_03_as_in_sdarts_code():
+    assert robust.alpha_noise_schedule(0, 50, 0.3) == pytest.approx(0.03)
+    assert robust.alpha_noise_schedule(25, 50, 0.3) == pytest.approx(0.165)
+    assert robust.alpha_noise_schedule(49, 50, 0.3) == pytest.approx(0.03 + 0.27 * 49 / 50)
+    assert robust.alpha_noise_schedule(0, 10, 0.01) == robust.alpha_noise_schedule(9, 10, 0.01) == 0.01
+    controls = robust.Controls(SearchConfig(alpha_noise=0.3, epochs=4))
+    controls.start_epoch(2)
+    assert controls.noise_epsilon == pytest.approx(0.165)
+
+
 def test_search_applies_alpha_noise_in_the_weight_step_and_not_in_the_arch_step():
     s = Search(tiny_search_config(epochs=1, alpha_noise=0.03, max_steps=1), progress=False)
     seen = {"arch": [], "weight": []}
@@ -206,18 +222,21 @@ ONE_SKIP = [("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("max
 TWO_SKIPS = [("skip_connect", 0), ("sep_conv_3x3", 1), ("skip_connect", 0), ("max_pool_3x3", 2)]
 
 
-def test_early_stop_fires_on_two_skips_or_a_stable_ranking():
+def test_early_stop_fires_on_two_skips_or_a_stable_ranking_of_the_learnable_ops():
+    prims = ("none", "skip_connect", "sep_conv_3x3", "dil_conv_3x3")
     a = [[0.0, 0.1, 0.2, 0.7]] * 5
-    b = [[0.0, 0.1, 0.7, 0.2]] * 5  # another ranking of the same ops
+    b = [[0.0, 0.1, 0.7, 0.2]] * 5  # another ranking of the learnable ops
     a2 = [[0.0, 0.15, 0.25, 0.6]] * 5  # other weights, the same ranking as a
-    stop = lambda h, **kw: robust.early_stop_reason(h, PRIMS, 3, **kw)  # noqa: E731
+    a3 = [[0.0, 0.3, 0.2, 0.5]] * 5  # the skip moves, the learnable ops keep a's ranking
+    assert robust.alpha_ranking({"normal": a, "reduce": a}, prims) == ((3, 2),) * 10
+    stop = lambda h, **kw: robust.early_stop_reason(h, prims, 3, **kw)  # noqa: E731
     assert stop([]) is None
     assert stop([_entry(1, a, ONE_SKIP)]) is None
     assert "2 skip connections" in stop([_entry(1, a, ONE_SKIP), _entry(2, b, TWO_SKIPS)])
     # ranking unchanged for 3 epochs (4 entries with one ranking)
     history = [_entry(1, b, CONV), _entry(2, a, CONV), _entry(3, a2, CONV), _entry(4, a, CONV)]
     assert stop(history) is None
-    history.append(_entry(5, a2, CONV))
+    history.append(_entry(5, a3, CONV))
     assert "has not changed for 3 epochs" in stop(history)
     # epochs of warm-up (α does not move) are not counted
     assert stop(history, warmup_epochs=2) is None

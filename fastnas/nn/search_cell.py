@@ -40,10 +40,12 @@ def search_candidate(name: str, C: int, stride: int, partial_channels: int = 1) 
 class SearchCell(nn.Module):
     """``steps`` nodes, each the weighted sum of every candidate on every edge from the cell's inputs and the
     earlier nodes; the output concatenates the last ``multiplier`` nodes. ``plan`` executes the sums (the default
-    one for ``partial_channels`` when not given; :meth:`set_plan`)."""
+    one for ``partial_channels`` when not given; :meth:`set_plan`). ``aux_skip`` adds the factorized reductions that
+    DARTS-'s auxiliary skip uses on stride-2 edges (:class:`fastnas.nn.plans.AuxSkipPlan`)."""
 
     def __init__(self, primitives: Sequence[str], steps: int, multiplier: int, c_prev_prev: int, c_prev: int, C: int,
-                 reduction: bool, reduction_prev: bool, partial_channels: int = 1, plan: Plan | None = None) -> None:
+                 reduction: bool, reduction_prev: bool, partial_channels: int = 1, plan: Plan | None = None,
+                 aux_skip: bool = False) -> None:
         super().__init__()
         if partial_channels < 1 or C % partial_channels:
             raise ConfigError(f"partial channels {partial_channels} must divide the cell width {C}")
@@ -68,6 +70,9 @@ class SearchCell(nn.Module):
                 self.strides.append(stride)
                 self.edges.append(nn.ModuleList(
                     search_candidate(primitives[k], C, stride, partial_channels) for k in self.active))
+        # DARTS-: the auxiliary skip of a stride-2 edge is a factorized reduction of its own (weights, no α)
+        self.aux_reduce = nn.ModuleDict({str(e): FactorizedReduce(C, C, affine=False)
+                                         for e, stride in enumerate(self.strides) if stride == 2}) if aux_skip and reduction else None
         # PC-DARTS: the bypassed channels of a stride-2 edge are max-pooled (ceil, so odd sizes match the ops)
         self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if partial_channels > 1 and reduction else None
         # which candidates (by position among the active ops) are parameter-free, per edge

@@ -8,7 +8,7 @@
 ``partial``      PC-DARTS's partial channels (:class:`PartialChannelsPlan`)
 ``regions``      another plan with the cell's modules run as compiled regions (:class:`RegionsPlan`;
                  :func:`fastnas.compilation.compile_regions`)
-``aux_skip``     another plan's sums plus DARTS-'s auxiliary skip β·h on the stride-1 edges (:class:`AuxSkipPlan`;
+``aux_skip``     another plan's sums plus DARTS-'s auxiliary skip on every edge (:class:`AuxSkipPlan`;
                  a wrapper, like ``regions``, set by ``--aux-skip``)
 ===============  =========================================================================================
 """

@@ -1,14 +1,13 @@
-"""DARTS- (Chu et al., 2021): an auxiliary skip connection on the edges, outside the architecture weights.
+"""DARTS- (Chu et al., 2021): an auxiliary skip connection on every edge, outside the architecture weights.
 
-Each node becomes Σ_edges Σ_o w_eo · o(h_e) + β_t · Σ_{stride-1 edges} h_e: the skip that DARTS's collapse favours
-is given to every edge for free, so that the architecture weights need not pick ``skip_connect`` to obtain the
-gradient path it gives. β_t decays to 0 over the search (:func:`fastnas.robust.aux_skip_coefficient`), so the
-supernet at the end is DARTS's, and the derivation rule does not change (the auxiliary skip has no α).
-
-The skip is added on stride-1 edges: every edge of a normal cell and the node-to-node edges of a reduction cell.
-The stride-2 edges of a reduction cell (from its two inputs) get none: there the skip would be a factorized
-reduction with weights of its own, which the supernet does not have. :class:`AuxSkipPlan` wraps the plan that
-computes the sums; its coefficient is set once per epoch, not per call.
+Each node becomes Σ_edges Σ_o w_eo · o(h_e) + β_t · Σ_edges a_e(h_e): the skip that DARTS's collapse favours is
+given to every edge for free, so that the architecture weights need not pick ``skip_connect`` to obtain the
+gradient path it gives. As in DARTS-'s code, a_e is the identity on stride-1 edges and an affine-free factorized
+reduction with weights of its own on the stride-2 edges of a reduction cell (``SuperNet(aux_skip=True)`` builds
+them; they train with the other weights). β_t decays to 0 over the search
+(:func:`fastnas.robust.aux_skip_coefficient`), so the supernet at the end is DARTS's, and the derivation rule does not
+change (the auxiliary skip has no α).
+:class:`AuxSkipPlan` wraps the plan that computes the sums; its coefficient is set once per epoch, not per call.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ...errors import ConfigError
 from .base import CellPlan, NodeSum, Plan, Runner
 
 
@@ -24,7 +24,11 @@ class AuxSkipCellPlan(CellPlan):
     def __init__(self, cell: nn.Module, inner: CellPlan, plan: "AuxSkipPlan") -> None:
         super().__init__(cell, inner.runner)
         self.inner, self.plan = inner, plan
-        self.identity = [stride == 1 for stride in cell.strides]  # the edges that carry an auxiliary skip
+        if any(stride == 2 for stride in cell.strides) and getattr(cell, "aux_reduce", None) is None:
+            raise ConfigError("DARTS-'s auxiliary skip needs a factorized reduction on each stride-2 edge: build the "
+                              "SuperNet with aux_skip=True")
+        # the auxiliary op of each edge: None for the identity (stride 1), else the edge's factorized reduction
+        self.aux_ops = [None if stride == 1 else cell.aux_reduce[str(e)] for e, stride in enumerate(cell.strides)]
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.inner.run(module, x)
@@ -38,14 +42,14 @@ class AuxSkipCellPlan(CellPlan):
                       edge_weights: torch.Tensor | None = None) -> torch.Tensor:
             out = node_sum(states, edges, weights, edge_weights)
             for e, h in zip(edges, states):
-                if self.identity[e]:
-                    out = out + beta * h.to(out.dtype)
+                op = self.aux_ops[e]
+                out = out + beta * (h if op is None else op(h)).to(out.dtype)
             return out
         return with_skip
 
 
 class AuxSkipPlan(Plan):
-    """``base``'s node sums plus β·h on every stride-1 edge; ``coefficient`` (β) is set by the search each epoch."""
+    """``base``'s node sums plus β·a_e(h) on every edge; ``coefficient`` (β) is set by the search each epoch."""
 
     name = "aux_skip"
 
