@@ -138,7 +138,7 @@ def perturbed_weights(alpha: torch.Tensor, epsilon: float, generator: torch.Gene
 
 
 def alpha_noise_schedule(epoch: int, epochs: int, epsilon: float, start: float = 0.03) -> float:
-    """ε_t = ε0 + (ε − ε0)·e/E in epoch ``epoch`` (from 0) of ``epochs``, ε0 = min(``start``, ε): SDARTS-RS's ramp."""
+    """SDARTS-RS's ramp: ε_t = ε0 + (ε − ε0)·e/E in epoch ``epoch`` (from 0) of ``epochs``, ε0 = min(``start``, ε)."""
     first = min(start, epsilon)
     return first + (epsilon - first) * epoch / epochs
 

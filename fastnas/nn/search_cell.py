@@ -71,8 +71,10 @@ class SearchCell(nn.Module):
                 self.edges.append(nn.ModuleList(
                     search_candidate(primitives[k], C, stride, partial_channels) for k in self.active))
         # DARTS-: the auxiliary skip of a stride-2 edge is a factorized reduction of its own (weights, no α)
-        self.aux_reduce = nn.ModuleDict({str(e): FactorizedReduce(C, C, affine=False)
-                                         for e, stride in enumerate(self.strides) if stride == 2}) if aux_skip and reduction else None
+        self.aux_reduce = None
+        if aux_skip and reduction:
+            self.aux_reduce = nn.ModuleDict({str(e): FactorizedReduce(C, C, affine=False)
+                                             for e, stride in enumerate(self.strides) if stride == 2})
         # PC-DARTS: the bypassed channels of a stride-2 edge are max-pooled (ceil, so odd sizes match the ops)
         self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if partial_channels > 1 and reduction else None
         # which candidates (by position among the active ops) are parameter-free, per edge
