@@ -82,10 +82,10 @@ def search(args: argparse.Namespace) -> None:
 
 def load_search(run: Path) -> dict:
     config = json.loads((run / "config.json").read_text())
-    history = json.loads((run / "alphas.json").read_text())
-    history = history["epochs"] if isinstance(history, dict) else history
-    return {"config": SearchConfig.from_dict({k: v for k, v in config.items() if k in SearchConfig().to_dict()}),
-            "history": history, "genotype": Genotype.from_json(run / "genotype.json")}
+    config.pop("preset", None)  # the run's preset name, not a SearchConfig field
+    return {"config": SearchConfig.from_dict(config),
+            "history": json.loads((run / "alphas.json").read_text())["epochs"],
+            "genotype": Genotype.from_json(run / "genotype.json")}
 
 
 def derived_genotype(name: str, run: dict) -> tuple[Genotype, int]:
@@ -148,10 +148,9 @@ def retrain(args: argparse.Namespace) -> None:
 
 def retrained(out: Path, genotype: Genotype, seed: int) -> float | None:
     """The final test accuracy of the genotype's retraining with ``seed``, None while it has not finished."""
-    metrics = train_dir(out, genotype, seed) / "metrics.json"
-    if not metrics.exists() or not json.loads(metrics.read_text()).get("finished"):
-        return None
-    return json.loads(metrics.read_text())["final_test_acc"]
+    path = train_dir(out, genotype, seed) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    return metrics["final_test_acc"] if metrics.get("finished") else None
 
 
 def report(args: argparse.Namespace) -> None:

@@ -86,9 +86,14 @@ def derive_with_skip_limit(model, limit: int | None) -> tuple[Genotype, list[str
 
 
 # -- DARTS-: the auxiliary skip's schedule --------------------------------------------------------------------------
+def linear_schedule(start: float, end: float, epoch: int, epochs: int) -> float:
+    """start + (end − start)·e/E in epoch ``epoch`` (from 0) of ``epochs``: the ramp of every control's coefficient."""
+    return start + (end - start) * epoch / epochs
+
+
 def aux_skip_coefficient(epoch: int, epochs: int, beta0: float = 1.0) -> float:
     """β_t = β0 · (1 − e/E) during epoch ``epoch`` (from 0) of ``epochs``: β0 in the first, β0/E in the last."""
-    return beta0 * (1.0 - epoch / epochs)
+    return linear_schedule(beta0, 0.0, epoch, epochs)
 
 
 # -- β-DARTS: Beta-Decay regularisation -----------------------------------------------------------------------------
@@ -105,7 +110,7 @@ def beta_decay_gradient(alphas: Sequence[torch.Tensor], coefficient: float) -> l
 
 def beta_decay_schedule(epoch: int, epochs: int, lam: float) -> float:
     """λ_t = λ · e/E in epoch ``epoch`` (from 0) of ``epochs``: 0 in the first epoch, rising linearly."""
-    return lam * epoch / epochs
+    return linear_schedule(0.0, lam, epoch, epochs)
 
 
 class BetaDecay:
@@ -139,8 +144,7 @@ def perturbed_weights(alpha: torch.Tensor, epsilon: float, generator: torch.Gene
 
 def alpha_noise_schedule(epoch: int, epochs: int, epsilon: float, start: float = 0.03) -> float:
     """SDARTS-RS's ramp: ε_t = ε0 + (ε − ε0)·e/E in epoch ``epoch`` (from 0) of ``epochs``, ε0 = min(``start``, ε)."""
-    first = min(start, epsilon)
-    return first + (epsilon - first) * epoch / epochs
+    return linear_schedule(min(start, epsilon), epsilon, epoch, epochs)
 
 
 @contextlib.contextmanager

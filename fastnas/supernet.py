@@ -55,7 +55,7 @@ class SuperNet(nn.Module):
         self.primitives = resolve_primitives(primitives)
         self.C, self.layers, self.num_classes = C, layers, num_classes
         self.steps, self.multiplier, self.in_channels = steps, multiplier, in_channels
-        self.partial_channels, self.aux_skip = partial_channels, aux_skip
+        self.partial_channels = partial_channels
         if partial_channels < 1 or C % partial_channels:
             raise ConfigError(f"partial_channels must be >= 1 and divide C={C}, got {partial_channels}")
 

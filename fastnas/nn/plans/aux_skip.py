@@ -24,7 +24,7 @@ class AuxSkipCellPlan(CellPlan):
     def __init__(self, cell: nn.Module, inner: CellPlan, plan: "AuxSkipPlan") -> None:
         super().__init__(cell, inner.runner)
         self.inner, self.plan = inner, plan
-        if any(stride == 2 for stride in cell.strides) and getattr(cell, "aux_reduce", None) is None:
+        if any(stride == 2 for stride in cell.strides) and cell.aux_reduce is None:
             raise ConfigError("DARTS-'s auxiliary skip needs a factorized reduction on each stride-2 edge: build the "
                               "SuperNet with aux_skip=True")
         # the auxiliary op of each edge: None for the identity (stride 1), else the edge's factorized reduction
