@@ -4,7 +4,7 @@
     python -m benchmarks.regional_compile eager                                           # the same step, eager
     python -m benchmarks.regional_compile compare [--rounds 10]           # both in one process, interleaved
 
-``regional`` is what ``--compile`` does (:func:`fastnas.compilation.compile_regions`: the candidates with parameters
+``regional`` is what ``--compile`` does (the compiled-regions plan, :class:`fastnas.nn.plans.RegionsPlan`: the candidates with parameters
 of each edge as one region, and both preprocessing ops of every cell). Prints the first step (compilation
 included), three more steps, and Inductor's FX-graph cache counters.
 ``python -m benchmarks.compile_time --provider cpu_cl_regions`` measures the ``regional`` case in fresh processes,

@@ -59,7 +59,7 @@ class StepProvider:
     memory_efficient: bool = True  # fastnas's memory plan (search only)
     partial_channels: int = 1  # PC-DARTS (search only)
     compiled: bool = False  # torch.compile(model)
-    regions: bool = False  # fastnas.compilation.compile_regions(model), what --compile does (search only)
+    regions: bool = False  # the compiled-regions plan, what --compile does (search only)
     channels_last: bool = False  # model and inputs in NHWC (fastnas's default on the CPU)
 
     @property
@@ -126,17 +126,16 @@ def build_step(kind: str, provider: str, seed: int = 0) -> Callable[[], None]:
     gen = torch.Generator().manual_seed(seed)
     criterion = nn.CrossEntropyLoss()
     if kind in ("search1", "search2"):
+        from fastnas.nn.plans import Execution
         from fastnas.supernet import SuperNet
 
         cfg = SearchConfig()
+        scope = "regions" if p.regions else "model" if p.compiled else None
+        execution = Execution(dev.type, p.backend, p.channels_last, compile=scope)
         net = SuperNet(cfg.C, cfg.layers, 10, "at-darts", partial_channels=p.partial_channels,
-                       memory_efficient=p.memory_efficient).to(dev)
+                       memory_efficient=p.memory_efficient, execution=execution).to(dev)
         if p.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        if p.regions:
-            from fastnas.compilation import compile_regions
-
-            compile_regions(net, dev.type)
         forward = torch.compile(net) if p.compiled else net
         optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)

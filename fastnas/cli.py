@@ -110,7 +110,7 @@ def resume(args: argparse.Namespace, argv: Sequence[str], config_class: type, ki
     ignored = [o for o in explicit_options(argv) if o not in distributed.RESUME_OPTIONS]
     if args.epochs is not None:
         cfg.epochs = args.epochs
-    main_process = distributed.setup_processes(cfg.device, args.dist_timeout, run_dir)
+    main_process = runtime.setup_processes(cfg.device, args.dist_timeout, run_dir)
     if ignored:
         log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
     return run_dir, state, cfg, main_process

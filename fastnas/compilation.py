@@ -1,8 +1,7 @@
 """``torch.compile`` for the search supernet and the evaluation network.
 
-:class:`CompiledOrEager` compiles a callable and falls back to eager execution on a compiler failure;
-:func:`compile_regions` sets a supernet's plan to run its cells as compiled regions
-(:class:`fastnas.nn.plans.RegionsPlan`).
+:class:`CompiledOrEager` compiles a callable and falls back to eager execution on a compiler failure; the search
+cells' compiled regions are a plan (:class:`fastnas.nn.plans.RegionsPlan`).
 """
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import logging
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 log = logging.getLogger("fastnas")
 
@@ -51,22 +49,3 @@ class CompiledOrEager:
                 log.warning(f"torch.compile failed for {self.label} ({type(exc).__name__}: {first_line}); "
                             f"running it eagerly")
             return self.fn(*args, **kwargs)
-
-
-def compile_regions(net: nn.Module, device_type: str = "cpu") -> int:
-    """Run the search supernet ``net`` (a :class:`fastnas.SuperNet`) region by region under ``torch.compile``:
-    its plan becomes :class:`fastnas.nn.plans.RegionsPlan` over the current one. Returns the number of regions
-    (each edge's candidates that have parameters, each preprocessing op); they compile on first use. Call it once
-    per network, after moving the network to its device and layout."""
-    from .nn.plans import RegionsPlan
-
-    net.set_plan(RegionsPlan(net.plan, device_type))
-    return len(compiled_regions(net))
-
-
-def compiled_regions(net: nn.Module) -> list[CompiledOrEager]:
-    """The region kinds behind each region of ``net`` (one entry per region; none when it runs eagerly)."""
-    from .nn.plans.regions import CompiledRunner
-
-    runners = [cell.plan.runner for cell in net.cells]
-    return [region.func for r in runners if isinstance(r, CompiledRunner) for region in r.regions()]

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import logging
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -139,14 +137,6 @@ def sync_buffers(module: nn.Module) -> None:
                 dist.broadcast(b, src=0)
 
 
-def seed_epoch(seed: int, epoch: int) -> None:
-    """Seed every generator from (seed, epoch, rank): each rank draws its own augmentations and drop-path masks,
-    and a resumed run draws what the uninterrupted one did."""
-    from .runtime import seed_everything
-
-    seed_everything((seed * 1_000_003 + epoch * 9_973 + rank() * 101) % 2**31)
-
-
 def state_digest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
     out = {}
     for name, t in named_tensors:
@@ -182,24 +172,6 @@ def add_cli_options(p: argparse.ArgumentParser) -> None:
                         "stop with an error if not")
     g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="how long a process waits for the others in a collective before the job fails")
-
-
-def setup_processes(device: str, timeout_s: float, run_dir: Path | None) -> bool:
-    """Join the process group when under torchrun. Rank 0 logs to the run folder and stderr; the other ranks write
-    no files and print only warnings, tagged with their rank. Returns whether this process writes outputs."""
-    from .runtime import log, pick_device, setup_logging
-
-    setup(pick_device(device), timeout_s)
-    if is_main():
-        setup_logging(run_dir)
-        return True
-    log.handlers.clear()
-    log.setLevel(logging.WARNING)
-    log.propagate = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank()}] %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-    return False
 
 
 def run_main(prog: str, body: Callable[[], int], known_errors: tuple[type[BaseException], ...]) -> int:

@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .genotype import Edge, Genotype, derive_cell
 from .indicators import is_parameter_free_op
 from .nn.plans import AuxSkipPlan
@@ -201,14 +202,19 @@ def early_stop_reason(history: Sequence[dict], primitives: Sequence[str], patien
 
 # -- the controls of a search ---------------------------------------------------------------------------------------
 class Controls:
-    """The collapse controls of one search (a :class:`fastnas.config.SearchConfig`), at the points of the loop
-    where they act: the plan (:meth:`install`), each epoch's schedules (:meth:`start_epoch`), the weight step
+    """The collapse controls of one search (a :class:`fastnas.config.SearchConfig`) over ``model`` (built with
+    ``aux_skip=cfg.aux_skip``, whose plan is then DARTS-'s auxiliary skip), at the points of the loop where they
+    act: each epoch's schedules (:meth:`start_epoch`), the weight step
     (:meth:`weight_step`), the architecture step's extra gradients (:attr:`arch_terms`), the derivation
     (:meth:`derive`) and the end of an epoch (:meth:`stop_reason`)."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, model=None) -> None:
         self.cfg = cfg
         self.aux_plan: AuxSkipPlan | None = None
+        if cfg.aux_skip:
+            if not isinstance(getattr(model, "plan", None), AuxSkipPlan):
+                raise ConfigError("--aux-skip needs a network built with aux_skip=True")
+            self.aux_plan = model.plan
         self.beta_decay = BetaDecay(cfg.beta_decay) if cfg.beta_decay > 0 else None
         self.noise_epsilon = cfg.alpha_noise  # SDARTS-RS's ε_t, set each epoch
         self.arch_terms = [self.beta_decay] if self.beta_decay is not None else []
@@ -227,12 +233,6 @@ class Controls:
         if cfg.early_stop:
             out.append(f"early stop, patience {cfg.early_stop_patience} (DARTS+)")
         return out
-
-    def install(self, model) -> None:
-        """Wrap the network's plan with DARTS-'s auxiliary skip (once, after any compilation of regions)."""
-        if self.cfg.aux_skip:
-            self.aux_plan = AuxSkipPlan(model.plan)
-            model.set_plan(self.aux_plan)
 
     def start_epoch(self, epoch: int) -> None:
         """Set the schedules for epoch ``epoch`` (from 0)."""

@@ -40,6 +40,28 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def setup_processes(device: str, timeout_s: float, run_dir: Path | None) -> bool:
+    """Join the process group when under torchrun. Rank 0 logs to the run folder and stderr; the other ranks write
+    no files and print only warnings, tagged with their rank. Returns whether this process writes outputs."""
+    distributed.setup(pick_device(device), timeout_s)
+    if distributed.is_main():
+        setup_logging(run_dir)
+        return True
+    log.handlers.clear()
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {distributed.rank()}] %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    return False
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed every generator from (seed, epoch, rank): each rank draws its own augmentations and drop-path masks,
+    and a resumed run draws what the uninterrupted one did."""
+    seed_everything((seed * 1_000_003 + epoch * 9_973 + distributed.rank() * 101) % 2**31)
+
+
 def diverged(what: str, run: str, epoch: int, step: int, run_dir: Path | None, option: str) -> DivergedError:
     """The error that stops a run whose ``what`` became NaN or infinite at ``step`` (from 0) of epoch ``epoch``
     (completed epochs before it), logged to the run's log too. The last completed epoch's checkpoint is left as it

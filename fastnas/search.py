@@ -34,6 +34,8 @@ from .errors import CheckpointError, ConfigError
 from .genotype import Genotype
 from .robust import Controls
 from .runtime import log
+from .nn.plans import Execution
+from .nn.plans.regions import regions_of
 from .supernet import SuperNet, check_input_size
 from .viz import plot_alpha_history, plot_cell, plot_collapse
 
@@ -68,8 +70,8 @@ class Search:
             cfg.limit, distributed.rank(), distributed.world_size(), cfg.image_size, cfg.skip_bad_images,
             pin_memory=self.device.type == "cuda")
         check_input_size(self.info.image_size, self.info.image_size, cfg.layers)
-        self.model = self.build_model().to(self.device)
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.device)
+        self.model = self.build_model().to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights and alphas
@@ -80,8 +82,7 @@ class Search:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.arch_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        self.controls = Controls(cfg)  # collapse controls (fastnas.robust)
-        self.controls.install(self.model)
+        self.controls = Controls(cfg, self.model)  # collapse controls (fastnas.robust)
         self.architect = Architect(self.model, self._loss, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                                    cfg.order, cfg.momentum, cfg.weight_decay, forward=self.forward,
                                    scaler=self.arch_scaler, terms=self.controls.arch_terms)
@@ -89,12 +90,19 @@ class Search:
         self.history: list[dict] = []
 
     # -- construction -----------------------------------------------------------------------------------------------
+    def execution(self) -> Execution:
+        """The setting the supernet runs in, from which its plan is built."""
+        cfg = self.cfg
+        return Execution(self.device.type, self.backend, self.channels_last, cfg.amp,
+                         compile=cfg.compile_scope if cfg.compile else None)
+
     def build_model(self) -> SuperNet:
         cfg = self.cfg
-        return SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
-                        cfg.stem_multiplier, in_channels=self.info.in_channels,
-                        partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient,
-                        aux_skip=cfg.aux_skip)
+        model = SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
+                         cfg.stem_multiplier, in_channels=self.info.in_channels,
+                         partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient,
+                         aux_skip=cfg.aux_skip, execution=self.execution())
+        return model
 
     def _make_forward(self):
         cfg, device = self.cfg, self.device
@@ -102,8 +110,8 @@ class Search:
         if cfg.compile and cfg.compile_scope == "model":
             run = compilation.CompiledOrEager(self.model, "the supernet")
         elif cfg.compile:
-            regions = compilation.compile_regions(self.model, device.type)
-            log.info(f"torch.compile: {regions} regions (edges and preprocessing ops), compiled on first use")
+            log.info(f"torch.compile: {regions_of(self.model.plan).regions} regions (edges and preprocessing ops), "
+                     "compiled on first use")
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with runtime.autocast(cfg.amp, device):
@@ -155,7 +163,7 @@ class Search:
         self.model.train()
         self.controls.start_epoch(self.epoch)
         if distributed.active():  # each rank's draws depend on (seed, epoch, rank) alone: resume stays exact
-            distributed.seed_epoch(cfg.seed, self.epoch)
+            runtime.seed_epoch(cfg.seed, self.epoch)
         set_epoch(self.train_loader, self.epoch)
         set_epoch(self.valid_loader, self.epoch)
         valid_iter = iter(self.valid_loader)
@@ -215,6 +223,7 @@ class Search:
         if distributed.active():
             log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
                      f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all")
+        log.info(f"plan: {self.model.plan.name} ({self.model.plan.reason})")
         log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
         if self.controls.describe():
             log.info("collapse controls: " + "; ".join(self.controls.describe()))
@@ -384,7 +393,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         cfg = config_from_args(args)
         cfg.validate()
-        main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
+        main_process = runtime.setup_processes(cfg.device, args.dist_timeout, None)
         if main_process and not cli.explicit_options(argv):
             print("fastnas.search: running the 'quick' preset (a real search on the embedded digits dataset).\n"
                   "  The papers' searches on CIFAR-10: python -m fastnas.search --preset at-darts --data-dir DIR\n"
@@ -409,7 +418,7 @@ def _main_seeds(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be an integer >= 1, got {args.seeds}")
     cfg = config_from_args(args)
     cfg.validate()
-    main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
+    main_process = runtime.setup_processes(cfg.device, args.dist_timeout, None)
     run_dir, results, folders = None, [], []
     for i in range(args.seeds):
         one = dataclasses.replace(cfg, seed=cfg.seed + i)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .nn.attention import ChannelAttention
-from .nn.operations import BUILTIN_OPS, _gated
+from .nn.operations import BUILTIN_OPS, gated
 
 OpFactory = Callable[[int, int, bool], nn.Module]
 """``factory(C, stride, affine) -> module`` mapping [N, C, H, W] to [N, C, H / stride, W / stride]."""
@@ -48,7 +48,7 @@ def register_op(name: str, factory: OpFactory, *, overwrite: bool = False) -> No
 
 def channel_attention_op(reduction: int) -> OpFactory:
     """A channel-attention factory with MLP reduction ``reduction`` (register it under a name of your choice)."""
-    return lambda C, stride, affine: _gated(ChannelAttention(C, reduction), C, stride, affine)
+    return lambda C, stride, affine: gated(ChannelAttention(C, reduction), C, stride, affine)
 
 
 def registered_ops() -> tuple[str, ...]:

@@ -9,8 +9,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .genotype import Genotype, derive
-from .nn.lean import LeanBatchNorm2d, LeanConv2d
-from .nn.plans import Plan, default_plan, make_plan
+from .nn.plans import Execution, Plan, make_plan
 from .nn.search_cell import SearchCell
 from .space import DEFAULT_SPACE, resolve_primitives
 
@@ -32,8 +31,11 @@ def check_input_size(height: int, width: int, layers: int) -> None:
 class SuperNet(nn.Module):
     """The DARTS search network: stem, ``layers`` search cells (reductions at 1/3 and 2/3), classifier.
 
-    ``plan`` (a name or a :class:`fastnas.nn.plans.Plan`) executes the cells' node sums; without it,
-    ``memory_efficient`` picks one (see :meth:`set_memory_efficient`). The arithmetic is the same under every plan.
+    ``plan`` executes the cells' node sums: built once, with the network, by :func:`fastnas.nn.plans.make_plan`
+    from a name, a :class:`fastnas.nn.plans.Plan` or None (the best plan that runs in ``execution``: pass the
+    device, layout, AMP and compile setting the network will run in, :class:`fastnas.nn.plans.Execution`);
+    ``memory_efficient=False`` asks for the DARTS formulation, which stores every activation. The arithmetic is the
+    same under every plan; ``plan.reason`` says why it was chosen.
     The architecture weights ``alphas_normal`` and ``alphas_reduce`` ([edges, ops], initialised 1e-3·randn) are
     parameters of the module, so they are saved and loaded with it; :meth:`arch_parameters` and
     :meth:`weight_parameters` keep them apart for the two optimisers. ``aux_skip`` gives the reduction cells the
@@ -43,7 +45,8 @@ class SuperNet(nn.Module):
     def __init__(self, C: int = 16, layers: int = 8, num_classes: int = 10,
                  primitives: str | Sequence[str] = DEFAULT_SPACE, steps: int = 4, multiplier: int = 4,
                  stem_multiplier: int = 3, in_channels: int = 3, partial_channels: int = 1,
-                 memory_efficient: bool = True, plan: str | Plan | None = None, aux_skip: bool = False) -> None:
+                 memory_efficient: bool = True, plan: str | Plan | None = None, aux_skip: bool = False,
+                 execution: Execution | None = None) -> None:
         super().__init__()
         if C < 1 or layers < 1 or num_classes < 1 or steps < 1:
             raise ConfigError(f"SuperNet needs C, layers, num_classes and steps >= 1, got {C}, {layers}, "
@@ -59,6 +62,9 @@ class SuperNet(nn.Module):
         if partial_channels < 1 or C % partial_channels:
             raise ConfigError(f"partial_channels must be >= 1 and divide C={C}, got {partial_channels}")
 
+        self.plan = make_plan(plan, execution, store_all=not memory_efficient, partial_channels=partial_channels,
+                              aux_skip=aux_skip)
+
         c_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr))
         c_prev_prev, c_prev, c_curr = c_curr, c_curr, C
@@ -70,12 +76,11 @@ class SuperNet(nn.Module):
             if reduction:
                 c_curr *= 2
             self.cells.append(SearchCell(self.primitives, steps, multiplier, c_prev_prev, c_prev, c_curr,
-                                         reduction, reduction_prev, partial_channels, aux_skip=aux_skip))
+                                         reduction, reduction_prev, partial_channels, self.plan, aux_skip))
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, multiplier * c_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
-        self.set_plan(default_plan(memory_efficient, partial_channels) if plan is None else plan)
 
         n_edges = sum(2 + i for i in range(steps))
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, len(self.primitives)))
@@ -83,25 +88,6 @@ class SuperNet(nn.Module):
         if partial_channels > 1:  # PC-DARTS edge normalisation
             self.betas_normal = nn.Parameter(1e-3 * torch.randn(n_edges))
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
-
-    def set_memory_efficient(self, enabled: bool) -> None:
-        """fastnas's memory plan (default on): parameter-free candidates are recomputed in the backward,
-        ``relu(state)`` is computed once for all candidates that begin with it, affine-free batch norms keep their
-        output instead of their input and frozen convolutions keep no input (:mod:`fastnas.nn.lean`), and on the
-        ``cpu`` backend the node sums apply the candidates' final batch norms. Off: every activation is stored, as
-        the DARTS formulation does. The arithmetic is the same either way."""
-        self.set_plan(default_plan(enabled, self.partial_channels))
-
-    def set_plan(self, plan: str | Plan) -> None:
-        """Execute the cells' node sums with ``plan`` (:func:`fastnas.nn.plans.make_plan`): once, when the network
-        is configured."""
-        self.plan = make_plan(plan, self.partial_channels)
-        self.memory_efficient = self.plan.memory_efficient
-        for cell in self.cells:
-            cell.set_plan(self.plan)
-        for module in self.modules():
-            if isinstance(module, (LeanConv2d, LeanBatchNorm2d)):
-                module.memory_efficient = self.plan.memory_efficient
 
     # -- parameters -------------------------------------------------------------------------------------------------
     def named_arch_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -232,7 +232,7 @@ class Trainer:
         self.model.train()
         self.model.drop_path_prob = cfg.drop_path_prob * self.epoch / cfg.epochs
         if distributed.active():  # each rank's draws depend on (seed, epoch, rank) alone: resume stays exact
-            distributed.seed_epoch(cfg.seed, self.epoch)
+            runtime.seed_epoch(cfg.seed, self.epoch)
         set_epoch(self.train_loader, self.epoch)
         meter = runtime.Meter()
         total = len(self.train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(self.train_loader))
@@ -394,7 +394,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         cfg = config_from_args(args)
         source = cfg.genotype
-        main_process = distributed.setup_processes(cfg.device, args.dist_timeout, None)
+        main_process = runtime.setup_processes(cfg.device, args.dist_timeout, None)
         if main_process and not cli.explicit_options(argv):
             print(f"fastnas.train: running the 'quick' preset on {source} (the embedded digits dataset).\n"
                   "  Retrain a search's result: python -m fastnas.train --genotype RUN_DIR (or a genotype file, a "

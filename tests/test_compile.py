@@ -10,16 +10,17 @@ from torch._dynamo.utils import counters
 import fastnas
 from fastnas import compilation
 from fastnas.nn import plans
+from fastnas.nn.plans import Execution
 from fastnas.architect import Architect, weight_step
 
 CPU = fastnas.ops.available_backends()["cpu"] == "available"
 
 
-def _tiny_net(layers: int = 1):
+def _tiny_net(layers: int = 1, **kwargs):
     torch.manual_seed(0)
     net = fastnas.SuperNet(4, layers, 3, primitives=["none", "skip_connect", "sep_conv_3x3", "max_pool_3x3",
                                                 "channel_attention", "spatial_attention"],
-                           steps=2, multiplier=2, in_channels=1)
+                           steps=2, multiplier=2, in_channels=1, **kwargs)
     with torch.no_grad():
         for a in net.arch_parameters():
             a.normal_(0, 0.5)
@@ -90,15 +91,14 @@ def test_regions_first_order_step_matches_eager_without_graph_breaks(channels_la
     batches = _batches(channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
-    def net():
-        n = _tiny_net(layers=3).to(memory_format=layout)
-        n.set_memory_efficient(memory_plan)
-        return n
+    def net(scope):
+        return _tiny_net(layers=3, memory_efficient=memory_plan,
+                         execution=Execution(channels_last=channels_last, compile=scope)).to(memory_format=layout)
 
     with fastnas.ops.backend("cpu" if CPU else "reference"):
-        eager = _first_order_grads(net(), batches)
-        net = net()
-        regions = compilation.compile_regions(net, "cpu")
+        eager = _first_order_grads(net(None), batches)
+        net = net("regions")
+        regions = net.plan.regions
         compiled = _first_order_grads(net, batches)
     assert isinstance(net.plan.base, plans.MemoryPlan if memory_plan else plans.PlainPlan)
     assert regions == sum(len(c.edges) + 2 for c in net.cells)
@@ -123,8 +123,7 @@ def test_regions_second_order_step_matches_eager():
 
     with fastnas.ops.backend("cpu" if CPU else "reference"):
         eager = arch_grads(_tiny_net().to(memory_format=torch.channels_last))
-        net = _tiny_net().to(memory_format=torch.channels_last)
-        compilation.compile_regions(net, "cpu")
+        net = _regions_net()
         compiled = arch_grads(net)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert not any(r.failed for r in _regions(net))
@@ -132,8 +131,12 @@ def test_regions_second_order_step_matches_eager():
     _assert_same(compiled, eager, rtol=1e-3, atol=1e-4)
 
 
+def _regions_net():
+    return _tiny_net(execution=Execution(channels_last=True, compile="regions")).to(memory_format=torch.channels_last)
+
+
 def _regions(net):
-    return compilation.compiled_regions(net)
+    return net.plan.compiled()
 
 
 @contextlib.contextmanager
@@ -155,13 +158,12 @@ def test_region_kind_that_fails_to_compile_runs_eagerly():
     batches = _batches(channels_last=True)
     with fastnas.ops.backend("cpu" if CPU else "reference"):
         eager = _first_order_grads(_tiny_net().to(memory_format=torch.channels_last), batches)
-        net = _tiny_net().to(memory_format=torch.channels_last)
-        compilation.compile_regions(net, "cpu")
+        net = _regions_net()
 
         def fail(*args, **kwargs):
             raise RuntimeError("backend compiler failed")
 
-        kinds = {id(r): r for r in _regions(net)}.values()
+        kinds = _regions(net)
         for kind in kinds:
             kind.compiled = fail
         with _warnings() as messages:

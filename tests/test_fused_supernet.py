@@ -5,15 +5,19 @@ import pytest
 import torch
 
 import fastnas
+from fastnas.nn.plans import Execution
 from fastnas.search import Search
 from helpers import saved_bytes, tiny_search_config
 
 FUSED = [b for b in ("cpu", "triton") if fastnas.ops.available_backends()[b] == "available"]
 
 
-def _net(partial_channels=1, seed=0):
+def _net(partial_channels=1, seed=0, memory_efficient=True):
+    """Built for channels_last on the CPU (the fused-norms plan where its kernels run; NCHW inputs then take the
+    op's own reference path)."""
     torch.manual_seed(seed)
-    net = fastnas.SuperNet(8, 3, 10, primitives="at-darts", in_channels=1, partial_channels=partial_channels)
+    net = fastnas.SuperNet(8, 3, 10, primitives="at-darts", in_channels=1, partial_channels=partial_channels,
+                           memory_efficient=memory_efficient, execution=Execution(channels_last=True))
     with torch.no_grad():
         for a in net.arch_parameters():
             a.normal_(0, 0.3)
@@ -119,8 +123,7 @@ def test_memory_plan_same_arithmetic_less_saved(backend):
     """Recomputing the parameter-free candidates and sharing relu(state) changes nothing but what is stored:
     the same loss, gradients and batch-norm statistics (updated once, not again by the recomputation)."""
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
-    plain, lean = _net(), _net()
-    plain.set_memory_efficient(False)
+    plain, lean = _net(memory_efficient=False), _net()
     a = _loss_and_grads(plain, x, y, backend)
     b = _loss_and_grads(lean, x, y, backend)
     torch.testing.assert_close(b[1], a[1])

@@ -66,7 +66,7 @@ class FactorizedReduce(nn.Module):
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The two convolutions, concatenated (before the batch norm)."""
         h_odd, w_odd = x.shape[-2] % 2, x.shape[-1] % 2
-        if not (h_odd or w_odd) and self.conv_2.subsampled is not None:
+        if not (h_odd or w_odd) and isinstance(self.conv_2, LeanConv2d) and self.conv_2.subsampled is not None:
             # the shifted branch reads the odd rows and columns: subsample them directly
             return torch.cat([self.conv_1(x), self.conv_2.forward_subsampled(subsample(x, (2, 2), (1, 1)))], dim=1)
         shifted = x[:, :, 1:, 1:]
@@ -90,7 +90,8 @@ class Gated(nn.Sequential):
     """An attention gate, preceded by FactorizedReduce at stride 2 (as skip_connect is)."""
 
 
-def _gated(gate: nn.Module, C: int, stride: int, affine: bool) -> nn.Module:
+def gated(gate: nn.Module, C: int, stride: int, affine: bool) -> nn.Module:
+    """An attention gate as a candidate op: itself at stride 1, after a factorized reduction at stride 2."""
     return gate if stride == 1 else Gated(FactorizedReduce(C, C, affine), gate)
 
 
@@ -124,6 +125,6 @@ BUILTIN_OPS = {
     "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
     "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
     "conv_7x1_1x7": _conv_7x1_1x7,
-    "channel_attention": lambda C, stride, affine: _gated(ChannelAttention(C), C, stride, affine),
-    "spatial_attention": lambda C, stride, affine: _gated(SpatialAttention(7, affine), C, stride, affine),
+    "channel_attention": lambda C, stride, affine: gated(ChannelAttention(C), C, stride, affine),
+    "spatial_attention": lambda C, stride, affine: gated(SpatialAttention(7, affine), C, stride, affine),
 }

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..space import channel_attention_op, make_op
 from .attention import DEFAULT_REDUCTION
 from .operations import FactorizedReduce, ReLUConvBN
-from .plans import Plan, default_plan
+from .plans import Plan, make_plan
 from .plans.base import is_parameter_free
 from .recompute import RecomputableBatchNorm
 
@@ -39,9 +39,10 @@ def search_candidate(name: str, C: int, stride: int, partial_channels: int = 1) 
 
 class SearchCell(nn.Module):
     """``steps`` nodes, each the weighted sum of every candidate on every edge from the cell's inputs and the
-    earlier nodes; the output concatenates the last ``multiplier`` nodes. ``plan`` executes the sums (the default
-    one for ``partial_channels`` when not given; :meth:`set_plan`). ``aux_skip`` adds the factorized reductions that
-    DARTS-'s auxiliary skip uses on stride-2 edges (:class:`fastnas.nn.plans.AuxSkipPlan`)."""
+    earlier nodes; the output concatenates the last ``multiplier`` nodes. ``plan`` executes the sums (by default
+    :func:`fastnas.nn.plans.make_plan`'s for ``partial_channels``), bound to the cell once, when it is built.
+    ``aux_skip`` adds the factorized reductions that DARTS-'s auxiliary skip uses on stride-2 edges
+    (:class:`fastnas.nn.plans.AuxSkipPlan`)."""
 
     def __init__(self, primitives: Sequence[str], steps: int, multiplier: int, c_prev_prev: int, c_prev: int, C: int,
                  reduction: bool, reduction_prev: bool, partial_channels: int = 1, plan: Plan | None = None,
@@ -79,11 +80,8 @@ class SearchCell(nn.Module):
         self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if partial_channels > 1 and reduction else None
         # which candidates (by position among the active ops) are parameter-free, per edge
         self.parameter_free = [[is_parameter_free(op) for op in edge] for edge in self.edges]
-        self.set_plan(plan or default_plan(partial_channels=partial_channels))
-
-    def set_plan(self, plan: Plan) -> None:
-        """Execute the node sums with ``plan`` (a plain attribute: neither a submodule nor in the state dict)."""
-        self.plan = plan.prepare(self)
+        # a plain attribute: neither a submodule nor in the state dict
+        self.plan = (plan or make_plan(partial_channels=partial_channels)).prepare(self)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None) -> torch.Tensor:

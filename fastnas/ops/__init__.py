@@ -26,7 +26,7 @@ from .defs.channel_attention import channel_attention
 from .defs.channel_pool import channel_pool
 from .defs.depthwise_conv2d import depthwise_conv2d
 from .defs.mixed_sum import mixed_sum
-from .defs.normalized_mixed_sum import fused_norms_apply, normalized_mixed_sum
+from .defs.normalized_mixed_sum import fused_norms_apply, fused_norms_unsupported, normalized_mixed_sum
 from .defs.pool2d import avg_pool2d, max_pool2d
 from .defs.scale import channel_scale, spatial_scale
 from .defs.single_channel_conv2d import single_channel_conv2d
@@ -49,6 +49,7 @@ __all__ = [
     "cpu_kernel",
     "depthwise_conv2d",
     "fused_norms_apply",
+    "fused_norms_unsupported",
     "get_backend",
     "max_pool2d",
     "mixed_sum",

@@ -56,7 +56,6 @@ class AuxSkipPlan(Plan):
     def __init__(self, base: Plan, coefficient: float = 1.0) -> None:
         self.base = base
         self.coefficient = float(coefficient)
-        self.memory_efficient = base.memory_efficient
         self.partial = base.partial
 
     def prepare(self, cell: nn.Module, runner: Runner | None = None) -> CellPlan:

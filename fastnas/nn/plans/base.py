@@ -100,18 +100,22 @@ class CellPlan:
 
 
 class Plan:
-    """A way to execute the node sums Σ w·op(h) of a network's search cells, chosen once when the network is
-    configured (``SuperNet(plan=...)``). ``prepare(cell)`` binds it to one cell."""
+    """A way to execute the node sums Σ w·op(h) of a network's search cells, built once for the network
+    (:func:`fastnas.nn.plans.make_plan`). ``prepare(cell)`` binds it to one cell when the network is built;
+    ``reason`` says why the factory chose it."""
 
     name: ClassVar[str] = ""
-    # the lean convolutions and batch norms keep less for the backward (fastnas.nn.lean)
-    memory_efficient: bool = True
     cell_plan: ClassVar[type[CellPlan]] = CellPlan
     # the cells this plan runs: 1 (full width) or partial channels (PC-DARTS)
     partial: bool = False
+    reason: str = ""
+
+    def adapt(self, cell: nn.Module) -> None:
+        """Make the cell's modules what this plan runs (once, before any run; idempotent). Nothing by default."""
 
     def prepare(self, cell: nn.Module, runner: Runner | None = None) -> CellPlan:
         """The plan of ``cell``; its modules run on ``runner`` (eagerly by default)."""
+        self.adapt(cell)
         return self.cell_plan(cell, runner or EagerRunner(cell))
 
     def __repr__(self) -> str:

@@ -1,9 +1,9 @@
 """The fused-norms plan: the memory plan, with each node sum applying its candidates' final batch norms itself.
 
-Most candidates end with an affine-free batch norm. Where :func:`fastnas.ops.fused_norms_apply` says the ``cpu``
-backend's :func:`fastnas.ops.normalized_mixed_sum` runs, a node is Σ w·BN(z) + Σ w·out over its candidates with the
-normalisations done inside the sum, so the normalised outputs are never written. Elsewhere (another backend, another
-layout or dtype, autocast, no gradients, ``torch.compile``) the node sum is the memory plan's.
+Most candidates end with an affine-free batch norm. A node is Σ w·BN(z) + Σ w·out over its candidates with the
+normalisations done inside :func:`fastnas.ops.normalized_mixed_sum`, so the normalised outputs are never written.
+The factory builds this plan only where the backend's fused kernels run (:func:`fastnas.ops.fused_norms_unsupported`);
+without gradients (validation) a node is the memory plan's one mixed_sum.
 """
 from __future__ import annotations
 
@@ -21,12 +21,16 @@ from .memory import MemoryCellPlan, MemoryPlan
 
 
 def split_norm(op: nn.Module) -> tuple[list[Callable], LeanBatchNorm2d] | None:
-    """(the layers between ``op``'s leading ReLU and its final lean batch norm, that norm), or None when ``op`` does
-    not begin with a ReLU and end with such a norm."""
+    """(the layers between ``op``'s leading ReLU and its final batch norm, that norm), or None when ``op`` does not
+    begin with a ReLU and end with an affine-free batch norm that tracks running statistics with a fixed momentum
+    (what the fused node sum applies)."""
     chain = layers(op)
     if len(chain) < 2 or not isinstance(chain[0], nn.ReLU) or not isinstance(chain[-1], LeanBatchNorm2d):
         return None
-    return chain[1:-1], chain[-1]
+    bn = chain[-1]
+    if bn.affine or not bn.track_running_stats or bn.momentum is None:
+        return None
+    return chain[1:-1], bn
 
 
 class FusedNormsCellPlan(MemoryCellPlan):
@@ -39,7 +43,7 @@ class FusedNormsCellPlan(MemoryCellPlan):
 
     def node_sum(self, states: Sequence[torch.Tensor], edges: range, weights: torch.Tensor,
                  edge_weights: torch.Tensor | None = None, *, shared: SharedReLU) -> torch.Tensor:
-        if not ops.fused_norms_apply(states[0]):
+        if not torch.is_grad_enabled():
             return super().node_sum(states, edges, weights, edge_weights, shared=shared)
         node_weights = weights[edges.start:edges.stop]
         terms, free = [], []  # terms: (output, or the input of a final norm the sum applies; that norm; weight)
@@ -71,9 +75,7 @@ def _split_output(op: nn.Module, rest: list[Callable] | None, split: tuple | Non
         return (op(h) if rest is None else apply_all(rest, relu())), None
     body, bn = split
     z = apply_all(body, relu())
-    if bn.lean_applies(z) and bn.momentum is not None and ops.prefers_channels_last(z):
-        return z, bn
-    return bn(z), None
+    return (z, bn) if bn.training else (bn(z), None)
 
 
 class FusedNormsPlan(MemoryPlan):

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ... import ops
-from .base import CellPlan, EagerRunner, NodeSum, Plan, Runner, SharedReLU
+from .base import CellPlan, NodeSum, Plan, Runner, SharedReLU
+from .plain import use_pytorch_modules
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -51,7 +52,8 @@ class PartialCellPlan(CellPlan):
 
 class PartialChannelsPlan(Plan):
     """PC-DARTS's node sums, for cells built with partial channels. With ``memory_efficient`` (the default) the
-    candidates share relu(state) and the lean modules keep less; without, every activation is stored."""
+    candidates share relu(state) and the lean modules keep less; without, every activation is stored in PyTorch's
+    own modules."""
 
     name = "partial"
     partial = True
@@ -59,8 +61,12 @@ class PartialChannelsPlan(Plan):
     def __init__(self, memory_efficient: bool = True) -> None:
         self.memory_efficient = memory_efficient
 
-    def prepare(self, cell: nn.Module, runner: Runner | None = None) -> CellPlan:
-        return PartialCellPlan(cell, runner or EagerRunner(cell), self.memory_efficient)
+    def adapt(self, cell: nn.Module) -> None:
+        if not self.memory_efficient:
+            use_pytorch_modules(cell)
+
+    def cell_plan(self, cell: nn.Module, runner: Runner) -> CellPlan:
+        return PartialCellPlan(cell, runner, self.memory_efficient)
 
     def __repr__(self) -> str:
         return f"PartialChannelsPlan(memory_efficient={self.memory_efficient})"

@@ -1,12 +1,27 @@
-"""The plain plan: every candidate runs whole and every activation is stored for the backward, as in DARTS."""
+"""The plain plan: the DARTS formulation. Every candidate runs whole in PyTorch's own modules and every activation
+is stored for the backward."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from ... import ops
+from ..lean import LeanBatchNorm2d, LeanConv2d
 from .base import CellPlan, NodeSum, Plan
+
+
+def use_pytorch_modules(root: nn.Module) -> None:
+    """Make the lean convolutions and batch norms under ``root`` the PyTorch modules they extend (``nn.Conv2d``,
+    ``nn.BatchNorm2d``): the same parameters, buffers and state-dict names, PyTorch's own autograd, which stores
+    every input. A lean module is its base class plus a leaner backward, so this changes what is stored, not the
+    arithmetic."""
+    for module in root.modules():
+        if isinstance(module, LeanConv2d):
+            module.__class__ = nn.Conv2d
+        elif isinstance(module, LeanBatchNorm2d):
+            module.__class__ = nn.BatchNorm2d
 
 
 class PlainCellPlan(CellPlan):
@@ -21,8 +36,10 @@ class PlainCellPlan(CellPlan):
 
 
 class PlainPlan(Plan):
-    """Σ_edges Σ_ops w·op(h) as one :func:`fastnas.ops.mixed_sum` per node; PyTorch's own autograd everywhere."""
+    """Σ_edges Σ_ops w·op(h) as one :func:`fastnas.ops.mixed_sum` per node over PyTorch's own modules."""
 
     name = "plain"
-    memory_efficient = False
     cell_plan = PlainCellPlan
+
+    def adapt(self, cell: nn.Module) -> None:
+        use_pytorch_modules(cell)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ... import compilation
+from ...errors import ConfigError
 from .base import CellPlan, Plan, Runner
 from .fused_norms import FusedNormsPlan
 from .memory import MemoryPlan
@@ -82,24 +83,31 @@ class RegionsPlan(Plan):
     name = "regions"
 
     def __init__(self, base: Plan | None = None, device_type: str = "cpu") -> None:
-        base = base.base if isinstance(base, RegionsPlan) else base or FusedNormsPlan()
-        self.base = MemoryPlan() if isinstance(base, FusedNormsPlan) else base
-        self.memory_efficient = self.base.memory_efficient
+        if isinstance(base, (RegionsPlan, FusedNormsPlan)):
+            raise ConfigError(f"compiled regions run whole candidates: they cannot wrap {base!r}")
+        self.base = base or MemoryPlan()
         self.partial = self.base.partial
         self.device_type = device_type
         self.kinds: dict[tuple, compilation.CompiledOrEager] = {}
+        self.regions = 0  # how many regions the prepared cells run (each edge's, each preprocessing op)
         self.reported: set[str] = set()  # the region kinds whose compiler failure was reported
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, ACCUMULATED_RECOMPILE_LIMIT)
 
     def prepare(self, cell: nn.Module, runner: Runner | None = None) -> CellPlan:
+        self.base.adapt(cell)
         return self.base.prepare(cell, CompiledRunner(cell, self.region))
+
+    def compiled(self) -> list[compilation.CompiledOrEager]:
+        """The compiled function of each region kind."""
+        return list(self.kinds.values())
 
     def region(self, module: nn.Module) -> Callable[..., Any]:
         """``module.forward`` as a call of its kind's compiled function (which falls back, for the whole kind)."""
         function = type(module).forward
         key = (function, repr(module))
+        self.regions += 1
         if key not in self.kinds:
             self.kinds[key] = compilation.CompiledOrEager(
                 _own_code(function, len(self.kinds)), type(module).__name__, training_only=True,
@@ -108,3 +116,12 @@ class RegionsPlan(Plan):
 
     def __repr__(self) -> str:
         return f"RegionsPlan({self.base!r}, {self.device_type!r})"
+
+
+def regions_of(plan: Plan) -> RegionsPlan | None:
+    """The compiled-regions plan in ``plan`` (itself, or the one a wrapper such as the auxiliary skip holds)."""
+    while not isinstance(plan, RegionsPlan):
+        plan = getattr(plan, "base", None)
+        if plan is None:
+            return None
+    return plan

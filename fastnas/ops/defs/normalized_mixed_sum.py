@@ -135,6 +135,22 @@ def fused_norms_apply(like: torch.Tensor, *, backend: str | None = None) -> bool
             and KERNEL in select(like.device.type, backend).kernels)
 
 
+def fused_norms_unsupported(device: torch.device | str, dtype: torch.dtype, channels_last: bool, autocast: bool,
+                            backend: str | None = None) -> str | None:
+    """None where :func:`normalized_mixed_sum` runs the backend's fused kernels for activations of this setting,
+    else a one-line reason."""
+    name = select(torch.device(device).type, backend).name
+    if KERNEL not in get(name).kernels:
+        return f"the {name} backend has no {KERNEL} kernel"
+    if autocast:
+        return "autocast is on (the kernels take float32 or float64 activations)"
+    if dtype not in (torch.float32, torch.float64):
+        return f"{dtype} activations (the kernels take float32 or float64)"
+    if not channels_last:
+        return "NCHW activations (the kernels take channels_last)"
+    return None
+
+
 def normalized_mixed_sum(normalized: list[tuple[torch.Tensor, nn.BatchNorm2d]], plain: list[torch.Tensor],
                          weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Σ_k weights[k]·bn_k(z_k) over ``normalized`` (pairs of an input and its affine-free batch norm in training
