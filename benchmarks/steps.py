@@ -113,8 +113,10 @@ def skip_reason(provider: str) -> str | None:
     return None
 
 
-def build_step(kind: str, provider: str, seed: int = 0) -> Callable[[], None]:
-    """A closure running one whole step of ``kind`` on ``provider`` (model, optimisers and a fixed batch built now)."""
+def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-darts",
+               batch: int = SEARCH_BATCH) -> Callable[[], None]:
+    """A closure running one whole step of ``kind`` on ``provider`` (model, optimisers and a fixed batch of
+    ``batch`` images built now; a search step over the space ``primitives``)."""
     import fastnas.ops as ops
     from fastnas.architect import Architect, weight_step
     from fastnas.config import SearchConfig
@@ -132,7 +134,7 @@ def build_step(kind: str, provider: str, seed: int = 0) -> Callable[[], None]:
         cfg = SearchConfig()
         scope = "regions" if p.regions else "model" if p.compiled else None
         execution = Execution(dev.type, p.backend, p.channels_last, compile=scope)
-        net = SuperNet(cfg.C, cfg.layers, 10, "at-darts", partial_channels=p.partial_channels,
+        net = SuperNet(cfg.C, cfg.layers, 10, primitives, partial_channels=p.partial_channels,
                        memory_efficient=p.memory_efficient, execution=execution).to(dev)
         if p.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -142,8 +144,8 @@ def build_step(kind: str, provider: str, seed: int = 0) -> Callable[[], None]:
         architect = Architect(net, criterion, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                               1 if kind == "search1" else 2, cfg.momentum, cfg.weight_decay, forward=forward)
         layout = torch.channels_last if p.channels_last else torch.contiguous_format
-        x, xv = (torch.randn(SEARCH_BATCH, 3, 32, 32, generator=gen).to(dev, memory_format=layout) for _ in range(2))
-        y, yv = (torch.randint(0, 10, (SEARCH_BATCH,), generator=gen).to(dev) for _ in range(2))
+        x, xv = (torch.randn(batch, 3, 32, 32, generator=gen).to(dev, memory_format=layout) for _ in range(2))
+        y, yv = (torch.randint(0, 10, (batch,), generator=gen).to(dev) for _ in range(2))
 
         def step() -> None:
             with ops.backend(p.backend):
@@ -165,8 +167,8 @@ def build_step(kind: str, provider: str, seed: int = 0) -> Callable[[], None]:
         net.train()
         forward = torch.compile(net) if p.compiled else net
         optimizer = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-        x = torch.randn(SEARCH_BATCH, 3, 32, 32, generator=gen).to(dev, memory_format=layout)
-        y = torch.randint(0, 10, (SEARCH_BATCH,), generator=gen).to(dev)
+        x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev, memory_format=layout)
+        y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
 
         def step() -> None:
             with ops.backend(p.backend):
