@@ -184,3 +184,30 @@ def test_regions_plan_wraps_the_memory_sums_and_replaces_no_method():
     assert isinstance(plain.plan.base, plans.PlainPlan)
     with pytest.raises(ConfigError, match="whole candidates"):
         plans.RegionsPlan(plans.FusedNormsPlan())
+
+
+@pytest.mark.parametrize("plan", ["memory", "fused_norms"])
+def test_plans_with_grad_in_eval_mode_equal_plain(plan):
+    """Batch norms in eval mode with gradients on (a Hessian probe of a trained supernet): the fused-norms plan
+    applies each candidate's norm itself and sums as the memory plan does."""
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)).contiguous(
+        memory_format=torch.channels_last)
+    outs = []
+    for net in (_net(plan), _net("plain")):
+        net.eval()
+        loss = net(x).square().mean()
+        loss.backward()
+        outs.append((loss.detach(), net.alphas_normal.grad, net.alphas_reduce.grad))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_node_weights_are_picked_by_one_call_per_node():
+    """α enters each node's sum as one tensor: no element-by-element ``select`` of the weights."""
+    net = _net("memory")
+    x = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    with OpCounter() as counter:
+        net(x).sum().backward()
+    nodes = sum(len(cell.nodes) for cell in net.cells)
+    assert counter.counts["aten::select"] == 0 and counter.counts["aten::select_backward"] == 0
+    assert counter.counts["aten::index_select"] <= 2 * nodes

@@ -44,6 +44,27 @@ class SharedReLU:
         return self.relus[j]
 
 
+class WeightPicker:
+    """Entries of a node's weights [edges, ops] as one vector, picked by one indexing call (not one call per entry),
+    with a constant 1 after them where asked (the weight of a share already summed). The index tensors are made once
+    per (positions, device)."""
+
+    def __init__(self) -> None:
+        self.indices: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, node_weights: torch.Tensor, positions: tuple[int, ...], one: bool = False) -> torch.Tensor:
+        """``node_weights.flatten()[positions]``, then a 1 if ``one``."""
+        n = node_weights.numel()
+        key = (positions, one, n, node_weights.device)
+        index = self.indices.get(key)
+        if index is None:  # the 1 is at position n of the padded vector below
+            index = self.indices[key] = torch.tensor(positions + ((n,) if one else ()), device=node_weights.device)
+        flat = node_weights.reshape(-1)
+        if one:
+            flat = torch.nn.functional.pad(flat, (0, 1), value=1.0)
+        return flat.index_select(0, index)
+
+
 class Runner(Protocol):
     """How a cell's modules run: eagerly (:class:`EagerRunner`) or as compiled regions
     (:class:`fastnas.nn.plans.regions.CompiledRunner`)."""

@@ -46,26 +46,26 @@ class FusedNormsCellPlan(MemoryCellPlan):
         if not torch.is_grad_enabled():
             return super().node_sum(states, edges, weights, edge_weights, shared=shared)
         node_weights = weights[edges.start:edges.stop]
-        terms, free = [], []  # terms: (output, or the input of a final norm the sum applies; that norm; weight)
+        width = node_weights.shape[1]
+        # terms: (output, or the input of a final norm the sum applies; that norm; the weight's flat position)
+        terms = []
         for j, (e, h) in enumerate(zip(edges, states)):
             for c, op, rest, split in self.candidates[e]:
                 terms.append((*_split_output(op, rest, split, h, functools.partial(shared.of, j, h)),
-                              node_weights[j, c]))
-            free += [(j, c) for c in self.free[e]]
+                              j * width + c))
         settings = next(((bn.momentum, bn.eps) for _, bn, _ in terms if bn is not None), None)
         # one momentum and eps for the fused norms: a norm with other settings runs by itself
         terms = [(bn(t), None, w) if bn is not None and (bn.momentum, bn.eps) != settings else (t, bn, w)
                  for t, bn, w in terms]
         normalized = [(t, bn) for t, bn, _ in terms if bn is not None]
-        normalized_w = [w for _, bn, w in terms if bn is not None]
         kept = [t for t, bn, _ in terms if bn is None]
-        kept_w = [w for _, bn, w in terms if bn is None]
+        kept_positions = tuple(p for _, bn, p in terms if bn is None)
         if not normalized:
-            return self.combine(states, edges, node_weights, kept, kept_w, free)
-        share = [self.recomputed_share(states, edges, node_weights, free)] if free else []
-        one = [torch.ones((), dtype=node_weights.dtype, device=node_weights.device)] if free else []
-        return ops.normalized_mixed_sum(normalized, kept + [s.to(normalized[0][0].dtype) for s in share],
-                                        torch.stack(normalized_w + kept_w + one))
+            return self.combine(states, edges, node_weights, kept, kept_positions)
+        free = bool(self.free_positions[edges.start])
+        share = [self.recomputed_share(states, edges, node_weights).to(normalized[0][0].dtype)] if free else []
+        positions = tuple(p for _, bn, p in terms if bn is not None) + kept_positions
+        return ops.normalized_mixed_sum(normalized, kept + share, self.pick(node_weights, positions, one=free))
 
 
 def _split_output(op: nn.Module, rest: list[Callable] | None, split: tuple | None, h: torch.Tensor,
