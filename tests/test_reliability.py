@@ -199,3 +199,23 @@ def test_fused_node_sum_gradient_with_a_graph_when_one_input_feeds_another():
         grads.append(torch.autograd.grad(out, [w, h], g, create_graph=create_graph))
     for plain, with_graph in zip(*grads):
         torch.testing.assert_close(with_graph, plain, rtol=1e-10, atol=1e-12)
+
+
+# -- file modes -----------------------------------------------------------------------------------------------------
+def test_outputs_get_the_mode_the_umask_gives(tmp_path):
+    """Atomic writes go through a temporary file (created 0600); the renamed outputs still get the umask's mode."""
+    from fastnas import export as export_cli
+
+    old = os.umask(0o022)
+    try:
+        search, train = tmp_path / "search", tmp_path / "train"
+        assert search_cli.main(TINY + ["--run-dir", str(search)]) == 0
+        assert train_cli.main(TINY + ["--genotype", str(search), "--run-dir", str(train)]) == 0
+        assert export_cli.main([str(train), "--format", "torchscript"]) == 0
+    finally:
+        os.umask(old)
+    modes = {f"{p.parent.name}/{p.name}": oct(p.stat().st_mode & 0o777)
+             for folder in (search, train) for p in folder.iterdir()}
+    assert {"search/checkpoint.pt", "search/alphas.json", "search/data.json", "train/model.safetensors",
+            "train/metrics.json", "train/model.torchscript.pt"} <= set(modes)
+    assert {k: v for k, v in modes.items() if v != "0o644"} == {}
