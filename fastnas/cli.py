@@ -58,10 +58,14 @@ def add_engine_options(g: argparse._ArgumentGroup, network: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace, config_class: type, presets: dict[str, dict[str, Any]]):
-    """The preset's settings, overridden by every option that was given (a config of ``config_class``)."""
+    """The preset's settings, overridden by every option that was given (a config of ``config_class``); the thread
+    count is the one in use (a run records it: another count changes the last bits)."""
     base = cfgmod.merge(config_class().to_dict(), cfgmod.preset(args.preset, presets))
     overrides = {k: getattr(args, k) for k in config_class.__dataclass_fields__ if hasattr(args, k)}
-    return config_class.from_dict(cfgmod.merge(base, overrides))
+    cfg = config_class.from_dict(cfgmod.merge(base, overrides))
+    if getattr(cfg, "threads", 0) is None:
+        cfg.threads = torch.get_num_threads()
+    return cfg
 
 
 def claim_run_dir(args: argparse.Namespace, prefix: str) -> Path:
@@ -113,7 +117,18 @@ def resume(args: argparse.Namespace, argv: Sequence[str], config_class: type, ki
     main_process = distributed.setup_processes(cfg.device, args.dist_timeout, run_dir)
     if ignored:
         log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
+    _restore_threads(cfg.threads, args.threads)
     return run_dir, state, cfg, main_process
+
+
+def _restore_threads(saved: int | None, given: int | None) -> None:
+    """Run on the thread count the run started with (runs from before it was recorded: ``given`` or PyTorch's)."""
+    if saved is None:
+        return
+    if given is not None and given != saved:
+        log.warning(f"--threads {given} ignored: the run continues on its own {saved} threads (another count "
+                    f"changes the last bits of the results, and the run would not be the one it started as)")
+    torch.set_num_threads(saved)
 
 
 def main(prog: str, build_parser: Callable[[], argparse.ArgumentParser],
