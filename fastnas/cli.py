@@ -80,11 +80,14 @@ def claim_run_dir(args: argparse.Namespace, prefix: str) -> Path:
 
 
 def write_run_start(run_dir: Path, config: dict[str, Any], info) -> None:
-    """``config.json`` and ``data.json`` (:func:`fastnas.data.data_record`), committed together as a run starts."""
-    from .data import DATA_JSON, data_json_text
+    """``config.json`` and ``data.json`` (:func:`fastnas.data.data_record`), committed together as a run starts;
+    an image folder's images per class go to the log too."""
+    from .data import DATA_JSON, data_json_text, describe_images
 
     checkpoint.write_together({run_dir / "config.json": runtime.json_text(config).encode(),
                                run_dir / DATA_JSON: data_json_text(info).encode()})
+    if info.images is not None:
+        log.info(describe_images(info.images))
 
 
 def commit_epoch(run_dir: Path, epoch: int, files: dict[Path, bytes]) -> None:
