@@ -219,3 +219,17 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path):
     assert {"search/checkpoint.pt", "search/alphas.json", "search/data.json", "train/model.safetensors",
             "train/metrics.json", "train/model.torchscript.pt"} <= set(modes)
     assert {k: v for k, v in modes.items() if v != "0o644"} == {}
+
+
+def test_the_thread_count_is_recorded_and_kept_by_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert search_cli.main(TINY + ["--threads", "1", "--run-dir", str(run)]) == 0
+        assert json.loads((run / "config.json").read_text())["threads"] == 1
+        torch.set_num_threads(2)
+        assert search_cli.main(["--resume", str(run), "--epochs", "2", "--threads", "2", "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1  # the run's own count, not the one given
+        assert "--threads 2 ignored: the run continues on its own 1 threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
