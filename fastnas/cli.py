@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import checkpoint, config as cfgmod, distributed, rundir, runtime
-from .errors import CheckpointError, FastNASError, RunFolderError
+from .errors import CheckpointError, ConfigError, FastNASError, RunFolderError
 from .runtime import log
 
 
@@ -74,7 +74,7 @@ def check_needed_options(args: argparse.Namespace, cfg: Any) -> None:
     for name, (needs, present) in _NEEDS.items():
         if getattr(args, name, None) is not None and hasattr(cfg, name) and not present(cfg):
             option = "--" + name.replace("_", "-")
-            raise cfgmod.ConfigError(f"{option} does nothing without {needs}: add {needs}, or leave {option} out")
+            raise ConfigError(f"{option} does nothing without {needs}: add {needs}, or leave {option} out")
 
 
 def config_from_args(args: argparse.Namespace, config_class: type, presets: dict[str, dict[str, Any]]):
