@@ -10,7 +10,7 @@ from . import genotypes, nn, ops
 from .errors import CheckpointError, ConfigError, DataError, FastNASError
 from .evalnet import EvalNet, load_model
 from .genotype import Genotype
-from .predict import Predictor
+from .predictor import Predictor
 from .space import SPACES, register_op
 from .supernet import SuperNet
 

@@ -20,10 +20,26 @@ import torch
 from .errors import CheckpointError
 
 
+def new_file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """A temporary file in ``path``'s folder, for an atomic rename onto ``path``: (descriptor, name). ``mkstemp``
+    creates it 0600; it is given the umask's mode, which the rename keeps, so that every output has the
+    permissions of a file written directly."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -51,7 +67,7 @@ def write_together(files: dict[Path, bytes]) -> None:
     try:
         for path, data in files.items():
             path = Path(path)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = temp_file_beside(path)
             staged.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import checkpoint, config as cfgmod, distributed, rundir, runtime
-from .errors import CheckpointError, FastNASError, RunFolderError
+from .errors import CheckpointError, ConfigError, FastNASError, RunFolderError
 from .runtime import log
 
 
@@ -57,17 +57,43 @@ def add_engine_options(g: argparse._ArgumentGroup, network: str) -> None:
                         "when other jobs share the machine)")
 
 
+# options that do nothing without another: option -> (what it needs, whether the configuration has that)
+_NEEDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "early_stop_patience": ("--early-stop", lambda c: c.early_stop),
+    "compile_scope": ("--compile", lambda c: c.compile),
+    "lr_gamma": ("--lr-schedule step", lambda c: c.lr_schedule == "step"),
+    "lr_step": ("--lr-schedule step", lambda c: c.lr_schedule == "step"),
+    "lr_min": ("--lr-schedule cosine", lambda c: getattr(c, "lr_schedule", "cosine") == "cosine"),
+    "skip_bad_images": ("--dataset folder", lambda c: c.dataset == "folder"),
+    "download": ("--dataset cifar10 or cifar100", lambda c: c.dataset in ("cifar10", "cifar100")),
+}
+
+
+def check_needed_options(args: argparse.Namespace, cfg: Any) -> None:
+    """A ConfigError for an option given without the one it works with (it would be accepted and ignored)."""
+    for name, (needs, present) in _NEEDS.items():
+        if getattr(args, name, None) is not None and hasattr(cfg, name) and not present(cfg):
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(f"{option} does nothing without {needs}: add {needs}, or leave {option} out")
+
+
 def config_from_args(args: argparse.Namespace, config_class: type, presets: dict[str, dict[str, Any]]):
-    """The preset's settings, overridden by every option that was given (a config of ``config_class``)."""
+    """The preset's settings, overridden by every option that was given (a config of ``config_class``); the thread
+    count is the one in use (a run records it: another count changes the last bits)."""
     base = cfgmod.merge(config_class().to_dict(), cfgmod.preset(args.preset, presets))
     overrides = {k: getattr(args, k) for k in config_class.__dataclass_fields__ if hasattr(args, k)}
-    return config_class.from_dict(cfgmod.merge(base, overrides))
+    cfg = config_class.from_dict(cfgmod.merge(base, overrides))
+    check_needed_options(args, cfg)
+    if getattr(cfg, "threads", 0) is None:
+        cfg.threads = torch.get_num_threads()
+    return cfg
 
 
-def claim_run_dir(args: argparse.Namespace, prefix: str) -> Path:
-    """The new run's folder (``--run-dir``, or a fresh ``OUT/PREFIX-TIME``), created and locked for this run."""
+def claim_run_dir(args: argparse.Namespace, prefix: str, resumable: bool = True) -> Path:
+    """The new run's folder (``--run-dir``, or a fresh ``OUT/PREFIX-TIME``), created and locked for this run
+    (``resumable``: whether the command has ``--resume``, which a refusal then suggests)."""
     if args.run_dir:
-        return rundir.claim(args.run_dir, overwrite=args.overwrite)
+        return rundir.claim(args.run_dir, overwrite=args.overwrite, resumable=resumable)
     try:
         path = runtime.new_run_dir(args.out, prefix)
     except OSError as exc:
@@ -76,11 +102,14 @@ def claim_run_dir(args: argparse.Namespace, prefix: str) -> Path:
 
 
 def write_run_start(run_dir: Path, config: dict[str, Any], info) -> None:
-    """``config.json`` and ``data.json`` (:func:`fastnas.data.data_record`), committed together as a run starts."""
-    from .data import DATA_JSON, data_json_text
+    """``config.json`` and ``data.json`` (:func:`fastnas.data.data_record`), committed together as a run starts;
+    an image folder's images per class go to the log too."""
+    from .data import DATA_JSON, data_json_text, describe_images
 
     checkpoint.write_together({run_dir / "config.json": runtime.json_text(config).encode(),
                                run_dir / DATA_JSON: data_json_text(info).encode()})
+    if info.images is not None:
+        log.info(describe_images(info.images))
 
 
 def commit_epoch(run_dir: Path, epoch: int, files: dict[Path, bytes]) -> None:
@@ -113,7 +142,18 @@ def resume(args: argparse.Namespace, argv: Sequence[str], config_class: type, ki
     main_process = runtime.setup_processes(cfg.device, args.dist_timeout, run_dir)
     if ignored:
         log.info(f"resuming with the run's own configuration; ignored: {' '.join(ignored)}")
+    _restore_threads(cfg.threads, args.threads)
     return run_dir, state, cfg, main_process
+
+
+def _restore_threads(saved: int | None, given: int | None) -> None:
+    """Run on the thread count the run started with (runs from before it was recorded: ``given`` or PyTorch's)."""
+    if saved is None:
+        return
+    if given is not None and given != saved:
+        log.warning(f"--threads {given} ignored: the run continues on its own {saved} threads (another count "
+                    f"changes the last bits of the results, and the run would not be the one it started as)")
+    torch.set_num_threads(saved)
 
 
 def main(prog: str, build_parser: Callable[[], argparse.ArgumentParser],

@@ -37,6 +37,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "limit": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
     "max_steps": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
     "workers": (lambda v: v is None or (_integer(v) and v >= 0), "an integer >= 0"),
+    "threads": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
     "dataset": (lambda v: v in ("digits", "cifar10", "cifar100", "folder"), "digits, cifar10, cifar100 or folder"),
     "image_size": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
     "skip_bad_images": (lambda v: isinstance(v, bool), "true or false"),
@@ -126,6 +127,7 @@ class SearchConfig:
     warmup_epochs: int = 0  # epochs of weight steps only, before the architecture starts to move
     seed: int = 2
     workers: int | None = None  # None: 0 for in-memory datasets, a few for folders (data.loader_workers)
+    threads: int | None = None  # CPU threads of PyTorch's kernels; a run records the count it used (it changes bits)
     device: str = "auto"
     backend: str = "auto"
     amp: str = "off"
@@ -235,6 +237,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # of the training loss (main and auxiliary); the test loss is plain
     seed: int = 0
     workers: int | None = None  # None: 0 for in-memory datasets, a few for folders (data.loader_workers)
+    threads: int | None = None  # CPU threads of PyTorch's kernels; a run records the count it used (it changes bits)
     device: str = "auto"
     backend: str = "auto"
     amp: str = "off"

@@ -34,6 +34,8 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()  # names in label order (CIFAR-100's are read with the data)
+    # an image folder's images per class in each part: {"train": {class: n}, "held_out": {class: n}}
+    images: dict[str, dict[str, int]] | None = dataclasses.field(default=None, compare=False, hash=False)
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -148,8 +150,14 @@ def load_split(name: str, train: bool, data_dir: str | Path | None = None, downl
     return TensorImages(images, labels, transforms_for(info, augment, cutout), info)
 
 
-class EpochShuffle(Sampler[int]):
-    """A permutation of ``indices`` that depends only on (seed, epoch): an interrupted run resumes the same order."""
+def _sample_seeds(g: torch.Generator, n: int) -> list[int]:
+    """``n`` seeds for the random draws of one epoch's samples, the next ones of ``g``."""
+    return torch.randint(0, 2 ** 62, (n,), generator=g).tolist()
+
+
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """A permutation of ``indices`` that depends only on (seed, epoch): an interrupted run resumes the same order.
+    Yields (index, seed) pairs: each sample's own seed for its random augmentation (:class:`SeededDraws`)."""
 
     def __init__(self, indices: list[int], seed: int) -> None:
         self.indices, self.seed, self.epoch = list(indices), seed, 0
@@ -159,17 +167,20 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter([self.indices[i] for i in torch.randperm(len(self.indices), generator=g).tolist()])
+        order = torch.randperm(len(self.indices), generator=g).tolist()
+        seeds = _sample_seeds(g, len(self.indices))
+        return iter([(self.indices[i], seeds[i]) for i in order])
 
     def __len__(self) -> int:
         return len(self.indices)
 
 
-def shard_sampler(indices, seed: int, rank: int = 0, world_size: int = 1) -> Sampler[int]:
-    """Shuffled each epoch from (seed, epoch) alone. With ``world_size`` > 1, rank ``rank``'s shard of the same
-    shuffle (a ``DistributedSampler`` drawing :class:`EpochShuffle`'s permutation: rank r takes its positions r,
-    r + world_size, ...; every rank gets as many samples, the first few repeated when the split does not divide
-    evenly)."""
+def shard_sampler(indices, seed: int, rank: int = 0, world_size: int = 1) -> Sampler[tuple[int, int]]:
+    """Shuffled each epoch from (seed, epoch) alone, as (index, seed) pairs for :class:`SeededDraws`. With
+    ``world_size`` > 1, rank ``rank``'s shard of the same shuffle (a ``DistributedSampler`` drawing
+    :class:`EpochShuffle`'s permutation: rank r takes its positions r, r + world_size, ...; every rank gets as many
+    samples, the first few repeated when the split does not divide evenly), each sample with the seed it has in a
+    single process."""
     if world_size == 1:
         return EpochShuffle(list(indices), seed)
     inner = DistributedSampler(range(len(indices)), world_size, rank, shuffle=True, seed=seed * 100003,
@@ -177,8 +188,9 @@ def shard_sampler(indices, seed: int, rank: int = 0, world_size: int = 1) -> Sam
     return _SubsetSampler(list(indices), inner)
 
 
-class _SubsetSampler(Sampler[int]):
-    """Positions drawn by ``inner`` mapped to ``indices``, with ``set_epoch`` passed through."""
+class _SubsetSampler(Sampler[tuple[int, int]]):
+    """Positions drawn by ``inner`` mapped to (index, seed) pairs of ``indices``, with ``set_epoch`` passed
+    through."""
 
     def __init__(self, indices: list[int], inner: DistributedSampler) -> None:
         self.indices, self.inner = indices, inner
@@ -187,10 +199,54 @@ class _SubsetSampler(Sampler[int]):
         self.inner.set_epoch(epoch)
 
     def __iter__(self):
-        return iter([self.indices[i] for i in self.inner])
+        g = torch.Generator().manual_seed(self.inner.seed + self.inner.epoch)  # EpochShuffle's generator
+        torch.randperm(len(self.indices), generator=g)
+        seeds = _sample_seeds(g, len(self.indices))
+        return iter([(self.indices[i], seeds[i]) for i in self.inner])
 
     def __len__(self) -> int:
         return len(self.inner)
+
+
+class SeededDraws(Dataset):
+    """``dataset`` read by (index, seed) pairs: each sample is transformed with torch's CPU generator seeded by its
+    own seed (the generator's state is put back after). A sample's random augmentation then depends on (run seed,
+    epoch, sample) alone, not on which process reads it (the main one or a worker) nor on what that process drew
+    before; so a resumed run, whose workers start afresh, draws what the uninterrupted run drew, and the number of
+    workers does not change the numbers."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+
+
+def seeded_loader(data: Dataset, batch_size: int, sampler: Sampler, workers: int,
+                  pin_memory: bool = False) -> DataLoader:
+    """A training loader over ``data`` with an (index, seed) ``sampler`` (:func:`shard_sampler`) and persistent
+    workers. Its own generator feeds DataLoader's worker seeds, which would otherwise be drawn from the global
+    generator when the first epoch starts: a run resumed in a later epoch would then draw at another point of
+    the stream than the uninterrupted run, and its main-process randomness (drop path) would differ."""
+    return DataLoader(SeededDraws(data), batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=False, persistent_workers=workers > 0, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def ordered_loader(data: Dataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """A test loader: ``data`` in order, persistent workers, and (as :func:`seeded_loader`) its own generator for
+    the worker seeds, so that starting its workers leaves the global random stream alone."""
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
 
 def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_dir=None, download: bool = False,
@@ -216,8 +272,7 @@ def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_
     loaders = []
     for part, indices in enumerate((range(split), range(split, len(data)))):
         sampler = shard_sampler(indices, seed + part, rank, world_size)
-        loaders.append(DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                  drop_last=False, persistent_workers=workers > 0, pin_memory=pin_memory))
+        loaders.append(seeded_loader(data, batch_size, sampler, workers, pin_memory))
     return loaders[0], loaders[1], data.info
 
 
@@ -298,12 +353,36 @@ FOLDER_IMAGE_SIZE = 32  # the network's input side for a folder when --image-siz
 VAL_FRACTION = 0.2  # a folder without val/: this share of each class is held out, by a fixed seed
 SPLIT_SEED = 0  # fixed, so that searches and retrainings with any --seed hold out the same images
 STATS_SAMPLE = 2000  # normalisation statistics come from at most this many training images (seeded sample)
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes of single-channel images
+_HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # PIL modes of 16-bit, 32-bit and float gray
+_GRAY_MODES = {"1", "L", "LA"} | _HIGH_BIT_MODES  # PIL modes of single-channel images
+
+
+def high_bit_range(image) -> float:
+    """The value that stands for white in a high-bit-depth gray image: 65535 for 16-bit modes and for 32-bit
+    integer images whose values fit in 16 bits (Pillow reads some 16-bit files as mode ``I``), 2^31 - 1 for other
+    32-bit ones, 1 for float images."""
+    if image.mode == "F":
+        return 1.0
+    if image.mode != "I":
+        return 65535.0
+    low, high = image.getextrema()
+    return 65535.0 if low >= 0 and high <= 65535 else 2.0 ** 31 - 1
+
+
+def scaled_gray(image):
+    """A high-bit-depth gray PIL image as a float (mode ``F``) image in [0, 1], scaled by :func:`high_bit_range`
+    (PIL's own conversion to 8 bits clips instead: most of a 16-bit image would turn white)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float64) / high_bit_range(image)
+    return Image.fromarray(np.clip(pixels, 0.0, 1.0).astype(np.float32), "F")
 
 
 class ConvertMode:
     """A PIL image converted to ``mode`` (``"RGB"`` or ``"L"``); palette images through RGBA, so that a palette's
-    transparency is read as PIL means it. Tensors pass through unchanged."""
+    transparency is read as PIL means it; high-bit-depth gray images scaled to [0, 1] by their range
+    (:func:`scaled_gray`), kept at full precision (a float image) for ``"L"``. Tensors pass through unchanged."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -313,6 +392,11 @@ class ConvertMode:
 
         if not isinstance(image, Image.Image) or image.mode == self.mode:
             return image
+        if image.mode in _HIGH_BIT_MODES:
+            image = scaled_gray(image)
+            if self.mode == "L":
+                return image
+            image = image.point(lambda v: v * 255.0).convert("L")
         if image.mode in ("P", "PA"):
             image = image.convert("RGBA")
         return image.convert(self.mode)
@@ -413,10 +497,80 @@ class FolderParts:
     skipped: list[str]  # the unreadable files left out (--skip-bad-images)
 
 
-def _discover(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_files(folder: Path, data_root: Path) -> list[str]:
+    """The image files under ``folder``, recursively, in ImageFolder's order (by folder, then name). Unlike
+    ImageFolder, which follows every link, a linked folder is followed once, and never when it leads into the
+    data root: the images there are read where they are, and a link such as ``cat/up -> ..`` would otherwise loop,
+    listing the whole folder again under ``cat`` at every level."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    root_real, own_real = os.path.realpath(data_root), os.path.realpath(folder)
+    seen = {own_real}
+    listed = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for name in sorted(dirnames):
+            full = os.path.join(dirpath, name)
+            real = os.path.realpath(full)
+            plain = real == os.path.join(own_real, os.path.relpath(full, folder))  # reached through no link
+            if real in seen or (not plain and _inside(real, root_real)):
+                log.warning(f"not following the link {full}: it leads back to {real}, whose images are read once "
+                            f"where they are")
+                continue
+            seen.add(real)
+            keep.append(name)
+        dirnames[:] = keep
+        listed.append((dirpath, sorted(f for f in filenames if has_file_allowed_extension(f, IMG_EXTENSIONS))))
+    return [os.path.join(d, f) for d, names in sorted(listed) for f in names]
+
+
+def _file_key(path: str) -> tuple:
+    """What makes two paths one file (links and hard links included); a path that cannot be read stands alone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", path)
+    return (st.st_dev, st.st_ino)
+
+
+def _unique(samples: list[tuple[str, int]], classes: list[str],
+            first: dict[tuple, tuple[str, int]] | None = None) -> list[tuple[str, int]]:
+    """``samples`` with every file once (a file listed again in its class, through a link, is left out); a
+    DataError naming both paths when one file is under two classes. ``first`` carries the files seen before
+    (the training folder's, for val/), where any repeat is an error."""
+    earlier = dict(first or {})
+    seen: dict[tuple, tuple[str, int]] = {}
+    out = []
+    for path, label in samples:
+        key = _file_key(path)
+        if key in earlier:
+            other = earlier[key][0]
+            raise DataError(f"{path} and {other} are the same file, in the training and the held-out images; "
+                            f"keep one of them")
+        if key in seen:
+            other, other_label = seen[key]
+            if other_label != label:
+                raise DataError(f"{path} and {other} are the same file under two classes "
+                                f"({classes[label]} and {classes[other_label]}); keep it in one")
+            continue
+        seen[key] = (path, label)
+        out.append((path, label))
+    if len(out) < len(samples):
+        log.warning(f"{len(samples) - len(out)} image file(s) listed twice in their class (through links) "
+                    f"are read once")
+    return out
+
+
+def _discover(root: Path, classes: list[str] | None = None, data_root: Path | None = None,
+              first: dict[tuple, tuple[str, int]] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """ImageFolder's classes and samples of ``root`` (``classes`` given, for a val/ folder: those, in that order),
-    with a DataError for no class folders, a single class and empty classes."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    each file once (:func:`_class_files`, :func:`_unique`; ``first``: the training folder's files), with a
+    DataError for no class folders, a single class and empty classes."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     try:
         found = find_classes(str(root))[0]
@@ -429,7 +583,10 @@ def _discover(root: Path, classes: list[str] | None = None) -> tuple[list[str], 
     classes = classes or found
     if len(classes) < 2:
         raise DataError(f"{root} holds one class folder ({classes[0]}): a classifier needs at least 2 classes")
-    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+    label = {c: i for i, c in enumerate(classes)}
+    listed = [(path, label[c]) for c in sorted(classes) if (root / c).is_dir()
+              for path in _class_files(root / c, data_root or root)]
+    samples = _unique(listed, classes, first)
     counts = torch.bincount(torch.tensor([t for _, t in samples], dtype=torch.long), minlength=len(classes))
     empty = [c for c, n in zip(classes, counts.tolist()) if n == 0 and (root / c).is_dir()]
     if empty:
@@ -520,8 +677,9 @@ def open_folder(data_dir: str | Path | None, image_size: int | None = None, skip
         raise DataError(f"no image folder at {root}")
     saved_classes = list(saved["classes"]) if saved else None
     if (root / "train").is_dir():
-        classes, train = _discover(root / "train")
-        val = _discover(root / "val", classes)[1] if (root / "val").is_dir() else []
+        classes, train = _discover(root / "train", data_root=root)
+        first = {_file_key(path): (path, label) for path, label in train}
+        val = _discover(root / "val", classes, root, first)[1] if (root / "val").is_dir() else []
     else:
         classes, train = _discover(root)
         val = None
@@ -538,6 +696,12 @@ def open_folder(data_dir: str | Path | None, image_size: int | None = None, skip
         train, val = [s for s in train if s in kept], [s for s in val if s in kept]
     if not train:
         raise DataError(f"no readable training images in {root}")
+    images = {"train": _per_class(train, classes), "held_out": _per_class(val, classes)}
+    empty = [c for c, n in images["train"].items() if n == 0]
+    if empty:
+        raise DataError(f"class(es) without a readable training image in {root}: {', '.join(empty)}"
+                        f"{' (--skip-bad-images left out all their files)' if skipped else ''}; remove the class "
+                        f"folder or add images to it")
     train = _shuffled(train)
     if saved is not None:
         info = DatasetInfo("folder", int(saved["in_channels"]), len(classes), int(saved["image_size"]),
@@ -547,7 +711,19 @@ def open_folder(data_dir: str | Path | None, image_size: int | None = None, skip
     side = image_size or FOLDER_IMAGE_SIZE
     mean, std = _statistics(train, {"in_channels": in_channels, "image_size": side}, workers)
     return FolderParts(train, val, DatasetInfo("folder", in_channels, len(classes), side, tuple(mean), tuple(std),
-                                               tuple(classes)), skipped)
+                                               tuple(classes), images), skipped)
+
+
+def describe_images(images: dict[str, dict[str, int]]) -> str:
+    """One line: an image folder's images per class in each part (``DatasetInfo.images``)."""
+    return "images per class: " + "; ".join(
+        f"{part.replace('_', ' ')} " + ", ".join(f"{c} {n}" for c, n in counts.items())
+        for part, counts in images.items())
+
+
+def _per_class(samples: list[tuple[str, int]], classes: list[str]) -> dict[str, int]:
+    counts = torch.bincount(torch.tensor([label for _, label in samples], dtype=torch.long), minlength=len(classes))
+    return dict(zip(classes, counts.tolist()))
 
 
 # -- data.json: what a run's network takes ---------------------------------------------------------------------------
@@ -556,9 +732,14 @@ DATA_JSON = "data.json"
 
 def data_record(info: DatasetInfo) -> dict[str, Any]:
     """``data.json``'s content: dataset name, class names in label order, input channels, input side, and the
-    per-channel mean and std applied after scaling pixels to [0, 1]."""
-    return {"dataset": info.name, "classes": list(info.classes), "in_channels": info.in_channels,
-            "image_size": info.image_size, "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std]}
+    per-channel mean and std applied after scaling pixels to [0, 1]; for an image folder the images per class in
+    the training and the held-out part."""
+    record = {"dataset": info.name, "classes": list(info.classes), "in_channels": info.in_channels,
+              "image_size": info.image_size, "mean": [float(v) for v in info.mean],
+              "std": [float(v) for v in info.std]}
+    if info.images is not None:
+        record["images"] = info.images
+    return record
 
 
 def data_json_text(info: DatasetInfo) -> str:

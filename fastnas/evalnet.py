@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -303,14 +302,15 @@ def save_model(model: EvalNet, run_dir: str | Path, extra: dict[str, Any] | None
     and whatever ``extra`` holds), each atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import write_text_atomic
+    from .checkpoint import new_file_mode, temp_file_beside, write_text_atomic
 
     run_dir = Path(run_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{MODEL_FILE}.", suffix=".tmp", dir=run_dir)
+    fd, tmp = temp_file_beside(run_dir / MODEL_FILE)
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "fastnas.EvalNet"})
+        os.chmod(tmp, new_file_mode())  # safetensors writes the file anew, owner-only
         os.replace(tmp, run_dir / MODEL_FILE)
     finally:
         if os.path.exists(tmp):

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import ops
+from .checkpoint import new_file_mode, temp_file_beside
 from .errors import ConfigError, FastNASError
 from .evalnet import EvalNet, load_model
 
@@ -161,25 +161,38 @@ _EXPORTERS: dict[str, tuple[Callable, Callable, str]] = {
 }
 
 
+def check_finite_weights(model: torch.nn.Module, run_dir: str | Path) -> None:
+    """An ExportError naming the first weight or statistic of ``model`` that holds a NaN or an infinity: such a
+    model's outputs are not numbers, and no exported file could reproduce them."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ExportError(f"the model in {run_dir} has non-finite weights ({name} holds NaN or inf): "
+                              f"there is nothing to export")
+
+
 def export_model(run_dir: str | Path, fmt: str = "onnx", output: str | Path | None = None,
-                 opset: int | None = None) -> tuple[Path, float, float]:
+                 opset: int | None = None, overwrite: bool = False) -> tuple[Path, float, float]:
     """Export the model of ``run_dir`` as ``fmt`` to ``output`` (default: ``RUN_DIR/model.onnx``, ``.torchscript.pt``
-    or ``.pt2``), checked against PyTorch first. Returns (path, max |Δ logits|, max |Δ probabilities|)."""
+    or ``.pt2``), checked against PyTorch first; an existing file is replaced only with ``overwrite``. Returns
+    (path, max |Δ logits|, max |Δ probabilities|)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require(("onnx", "onnxruntime", "onnxscript"), "the ONNX export")
     model = load_model(run_dir, "cpu").float()
+    check_finite_weights(model, run_dir)
     out = Path(output) if output is not None else Path(run_dir) / FORMATS[fmt]
     if out.is_dir():
         raise ConfigError(f"--output {out} is a folder; name the file to write")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it, or --output to write another file")
     if not out.parent.is_dir():
         raise ConfigError(f"cannot write {out}: the folder {out.parent} does not exist")
     export, run, runner = _EXPORTERS[fmt]
     example, check = _probe_inputs(model)
     suffix = ".pt2" if fmt == "torch.export" else ".tmp"  # torch.export.save wants its own suffix
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
+        fd, tmp = temp_file_beside(out, suffix)
     except OSError as exc:
         raise ConfigError(f"cannot write into {out.parent}: {exc.strerror or exc}") from None
     os.close(fd)
@@ -197,6 +210,7 @@ def export_model(run_dir: str | Path, fmt: str = "onnx", output: str | Path | No
                 raise ExportError(f"{runner} cannot run the exported model: {type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
         d_logits, d_probs = _compare(expected, got, runner)
+        os.chmod(tmp, new_file_mode())  # an exporter may have written the file anew
         os.replace(tmp, out)
     except OSError as exc:
         raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
@@ -214,13 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="fmt", default="onnx", choices=list(FORMATS))
     p.add_argument("--output", help="file to write (default: RUN_DIR/model.onnx, model.torchscript.pt or model.pt2)")
     p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file when it exists")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path, d_logits, d_probs = export_model(args.run_dir, args.fmt, args.output, args.opset)
+        path, d_logits, d_probs = export_model(args.run_dir, args.fmt, args.output, args.opset,
+                                                   args.overwrite)
     except FastNASError as exc:
         print(f"fastnas.export: error: {exc}", file=sys.stderr)
         return 2

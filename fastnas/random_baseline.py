@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -56,9 +57,11 @@ def rank_of(searched: float, random_accuracies: Sequence[float]) -> dict:
 
 
 def run_baseline(searched: str | Genotype, samples: int, train_cfg: TrainConfig, primitives: str | Sequence[str],
-                 seed: int = 0, run_dir: Path | None = None, progress: bool = False) -> dict:
+                 seed: int = 0, run_dir: Path | None = None, progress: bool = False,
+                 first: Trainer | None = None) -> dict:
     """Retrain ``searched`` and ``samples`` random genotypes with ``train_cfg`` (its genotype replaced); returns the
-    report (also written to ``run_dir`` when given)."""
+    report (also written to ``run_dir`` when given). ``first``: the searched genotype's trainer, already built
+    (the command builds it before it creates the run folder, so that bad data or a bad genotype leave nothing)."""
     rng = random.Random(seed)
     genotypes = [("searched", resolve_genotype(searched))]
     genotypes += [(f"random-{i + 1}", sample_genotype(primitives, train_cfg.steps, len(genotypes[0][1].normal_concat),
@@ -66,13 +69,13 @@ def run_baseline(searched: str | Genotype, samples: int, train_cfg: TrainConfig,
     results = []
     for name, genotype in genotypes:
         cfg = dataclasses.replace(train_cfg, genotype=str(genotype))
-        folder = None
-        if run_dir is not None:
-            folder = run_dir / name
-            folder.mkdir()
-            runtime.write_json(cfg.to_dict(), folder / "config.json")
+        trainer = first if name == "searched" and first is not None else Trainer(cfg, None, progress=progress)
+        if run_dir is not None:  # each retraining's folder once its data and genotype are checked
+            trainer.run_dir = run_dir / name
+            trainer.run_dir.mkdir()
+            runtime.write_json(trainer.cfg.to_dict(), trainer.run_dir / "config.json")
         log.info(f"random baseline: retraining {name}: {genotype}")
-        result = Trainer(cfg, folder, progress=progress).run()
+        result = trainer.run()
         results.append({"name": name, "genotype": str(genotype), "final_test_acc": result.final_test_acc,
                         "best_test_acc": result.best_test_acc, "param_count": result.param_count})
     searched_acc = results[0]["final_test_acc"]
@@ -135,6 +138,15 @@ def _space(genotype_spec: str, given: str | None) -> str:
     return "at-darts"
 
 
+def _remove_outputs(run_dir: Path) -> None:
+    """What an earlier baseline left in ``run_dir`` (its report and retraining folders), for ``--overwrite``."""
+    for name in ("baseline.json", "baseline.txt"):
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in [run_dir / "searched", *run_dir.glob("random-*")]:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.main("fastnas.random_baseline", build_parser, _main, argv)
 
@@ -150,10 +162,15 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     train_cfg.validate()
     space = _space(args.genotype, args.space)
     resolve_primitives(space)
-    run_dir = cli.claim_run_dir(args, f"baseline-{args.preset}")
+    searched = resolve_genotype(args.genotype)
+    # the genotype and the data are checked (the searched genotype's trainer built) before anything is written
+    first = Trainer(dataclasses.replace(train_cfg, genotype=str(searched)), None, progress=not args.no_progress)
+    run_dir = cli.claim_run_dir(args, f"baseline-{args.preset}", resumable=False)
+    if args.overwrite:
+        _remove_outputs(run_dir)
     runtime.setup_logging(run_dir)
-    report = run_baseline(args.genotype, args.samples, train_cfg, space, train_cfg.seed, run_dir,
-                          progress=not args.no_progress)
+    report = run_baseline(searched, args.samples, train_cfg, space, train_cfg.seed, run_dir,
+                          progress=not args.no_progress, first=first)
     print(describe(report))
     return 0
 

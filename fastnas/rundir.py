@@ -21,11 +21,12 @@ RUN_OUTPUTS = ("config.json", "log.txt", "checkpoint.pt", "alphas.json", "alphas
 _held: dict[Path, int] = {}  # folder -> its locked descriptor, kept open while the command runs
 
 
-def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False, resumable: bool = True) -> Path:
     """Create (when needed) and lock the run folder ``path``; returns it.
 
     Raises :class:`RunFolderError` when the folder cannot be created or written, when another run holds it, or when
-    it holds a run's outputs and neither ``resume`` nor ``overwrite`` is given."""
+    it holds a run's outputs and neither ``resume`` nor ``overwrite`` is given (the message suggests ``--resume``
+    only for a ``resumable`` command)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -46,9 +47,10 @@ def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False) ->
         if not overwrite:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+            advice = f"continue it with --resume {path}, " if resumable else ""
             raise RunFolderError(f"{path} already holds a run ({', '.join(existing[:4])}"
-                                 f"{', ...' if len(existing) > 4 else ''}); continue it with --resume {path}, "
-                                 f"pass --overwrite to replace it, or choose another --run-dir")
+                                 f"{', ...' if len(existing) > 4 else ''}); {advice}pass --overwrite to replace it, "
+                                 f"or choose another --run-dir")
         for name in existing:
             (path / name).unlink()
     _held[path.resolve()] = fd

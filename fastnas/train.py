@@ -24,12 +24,13 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from . import checkpoint, cli, compilation, distributed, genotypes, rundir, runtime
 from .config import TRAIN_PRESETS, TrainConfig
-from .data import check_image_size, check_resumed_data, loader_workers, set_epoch, shard_sampler, train_test_data
+from .data import (check_image_size, check_resumed_data, loader_workers, ordered_loader, seeded_loader, set_epoch,
+                   shard_sampler, train_test_data)
 from .errors import CheckpointError, ConfigError
 from .evalnet import EvalNet, save_model
 from .genotype import Genotype
@@ -107,12 +108,10 @@ class Trainer:
         workers, pin = loader_workers(cfg.dataset, cfg.workers), self.device.type == "cuda"
         train_data, test_data, self.info = train_test_data(cfg.dataset, cfg.data_dir, cfg.download, cfg.cutout,
                                                            cfg.limit, cfg.image_size, cfg.skip_bad_images, workers)
-        self.train_loader = DataLoader(train_data, batch_size=cfg.batch_size,
-                                       sampler=shard_sampler(range(len(train_data)), cfg.seed, rank, world),
-                                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
+        self.train_loader = seeded_loader(train_data, cfg.batch_size,
+                                          shard_sampler(range(len(train_data)), cfg.seed, rank, world), workers, pin)
         test_share = test_data if world == 1 else Subset(test_data, range(rank, len(test_data), world))
-        self.test_loader = DataLoader(test_share, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
-                                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
+        self.test_loader = ordered_loader(test_share, cfg.eval_batch_size or cfg.batch_size, workers, pin)
         counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)
         self.majority_baseline = 100.0 * float(counts.max()) / max(len(test_data), 1)  # always the commonest class
         self.model = self.build_model().to(self.device)

@@ -2,6 +2,7 @@
 fly (mixed sizes, PNG and JPEG, grayscale, RGB, RGBA and palette images, a corrupt file), the run's data.json, and one
 clear line with exit 2 for each kind of bad data. Tiny shapes throughout."""
 import json
+import os
 import re
 
 import pytest
@@ -61,6 +62,8 @@ def test_search_retrain_and_evaluate_on_an_image_folder(tmp_path, capsys):
     assert info["dataset"] == "folder" and info["classes"] == list(CLASSES)
     assert (info["in_channels"], info["image_size"]) == (3, 16)
     assert len(info["mean"]) == len(info["std"]) == 3 and all(0 < s < 1 for s in info["std"])
+    assert info["images"] == {"train": {c: 5 for c in CLASSES}, "held_out": {c: 1 for c in CLASSES}}
+    assert "images per class: train cat 5, dog 5, fish 5; held out cat 1" in (search_dir / "log.txt").read_text()
     assert json.loads((search_dir / "config.json").read_text())["skip_bad_images"] is True
     assert (search_dir / "genotype.json").exists()
 
@@ -163,3 +166,75 @@ def test_bad_data_is_one_clear_line_and_leaves_no_run_folder(case, tmp_path, cap
 def test_image_size_is_for_folders_only(capsys):
     err = _one_line_error(capsys, search_cli.main(["--dataset", "digits", "--image-size", "16", "--no-progress"]))
     assert "--image-size applies to --dataset folder" in err
+
+
+# -- links, files counted once, high-bit-depth images, classes left empty --------------------------------------------
+def _labels_follow_folders(samples, classes):
+    return all(os.path.basename(os.path.dirname(path)) == classes[label] or "/more/" in path
+               for path, label in samples)
+
+
+def test_links_are_followed_once_and_never_back_into_the_folder(tmp_path):
+    data = make_folder(tmp_path / "images", per_class=8, modes=["RGB"], classes=("cat", "dog"))
+    os.symlink("..", data / "cat" / "up")  # loops back to the data root
+    outside = make_folder(tmp_path / "outside", per_class=2, modes=["RGB"], classes=("extra",)) / "extra"
+    os.symlink(outside, data / "cat" / "more")  # a folder elsewhere: followed once
+    os.symlink(outside, outside / "again")  # ... and its own loop is not
+    parts = open_folder(data, image_size=8)
+    samples = parts.train + parts.val
+    assert len(samples) == len({path for path, _ in samples}) == 18
+    assert parts.info.images["train"] == {"cat": 8, "dog": 6} and parts.info.images["held_out"] == {"cat": 2, "dog": 2}
+    assert _labels_follow_folders(samples, ["cat", "dog"])
+    assert not {path for path, _ in parts.train} & {path for path, _ in parts.val}
+
+
+def test_a_file_under_two_classes_is_an_error_naming_both(tmp_path):
+    data = make_folder(tmp_path / "images", per_class=3, modes=["RGB"], classes=("cat", "dog"))
+    os.symlink(data / "dog" / "1.png", data / "cat" / "z.png")
+    with pytest.raises(DataError, match=re.escape(f"{data / 'dog' / '1.png'} and {data / 'cat' / 'z.png'}") +
+                       ".* under two classes"):
+        open_folder(data, image_size=8)
+    split = tmp_path / "split"
+    make_folder(split / "train", per_class=3, modes=["RGB"], classes=("a", "b"))
+    make_folder(split / "val", per_class=1, modes=["RGB"], classes=("a",))
+    os.link(split / "train" / "b" / "1.png", split / "val" / "a" / "9.png")
+    with pytest.raises(DataError, match="same file, in the training and the held-out images"):
+        open_folder(split, image_size=8)
+
+
+def _gray(mode: str, value):
+    import numpy as np
+
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(np.full((6, 6), value, dtype=dtype))
+    assert image.mode == mode
+    return image
+
+
+@pytest.mark.parametrize("mode, value, scaled", [("I;16", 30670, 30670 / 65535), ("I", 30670, 30670 / 65535),
+                                                 ("I", 2 ** 30, 2 ** 30 / (2 ** 31 - 1)), ("F", 0.25, 0.25)])
+def test_high_bit_depth_images_are_scaled_by_their_range(tmp_path, mode, value, scaled):
+    image = _gray(mode, value)
+    gray = {"in_channels": 1, "image_size": 4, "mean": [0.0], "std": [1.0]}
+    assert abs(float(eval_transform(gray)(image).mean()) - scaled) < 1e-6
+    rgb = eval_transform({**gray, "in_channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3})(image)
+    assert rgb.shape[0] == 3 and abs(float(rgb.mean()) - scaled) < 1 / 255
+    if mode == "I;16":  # a folder of 16-bit PNGs: one channel, statistics of the scaled values
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            for i in range(3):
+                _gray(mode, value).save(tmp_path / name / f"{i}.png")
+        parts = open_folder(tmp_path, image_size=4)
+        assert parts.info.in_channels == 1 and abs(parts.info.mean[0] - scaled) < 1e-5
+
+
+def test_a_class_left_empty_by_skip_bad_images_is_an_error_naming_it(tmp_path, capsys):
+    data = make_folder(tmp_path / "images", per_class=2, modes=["RGB"], classes=("a", "b"))
+    (data / "c").mkdir()
+    (data / "c" / "broken.png").write_bytes(b"not an image")
+    argv = ["--dataset", "folder", "--data-dir", str(data), "--skip-bad-images", "--workers", "0",
+            "--out", str(tmp_path / "runs")] + NET
+    assert search_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the warning that counts the skipped files
+    assert re.search(r"without a readable training image in .*images: c \(--skip-bad-images left out", err), err
+    assert not (tmp_path / "runs").exists()

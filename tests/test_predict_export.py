@@ -2,9 +2,11 @@
 python -m fastnas.export to ONNX (checked on onnxruntime, standard ops only), TorchScript and torch.export, the
 exported files run without fastnas. Also the errors for bad runs and images. One tiny digits run serves them all."""
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +251,48 @@ def test_missing_export_dependencies(run, tmp_path, monkeypatch, capsys):
     _one_line_error(capsys, export_cli.main([str(run_dir), "--output", str(tmp_path / "m.onnx")]),
                     "pip install fastnas[export]")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- outputs that are not numbers, warnings, existing files ------------------------------------------------------------
+def _nan_run(run_dir, tmp_path):
+    """A copy of ``run_dir`` whose model weights are NaN."""
+    bad = tmp_path / "nan-run"
+    shutil.copytree(run_dir, bad)
+    model = fastnas.load_model(bad)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    save_model(model, bad, json.loads((bad / "model.json").read_text()))
+    return bad
+
+
+def test_non_finite_weights_stop_predict_and_export_naming_the_model(run, tmp_path, capsys):
+    run_dir, images_dir = run
+    bad = _nan_run(run_dir, tmp_path)
+    _one_line_error(capsys, predict_cli.main([str(bad), str(images_dir)]),
+                    f"the model in {bad} gives non-finite outputs")
+    _one_line_error(capsys, export_cli.main([str(bad), "--format", "torchscript", "--output", str(tmp_path / "m.pt")]),
+                    f"the model in {bad} has non-finite weights")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_export_refuses_an_existing_output_without_overwrite(run, tmp_path, capsys):
+    run_dir, _ = run
+    out = tmp_path / "m.pt"
+    argv = [str(run_dir), "--format", "torchscript", "--output", str(out)]
+    assert export_cli.main(argv) == 0
+    capsys.readouterr()
+    before = out.read_bytes()
+    _one_line_error(capsys, export_cli.main(argv), "exists; pass --overwrite")
+    assert out.read_bytes() == before
+    assert export_cli.main(argv + ["--overwrite"]) == 0  # the advice works
+
+
+def test_the_predict_command_prints_no_runtime_warning(tmp_path):
+    """The package does not import its command-line module, so ``python -m`` does not find it loaded already."""
+    root = str(Path(fastnas.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-m", "fastnas.predict", "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr

@@ -199,3 +199,37 @@ def test_fused_node_sum_gradient_with_a_graph_when_one_input_feeds_another():
         grads.append(torch.autograd.grad(out, [w, h], g, create_graph=create_graph))
     for plain, with_graph in zip(*grads):
         torch.testing.assert_close(with_graph, plain, rtol=1e-10, atol=1e-12)
+
+
+# -- file modes -----------------------------------------------------------------------------------------------------
+def test_outputs_get_the_mode_the_umask_gives(tmp_path):
+    """Atomic writes go through a temporary file (created 0600); the renamed outputs still get the umask's mode."""
+    from fastnas import export as export_cli
+
+    old = os.umask(0o022)
+    try:
+        search, train = tmp_path / "search", tmp_path / "train"
+        assert search_cli.main(TINY + ["--run-dir", str(search)]) == 0
+        assert train_cli.main(TINY + ["--genotype", str(search), "--run-dir", str(train)]) == 0
+        assert export_cli.main([str(train), "--format", "torchscript"]) == 0
+    finally:
+        os.umask(old)
+    modes = {f"{p.parent.name}/{p.name}": oct(p.stat().st_mode & 0o777)
+             for folder in (search, train) for p in folder.iterdir()}
+    assert {"search/checkpoint.pt", "search/alphas.json", "search/data.json", "train/model.safetensors",
+            "train/metrics.json", "train/model.torchscript.pt"} <= set(modes)
+    assert {k: v for k, v in modes.items() if v != "0o644"} == {}
+
+
+def test_the_thread_count_is_recorded_and_kept_by_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert search_cli.main(TINY + ["--threads", "1", "--run-dir", str(run)]) == 0
+        assert json.loads((run / "config.json").read_text())["threads"] == 1
+        torch.set_num_threads(2)
+        assert search_cli.main(["--resume", str(run), "--epochs", "2", "--threads", "2", "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1  # the run's own count, not the one given
+        assert "--threads 2 ignored: the run continues on its own 1 threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)

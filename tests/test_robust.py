@@ -397,3 +397,53 @@ def test_random_baseline_retrains_and_ranks(tmp_path, capsys):
     for name in ("searched", "random-1", "random-2"):
         assert (run / name / "metrics.json").exists(), name
     assert "percentile" in capsys.readouterr().out
+
+
+BASELINE = ["--samples", "1", "--space", "darts", "--limit", "32", "--C", "4", "--layers", "3", "--epochs", "1",
+            "--batch-size", "16", "--max-steps", "1", "--no-auxiliary", "--no-progress"]
+
+
+@pytest.mark.parametrize("case", ["malformed genotype", "missing genotype", "empty folder"])
+def test_random_baseline_checks_before_writing_and_its_advice_works(case, tmp_path, capsys):
+    from fastnas import random_baseline
+
+    run = tmp_path / "rb01"
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "b").mkdir()
+    bad = {"malformed genotype": ["--genotype", "Genotype(normal=[('sep_conv_3x3', 0)"],
+           "missing genotype": ["--genotype", str(tmp_path / "no-such-run")],
+           "empty folder": ["--genotype", "DARTS_V2", "--dataset", "folder", "--data-dir", str(tmp_path / "empty"),
+                            "--workers", "0"]}[case]
+    assert random_baseline.main(bad + BASELINE + ["--run-dir", str(run)]) == 2
+    assert not run.exists(), sorted(p.name for p in run.rglob("*"))
+    if case != "malformed genotype":
+        return
+    good = ["--genotype", "DARTS_V2", "--dataset", "digits"] + BASELINE + ["--run-dir", str(run)]
+    assert random_baseline.main(good) == 0  # the corrected rerun into the same folder
+    capsys.readouterr()
+    assert random_baseline.main(good) == 2  # now the folder holds a baseline: the refusal's advice ...
+    advice = capsys.readouterr().err
+    assert "--overwrite" in advice and "--resume" not in advice, advice
+    assert random_baseline.main(good + ["--overwrite"]) == 0  # ... works when followed
+    assert sorted(p.name for p in run.iterdir()) == ["baseline.json", "baseline.txt", "log.txt", "random-1",
+                                                     "searched"]
+
+
+@pytest.mark.parametrize("command, given, needed", [
+    ("search", ["--early-stop-patience", "3"], ["--early-stop"]),
+    ("search", ["--compile-scope", "model"], ["--compile"]),
+    ("search", ["--skip-bad-images", "--"], ["--dataset", "folder"]),
+    ("train", ["--lr-gamma", "0.5"], ["--lr-schedule", "step"]),
+    ("train", ["--lr-schedule", "step", "--lr-min", "0.001"], ["--lr-schedule", "cosine"]),
+])
+def test_an_option_that_does_nothing_without_another_is_refused(command, given, needed, capsys, tmp_path):
+    """``given`` ends with the refused option and its value (``--`` for a flag)."""
+    import importlib
+
+    module = importlib.import_module(f"fastnas.{command}")
+    argv = ["--dataset", "digits", "--no-progress", "--out", str(tmp_path / "runs")] + [a for a in given if a != "--"]
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{given[-2]} does nothing without {' '.join(needed)}" in err, err
+    assert not (tmp_path / "runs").exists()
+    module.config_from_args(module.build_parser().parse_args(argv + needed))  # the advice, followed, is accepted
