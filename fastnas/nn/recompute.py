@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.defs.batch_norm import update_factor
 from .lean import LeanBatchNorm2d
 
 _recomputing = False
@@ -35,11 +36,9 @@ def _contexts():
 
 
 def recompute(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    """``fn(*args)``, keeping only ``args`` for the backward (which calls ``fn`` again).
-
-    Under ``torch.compile`` the function is traced inline: the compiler's own partitioner decides what to recompute.
-    """
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """``fn(*args)``, keeping only ``args`` for the backward (which calls ``fn`` again; ``torch.compile`` traces the
+    checkpoint as well)."""
+    if not torch.is_grad_enabled():
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts, determinism_check="none")
 
@@ -54,5 +53,5 @@ class RecomputableBatchNorm(LeanBatchNorm2d):
             if self.lean_applies(x) or self.affine:
                 return self.lean_forward(x, self.running_mean.clone(), self.running_var.clone())
             return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True,
-                                self.momentum if self.momentum is not None else 0.1, self.eps)
+                                update_factor(self.momentum, self.num_batches_tracked), self.eps)
         return super().forward(x)
