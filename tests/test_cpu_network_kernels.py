@@ -481,6 +481,29 @@ def test_fused_node_sums_match_the_reference_supernet():
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_norms_unsupported_says_where_the_kernels_run(backend, dtype, channels_last, autocast):
+    """The build-time predicate agrees with the op: None exactly where normalized_mixed_sum runs the kernel."""
+    from unittest import mock
+
+    why = ops.fused_norms_unsupported("cpu", dtype, channels_last, autocast, backend)
+    assert why is None or (isinstance(why, str) and "\n" not in why)
+    kernels = ops.implementation("cpu", "cpu").kernels
+    fused = mock.Mock(side_effect=kernels["normalized_mixed_sum"])
+    z = [torch.randn(2, 3, 4, 4, dtype=dtype) for _ in range(2)]
+    if channels_last:
+        z = [t.contiguous(memory_format=torch.channels_last) for t in z]
+    norms = [torch.nn.BatchNorm2d(3, affine=False, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+             for _ in z]
+    with mock.patch.dict(kernels, {"normalized_mixed_sum": fused}), \
+            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        ops.normalized_mixed_sum(list(zip(z, norms)), [], torch.ones(2, dtype=dtype), backend=backend)
+    assert fused.called == (why is None), why
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda: torch.ops.fastnas.normalized_mixed_sum([torch.randn(2, 3, 2, 2)] * 2, torch.ones(2), 3, [], [], 0.1, 1e-5),
      "num_normalized"),

@@ -18,8 +18,10 @@ def available_on_cpu() -> set[str]:
 
 
 def _output_saving(y: torch.Tensor) -> bool:
-    """Whether y comes from the output-saving batch norm (the op fastnas_ops::batch_norm_output_saving)."""
-    return "batch_norm_output_saving" in y.grad_fn.name()
+    """Whether y comes from the output-saving batch norm (ATen's: fastnas_ops::batch_norm_output_saving, or a
+    backend's batch_norm_train kernel, with the same autograd)."""
+    name = y.grad_fn.name()
+    return "batch_norm_output_saving" in name or "_batch_norm_train_" in name
 
 
 def _saved_storages(fn, *args) -> set[int]:

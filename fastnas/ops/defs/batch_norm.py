@@ -1,9 +1,9 @@
 """batch_norm: training-mode batch norm (batch statistics, running statistics updated in place) that stores less.
 
-* Affine-free: the op ``fastnas_ops::batch_norm_output_saving`` keeps its *output* y = x̂ and σ⁻¹ instead of its
-  input (the backward needs only x̂): the tensor the next op consumes is then the one stored, and the input is freed.
-  On a channels_last input it runs the backend's optional ``batch_norm_train`` / ``batch_norm_backward`` kernels (one
-  pass fewer over x each way), else ATen's.
+* Affine-free: it keeps its *output* y = x̂ and σ⁻¹ instead of its input (the backward needs only x̂): the tensor
+  the next op consumes is then the one stored, and the input is freed. On a channels_last input it runs the
+  backend's optional ``batch_norm_train`` / ``batch_norm_backward`` kernels (one pass fewer over x each way), else
+  ATen's (the operator ``fastnas_ops::batch_norm_output_saving``), with the same autograd.
 * Affine: on a channels_last float32/float64 input, the backend's optional ``batch_norm_affine_train`` /
   ``batch_norm_affine_backward`` kernels (ATen's channels_last batch norm takes several times longer on a few dozen
   channels); else ``F.batch_norm``.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checks, layout
-from ..backend import get, select
+from ..backend import select
 from ..opdef import Kernel, Op, Sample, define_op, param_dtype, tensor
 
 OP = "batch_norm"
@@ -87,48 +87,48 @@ KERNELS = {
 # ------------------------------------------------------------------------------------------------ affine-free
 
 
-def _output_saving(x, running_mean, running_var, momentum: float, eps: float, backend: str | None):
-    if backend is not None:
-        return get(backend).kernels["batch_norm_train"](x, running_mean, running_var, momentum, eps)
+def _output_saving_autograd(kernels: dict | None):
+    """Saves y = x̂ and σ⁻¹ (both outputs); the backward runs ``kernels["batch_norm_backward"]`` (None: ATen's).
+    Under ``create_graph`` it is the same formula in differentiable ops of y and σ⁻¹, whose own gradients come back
+    here, so double backward is exact too."""
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*output)
+
+    def backward(ctx, grad_y, grad_invstd):
+        y, invstd = ctx.saved_tensors
+        if grad_y is None:
+            grad_input = None
+        elif torch.is_grad_enabled():  # double backward
+            dims = (0, 2, 3)
+            grad_input = invstd.view(_SHAPE) * (grad_y - grad_y.mean(dims, keepdim=True)
+                                                - y * (grad_y * y).mean(dims, keepdim=True))
+        elif kernels is not None:
+            grad_input = kernels["batch_norm_backward"](grad_y.to(y.dtype), y, invstd)
+        else:
+            # ATen's batch-norm backward with x̂ given as the input (mean 0, σ⁻¹ 1) and the true σ⁻¹ as the scale
+            # γ: γ·(g − mean(g) − x̂·mean(g·x̂)) is exactly the input gradient of the affine-free norm
+            grad_input = torch.ops.aten.native_batch_norm_backward(
+                grad_y, y, invstd, None, None, torch.zeros_like(invstd), torch.ones_like(invstd), True, 0.0,
+                [True, False, False])[0]
+        if grad_invstd is not None:  # σ⁻¹ = (var + eps)^(-1/2): ∂σ⁻¹/∂x = −σ⁻² · y / M per channel
+            count = y.numel() // y.shape[1]
+            term = -(grad_invstd * invstd * invstd / count).view(_SHAPE) * y
+            grad_input = term if grad_input is None else grad_input + term
+        return grad_input, None, None, None, None
+
+    return backward, setup_context
+
+
+def _aten_output_saving(x, running_mean, running_var, momentum: float, eps: float):
     y, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
     return y, invstd
 
 
-def _output_saving_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*output)
-    ctx.backend = inputs[5]
-
-
-def _output_saving_backward(ctx, grad_y, grad_invstd):
-    """Under ``create_graph`` the same formula in differentiable ops of y and σ⁻¹, whose own gradients come back
-    here, so double backward is exact too."""
-    y, invstd = ctx.saved_tensors
-    if grad_y is None:
-        grad_input = None
-    elif torch.is_grad_enabled():  # double backward
-        dims = (0, 2, 3)
-        grad_input = invstd.view(_SHAPE) * (grad_y - grad_y.mean(dims, keepdim=True)
-                                            - y * (grad_y * y).mean(dims, keepdim=True))
-    elif ctx.backend is not None:
-        grad_input = get(ctx.backend).kernels["batch_norm_backward"](grad_y.to(y.dtype), y, invstd)
-    else:
-        # ATen's batch-norm backward with x̂ given as the input (mean 0, σ⁻¹ 1) and the true σ⁻¹ as the scale γ:
-        # γ·(g − mean(g) − x̂·mean(g·x̂)) is exactly the input gradient of the affine-free norm
-        grad_input = torch.ops.aten.native_batch_norm_backward(
-            grad_y, y, invstd, None, None, torch.zeros_like(invstd), torch.ones_like(invstd), True, 0.0,
-            [True, False, False])[0]
-    if grad_invstd is not None:  # σ⁻¹ = (var + eps)^(-1/2): ∂σ⁻¹/∂x = −σ⁻² · y / M per channel
-        count = y.numel() // y.shape[1]
-        term = -(grad_invstd * invstd * invstd / count).view(_SHAPE) * y
-        grad_input = term if grad_input is None else grad_input + term
-    return grad_input, None, None, None, None, None
-
-
-# (y = x̂, σ⁻¹); backend: whose batch_norm_train kernels (None: ATen's)
+# (y = x̂, σ⁻¹) by ATen's kernels, where the backend has no batch_norm_train (whose autograd is the same)
 OUTPUT_SAVING = define_op(
     "batch_norm_output_saving", "(Tensor x, Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, "
-    "float eps, str? backend) -> (Tensor, Tensor)", _output_saving, _output_saving_backward, _output_saving_setup)
+    "float eps) -> (Tensor, Tensor)", _aten_output_saving, *_output_saving_autograd(None))
 
 
 # ------------------------------------------------------------------------------------------------ affine
@@ -160,7 +160,7 @@ def _affine_autograd(kernels: dict):
     return backward, setup_context
 
 
-AUTOGRAD = {"batch_norm_affine_train": _affine_autograd}
+AUTOGRAD = {"batch_norm_train": _output_saving_autograd, "batch_norm_affine_train": _affine_autograd}
 
 
 def batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -177,17 +177,15 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.T
     if weight is not None:
         checks.check_float(OP, "weight", weight)
         checks.check_float(OP, "bias", bias)
-    chosen = select(x.device.type, backend)
-    kernels = chosen.kernels
+    kernels = select(x.device.type, backend).kernels
     if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
         return reference(x, running_mean, running_var, weight, bias, momentum, eps)
     channels_last = layout.prefers_channels_last(x)
     if weight is None:
         if not (x.requires_grad and torch.is_grad_enabled()):
             return reference(x, running_mean, running_var, None, None, momentum, eps)
-        fused = channels_last and "batch_norm_train" in kernels
-        return OUTPUT_SAVING(x, running_mean, running_var, momentum, eps,
-                             chosen.name if fused else None)[0]
+        kernel = kernels.get("batch_norm_train") if channels_last else None
+        return (kernel or OUTPUT_SAVING)(x, running_mean, running_var, momentum, eps)[0]
     kernel = kernels.get("batch_norm_affine_train")
     if kernel is None or not channels_last or weight.dtype != x.dtype:
         return reference(x, running_mean, running_var, weight, bias, momentum, eps)
