@@ -96,6 +96,15 @@ def define_op(name: str, schema: str, impl: Callable, backward: Callable, setup_
     return op
 
 
+def autocast_inputs(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the autocast dtype where autocast is on (what it does to a convolution's inputs), so that an
+    operator computes in the dtype it is given, eager and compiled alike."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def flat_needs(ctx, n: int) -> list[bool]:
     """``ctx.needs_input_grad`` as one bool per tensor input (list inputs spread out), the first ``n``."""
     flat: list[bool] = []

@@ -99,7 +99,6 @@ KERNELS = {
     "channel_gate_backward": Kernel("(Tensor grad, Tensor x, Tensor argmax, Tensor logits, Tensor hidden, Tensor w1, "
                                     "Tensor w2, bool need_x_grad) -> (Tensor, Tensor, Tensor)", _gate_backward_kernel),
 }
-AUTOGRAD: dict = {}
 
 
 def fused_params(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import checks, layout
 from ..backend import get, select
-from ..opdef import Kernel, Op, Sample, define_op, tensor
+from ..opdef import Kernel, Op, Sample, autocast_inputs, define_op, tensor
 
 OP = "depthwise_conv2d"
 _IntPair = tuple[int, int]
@@ -54,7 +54,6 @@ KERNELS = {
     "depthwise_conv2d_weight_grad": Kernel("(Tensor grad, Tensor x, int[2] kernel_size, int[2] stride, "
                                            "int[2] padding, int[2] dilation) -> Tensor", _weight_grad),
 }
-AUTOGRAD: dict = {}
 
 
 def input_grad(grad: torch.Tensor, weight: torch.Tensor, like: tuple, stride: _IntPair, padding: _IntPair,
@@ -118,7 +117,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int | tuple[
     fused = ("depthwise_conv2d_weight_grad" in chosen.kernels and x.dtype == weight.dtype
              and not torch.is_autocast_enabled(x.device.type))
     if fused or not weight.requires_grad:  # a frozen weight: the backward needs no kernel and no input
-        return LEAN(x, weight, *args, chosen.name)
+        return LEAN(*autocast_inputs(x.device.type, x, weight), *args, chosen.name)
     return reference(x, weight, *args)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checks, layout
-from ..opdef import Op, Sample, define_op, tensor
+from ..opdef import Op, Sample, autocast_inputs, define_op, tensor
 
 OP = "frozen_conv2d"
 _IntPair = tuple[int, int]
@@ -60,7 +60,7 @@ def frozen_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int | _IntPair 
             checks.int_pair(OP, "dilation", dilation, 1), groups)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.conv2d(x, weight, None, *args)
-    return LEAN(x, weight, *args)
+    return LEAN(*autocast_inputs(x.device.type, x, weight), *args)
 
 
 OPS = {OP: Op(frozen_conv2d, reference)}
