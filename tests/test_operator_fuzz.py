@@ -375,7 +375,8 @@ def _generic_case(op, rng, dtype, layout, shape):
     if not calls:
         raise ValueError(f"no sample input of a def module reaches the kernel {op}")
     args = rng.choice(calls)
-    clone = lambda a: a.clone() if hasattr(a, "clone") else [clone(t) for t in a] if isinstance(a, list) else a  # noqa: E731,E501
+    def clone(a):
+        return a.clone() if hasattr(a, "clone") else [clone(t) for t in a] if isinstance(a, list) else a
     ref_args = tuple(clone(a) for a in args)
     return Case(op, args, lambda: kernel_specs()[op].reference(*ref_args))
 

@@ -367,7 +367,7 @@ GateWeights<A> gate_weights(const Tensor& w1, const c10::optional<Tensor>& b1, c
   return {w1.to(acc).contiguous(), bias(b1, w1.size(0)), w2.to(acc).contiguous(), bias(b2, w2.size(0))};
 }
 
-// The whole channel gate (see the top of this file): (out, pooled [2N, C], hidden [2N, hid], logits [N, C], int32 argmax
+// The whole channel gate (see above): (out, pooled [2N, C], hidden [2N, hid], logits [N, C], int32 argmax
 // [N, C]); the last four are what the backward reads.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_gate(const Tensor& x_in, const Tensor& w1,
                                                                 const c10::optional<Tensor>& b1, const Tensor& w2,

@@ -100,7 +100,8 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
     def lean_forward(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
         """The batch norm through the op, updating the given running statistics."""
         self._check_input_dim(x)
-        return ops.batch_norm(x, running_mean, running_var, self.weight, self.bias, update_factor(self.momentum, self.num_batches_tracked), self.eps)
+        momentum = update_factor(self.momentum, self.num_batches_tracked)
+        return ops.batch_norm(x, running_mean, running_var, self.weight, self.bias, momentum, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.lean_applies(x) or (self.affine and self.training and self.track_running_stats)):

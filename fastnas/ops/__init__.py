@@ -15,7 +15,7 @@ from .backend import (
     available_backends,
     backend,
     get_backend,
-    implementation,
+    implementation,  # noqa: F401  (the backend ops on a device use; for tests and tools)
     preload,
     register_backend,
     resolve_backend,

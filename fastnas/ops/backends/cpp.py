@@ -3,8 +3,8 @@
 The kernels are C++ (``csrc/``); their schemas are defined here, once, from the def modules' ``Kernel(schema)``
 before the library is loaded (it registers implementations only); fakes and autograd come from the op modules
 through :func:`fastnas.ops.backend.register_backend`. ``cpu`` has every kernel of the interface; ``cuda`` the
-required ones (the optional kernels are CPU code). If the library was not built (or fails to load) this module still imports and
-records why both backends are missing; ``auto`` then falls back to the ``reference`` backend.
+required ones (the optional kernels are CPU code). If the library was not built (or fails to load) this module still
+imports and records why both backends are missing; ``auto`` then falls back to the ``reference`` backend.
 """
 from __future__ import annotations
 

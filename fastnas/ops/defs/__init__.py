@@ -1,7 +1,8 @@
 """The ops, one module each (or one per small family), found here automatically: every module of this package
-whose name does not start with ``_``. A module declares its public ops (``OPS``: name -> :class:`~fastnas.ops.opdef.Op`),
-the kernels of the backend interface it uses (``KERNELS``), the autograd of its forward kernels (``AUTOGRAD``) and
-the inputs the shared test suite runs it on (``sample_inputs(device, dtype, shape)``)."""
+whose name does not start with ``_``. A module declares its public ops (``OPS``: name ->
+:class:`~fastnas.ops.opdef.Op`), the kernels of the backend interface it uses (``KERNELS``), the autograd of its
+forward kernels (``AUTOGRAD``) and the inputs the shared test suite runs it on (``sample_inputs(device, dtype,
+shape)``)."""
 from __future__ import annotations
 
 import importlib

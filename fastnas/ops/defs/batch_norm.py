@@ -106,8 +106,8 @@ def _output_saving_autograd(kernels: dict | None):
         elif kernels is not None:
             grad_input = kernels["batch_norm_backward"](grad_y.to(y.dtype), y, invstd)
         else:
-            # ATen's batch-norm backward with x̂ given as the input (mean 0, σ⁻¹ 1) and the true σ⁻¹ as the scale
-            # γ: γ·(g − mean(g) − x̂·mean(g·x̂)) is exactly the input gradient of the affine-free norm
+            # ATen's batch-norm backward with x̂ given as the input (mean 0, σ⁻¹ 1) and the true σ⁻¹ as the
+            # scale γ: γ·(g − mean(g) − x̂·mean(g·x̂)) is exactly the input gradient of the affine-free norm
             grad_input = torch.ops.aten.native_batch_norm_backward(
                 grad_y, y, invstd, None, None, torch.zeros_like(invstd), torch.ones_like(invstd), True, 0.0,
                 [True, False, False])[0]

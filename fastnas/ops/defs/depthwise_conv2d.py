@@ -9,10 +9,10 @@ depthwise weight gradient is 4-6x slower than its forward for 5x5 filters) compu
   stride-1 convolution's transpose is the correlation with the flipped filter; oneDNN's backward-data path for
   depthwise filters is up to 10x slower than its forward path).
 
-The op ``fastnas_ops::depthwise_conv2d`` saves the input only when the weight needs a gradient, on every backend: with a frozen weight (the architecture
-step of a first-order search) only the weight is kept. Double backward (``create_graph``) uses ATen's
-differentiable formulas. Otherwise (a trainable weight without the kernel or under autocast, or no backward to
-come) it is ``F.conv2d``.
+The operator ``fastnas_ops::depthwise_conv2d`` saves the input only when the weight needs a gradient, on every
+backend: with a frozen weight (the architecture step of a first-order search) only the weight is kept. Double
+backward (``create_graph``) uses ATen's differentiable formulas. Otherwise (a trainable weight without the kernel or
+under autocast, or no backward to come) it is ``F.conv2d``.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def reference(normalized: list[tuple[torch.Tensor, nn.BatchNorm2d]], plain: list
     outs = []
     for z, bn in normalized:
         bn.num_batches_tracked.add_(1)
-        outs.append(F.batch_norm(z, bn.running_mean, bn.running_var, None, None, True, update_factor(bn.momentum, bn.num_batches_tracked), bn.eps))
+        momentum = update_factor(bn.momentum, bn.num_batches_tracked)
+        outs.append(F.batch_norm(z, bn.running_mean, bn.running_var, None, None, True, momentum, bn.eps))
     return _mixed_sum.reference(outs + list(plain), weights)
 
 
