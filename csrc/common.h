@@ -1,5 +1,5 @@
 // Shared by the CPU and CUDA implementations of the fastnas ops: argument checks (same exception types and messages
-// as fastnas/ops/_checks.py) and the layout rules that the fake (meta) implementations in fastnas/ops/_cpp.py mirror.
+// as fastnas/ops/checks.py) and the layout rules that the fakes (fastnas/ops/layout.py) mirror.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -227,7 +227,7 @@ inline Layout layout_of(const Tensor& t) {
 }
 
 // True when t is channels_last-contiguous and not plain contiguous: the pools then read it on the NHWC path and
-// produce channels_last gradients. fastnas/ops/_cpp.py (_prefers_channels_last) must agree.
+// produce channels_last gradients. fastnas/ops/layout.py (prefers_channels_last) must agree.
 inline bool prefers_channels_last(const Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(c10::MemoryFormat::ChannelsLast);
 }

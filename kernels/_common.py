@@ -89,18 +89,6 @@ def as_npr(t: torch.Tensor) -> torch.Tensor:
     return t if hw_mergeable(t) else t.contiguous()
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one block of memory in some order of the axes."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # launch-size choice for the [N, P, R] kernels
 

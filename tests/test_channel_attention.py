@@ -74,7 +74,7 @@ def test_matches_plain_pytorch_dtypes(name, device, dtype):
 def test_fused_node_on_compiled_backends(name, device):
     y = ops.channel_attention(*make((2, 4, 3, 3), 1, torch.float32, device), backend=name)
     fused = name != "reference"
-    assert (y.grad_fn.name() == "FusedChannelGateBackward") == fused
+    assert ("fastnas_ops_channel_attention" in y.grad_fn.name()) == fused
 
 
 @pytest.mark.parametrize("name,device", TARGETS)
@@ -143,8 +143,8 @@ def test_autocast(name, device):
         y = ops.channel_attention(x, *params, backend=name)
         y_from_fp32 = ops.channel_attention(args[0], *params, backend=name)
     assert y.dtype == torch.bfloat16
-    assert (y.grad_fn.name() == "FusedChannelGateBackward") == (name != "reference")
-    assert y_from_fp32.grad_fn.name() != "FusedChannelGateBackward"
+    assert ("fastnas_ops_channel_attention" in y.grad_fn.name()) == (name != "reference")
+    assert "fastnas_ops_channel_attention" not in y_from_fp32.grad_fn.name()
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
     grads = torch.autograd.grad(y, (x, *params), g)
     assert grads[0].dtype == torch.bfloat16 and all(gp.dtype == torch.float32 for gp in grads[1:])

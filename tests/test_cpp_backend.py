@@ -208,7 +208,7 @@ def test_portable_cpu_kernels_match_the_reference():
         t, r = x.detach().requires_grad_(), x.detach().requires_grad_()
         with ops.backend("cpu"):
             y = bn(t)
-        assert y.grad_fn.name() == "_AffineBatchNormBackward"
+        assert "batch_norm_affine_train" in y.grad_fn.name()
         y.square().sum().backward()
         ref(r).square().sum().backward()
         torch.testing.assert_close(t.grad, r.grad)

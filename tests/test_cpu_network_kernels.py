@@ -335,7 +335,7 @@ def test_affine_batch_norm_module_matches_torch(dtype, shape, momentum):
         with ops.backend("cpu"):
             y = ours(x)
         y_ref = ref(xr)
-        assert y.grad_fn.name() == "_AffineBatchNormBackward"
+        assert "batch_norm_affine_train" in y.grad_fn.name()
         assert y.is_contiguous(memory_format=torch.channels_last)
         tol = TOL[dtype]
         torch.testing.assert_close(y.double(), y_ref, **tol)
@@ -356,12 +356,12 @@ def test_affine_batch_norm_falls_back_where_the_kernels_do_not_apply():
     bn = LeanBatchNorm2d(4)
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     with ops.backend("cpu"):
-        assert bn(x).grad_fn.name() != "_AffineBatchNormBackward"  # NCHW input: PyTorch's
+        assert "batch_norm_affine_train" not in bn(x).grad_fn.name()  # NCHW input: PyTorch's
         bn.eval()
-        assert bn(x.to(memory_format=torch.channels_last)).grad_fn.name() != "_AffineBatchNormBackward"
+        assert "batch_norm_affine_train" not in bn(x.to(memory_format=torch.channels_last)).grad_fn.name()
     bn.train()
     with ops.backend("reference"):
-        assert bn(x.to(memory_format=torch.channels_last)).grad_fn.name() != "_AffineBatchNormBackward"
+        assert "batch_norm_affine_train" not in bn(x.to(memory_format=torch.channels_last)).grad_fn.name()
 
 
 def test_affine_batch_norm_gradcheck_and_opcheck():
@@ -399,8 +399,6 @@ def _normalized_sum_reference(zs, weights, num_normalized, means, variances, mom
 @pytest.mark.parametrize("counts", [(3, 2), (1, 0), (4, 1), (0, 2)])
 @pytest.mark.parametrize("need", ["both", "z", "w"])
 def test_normalized_mixed_sum_matches_batch_norms_then_sum(dtype, layout, counts, need):
-    from fastnas.ops.defs.normalized_mixed_sum import NormalizedMixedSum
-
     n_norm, n_plain = counts
     shape = (3, 19, 5, 4)
     zs = [_make(shape, dtype, layout, seed=k, scale=2.0, shift=k - 1.0).requires_grad_(need != "w")
@@ -408,7 +406,7 @@ def test_normalized_mixed_sum_matches_batch_norms_then_sum(dtype, layout, counts
     w = torch.randn(n_norm + n_plain, dtype=dtype).requires_grad_(need != "z")
     stats = [(torch.randn(19, dtype=dtype), torch.rand(19, dtype=dtype) + 0.5) for _ in range(n_norm)]
     ref_stats = [(m.clone(), v.clone()) for m, v in stats]
-    out = NormalizedMixedSum.apply("cpu", w, n_norm, [m for m, _ in stats], [v for _, v in stats], 0.1, 1e-5, *zs)
+    out = _fused_node(w, n_norm, [m for m, _ in stats], [v for _, v in stats], 0.1, 1e-5, *zs)
     ref = _normalized_sum_reference(zs, w, n_norm, [m for m, _ in ref_stats], [v for _, v in ref_stats])
     tol = TOL[dtype]
     torch.testing.assert_close(out, ref, **tol)
@@ -425,15 +423,13 @@ def test_normalized_mixed_sum_far_from_zero_mean_float32():
     """Inputs with |mean| / std = 250: the fused node sum works about each input's mean (forward sum, the backward's
     per-channel sums and input gradients), so float32 stays within its tolerance of the float64 result on the same
     (rounded) values."""
-    from fastnas.ops.defs.normalized_mixed_sum import NormalizedMixedSum
-
     shape = (4, 21, 5, 6)
     zs = [_make(shape, torch.float32, "channels_last", seed=k, scale=2.0, shift=500.0).requires_grad_() for k in range(4)]
     w = torch.softmax(torch.randn(4), 0).requires_grad_()
     z64 = [z.detach().double().requires_grad_() for z in zs]
     w64 = w.detach().double().requires_grad_()
     stats = [torch.zeros(21) for _ in range(6)]
-    out = NormalizedMixedSum.apply("cpu", w, 3, stats[:3], stats[3:], 0.1, 1e-5, *zs)
+    out = _fused_node(w, 3, stats[:3], stats[3:], 0.1, 1e-5, *zs)
     ref = _normalized_sum_reference(z64, w64, 3, [s.double() for s in stats[:3]], [s.double() for s in stats[3:]])
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
     g = _make(shape, torch.float32, "channels_last", seed=9)
@@ -443,14 +439,12 @@ def test_normalized_mixed_sum_far_from_zero_mean_float32():
 
 
 def test_normalized_mixed_sum_gradcheck_and_opcheck():
-    from fastnas.ops.defs.normalized_mixed_sum import NormalizedMixedSum
-
     zs = [_make((2, 3, 4, 3), torch.float64, "channels_last", seed=k).requires_grad_() for k in range(3)]
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
     def fn(w, *zs):
         stats = [torch.zeros(3, dtype=torch.float64) for _ in range(4)]
-        return NormalizedMixedSum.apply("cpu", w, 2, stats[:2], stats[2:], 0.1, 1e-5, *zs)
+        return _fused_node(w, 2, stats[:2], stats[2:], 0.1, 1e-5, *zs)
 
     assert torch.autograd.gradcheck(fn, (w, *zs))
     z32 = [z.detach().float() for z in zs]
@@ -477,19 +471,37 @@ def test_fused_node_sums_match_the_reference_supernet():
         loss.backward()
         return loss, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}, dict(net.named_buffers())
 
-    import unittest.mock as mock
-
-    from fastnas.ops.defs.normalized_mixed_sum import NormalizedMixedSum
-
     ref = run("reference")
-    with mock.patch.object(NormalizedMixedSum, "apply", side_effect=NormalizedMixedSum.apply) as fused:
-        got = run("cpu")
-    assert fused.called, "the fused node sum did not run"
+    got = run("cpu")
+    assert _in_graph(got[0].grad_fn, "fastnas_normalized_mixed_sum"), "the fused node sum did not run"
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
     for name in ref[1]:
         torch.testing.assert_close(got[1][name], ref[1][name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
     for name in ref[2]:
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_norms_unsupported_says_where_the_kernels_run(backend, dtype, channels_last, autocast):
+    """The build-time predicate agrees with the op: None exactly where normalized_mixed_sum runs the kernel."""
+    from unittest import mock
+
+    why = ops.fused_norms_unsupported("cpu", dtype, channels_last, autocast, backend)
+    assert why is None or (isinstance(why, str) and "\n" not in why)
+    kernels = ops.implementation("cpu", "cpu").kernels
+    fused = mock.Mock(side_effect=kernels["normalized_mixed_sum"])
+    z = [torch.randn(2, 3, 4, 4, dtype=dtype) for _ in range(2)]
+    if channels_last:
+        z = [t.contiguous(memory_format=torch.channels_last) for t in z]
+    norms = [torch.nn.BatchNorm2d(3, affine=False, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+             for _ in z]
+    with mock.patch.dict(kernels, {"normalized_mixed_sum": fused}), \
+            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        ops.normalized_mixed_sum(list(zip(z, norms)), [], torch.ones(2, dtype=dtype), backend=backend)
+    assert fused.called == (why is None), why
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -516,26 +528,22 @@ SINGLE_CONFS = [(2, 7, 3), (3, 3, 1), (1, 3, 0), (4, 5, 4), (2, 1, 0)]  # channe
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("size", [(9, 7), (4, 4), (1, 11)])
 def test_single_channel_conv_matches_torch_float64(conf, layout, size):
-    from fastnas.ops.defs.single_channel_conv2d import SingleChannelConv2d
-
     c, k, p = conf
     if size[0] + 2 * p < k or size[1] + 2 * p < k:
         pytest.skip("the filter does not fit")
     x = _make((2, c, *size), torch.float64, layout).requires_grad_()
     w = _make((1, c, k, k), torch.float64, "nchw", seed=1).requires_grad_()
-    _assert_close_with_grads(SingleChannelConv2d.apply("cpu", x, w, (p, p)), F.conv2d(x, w, None, 1, p), (x, w),
+    _assert_close_with_grads(torch.ops.fastnas.single_channel_conv2d(x, w, [p, p]), F.conv2d(x, w, None, 1, p), (x, w),
                              TOL[torch.float64])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_single_channel_conv_low_precision(dtype):
-    from fastnas.ops.defs.single_channel_conv2d import SingleChannelConv2d
-
     x64 = _make((3, 2, 8, 8), torch.float64, "channels_last")
     w64 = _make((1, 2, 7, 7), torch.float64, "nchw", seed=1) * 0.2
     x, w = x64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
     rx, rw = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    out, ref = SingleChannelConv2d.apply("cpu", x, w, (3, 3)), F.conv2d(rx, rw, None, 1, 3)
+    out, ref = torch.ops.fastnas.single_channel_conv2d(x, w, [3, 3]), F.conv2d(rx, rw, None, 1, 3)
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
     g = torch.randn_like(ref).to(dtype)
     got, expected = _grads(out, (x, w), g), _grads(ref, (rx, rw), g.double())
@@ -544,11 +552,9 @@ def test_single_channel_conv_low_precision(dtype):
 
 
 def test_single_channel_conv_gradcheck_opcheck_and_compile():
-    from fastnas.ops.defs.single_channel_conv2d import SingleChannelConv2d
-
     x = _make((2, 2, 5, 6), torch.float64, "channels_last").requires_grad_()
     w = _make((1, 2, 3, 3), torch.float64, "nchw", seed=1).requires_grad_()
-    fn = lambda a, b: SingleChannelConv2d.apply("cpu", a, b, (1, 1))  # noqa: E731
+    fn = lambda a, b: torch.ops.fastnas.single_channel_conv2d(a, b, [1, 1])  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w))
     assert torch.autograd.gradgradcheck(fn, (x, w))
     for layout in LAYOUTS:
@@ -573,15 +579,28 @@ def test_spatial_gate_uses_the_kernel_on_the_cpu_backend():
     with ops.backend("cpu"):
         out = gate(x)
     torch.testing.assert_close(out, ref)
-    assert "SingleChannelConv2d" in str(out.grad_fn.next_functions) or _reaches(out.grad_fn, "SingleChannelConv2d")
+    assert _in_graph(out.grad_fn, "fastnas_single_channel_conv2d")
 
 
-def _reaches(fn, name: str, depth: int = 12) -> bool:
-    if fn is None or depth == 0:
-        return False
-    if name in fn.name():
-        return True
-    return any(_reaches(f, name, depth - 1) for f, _ in fn.next_functions)
+def _in_graph(fn, name: str) -> bool:
+    """Whether the autograd graph from ``fn`` has a node whose name holds ``name`` (an operator's node is named
+    after it)."""
+    todo, seen = [fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if name in node.name():
+            return True
+        todo.extend(f for f, _ in node.next_functions)
+    return False
+
+
+def _fused_node(w, num_normalized, running_means, running_vars, momentum, eps, *zs):
+    """The cpu backend's fused node sum (its kernel, with the autograd the op registers on it)."""
+    return torch.ops.fastnas.normalized_mixed_sum(list(zs), w, num_normalized, running_means, running_vars, momentum,
+                                                  eps)[0]
 
 
 @pytest.mark.parametrize("bad,match", [

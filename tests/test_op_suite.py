@@ -1,15 +1,20 @@
 """The shared op suite: every public op on every backend available here, and on a toy backend built from the
 reference kernels through the declared interface. Forward and backward against the float64 reference (float64 and
-the AMP dtypes, odd sizes), opcheck of the registered operators, gradcheck and gradgradcheck."""
+the AMP dtypes, odd sizes), opcheck of the operators each op calls, gradcheck and gradgradcheck.
+
+The ops, their cases and their inputs come from the registry (each def module's ``sample_inputs``): a new op runs
+here without an edit to this file."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnas.ops as ops
 from fastnas.nn import CBAM, ChannelAttention, SpatialAttention
-from fastnas.ops import reference
+from fastnas.ops import defs, reference
 from fastnas.ops.backend import define_kernels, kernel_specs, register_backend, required_kernels
+from fastnas.ops.opdef import tensor as _t
 from helpers import BACKENDS, backend_targets
 
 TOY_KERNELS = sorted(required_kernels() | {"max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"})
@@ -22,62 +27,30 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.bfloat16: dict(rtol=3e
        torch.float16: dict(rtol=3e-3, atol=3e-3)}
 
 
-def _t(shape, device, dtype=torch.float64, channels_last=False, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+def samples(module, device: str, dtype: torch.dtype, shape=(2, 3, 5, 3)) -> dict:
+    """The sample cases of one def module by name."""
+    return {s.name: s for s in module.sample_inputs(device, dtype, shape)}
 
 
-def _case(op: str, device: str, dtype: torch.dtype, shape=(2, 3, 5, 3)):
-    """(inputs, a function of the inputs and a backend name) for ``op``; parameters in float32 beside half
-    activations, as under AMP."""
-    n, c, h, w = shape
-    pdt = torch.float64 if dtype == torch.float64 else torch.float32
-    x = _t(shape, device, dtype, channels_last=True)
-    if op == "mixed_sum":
-        return [_t(3, device, pdt, seed=1), x, _t(shape, device, dtype, seed=2), _t(shape, device, dtype, seed=3)], \
-            lambda b, w, *xs: ops.mixed_sum(list(xs), w, backend=b)
-    if op == "channel_scale":
-        return [x, _t((n, c), device, pdt, seed=1)], lambda b, x, lg: ops.channel_scale(x, lg, backend=b)
-    if op == "spatial_scale":
-        return [x, _t((n, 1, h, w), device, pdt, seed=1)], lambda b, x, lg: ops.spatial_scale(x, lg, backend=b)
-    if op in ("channel_pool", "spatial_pool"):
-        return [x], lambda b, x: getattr(ops, op)(x, backend=b)
-    if op == "channel_attention":
-        params = [_t(s, device, dtype, seed=k) for k, s in enumerate([(2, c), (2,), (c, 2), (c,)], start=1)]
-        return [x, *params], lambda b, *a: ops.channel_attention(*a, backend=b)
-    if op == "max_pool2d":
-        return [x], lambda b, x: ops.max_pool2d(x, 3, 2, 1, backend=b)
-    if op == "avg_pool2d":
-        return [x], lambda b, x: ops.avg_pool2d(x, 3, 1, 1, backend=b)
-    if op == "depthwise_conv2d":
-        return [x, _t((c, 1, 3, 3), device, dtype, seed=1)], lambda b, x, w: ops.depthwise_conv2d(x, w, 1, 1, backend=b)
-    if op == "single_channel_conv2d":
-        return [x[:, :2], _t((1, 2, 3, 3), device, dtype, seed=1)], \
-            lambda b, x, w: ops.single_channel_conv2d(x, w, 1, backend=b)
-    if op == "batch_norm":
-        def bn(b, x, weight, bias):
-            stats = torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt)
-            return ops.batch_norm(x, *stats, weight, bias, 0.1, 1e-5, backend=b)
-        return [x, _t(c, device, dtype, seed=1), _t(c, device, dtype, seed=2)], bn
-    if op == "batch_norm_affine_free":
-        def bn_free(b, x):
-            stats = torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt)
-            return ops.batch_norm(x, *stats, None, None, 0.1, 1e-5, backend=b)
-        return [x], bn_free
-    if op == "normalized_mixed_sum":
-        def node(b, w, z0, z1, z2):
-            norms = [torch.nn.BatchNorm2d(c, affine=False).to(device, pdt) for _ in range(2)]
-            return ops.normalized_mixed_sum([(z0, norms[0]), (z1, norms[1])], [z2], w, backend=b)
-        return [_t(3, device, pdt, seed=1), x, _t(shape, device, dtype, True, seed=2),
-                _t(shape, device, dtype, True, seed=3)], node
-    raise KeyError(op)
+def cases(modules) -> tuple[list, list]:
+    """(every case, the cases also run in the AMP dtypes) of ``modules``, as (module, case name) pytest params."""
+    every, amp = [], []
+    for module in modules:
+        for name, sample in samples(module, "cpu", torch.float64).items():
+            param = pytest.param(module, name, id=name)
+            every.append(param)
+            if sample.amp:
+                amp.append(param)
+    return every, amp
 
 
-OPS = ["mixed_sum", "channel_pool", "channel_scale", "spatial_pool", "spatial_scale", "channel_attention", "max_pool2d",
-       "avg_pool2d", "depthwise_conv2d", "single_channel_conv2d", "batch_norm", "batch_norm_affine_free",
-       "normalized_mixed_sum"]
-AMP_OPS = ["mixed_sum", "channel_pool", "channel_scale", "spatial_pool", "spatial_scale", "max_pool2d", "avg_pool2d"]
+OPS, AMP_OPS = cases(m for m in defs.modules() if hasattr(m, "sample_inputs"))
+
+
+def _case(module, case: str, device: str, dtype: torch.dtype, shape=(2, 3, 5, 3)):
+    """(inputs, a function of a backend name and the inputs) of one case."""
+    sample = samples(module, device, dtype, shape)[case]
+    return list(sample.inputs), sample.call
 
 
 def _leaves(args):
@@ -88,8 +61,8 @@ def _outs(y):
     return list(y) if isinstance(y, tuple) else [y]
 
 
-def _check_against_reference(name, device, op, dtype):
-    args, fn = _case(op, device, dtype)
+def _check_against_reference(name, device, module, op, dtype):
+    args, fn = _case(module, op, device, dtype)
     got_in = _leaves(args)
     outs = _outs(fn(name, *got_in))
     ref_in = [a.detach().double().requires_grad_() for a in args]
@@ -106,51 +79,83 @@ def _check_against_reference(name, device, op, dtype):
         torch.testing.assert_close(a.double() / scale, b / scale, **TOL[dtype], msg=lambda m: f"grad {i}: {m}")
 
 
-@pytest.mark.parametrize("name,device", TARGETS)
-@pytest.mark.parametrize("op", OPS)
-def test_float64_matches_reference(name, device, op):
-    _check_against_reference(name, device, op, torch.float64)
+def check_case(name, device, module, op):
+    """The whole suite on one case: float64 and AMP values and gradients against the reference, gradcheck,
+    gradgradcheck and opcheck of the operators it calls."""
+    _check_against_reference(name, device, module, op, torch.float64)
+    if samples(module, "cpu", torch.float64)[op].amp:
+        for dtype in (torch.bfloat16, torch.float16):
+            _check_against_reference(name, device, module, op, dtype)
+    args, fn = _small(module, op, device)
+    assert torch.autograd.gradcheck(lambda *a: fn(name, *a), args)
+    assert torch.autograd.gradgradcheck(lambda *a: fn(name, *a), _small(module, op, device)[0], fast_mode=True)
+    for call, call_args in _operator_calls(name, device, module, op):
+        torch.library.opcheck(call, call_args)
 
 
 @pytest.mark.parametrize("name,device", TARGETS)
-@pytest.mark.parametrize("op", AMP_OPS)
+@pytest.mark.parametrize("module,op", OPS)
+def test_float64_matches_reference(name, device, module, op):
+    _check_against_reference(name, device, module, op, torch.float64)
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+@pytest.mark.parametrize("module,op", AMP_OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_amp_dtypes_match_reference(name, device, op, dtype):
-    _check_against_reference(name, device, op, dtype)
+def test_amp_dtypes_match_reference(name, device, module, op, dtype):
+    _check_against_reference(name, device, module, op, dtype)
 
 
-def _small(op, device):
-    args, fn = _case(op, device, torch.float64, shape=(2, 2, 3, 2))
+def _small(module, op, device):
+    args, fn = _case(module, op, device, torch.float64, shape=(2, 2, 3, 2))
     return _leaves(args), fn
 
 
 @pytest.mark.parametrize("name,device", TARGETS)
-@pytest.mark.parametrize("op", OPS)
-def test_gradcheck(name, device, op):
-    args, fn = _small(op, device)
+@pytest.mark.parametrize("module,op", OPS)
+def test_gradcheck(name, device, module, op):
+    args, fn = _small(module, op, device)
     assert torch.autograd.gradcheck(lambda *a: fn(name, *a), args)
 
 
 @pytest.mark.parametrize("name,device", TARGETS)
-@pytest.mark.parametrize("op", OPS)
-def test_gradgradcheck(name, device, op):
-    args, fn = _small(op, device)
+@pytest.mark.parametrize("module,op", OPS)
+def test_gradgradcheck(name, device, module, op):
+    args, fn = _small(module, op, device)
     assert torch.autograd.gradgradcheck(lambda *a: fn(name, *a), args, fast_mode=True)
 
 
-@pytest.mark.parametrize("name,device", [t for t in TARGETS if t.values[0] != "reference"])
-@pytest.mark.parametrize("kernel", ["mixed_sum", "channel_pool", "channel_scale", "spatial_pool", "spatial_scale",
-                                    "max_pool2d", "avg_pool2d"])
-def test_opcheck(name, device, kernel):
-    kernels = ops.implementation(device, name).kernels
-    if kernel not in kernels:
-        pytest.skip(f"{name} has no {kernel} kernel (the op runs the reference)")
-    x = _t((2, 3, 4, 5), device, torch.float32, channels_last=True).requires_grad_()
-    args = {"mixed_sum": ([x, x.detach().clone()], torch.randn(2, device=device, requires_grad=True)),
-            "channel_scale": (x, torch.randn(2, 3, device=device, requires_grad=True)),
-            "spatial_scale": (x, torch.randn(2, 1, 4, 5, device=device, requires_grad=True)),
-            "max_pool2d": (x, [3, 3], [2, 2], [1, 1]), "avg_pool2d": (x, [3, 3], [1, 1], [1, 1])}.get(kernel, (x,))
-    torch.library.opcheck(kernels[kernel], args)
+class _Calls(TorchDispatchMode):
+    """Records the fastnas operators an op calls (the outermost ones: a kernel an operator calls is not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace.startswith("fastnas"):
+            copy = lambda a: a.detach().clone().requires_grad_(a.requires_grad) \
+                if isinstance(a, torch.Tensor) else [copy(t) for t in a] if isinstance(a, list) else a  # noqa: E731
+            self.calls.append((func, tuple(copy(a) for a in args)))
+        return func(*args, **(kwargs or {}))
+
+
+def _operator_calls(name, device, module, op) -> list:
+    """(operator, arguments) of each fastnas operator that ``op`` calls on backend ``name`` (float32 inputs)."""
+    args, fn = _case(module, op, device, torch.float32, shape=(2, 3, 4, 5))
+    with _Calls() as mode:
+        fn(name, *_leaves(args))
+    return mode.calls
+
+
+@pytest.mark.parametrize("name,device", TARGETS)
+@pytest.mark.parametrize("module,op", OPS)
+def test_opcheck(name, device, module, op):
+    calls = _operator_calls(name, device, module, op)
+    if not calls:
+        pytest.skip(f"{op} calls no operator of its own on {name} (plain PyTorch)")
+    for call, args in calls:
+        torch.library.opcheck(call, args)
 
 
 @pytest.mark.parametrize("name,device", [t for t in TARGETS if t.values[0] != "reference"])
@@ -196,12 +201,14 @@ def test_gradient_penalty_through_channel_attention(name, device):
 
 # ------------------------------------------------------------------------------------------------ the interface
 
-def test_python_schemas_are_the_compiled_ones():
+def test_the_compiled_library_implements_every_declared_kernel():
+    """The schemas are the def modules' (the library registers implementations only, checked against them)."""
     if ops.available_backends()["cpu"] != "available":
         pytest.skip("the compiled library is not built")
     for name, spec in kernel_specs().items():
         declared = torch._C.parse_schema(f"fastnas::{name}{spec.schema}")
         assert str(getattr(torch.ops.fastnas, name).default._schema) == str(declared), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnas::{name}", "CPU"), name
 
 
 def test_register_backend_names_missing_and_unknown_kernels():
@@ -215,8 +222,10 @@ def test_toy_backend_lacks_optional_kernels_and_falls_back():
     assert "channel_gate" not in ops.implementation("cpu", "toy").kernels
     x = _t((2, 4, 3, 3), "cpu", channels_last=True).requires_grad_()
     w1, w2 = _t((2, 4), "cpu", seed=1), _t((4, 2), "cpu", seed=2)
-    y = ops.channel_attention(x, w1, None, w2, backend="toy")
-    assert y.grad_fn.name() == "FusedChannelGateBackward"  # composed of the toy's pool and scale kernels
+    with _Calls() as mode:
+        y = ops.channel_attention(x, w1, None, w2, backend="toy")
+    # one node, composed of the toy's pool and scale kernels
+    assert [str(call) for call, _ in mode.calls] == ["fastnas_ops.channel_attention.default"]
     torch.testing.assert_close(y, reference.channel_attention(x, w1, None, w2))
 
 

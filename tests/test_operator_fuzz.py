@@ -3,12 +3,17 @@ layouts (non-contiguous, channels_last, expanded), dtypes, and out-of-range inte
 must be right (checked against plain PyTorch where that is cheap) or raise a clear Python exception; corrupted index
 tensors must raise. The cases run in a subprocess, so that a crash fails the test instead of killing pytest.
 
+The operators are the kernels the def modules declare (``kernel_specs()``). A kernel without a hand-written case
+below is called with the arguments its op passes it on the def module's sample inputs (random sizes and layouts),
+against its reference: a new kernel is fuzzed without an edit here.
+
 Under AddressSanitizer: build the library with ``cmake -S . -B build-asan -G Ninja -DFASTNAS_CUDA=OFF
 -DFASTNAS_ASAN=ON && cmake --build build-asan`` and set ``FASTNAS_FUZZ_ASAN_LIB=build-asan/libfastnas_ops.so``; the
 subprocess then loads that library with libasan preloaded, and any ASan report fails the test (docs/testing.md).
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -70,8 +75,10 @@ def _gen_case(rng):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     exact = dtype in (torch.float32, torch.float64)
     bad = rng.random() < 0.3  # mutate one argument
-    op = rng.choice(OPS + INDEXED)
+    op = rng.choice(_ops() + INDEXED)
     O = torch.ops.fastnas
+    if op not in HANDWRITTEN:
+        return _generic_case(op, rng, dtype if exact else torch.float32, layout, shape)
 
     if op == "mixed_sum":
         K = rng.choice([1, 2, 5, 9])
@@ -307,7 +314,7 @@ def _gen_case(rng):
     raise AssertionError(op)
 
 
-OPS = ("mixed_sum", "mixed_sum_backward", "mixed_sum_backward_xs", "channel_pool", "channel_pool_backward",
+HANDWRITTEN = ("mixed_sum", "mixed_sum_backward", "mixed_sum_backward_xs", "channel_pool", "channel_pool_backward",
        "spatial_pool", "spatial_pool_backward", "channel_scale", "channel_scale_backward", "spatial_scale",
        "spatial_scale_backward", "channel_gate", "channel_gate_backward", "depthwise_conv2d_weight_grad",
        "batch_norm_train", "batch_norm_backward", "batch_norm_affine_train", "batch_norm_affine_backward",
@@ -317,6 +324,61 @@ OPS = ("mixed_sum", "mixed_sum_backward", "mixed_sum_backward_xs", "channel_pool
 INDEXED = ("channel_pool_backward", "spatial_pool_backward", "channel_gate_backward", "max_pool2d_backward")
 # build facts without tensor arguments
 NO_TENSORS = ("cpu_capability", "cuda_arch_list")
+
+
+def _ops() -> tuple[str, ...]:
+    """Every kernel of the interface (the def modules' declarations)."""
+    from fastnas.ops.backend import kernel_specs
+    return tuple(sorted(kernel_specs()))
+
+
+@functools.cache
+def _kernel_calls(shape, dtype, channels_last: bool) -> dict:
+    """kernel name -> the arguments of each of its calls (forward and backward) while the def modules' sample
+    inputs run on the cpu backend."""
+    from unittest import mock
+
+    import torch
+
+    import fastnas.ops as ops
+    from fastnas.ops import defs
+
+    calls: dict = {}
+    kernels = ops.implementation("cpu", "cpu").kernels
+
+    def recorder(name, kernel):
+        def record(*args):
+            copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else (  # noqa: E731
+                [copy(t) for t in a] if isinstance(a, list) else a)
+            calls.setdefault(name, []).append(tuple(copy(a) for a in args))
+            return kernel(*args)
+        return record
+
+    with mock.patch.dict(kernels, {name: recorder(name, k) for name, k in kernels.items()}):
+        for module in defs.modules():
+            for sample in getattr(module, "sample_inputs", lambda *a: [])("cpu", dtype, shape):
+                inputs = [t.detach().clone() for t in sample.inputs]
+                if not channels_last:
+                    inputs = [t.contiguous() for t in inputs]
+                out = sample.call("cpu", *[t.requires_grad_() for t in inputs])
+                outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+                torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+    return calls
+
+
+def _generic_case(op, rng, dtype, layout, shape):
+    """A call of kernel ``op`` as its op makes it, on random sizes, checked against the kernel's reference."""
+    from fastnas.ops.backend import kernel_specs
+
+    size = rng.choice([(2, 3, 5, 3), (1, 4, 6, 7), (3, 2, 4, 4)])
+    calls = _kernel_calls(size, dtype, layout == "channels_last").get(op)
+    if not calls:
+        raise ValueError(f"no sample input of a def module reaches the kernel {op}")
+    args = rng.choice(calls)
+    def clone(a):
+        return a.clone() if hasattr(a, "clone") else [clone(t) for t in a] if isinstance(a, list) else a
+    ref_args = tuple(clone(a) for a in args)
+    return Case(op, args, lambda: kernel_specs()[op].reference(*ref_args))
 
 
 def _compare(out, ref):
@@ -336,7 +398,7 @@ def run_cases(seed: int, cases: int) -> None:
     import torch
     torch.set_num_threads(2)
     registered = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("fastnas::")}
-    assert registered == set(OPS) | set(NO_TENSORS), f"untested: {registered ^ (set(OPS) | set(NO_TENSORS))}"
+    assert registered == set(_ops()) | set(NO_TENSORS), f"untested: {registered ^ (set(_ops()) | set(NO_TENSORS))}"
     rng = random.Random(seed)
     tally = {"ok": 0, "checked": 0, "raised": 0}
     for i in range(cases):
@@ -367,7 +429,8 @@ def run_cases(seed: int, cases: int) -> None:
 
 def _run(env_extra, seed=SEED, cases=CASES, timeout=600):
     lib = env_extra.get("FASTNAS_FUZZ_LIB", "")
-    load = f"import torch; torch.ops.load_library({lib!r})" if lib else "import fastnas._C"
+    # (the library registers implementations; importing fastnas.ops defines their schemas)
+    load = f"import torch; torch.ops.load_library({lib!r}); import fastnas.ops" if lib else "import fastnas.ops"
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); {load}; from tests.test_operator_fuzz import run_cases; "
             f"run_cases({seed}, {cases})")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
@@ -376,10 +439,20 @@ def _run(env_extra, seed=SEED, cases=CASES, timeout=600):
 
 def _built():
     try:
-        import fastnas.ops._cpp as cpp
+        import fastnas.ops.backends.cpp as cpp
     except ImportError:
         return False
     return cpp.backend_available("cpu")[0]
+
+
+@pytest.mark.parametrize("op", ["mixed_sum_backward", "batch_norm_train", "channel_gate_backward", "max_pool2d"])
+def test_generic_case_calls_a_kernel_as_its_op_does(op):
+    """The case a kernel without a hand-written one gets: its op's own arguments, right against its reference."""
+    if not _built():
+        pytest.skip("fastnas._C is not built")
+    import torch
+    case = _generic_case(op, random.Random(0), torch.float64, "channels_last", None)
+    _compare(getattr(torch.ops.fastnas, op)(*case.args), case.ref())
 
 
 @pytest.mark.parametrize("capability", ["best", "default"])
@@ -412,7 +485,7 @@ def test_operators_under_address_sanitizer():
     env = {"LD_PRELOAD": " ".join(preload), "FASTNAS_FUZZ_LIB": lib,
            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86"}
     # can ASan run here at all: load the library and raise one C++ exception through it
-    smoke_code = (f"import torch; torch.ops.load_library({lib!r})\n"
+    smoke_code = (f"import torch; torch.ops.load_library({lib!r}); import fastnas.ops\n"
                   "try:\n    torch.ops.fastnas.mixed_sum([], torch.ones(0))\nexcept ValueError:\n    print('ok')")
     smoke = subprocess.run([sys.executable, "-c", smoke_code], capture_output=True, text=True, timeout=300,
                            env={**os.environ, **env})

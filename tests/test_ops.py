@@ -255,10 +255,20 @@ def test_backend_selection_is_scoped_and_observable():
         assert ops.get_backend() == "reference"
         assert ops.resolve_backend("cpu") == "reference"
     assert ops.get_backend() == "auto"
-    ops.backend("reference")
+    scoped = ops.backend("reference")  # selects nothing until entered
+    assert ops.get_backend() == "auto"
+    with scoped:
+        assert ops.get_backend() == "reference"
+        with ops.backend("auto"):
+            assert ops.get_backend() == "auto"
+        assert ops.get_backend() == "reference"
+    assert ops.get_backend() == "auto"
+    ops.set_backend("reference")
     assert ops.get_backend() == "reference"
     with pytest.raises(ValueError, match="unknown fastnas backend"):
         ops.backend("fastest")
+    with pytest.raises(ValueError, match="unknown fastnas backend"):
+        ops.set_backend("fastest")
     avail = ops.available_backends()
     assert avail["reference"] == "available" and {"reference", "cpu", "cuda", "triton"} <= set(avail)
 

@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "batch_norm.h"
-#include "channel_gate.h"
+#include "channel_attention.h"
 #include "channel_pool.h"
 #include "depthwise_conv2d.h"
 #include "mixed_sum.h"
@@ -22,7 +22,7 @@ inline namespace CPU_CAPABILITY {
 // the CPU kernels of this capability
 void register_impls(torch::Library& m) {
   register_batch_norm(m);
-  register_channel_gate(m);
+  register_channel_attention(m);
   register_channel_pool(m);
   register_depthwise_conv2d(m);
   register_mixed_sum(m);

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .attention import ChannelAttention, SpatialAttention
-from .lean import LeanBatchNorm2d, LeanConv2d, subsample
+from .. import ops
+from .lean import LeanBatchNorm2d, LeanConv2d
 from .pooling import AvgPool2d, MaxPool2d
 
 
@@ -68,7 +69,7 @@ class FactorizedReduce(nn.Module):
         h_odd, w_odd = x.shape[-2] % 2, x.shape[-1] % 2
         if not (h_odd or w_odd) and isinstance(self.conv_2, LeanConv2d) and self.conv_2.subsampled is not None:
             # the shifted branch reads the odd rows and columns: subsample them directly
-            return torch.cat([self.conv_1(x), self.conv_2.forward_subsampled(subsample(x, (2, 2), (1, 1)))], dim=1)
+            return torch.cat([self.conv_1(x), self.conv_2.forward_subsampled(ops.subsample(x, (2, 2), (1, 1)))], dim=1)
         shifted = x[:, :, 1:, 1:]
         if h_odd or w_odd:  # pad the shifted branch back so that odd sizes work too
             shifted = nn.functional.pad(shifted, (0, w_odd, 0, h_odd))

@@ -6,42 +6,31 @@ update their running statistics only in the first run: :class:`RecomputableBatch
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.defs.batch_norm import update_factor
 from .lean import LeanBatchNorm2d
 
-_recomputing = False
 
-
-class _RecomputeMode:
-    """Marks the re-run; re-usable, since a graph kept for several backward passes recomputes more than once."""
-
-    def __enter__(self) -> None:
-        global _recomputing
-        self.previous, _recomputing = _recomputing, True
-
-    def __exit__(self, *exc: object) -> None:
-        global _recomputing
-        _recomputing = self.previous
-
-
-def _contexts():
-    return contextlib.nullcontext(), _RecomputeMode()
+@torch._dynamo.assume_constant_result
+def _recomputing() -> bool:
+    """Whether this forward code runs inside a backward pass: the re-run of a checkpoint (a graph kept for several
+    backward passes re-runs once per pass). ``torch.compile`` traces the forward once, outside any backward (a
+    constant False), and recomputes what its partitioner chooses without running this code again."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def recompute(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    """``fn(*args)``, keeping only ``args`` for the backward (which calls ``fn`` again).
-
-    Under ``torch.compile`` the function is traced inline: the compiler's own partitioner decides what to recompute.
-    """
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """``fn(*args)``, keeping only ``args`` for the backward (which calls ``fn`` again; ``torch.compile`` traces the
+    checkpoint as well)."""
+    if not torch.is_grad_enabled():
         return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts, determinism_check="none")
+    return checkpoint(fn, *args, use_reentrant=False, determinism_check="none")
 
 
 class RecomputableBatchNorm(LeanBatchNorm2d):
@@ -49,10 +38,10 @@ class RecomputableBatchNorm(LeanBatchNorm2d):
     running ones a second time."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _recomputing and self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and _recomputing():
             # the same computation on throw-away copies of the statistics (so the same tensors are saved)
             if self.lean_applies(x) or self.affine:
                 return self.lean_forward(x, self.running_mean.clone(), self.running_var.clone())
             return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias, True,
-                                self.momentum if self.momentum is not None else 0.1, self.eps)
+                                update_factor(self.momentum, self.num_batches_tracked), self.eps)
         return super().forward(x)

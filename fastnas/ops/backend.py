@@ -1,8 +1,8 @@
 """Backends: the declared kernel interface, the registry, and the selection.
 
-A backend is a named table of kernels (torch operators with the schemas of :func:`kernel_specs`, which
-``csrc/fastnas.cpp`` defines for the compiled library) and the device types it runs on. Every op is defined once
-(:mod:`fastnas.ops.defs`) over that table:
+A backend is a named table of kernels (torch operators with the schemas of :func:`kernel_specs`, which the def
+modules declare) and the device types it runs on. Every op is defined once (:mod:`fastnas.ops.defs`) over that
+table:
 
 * **required** kernels (``mixed_sum``, the pools, the scales, each with its backward): a backend must provide all of
   them, or none (then every op runs its plain-PyTorch reference composition: the ``reference`` backend);
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
+
+from .opdef import register_autograd, register_fake
 
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -54,13 +56,21 @@ _selected: dict[tuple[str, str], Backend] = {}  # (device type, selection) -> ba
 _current = "auto"
 
 
-@functools.cache
-def kernel_specs() -> dict:
-    """Every kernel of the interface by name: its :class:`fastnas.ops.defs._kernel.Kernel` (schema, reference,
-    whether required)."""
-    from . import defs
+_specs: dict = {}  # kernel name -> its Kernel (schema, reference, required), declared by the def modules
+_autograd: dict = {}  # forward kernel name -> factory(kernels) -> (backward, setup_context)
 
-    return {name: spec for module in defs.MODULES for name, spec in module.KERNELS.items()}
+
+def declare(kernels: Mapping, autograd: Mapping[str, Callable]) -> None:
+    """Add kernels to the interface (the def modules' ``KERNELS``, with the autograd factories of their forward
+    kernels: ``AUTOGRAD``); :mod:`fastnas.ops.defs` declares each module it finds."""
+    _specs.update(kernels)
+    _autograd.update(autograd)
+
+
+def kernel_specs() -> dict:
+    """Every kernel of the interface by name: its :class:`fastnas.ops.opdef.Kernel` (schema, reference,
+    whether required)."""
+    return dict(_specs)
 
 
 def required_kernels() -> frozenset[str]:
@@ -79,8 +89,7 @@ def register_backend(name: str, kernels: Mapping[str, Callable], devices: Iterab
     """Register backend ``name``: ``kernels`` maps kernel names to torch operators with the interface's schemas
     (all required ones, or none); ``devices``: the device types it runs on (or a predicate on the type). Registers
     the fakes and autograd of the kernels' operators. A ValueError names missing or unknown kernels."""
-    specs = kernel_specs() if kernels else {}
-    unknown = sorted(set(kernels) - set(specs))
+    unknown = sorted(set(kernels) - set(_specs))
     missing = sorted(required_kernels() - set(kernels)) if kernels else []
     if unknown or missing:
         raise ValueError(f"fastnas backend {name!r}: " + "; ".join(
@@ -96,16 +105,10 @@ def register_backend(name: str, kernels: Mapping[str, Callable], devices: Iterab
 
 
 def _register_operators(table: Mapping[str, Callable]) -> None:
-    from . import defs
-    from .defs._kernel import register_autograd, register_fake
-
-    specs = kernel_specs()
     for name, op in table.items():
-        register_fake(op, specs[name].reference)
-    for module in defs.MODULES:
-        for forward, autograd in module.AUTOGRAD.items():
-            if forward in table:
-                register_autograd(table[forward], *autograd(table))
+        register_fake(op, _specs[name].reference)
+        if name in _autograd:
+            register_autograd(op, *_autograd[name](table))
 
 
 def mark_unavailable(name: str, why: str) -> None:
@@ -171,10 +174,9 @@ def preload() -> None:
 
 
 class backend:
-    """Select a backend: immediately when called, and back to the previous one when used as a context manager
-    or as a decorator (like ``torch.set_grad_enabled``).
+    """Select a backend for a block or a function (``set_backend`` selects globally): on entering, and back to
+    the previous selection on leaving.
 
-    >>> fastnas.ops.backend("cpu")            # global from now on
     >>> with fastnas.ops.backend("reference"):  # only inside the block
     ...     y = fastnas.ops.mixed_sum(xs, w)
     >>> @fastnas.ops.backend("reference")      # only while the function runs
@@ -182,19 +184,18 @@ class backend:
     """
 
     def __init__(self, name: str) -> None:
-        self.previous = _current
-        set_backend(name)
-        self.name = name
+        self.name = _validate_name(name)
+        self._previous: list[str] = []
 
     def __enter__(self) -> "backend":
+        self._previous.append(_current)
+        set_backend(self.name)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        set_backend(self.previous)
+        set_backend(self._previous.pop())
 
     def __call__(self, fn: Callable) -> Callable:
-        set_backend(self.previous)  # decorating selects nothing by itself
-
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             with backend(self.name):
@@ -242,8 +243,7 @@ def implementation(device: torch.device | str, name: str | None = None) -> Backe
 def define_kernels(namespace: str, impls: Mapping[str, Callable]) -> dict[str, Callable]:
     """Torch custom operators ``namespace::<kernel>`` with the interface's schemas, from Python functions (a
     backend written in Python or Triton registers these)."""
-    specs = kernel_specs()
-    return {name: torch.library.custom_op(f"{namespace}::{name}", fn, mutates_args=(), schema=specs[name].schema)
+    return {name: torch.library.custom_op(f"{namespace}::{name}", fn, mutates_args=(), schema=_specs[name].schema)
             for name, fn in impls.items()}
 
 

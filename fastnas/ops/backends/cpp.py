@@ -1,32 +1,41 @@
 """The ``cpu`` and ``cuda`` backends: the compiled operators of ``fastnas._C`` (``torch.ops.fastnas.*``).
 
-The schemas and kernels are C++ (``csrc/``); fakes and autograd come from the op modules through
-:func:`fastnas.ops.backend.register_backend`. ``cpu`` has every kernel of the interface; ``cuda`` the required ones
-(the optional kernels are CPU code). If the library was not built (or fails to load) this module still imports and
-records why both backends are missing; ``auto`` then falls back to the ``reference`` backend.
+The kernels are C++ (``csrc/``); their schemas are defined here, once, from the def modules' ``Kernel(schema)``
+before the library is loaded (it registers implementations only); fakes and autograd come from the op modules
+through :func:`fastnas.ops.backend.register_backend`. ``cpu`` has every kernel of the interface; ``cuda`` the
+required ones (the optional kernels are CPU code). If the library was not built (or fails to load) this module still
+imports and records why both backends are missing; ``auto`` then falls back to the ``reference`` backend.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import defs  # noqa: F401  (every kernel declared before the schemas are defined)
 from ..backend import kernel_specs, mark_unavailable, register_backend, required_kernels
+from ..opdef import library
 
+NAMESPACE = "fastnas"
 _LOAD_ERROR: str | None = None
 
 
-def _registered_elsewhere() -> bool:
-    """The operators may already be in this process, from the CMake build loaded with torch.ops.load_library:
-    loading fastnas._C as well would define the same schemas twice (a fatal error in the dispatcher)."""
-    try:
-        torch.ops.fastnas.mixed_sum  # noqa: B018
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+def define_schemas() -> None:
+    """Define ``fastnas::<kernel>`` for every kernel of the interface not defined yet, with its declared schema."""
+    lib = library(NAMESPACE)
+    for name, spec in kernel_specs().items():
+        if not hasattr(torch.ops.fastnas, name):
+            lib.define(name + spec.schema)
 
 
+def _loaded_elsewhere() -> bool:
+    """The kernels may already be in this process, from the CMake build loaded with torch.ops.load_library:
+    loading fastnas._C as well would define its build facts twice (a fatal error in the dispatcher)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::mixed_sum", "CPU")
+
+
+define_schemas()
 try:
-    if not _registered_elsewhere():
-        from fastnas import _C  # noqa: F401  (loading the library registers torch.ops.fastnas.*)
+    if not _loaded_elsewhere():
+        from fastnas import _C  # noqa: F401  (loading the library registers the kernels)
 except ImportError as exc:  # not built, or built against another torch
     _LOAD_ERROR = (f"the compiled library fastnas._C is not available ({exc}); "
                    "build it with `pip install --no-build-isolation -e .`")

@@ -1,15 +1,16 @@
 """batch_norm: training-mode batch norm (batch statistics, running statistics updated in place) that stores less.
 
-* Affine-free: :class:`_OutputSavingBatchNorm` keeps its *output* y = x̂ and σ⁻¹ instead of its input (the backward
-  needs only x̂): the tensor the next op consumes is then the one stored, and the input is freed. On a channels_last
-  input it runs the backend's optional ``batch_norm_train`` / ``batch_norm_backward`` kernels (one pass fewer over x
-  each way), else ATen's.
+* Affine-free: it keeps its *output* y = x̂ and σ⁻¹ instead of its input (the backward needs only x̂): the tensor
+  the next op consumes is then the one stored, and the input is freed. On a channels_last input it runs the
+  backend's optional ``batch_norm_train`` / ``batch_norm_backward`` kernels (one pass fewer over x each way), else
+  ATen's (the operator ``fastnas_ops::batch_norm_output_saving``), with the same autograd.
 * Affine: on a channels_last float32/float64 input, the backend's optional ``batch_norm_affine_train`` /
-  ``batch_norm_affine_backward`` kernels (:class:`_AffineBatchNorm`; ATen's channels_last batch norm takes several
-  times longer on a few dozen channels); else ``F.batch_norm``.
+  ``batch_norm_affine_backward`` kernels (ATen's channels_last batch norm takes several times longer on a few dozen
+  channels); else ``F.batch_norm``.
 
-Under ``create_graph`` both backwards are differentiable formulas, so double backward is exact. Under autocast, under
-``torch.compile``, for other dtypes or without a backward to come, it is ``F.batch_norm``.
+Under ``create_graph`` both backwards are differentiable formulas, so double backward is exact. Under autocast, for
+other dtypes or without a backward to come, it is ``F.batch_norm``. :func:`update_factor` is the one rule for the
+running statistics' momentum.
 """
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from .. import checks, layout
-from ..backend import get, select
-from ._kernel import Kernel
+from ..backend import select
+from ..opdef import Kernel, Op, Sample, define_op, param_dtype, tensor
 
 OP = "batch_norm"
 _SHAPE = (1, -1, 1, 1)
+
+
+def update_factor(momentum: float | None, num_batches_tracked: torch.Tensor) -> float:
+    """The running statistics' update factor of a step (as ``nn.BatchNorm2d``): ``momentum``, or a cumulative
+    average (1 / the number of batches seen, this one included) when it is None."""
+    return momentum if momentum is not None else 1.0 / float(num_batches_tracked)
 
 
 def reference(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -75,41 +82,32 @@ KERNELS = {
     "batch_norm_affine_backward": Kernel("(Tensor grad, Tensor x, Tensor weight, Tensor mean, Tensor invstd, "
                                          "bool need_x_grad) -> (Tensor, Tensor, Tensor)", _affine_backward_kernel),
 }
-AUTOGRAD: dict = {}
 
 
-class _OutputSavingBatchNorm(torch.autograd.Function):
-    """Affine-free batch norm that saves its output y = x̂ and σ⁻¹ (both outputs) for the backward; ``backend``
-    names the kernels (None: ATen's). Under ``create_graph`` the backward is written in differentiable ops of y
-    and σ⁻¹, whose own gradients come back here, so double backward is exact too."""
+# ------------------------------------------------------------------------------------------------ affine-free
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, running_mean, running_var, momentum: float, eps: float,
-                backend: str | None = None):
-        if backend is not None:
-            y, invstd = get(backend).kernels["batch_norm_train"](x, running_mean, running_var, momentum, eps)
-        else:
-            y, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True, momentum,
-                                                            eps)
+
+def _output_saving_autograd(kernels: dict | None):
+    """Saves y = x̂ and σ⁻¹ (both outputs); the backward runs ``kernels["batch_norm_backward"]`` (None: ATen's).
+    Under ``create_graph`` it is the same formula in differentiable ops of y and σ⁻¹, whose own gradients come back
+    here, so double backward is exact too."""
+    def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(y, invstd)
-        ctx.backend = backend
-        return y, invstd
+        ctx.save_for_backward(*output)
 
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor | None, grad_invstd: torch.Tensor | None):
+    def backward(ctx, grad_y, grad_invstd):
         y, invstd = ctx.saved_tensors
         if grad_y is None:
             grad_input = None
-        elif torch.is_grad_enabled():  # double backward: the same formula in differentiable ops
+        elif torch.is_grad_enabled():  # double backward
             dims = (0, 2, 3)
             grad_input = invstd.view(_SHAPE) * (grad_y - grad_y.mean(dims, keepdim=True)
                                                 - y * (grad_y * y).mean(dims, keepdim=True))
-        elif ctx.backend is not None:
-            grad_input = get(ctx.backend).kernels["batch_norm_backward"](grad_y.to(y.dtype), y, invstd)
+        elif kernels is not None:
+            grad_input = kernels["batch_norm_backward"](grad_y.to(y.dtype), y, invstd)
         else:
-            # ATen's batch-norm backward with x̂ given as the input (mean 0, σ⁻¹ 1) and the true σ⁻¹ as the scale
-            # γ: γ·(g − mean(g) − x̂·mean(g·x̂)) is exactly the input gradient of the affine-free norm
+            # ATen's batch-norm backward with x̂ given as the input (mean 0, σ⁻¹ 1) and the true σ⁻¹ as the
+            # scale γ: γ·(g − mean(g) − x̂·mean(g·x̂)) is exactly the input gradient of the affine-free norm
             grad_input = torch.ops.aten.native_batch_norm_backward(
                 grad_y, y, invstd, None, None, torch.zeros_like(invstd), torch.ones_like(invstd), True, 0.0,
                 [True, False, False])[0]
@@ -117,39 +115,52 @@ class _OutputSavingBatchNorm(torch.autograd.Function):
             count = y.numel() // y.shape[1]
             term = -(grad_invstd * invstd * invstd / count).view(_SHAPE) * y
             grad_input = term if grad_input is None else grad_input + term
-        return grad_input, None, None, None, None, None
+        return grad_input, None, None, None, None
+
+    return backward, setup_context
 
 
-class _AffineBatchNorm(torch.autograd.Function):
-    """Affine batch norm on a backend's kernels: the statistics in one pass and y in another, the backward's
-    per-channel sums in one pass and the input gradient in another. It saves x, as PyTorch's does; under
-    ``create_graph`` the backward is ATen's batch-norm backward, which is differentiable."""
+def _aten_output_saving(x, running_mean, running_var, momentum: float, eps: float):
+    y, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+    return y, invstd
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean, running_var,
-                momentum: float, eps: float, backend: str) -> torch.Tensor:
-        y, mean, invstd = get(backend).kernels["batch_norm_affine_train"](x, weight, bias, running_mean, running_var,
-                                                                          momentum, eps)
+
+# (y = x̂, σ⁻¹) by ATen's kernels, where the backend has no batch_norm_train (whose autograd is the same)
+OUTPUT_SAVING = define_op(
+    "batch_norm_output_saving", "(Tensor x, Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, "
+    "float eps) -> (Tensor, Tensor)", _aten_output_saving, *_output_saving_autograd(None))
+
+
+# ------------------------------------------------------------------------------------------------ affine
+
+
+def _affine_autograd(kernels: dict):
+    """The backend's kernels: the statistics in one pass and y in another, the backward's per-channel sums in one
+    pass and the input gradient in another. Saves x, as PyTorch's does; under ``create_graph`` the backward is
+    ATen's batch-norm backward, which is differentiable."""
+    def setup_context(ctx, inputs, output):
+        x, weight, _, _, _, _, ctx.eps = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.backend, ctx.eps = backend, eps
-        return y
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad, _grad_mean, _grad_invstd):
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad is None:
+            return (None,) * 7
         if torch.is_grad_enabled():  # double backward
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad, x, weight, None, None, mean, invstd, True,
                                                                    ctx.eps, [need_x, need_w, need_b])
         else:
-            gx, gw, gb = get(ctx.backend).kernels["batch_norm_affine_backward"](grad, x, weight, mean, invstd, need_x)
-        return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None), None, None, None, \
-            None, None
+            gx, gw, gb = kernels["batch_norm_affine_backward"](grad, x, weight, mean, invstd, need_x)
+        return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None), None, None, None, None
+
+    return backward, setup_context
 
 
-def _eager_float(x: torch.Tensor) -> bool:
-    return (x.dim() == 4 and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled(x.device.type))
+AUTOGRAD = {"batch_norm_train": _output_saving_autograd, "batch_norm_affine_train": _affine_autograd}
 
 
 def batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -166,15 +177,33 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.T
     if weight is not None:
         checks.check_float(OP, "weight", weight)
         checks.check_float(OP, "bias", bias)
-    chosen = select(x.device.type, backend)
-    if not _eager_float(x):
+    kernels = select(x.device.type, backend).kernels
+    if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
         return reference(x, running_mean, running_var, weight, bias, momentum, eps)
     channels_last = layout.prefers_channels_last(x)
     if weight is None:
         if not (x.requires_grad and torch.is_grad_enabled()):
             return reference(x, running_mean, running_var, None, None, momentum, eps)
-        fused = chosen.name if channels_last and "batch_norm_train" in chosen.kernels else None
-        return _OutputSavingBatchNorm.apply(x, running_mean, running_var, momentum, eps, fused)[0]
-    if not (channels_last and weight.dtype == x.dtype and "batch_norm_affine_train" in chosen.kernels):
+        kernel = kernels.get("batch_norm_train") if channels_last else None
+        return (kernel or OUTPUT_SAVING)(x, running_mean, running_var, momentum, eps)[0]
+    kernel = kernels.get("batch_norm_affine_train")
+    if kernel is None or not channels_last or weight.dtype != x.dtype:
         return reference(x, running_mean, running_var, weight, bias, momentum, eps)
-    return _AffineBatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps, chosen.name)
+    return kernel(x, weight, bias, running_mean, running_var, momentum, eps)[0]
+
+
+OPS = {"batch_norm": Op(batch_norm, reference)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    c, pdt = shape[1], param_dtype(dtype)
+
+    def stats():
+        return torch.zeros(c, device=device, dtype=pdt), torch.ones(c, device=device, dtype=pdt)
+
+    x = tensor(shape, device, dtype, channels_last=True)
+    return [
+        Sample("batch_norm", [x, tensor(c, device, dtype, seed=1), tensor(c, device, dtype, seed=2)],
+               lambda b, x, w, bias: batch_norm(x, *stats(), w, bias, 0.1, 1e-5, backend=b)),
+        Sample("batch_norm_affine_free", [x], lambda b, x: batch_norm(x, *stats(), None, None, 0.1, 1e-5, backend=b)),
+    ]

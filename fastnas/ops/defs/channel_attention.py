@@ -2,7 +2,8 @@
 
 Composed of ops, the gate is about ten autograd nodes (pool, concatenation, two linears, ReLU, split, add, scale) and
 its input gradient arrives in two parts that autograd adds in an extra pass over the activation.
-:class:`FusedChannelGate` is one node with a hand-written backward, on the selected backend's kernels:
+The op ``fastnas_ops::channel_attention`` is one node with a hand-written backward, on the selected backend's
+kernels:
 
 * with the optional whole-gate kernels (``channel_gate``, ``channel_gate_backward``; the ``cpu`` backend's run the
   gate image by image while it is in the core's cache), x and grad are read from memory once each;
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 
 from .. import checks, layout
 from ..backend import get, select
+from ..opdef import Kernel, Op, Sample, define_op, partial_vjp, tensor
 from . import channel_pool as _pool
 from . import scale as _scale
-from ._kernel import Kernel, partial_vjp
 
 OP = "channel_attention"
 
@@ -98,7 +99,6 @@ KERNELS = {
     "channel_gate_backward": Kernel("(Tensor grad, Tensor x, Tensor argmax, Tensor logits, Tensor hidden, Tensor w1, "
                                     "Tensor w2, bool need_x_grad) -> (Tensor, Tensor, Tensor)", _gate_backward_kernel),
 }
-AUTOGRAD: dict = {}
 
 
 def fused_params(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -117,46 +117,51 @@ def fused_params(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     return params if x.dtype == w1.dtype else None
 
 
-class FusedChannelGate(torch.autograd.Function):
-    """The channel gate on a backend's kernels (``backend``: its name), one autograd node (see the module
-    docstring)."""
+def _gate(x, w1, b1, w2, b2, backend: str):
+    kernels = get(backend).kernels
+    if "channel_gate" in kernels:  # pool, MLP and scale in one kernel
+        return kernels["channel_gate"](x, w1, b1, w2, b2)
+    avg, mx, argmax = kernels["channel_pool"](x)
+    n = avg.shape[0]
+    pooled = torch.cat([avg, mx], dim=0)
+    hidden = torch.relu(F.linear(pooled, w1, b1))
+    both = F.linear(hidden, w2, b2)
+    logits = both[:n] + both[n:]
+    return kernels["channel_scale"](x, logits), pooled, hidden, logits, argmax
 
-    @staticmethod
-    def forward(ctx, backend: str, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                b2: torch.Tensor | None) -> torch.Tensor:
-        kernels = get(backend).kernels
-        if "channel_gate" in kernels:  # pool, MLP and scale in one kernel
-            out, pooled, hidden, logits, argmax = kernels["channel_gate"](x, w1, b1, w2, b2)
-        else:
-            avg, mx, argmax = kernels["channel_pool"](x)
-            n = avg.shape[0]
-            pooled = torch.cat([avg, mx], dim=0)
-            hidden = torch.relu(F.linear(pooled, w1, b1))
-            both = F.linear(hidden, w2, b2)
-            logits = both[:n] + both[n:]
-            out = kernels["channel_scale"](x, logits)
-        ctx.save_for_backward(x, argmax, logits, pooled, hidden, w1, w2, b1, b2)
-        ctx.backend = backend
-        return out
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, argmax, logits, pooled, hidden, w1, w2, b1, b2 = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]
-        if torch.is_grad_enabled():  # create_graph: differentiate the reference composition again
-            return (None, *_differentiated(grad, (x, w1, b1, w2, b2), needs))
-        kernels = get(ctx.backend).kernels
-        need_x, need_w1, need_b1, need_w2, need_b2 = needs
-        if "channel_gate_backward" in kernels:  # the logits', hidden rows' and input's gradients in one kernel
-            gx, glogits, ghidden = kernels["channel_gate_backward"](grad, x, argmax, logits, hidden, w1, w2, need_x)
-        else:
-            gx, glogits, ghidden = _backward_composed(kernels, grad, argmax, x, logits, hidden, w1, w2, need_x)
-        gboth = torch.cat([glogits, glogits], dim=0)  # the logits are the sum of the two rows' MLP outputs
-        gw2 = gboth.t().mm(hidden) if need_w2 else None
-        gb2 = gboth.sum(0) if need_b2 and b2 is not None else None
-        gw1 = ghidden.t().mm(pooled) if need_w1 else None
-        gb1 = ghidden.sum(0) if need_b1 and b1 is not None else None
-        return None, (gx if need_x else None), gw1, gb1, gw2, gb2
+def _gate_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, ctx.backend = inputs
+    _, pooled, hidden, logits, argmax = output
+    ctx.mark_non_differentiable(pooled, hidden, logits, argmax)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, argmax, logits, pooled, hidden, w1, w2, b1, b2)
+
+
+def _gate_backward(ctx, grad, *_):
+    x, argmax, logits, pooled, hidden, w1, w2, b1, b2 = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:5]
+    if grad is None:
+        return (None,) * 6
+    if torch.is_grad_enabled():  # create_graph: differentiate the reference composition again
+        return (*_differentiated(grad, (x, w1, b1, w2, b2), needs), None)
+    kernels = get(ctx.backend).kernels
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs
+    if "channel_gate_backward" in kernels:  # the logits', hidden rows' and input's gradients in one kernel
+        gx, glogits, ghidden = kernels["channel_gate_backward"](grad, x, argmax, logits, hidden, w1, w2, need_x)
+    else:
+        gx, glogits, ghidden = _backward_composed(kernels, grad, argmax, x, logits, hidden, w1, w2, need_x)
+    gboth = torch.cat([glogits, glogits], dim=0)  # the logits are the sum of the two rows' MLP outputs
+    gw2 = gboth.t().mm(hidden) if need_w2 else None
+    gb2 = gboth.sum(0) if need_b2 and b2 is not None else None
+    gw1 = ghidden.t().mm(pooled) if need_w1 else None
+    gb1 = ghidden.sum(0) if need_b1 and b1 is not None else None
+    return (gx if need_x else None), gw1, gb1, gw2, gb2, None
+
+
+# the gate on a backend's kernels (backend: its name), one autograd node: (out, pooled, hidden, logits, argmax)
+FUSED = define_op("channel_attention", "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str backend) "
+                  "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _gate, _gate_backward, _gate_setup)
 
 
 def _differentiated(grad: torch.Tensor, inputs: tuple, needs: tuple) -> list:
@@ -200,7 +205,7 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
                       b2: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
     """The whole CBAM channel gate: x·σ(MLP(mean_hw x) + MLP(max_hw x))[:, :, None, None] with the shared
     MLP(p) = relu(p w1ᵀ + b1) w2ᵀ + b2 (w1 [hidden, C], w2 [C, hidden]; biases may be None). One autograd node on a
-    backend with kernels (:class:`FusedChannelGate`); the reference composes its pool and scale."""
+    backend with kernels (``fastnas_ops::channel_attention``); the reference composes its pool and scale."""
     check(x, w1, b1, w2, b2)
     chosen = select(x.device.type, backend)
     if not chosen.kernels:
@@ -208,4 +213,14 @@ def channel_attention(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     params = fused_params(x, w1, b1, w2, b2)
     if params is None:
         return composite(x, w1, b1, w2, b2, chosen.name)
-    return FusedChannelGate.apply(chosen.name, x, *params)
+    return FUSED(x, *params, chosen.name)[0]
+
+
+OPS = {"channel_attention": Op(channel_attention, reference)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    c = shape[1]
+    params = [tensor(s, device, dtype, seed=k) for k, s in enumerate([(2, c), (2,), (c, 2), (c,)], start=1)]
+    return [Sample("channel_attention", [tensor(shape, device, dtype, channels_last=True), *params],
+                   lambda b, *a: channel_attention(*a, backend=b))]

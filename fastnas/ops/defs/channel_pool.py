@@ -8,7 +8,7 @@ import torch
 
 from .. import checks, layout
 from ..backend import select
-from ._kernel import Kernel, backward_kernels
+from ..opdef import Kernel, Op, Sample, backward_kernels, tensor
 
 OP = "channel_pool"
 
@@ -91,3 +91,11 @@ def channel_pool(x: torch.Tensor, *, backend: str | None = None) -> tuple[torch.
     check(x)
     avg, mx, _ = kernel(x)
     return avg, mx
+
+
+OPS = {"channel_pool": Op(channel_pool, reference)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    return [Sample("channel_pool", [tensor(shape, device, dtype, channels_last=True)],
+                   lambda b, x: channel_pool(x, backend=b), amp=True)]

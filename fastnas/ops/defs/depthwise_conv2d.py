@@ -9,10 +9,10 @@ depthwise weight gradient is 4-6x slower than its forward for 5x5 filters) compu
   stride-1 convolution's transpose is the correlation with the flipped filter; oneDNN's backward-data path for
   depthwise filters is up to 10x slower than its forward path).
 
-The input is saved only when the weight needs a gradient, on every backend: with a frozen weight (the architecture
-step of a first-order search) only the weight is kept. Double backward (``create_graph``) uses ATen's
-differentiable formulas. Otherwise (a trainable weight without the kernel or under autocast, or no backward to
-come) it is ``F.conv2d``.
+The operator ``fastnas_ops::depthwise_conv2d`` saves the input only when the weight needs a gradient, on every
+backend: with a frozen weight (the architecture step of a first-order search) only the weight is kept. Double
+backward (``create_graph``) uses ATen's differentiable formulas. Otherwise (a trainable weight without the kernel or
+under autocast, or no backward to come) it is ``F.conv2d``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import checks, layout
 from ..backend import get, select
-from ._kernel import Kernel
+from ..opdef import Kernel, Op, Sample, autocast_inputs, define_op, tensor
 
 OP = "depthwise_conv2d"
 _IntPair = tuple[int, int]
@@ -37,8 +37,8 @@ def check(x: torch.Tensor, weight: torch.Tensor) -> None:
     checks.check_same_device(OP, "weight", weight, "x", x)
 
 
-def reference(x: torch.Tensor, weight: torch.Tensor, stride: _IntPair, padding: _IntPair,
-              dilation: _IntPair) -> torch.Tensor:
+def reference(x: torch.Tensor, weight: torch.Tensor, stride: int | _IntPair = 1, padding: int | _IntPair = 0,
+              dilation: int | _IntPair = 1) -> torch.Tensor:
     """The convolution of each channel of x with its own filter (weight [C, 1, kh, kw], groups = C)."""
     return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
 
@@ -54,7 +54,6 @@ KERNELS = {
     "depthwise_conv2d_weight_grad": Kernel("(Tensor grad, Tensor x, int[2] kernel_size, int[2] stride, "
                                            "int[2] padding, int[2] dilation) -> Tensor", _weight_grad),
 }
-AUTOGRAD: dict = {}
 
 
 def input_grad(grad: torch.Tensor, weight: torch.Tensor, like: tuple, stride: _IntPair, padding: _IntPair,
@@ -70,35 +69,38 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor, like: tuple, stride: _I
                                                dilation, False, [0, 0], weight.shape[0], [True, False, False])[0]
 
 
-class DepthwiseConv2d(torch.autograd.Function):
-    """The convolution with the backward described in the module docstring (``backend``: whose weight-gradient
-    kernel)."""
+def _forward(x, weight, stride, padding, dilation, backend: str):
+    return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
 
-    @staticmethod
-    def forward(ctx, backend: str, x: torch.Tensor, weight: torch.Tensor, stride: _IntPair, padding: _IntPair,
-                dilation: _IntPair) -> torch.Tensor:
-        ctx.conf = (backend, x.shape, x.dtype, x.stride(), stride, padding, dilation)
-        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, weight)
-        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        backend, shape, dtype, strides, stride, padding, dilation = ctx.conf
-        need_x, need_w = ctx.needs_input_grad[1:3]
-        kernels = get(backend).kernels
-        grad_x = None
-        if need_x:  # (in the forward's dtype under autocast, where the weight is frozen)
-            grad_x = input_grad(grad, weight.to(grad.dtype), (shape, strides), stride, padding, dilation,
-                                "depthwise_conv2d_weight_grad" in kernels).to(dtype)
-        grad_w = None
-        if need_w and torch.is_grad_enabled():  # double backward: ATen's formula is differentiable
-            grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
-                                                         [0, 0], weight.shape[0], [False, True, False])[1]
-        elif need_w:
-            grad_w = kernels["depthwise_conv2d_weight_grad"](
-                grad, x, list(weight.shape[-2:]), list(stride), list(padding), list(dilation))
-        return None, grad_x, grad_w, None, None, None
+def _setup_context(ctx, inputs, output):
+    x, weight, stride, padding, dilation, backend = inputs
+    ctx.conf = (backend, x.shape, x.dtype, x.stride(), tuple(stride), tuple(padding), tuple(dilation))
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    backend, shape, dtype, strides, stride, padding, dilation = ctx.conf
+    need_x, need_w = ctx.needs_input_grad[:2]
+    kernels = get(backend).kernels
+    grad_x = None
+    if need_x:  # (in the forward's dtype under autocast, where the weight is frozen)
+        grad_x = input_grad(grad, weight.to(grad.dtype), (shape, strides), stride, padding, dilation,
+                            "depthwise_conv2d_weight_grad" in kernels).to(dtype)
+    grad_w = None
+    if need_w and torch.is_grad_enabled():  # double backward: ATen's formula is differentiable
+        grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                                     [0, 0], weight.shape[0], [False, True, False])[1]
+    elif need_w:
+        grad_w = kernels["depthwise_conv2d_weight_grad"](grad, x, list(weight.shape[-2:]), list(stride),
+                                                         list(padding), list(dilation))
+    return grad_x, grad_w, None, None, None, None
+
+
+# the convolution with the backward of the module docstring (backend: whose weight-gradient kernel)
+LEAN = define_op("depthwise_conv2d", "(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+                 "str backend) -> Tensor", _forward, _backward, _setup_context)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int | tuple[int, int] = 1,
@@ -115,5 +117,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int | tuple[
     fused = ("depthwise_conv2d_weight_grad" in chosen.kernels and x.dtype == weight.dtype
              and not torch.is_autocast_enabled(x.device.type))
     if fused or not weight.requires_grad:  # a frozen weight: the backward needs no kernel and no input
-        return DepthwiseConv2d.apply(chosen.name, x, weight, *args)
+        return LEAN(*autocast_inputs(x.device.type, x, weight), *args, chosen.name)
     return reference(x, weight, *args)
+
+
+OPS = {"depthwise_conv2d": Op(depthwise_conv2d, reference)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    x, w = tensor(shape, device, dtype, channels_last=True), tensor((shape[1], 1, 3, 3), device, dtype, seed=1)
+    return [Sample("depthwise_conv2d", [x, w], lambda b, x, w: depthwise_conv2d(x, w, 1, 1, backend=b)),
+            Sample("depthwise_conv2d_frozen", [x], lambda b, x: depthwise_conv2d(x, w, 2, 1, backend=b))]

@@ -11,7 +11,7 @@ import torch
 
 from .. import checks, layout
 from ..backend import select
-from ._kernel import Kernel, backward_kernels, flat_needs
+from ..opdef import Kernel, Op, Sample, backward_kernels, flat_needs, param_dtype, tensor
 
 OP = "mixed_sum"
 
@@ -112,3 +112,12 @@ def mixed_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor, *, backend: str
     check(xs, weights)
     kernel = select(xs[0].device.type, backend).kernels.get(OP)
     return _weighted_sum(xs, weights) if kernel is None else kernel(list(xs), weights)
+
+
+OPS = {OP: Op(mixed_sum, reference)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    xs = [tensor(shape, device, dtype, channels_last=True)] + [tensor(shape, device, dtype, seed=k) for k in (2, 3)]
+    return [Sample(OP, [tensor(3, device, param_dtype(dtype), seed=1), *xs],
+                   lambda b, w, *xs: mixed_sum(list(xs), w, backend=b), amp=True)]

@@ -6,6 +6,7 @@ is read once for its statistics and once for the sum; backward: g and every z_k 
 more for the input gradients. The running statistics move as ``nn.BatchNorm2d`` moves them. Saved for the backward:
 the normalised inputs z_k (what the batch norms would have saved as their outputs), and the others only when the
 weights need a gradient. Higher derivatives differentiate the reference composition again.
+:func:`fused_norms_unsupported` says, when a network is built, whether the kernels will run for its activations.
 """
 from __future__ import annotations
 
@@ -14,17 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks, layout
-from ..backend import get, select
+from ..backend import select
+from ..opdef import Kernel, Op, Sample, flat_needs, param_dtype, partial_vjp, tensor
 from . import mixed_sum as _mixed_sum
-from ._kernel import Kernel, partial_vjp
+from .batch_norm import update_factor
 
 OP = "normalized_mixed_sum"
 KERNEL = "normalized_mixed_sum"
-
-
-def _momentum(bn: nn.BatchNorm2d) -> float:
-    """The running statistics' update factor of this step (a cumulative average when momentum is None)."""
-    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
 
 
 def reference(normalized: list[tuple[torch.Tensor, nn.BatchNorm2d]], plain: list[torch.Tensor],
@@ -34,7 +31,8 @@ def reference(normalized: list[tuple[torch.Tensor, nn.BatchNorm2d]], plain: list
     outs = []
     for z, bn in normalized:
         bn.num_batches_tracked.add_(1)
-        outs.append(F.batch_norm(z, bn.running_mean, bn.running_var, None, None, True, _momentum(bn), bn.eps))
+        momentum = update_factor(bn.momentum, bn.num_batches_tracked)
+        outs.append(F.batch_norm(z, bn.running_mean, bn.running_var, None, None, True, momentum, bn.eps))
     return _mixed_sum.reference(outs + list(plain), weights)
 
 
@@ -85,34 +83,36 @@ KERNELS = {
                                             "Tensor invstds, bool need_zs_grad, bool need_weights_grad) "
                                             "-> (Tensor[], Tensor)", _backward_kernel),
 }
-AUTOGRAD: dict = {}
 
 
-class NormalizedMixedSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, backend: str, weights: torch.Tensor, num_normalized: int, running_means: list,
-                running_vars: list, momentum: float, eps: float, *zs: torch.Tensor) -> torch.Tensor:
-        kernels = get(backend).kernels
-        out, means, invstds = kernels[KERNEL](list(zs), weights, num_normalized, running_means, running_vars,
-                                              momentum, eps)
-        need_w = ctx.needs_input_grad[1]
-        ctx.conf = (backend, len(zs), num_normalized, eps)
-        kept = zs if need_w else zs[:num_normalized]
-        ctx.save_for_backward(weights, means, invstds, *kept)
-        return out
+def _autograd(kernels: dict):
+    def setup_context(ctx, inputs, output):
+        zs, weights, num_normalized, _, _, _, eps = inputs
+        _, means, invstds = output
+        ctx.mark_non_differentiable(means, invstds)
+        ctx.set_materialize_grads(False)
+        need = flat_needs(ctx, len(zs) + 1)
+        ctx.conf = (len(zs), num_normalized, eps, any(need[:-1]), need[-1])
+        ctx.no_stats = [None] * num_normalized  # (the running statistics get no gradient)
+        ctx.save_for_backward(weights, means, invstds, *(zs if need[-1] else zs[:num_normalized]))
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad, _grad_means, _grad_invstds):
         weights, means, invstds, *zs = ctx.saved_tensors
-        backend, count, num_normalized, eps = ctx.conf
-        need_w, need_z = ctx.needs_input_grad[1], any(ctx.needs_input_grad[7:])
+        count, num_normalized, eps, need_z, need_w = ctx.conf
+        if grad is None:
+            return [None] * count, None, None, ctx.no_stats, ctx.no_stats, None, None
         if torch.is_grad_enabled():  # create_graph: differentiate the composition again
             gw, gzs = _differentiated(grad, weights, zs, count, num_normalized, eps, need_w)
         else:
-            gzs, gw = get(backend).kernels[f"{KERNEL}_backward"](grad, zs, weights, means, invstds, need_z, need_w)
+            gzs, gw = kernels[f"{KERNEL}_backward"](grad, zs, weights, means, invstds, need_z, need_w)
             gzs, gw = list(gzs), gw.to(weights.dtype)
-        return (None, gw if need_w else None, None, None, None, None, None,
-                *(gzs if need_z else [None] * count))
+        return (gzs if need_z else [None] * count), (gw if need_w else None), None, ctx.no_stats, ctx.no_stats, None, \
+            None
+
+    return backward, setup_context
+
+
+AUTOGRAD = {KERNEL: _autograd}
 
 
 def _differentiated(grad, weights, zs, count, num_normalized, eps, need_w):
@@ -126,28 +126,20 @@ def _differentiated(grad, weights, zs, count, num_normalized, eps, need_w):
     return gw, gzs
 
 
-def fused_norms_apply(like: torch.Tensor, *, backend: str | None = None) -> bool:
-    """Whether :func:`normalized_mixed_sum` runs the selected backend's fused kernels on activations like ``like``:
-    eager with grad enabled, channels_last, float32/float64, no autocast, and the backend has the kernels."""
-    return (torch.is_grad_enabled() and like.dtype in (torch.float32, torch.float64)
-            and not torch.compiler.is_compiling() and layout.prefers_channels_last(like)
-            and not torch.is_autocast_enabled(like.device.type)
-            and KERNEL in select(like.device.type, backend).kernels)
-
-
 def fused_norms_unsupported(device: torch.device | str, dtype: torch.dtype, channels_last: bool, autocast: bool,
                             backend: str | None = None) -> str | None:
-    """None where :func:`normalized_mixed_sum` runs the backend's fused kernels for activations of this setting,
-    else a one-line reason."""
-    name = select(torch.device(device).type, backend).name
-    if KERNEL not in get(name).kernels:
-        return f"the {name} backend has no {KERNEL} kernel"
+    """None where :func:`normalized_mixed_sum` runs the fused kernels of the backend selected by ``backend`` (default:
+    the current selection) for activations of this device, dtype and layout, with or without autocast; else why
+    not, in a few words (the op then runs its reference composition)."""
+    chosen = select(torch.device(device).type, backend)
+    if KERNEL not in chosen.kernels:
+        return f"the {chosen.name} backend has no {KERNEL} kernel"
     if autocast:
-        return "autocast is on (the kernels take float32 or float64 activations)"
+        return "autocast"
     if dtype not in (torch.float32, torch.float64):
-        return f"{dtype} activations (the kernels take float32 or float64)"
+        return f"{str(dtype).removeprefix('torch.')} activations"
     if not channels_last:
-        return "NCHW activations (the kernels take channels_last)"
+        return "NCHW activations"
     return None
 
 
@@ -162,11 +154,26 @@ def normalized_mixed_sum(normalized: list[tuple[torch.Tensor, nn.BatchNorm2d]], 
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], nn.BatchNorm2d)):
             raise TypeError(f"fastnas.{OP}: normalized[{k}] must be a (tensor, nn.BatchNorm2d) pair, got {pair!r}")
         checks.check_4d(OP, f"normalized[{k}][0]", pair[0])
-    if not fused_norms_apply(normalized[0][0], backend=backend):
+    z0 = normalized[0][0]
+    kernel = select(z0.device.type, backend).kernels.get(KERNEL)
+    if (kernel is None or z0.dtype not in (torch.float32, torch.float64) or not layout.prefers_channels_last(z0)
+            or torch.is_autocast_enabled(z0.device.type)):  # where fused_norms_unsupported gives a reason
         return reference(normalized, plain, weights)
     norms = [bn for _, bn in normalized]
     torch._foreach_add_([bn.num_batches_tracked for bn in norms], 1)
-    momentum, eps = _momentum(norms[0]), norms[0].eps
-    return NormalizedMixedSum.apply(select(weights.device.type, backend).name, weights, len(norms),
-                                    [bn.running_mean for bn in norms], [bn.running_var for bn in norms], momentum, eps,
-                                    *[z for z, _ in normalized], *plain)
+    momentum, eps = update_factor(norms[0].momentum, norms[0].num_batches_tracked), norms[0].eps
+    return kernel([z for z, _ in normalized] + list(plain), weights, len(norms), [bn.running_mean for bn in norms],
+                  [bn.running_var for bn in norms], momentum, eps)[0]
+
+
+OPS = {OP: Op(normalized_mixed_sum, reference)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    c, pdt = shape[1], param_dtype(dtype)
+
+    def node(b, w, z0, z1, z2):
+        norms = [nn.BatchNorm2d(c, affine=False).to(device, pdt) for _ in range(2)]
+        return normalized_mixed_sum([(z0, norms[0]), (z1, norms[1])], [z2], w, backend=b)
+    return [Sample(OP, [tensor(3, device, pdt, seed=1), tensor(shape, device, dtype, True),
+                        tensor(shape, device, dtype, True, seed=2), tensor(shape, device, dtype, True, seed=3)], node)]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import checks, layout
 from ..backend import select
-from ._kernel import Kernel, backward_kernels
+from ..opdef import Kernel, Op, Sample, backward_kernels, tensor
 
 _IntPair = tuple[int, int]
 MAX_WINDOW = 255  # window positions are stored in one byte
@@ -34,11 +34,6 @@ def check(op: str, x: torch.Tensor, kernel: _IntPair, padding: _IntPair) -> None
     if any(n + 2 * p < k for n, k, p in zip(x.shape[2:], kernel, padding)):
         raise ValueError(f"fastnas.{op}: the {kernel[0]}x{kernel[1]} window (padding {list(padding)}) does not fit "
                          f"an input of {x.shape[2]}x{x.shape[3]}")
-
-
-def output_shape(x: torch.Tensor, kernel, stride, padding) -> list[int]:
-    return [x.shape[0], x.shape[1]] + [(n + 2 * p - k) // s + 1 for n, k, s, p in
-                                       zip(x.shape[2:], kernel, stride, padding)]
 
 
 def reference_max_pool2d(x: torch.Tensor, kernel: _IntPair, stride: _IntPair, padding: _IntPair) -> torch.Tensor:
@@ -154,3 +149,12 @@ def avg_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     """``F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=False)``: each output averages the window
     elements inside the input (DARTS's average pooling)."""
     return _pool("avg_pool2d", x, kernel_size, stride, padding, backend)
+
+
+OPS = {"max_pool2d": Op(max_pool2d, reference_max_pool2d), "avg_pool2d": Op(avg_pool2d, reference_avg_pool2d)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    x = tensor(shape, device, dtype, channels_last=True)
+    return [Sample("max_pool2d", [x], lambda b, x: max_pool2d(x, 3, 2, 1, backend=b), amp=True),
+            Sample("avg_pool2d", [x], lambda b, x: avg_pool2d(x, 3, 1, 1, backend=b), amp=True)]

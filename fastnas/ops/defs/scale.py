@@ -9,7 +9,7 @@ import torch
 
 from .. import checks, layout
 from ..backend import select
-from ._kernel import Kernel, backward_kernels, flat_needs
+from ..opdef import Kernel, Op, Sample, backward_kernels, flat_needs, param_dtype, tensor
 
 
 def _logits_shape(op: str, x: torch.Tensor) -> list[int]:
@@ -115,3 +115,16 @@ def channel_scale(x: torch.Tensor, logits: torch.Tensor, *, backend: str | None 
 def spatial_scale(x: torch.Tensor, logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """x·sigmoid(logits) with logits [N, 1, H, W]."""
     return _scale("spatial_scale", x, logits, backend)
+
+
+OPS = {"channel_scale": Op(channel_scale, reference_channel_scale),
+       "spatial_scale": Op(spatial_scale, reference_spatial_scale)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    n, c, h, w = shape
+    x, pdt = tensor(shape, device, dtype, channels_last=True), param_dtype(dtype)
+    return [Sample("channel_scale", [x, tensor((n, c), device, pdt, seed=1)],
+                   lambda b, x, lg: channel_scale(x, lg, backend=b), amp=True),
+            Sample("spatial_scale", [x, tensor((n, 1, h, w), device, pdt, seed=1)],
+                   lambda b, x, lg: spatial_scale(x, lg, backend=b), amp=True)]

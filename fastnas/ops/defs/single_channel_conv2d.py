@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import checks, layout
-from ..backend import get, select
-from ._kernel import Kernel
+from ..backend import select
+from ..opdef import Kernel, Op, Sample, tensor
 
 OP = "single_channel_conv2d"
 MAX_CHANNELS = 8  # more input channels than this: oneDNN's GEMM-based convolution is the better choice
@@ -26,7 +26,7 @@ def check(x: torch.Tensor, weight: torch.Tensor) -> None:
     checks.check_same_device(OP, "weight", weight, "x", x)
 
 
-def reference(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+def reference(x: torch.Tensor, weight: torch.Tensor, padding: int | tuple[int, int] = 0) -> torch.Tensor:
     """``F.conv2d(x, weight, None, 1, padding)``."""
     return F.conv2d(x, weight, None, 1, padding)
 
@@ -51,7 +51,33 @@ KERNELS = {
                                              "bool need_x_grad, bool need_weight_grad) -> (Tensor, Tensor)",
                                              _backward_kernel),
 }
-AUTOGRAD: dict = {}
+
+
+def _autograd(kernels: dict):
+    """The input is saved only when the weight needs a gradient; double backward uses ATen's differentiable
+    formulas."""
+    def setup_context(ctx, inputs, output):
+        x, weight, padding = inputs
+        ctx.conf = (x.shape, x.stride(), list(padding))
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        shape, strides, padding = ctx.conf
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if x is None:  # only the input gradient: the kernel reads the input's shape and layout, not its values
+            x = layout.stand_in(shape, strides, grad)
+        if torch.is_grad_enabled():  # double backward
+            gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], padding, [1, 1], False,
+                                                            [0, 0], 1, [need_x, need_w, False])
+        else:
+            gx, gw = kernels[f"{OP}_backward"](grad, x, weight, padding, need_x, need_w)
+        return (gx if need_x else None), (gw if need_w else None), None
+
+    return backward, setup_context
+
+
+AUTOGRAD = {OP: _autograd}
 
 
 def applies(kernels, x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> bool:
@@ -59,28 +85,6 @@ def applies(kernels, x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, 
     return (OP in kernels and x.shape[1] <= MAX_CHANNELS and x.dtype == weight.dtype
             and all(0 <= p < k for p, k in zip(padding, weight.shape[2:]))
             and not torch.is_autocast_enabled(x.device.type))
-
-
-class SingleChannelConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, backend: str, x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-        ctx.conf = (backend, x.shape, x.stride(), padding)
-        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, weight)
-        return get(backend).kernels[OP](x, weight, list(padding))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        backend, shape, strides, padding = ctx.conf
-        need_x, need_w = ctx.needs_input_grad[1:3]
-        if x is None:  # only the input gradient: the kernel reads the input's shape and layout, not its values
-            x = layout.stand_in(shape, strides, grad)
-        if torch.is_grad_enabled():  # double backward: ATen's formula is differentiable
-            gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(padding), [1, 1],
-                                                            False, [0, 0], 1, [need_x, need_w, False])
-        else:
-            gx, gw = get(backend).kernels[f"{OP}_backward"](grad, x, weight, list(padding), need_x, need_w)
-        return None, (gx if need_x else None), (gw if need_w else None), None
 
 
 def single_channel_conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int | tuple[int, int] = 0, *,
@@ -92,6 +96,13 @@ def single_channel_conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int | 
     chosen = select(x.device.type, backend)
     if not applies(chosen.kernels, x, weight, padding):
         return reference(x, weight, padding)
-    if not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
-        return chosen.kernels[OP](x, weight, list(padding))
-    return SingleChannelConv2d.apply(chosen.name, x, weight, padding)
+    return chosen.kernels[OP](x, weight, list(padding))
+
+
+OPS = {OP: Op(single_channel_conv2d, reference)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    x = tensor(shape, device, dtype, channels_last=True)[:, :2]
+    return [Sample(OP, [x, tensor((1, 2, 3, 3), device, dtype, seed=1)],
+                   lambda b, x, w: single_channel_conv2d(x, w, 1, backend=b))]

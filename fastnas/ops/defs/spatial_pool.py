@@ -9,7 +9,7 @@ import torch
 
 from .. import checks, layout
 from ..backend import select
-from ._kernel import Kernel, backward_kernels
+from ..opdef import Kernel, Op, Sample, backward_kernels, tensor
 
 OP = "spatial_pool"
 
@@ -82,3 +82,11 @@ def spatial_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
         return reference(x)
     check(x)
     return kernel(x)[0]
+
+
+OPS = {"spatial_pool": Op(spatial_pool, reference)}
+
+
+def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
+    return [Sample("spatial_pool", [tensor(shape, device, dtype, channels_last=True)],
+                   lambda b, x: spatial_pool(x, backend=b), amp=True)]

@@ -367,7 +367,7 @@ GateWeights<A> gate_weights(const Tensor& w1, const c10::optional<Tensor>& b1, c
   return {w1.to(acc).contiguous(), bias(b1, w1.size(0)), w2.to(acc).contiguous(), bias(b2, w2.size(0))};
 }
 
-// The whole channel gate (see channel_gate.h): (out, pooled [2N, C], hidden [2N, hid], logits [N, C], int32 argmax
+// The whole channel gate (see above): (out, pooled [2N, C], hidden [2N, hid], logits [N, C], int32 argmax
 // [N, C]); the last four are what the backward reads.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_gate(const Tensor& x_in, const Tensor& w1,
                                                                 const c10::optional<Tensor>& b1, const Tensor& w2,
@@ -430,7 +430,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_gate_backward(const Tensor& grad, con
 }  // namespace
 
 // the CPU kernels of channel_gate
-inline void register_channel_gate(torch::Library& m) {
+inline void register_channel_attention(torch::Library& m) {
   m.impl("channel_gate", &channel_gate);
   m.impl("channel_gate_backward", &channel_gate_backward);
 }
