@@ -464,7 +464,9 @@ def test_fused_node_sums_match_the_reference_supernet():
 
     def run(backend):
         torch.manual_seed(0)
-        net = fastnas.SuperNet(8, 3, 10, primitives="at-darts", in_channels=1).to(memory_format=torch.channels_last)
+        execution = fastnas.nn.plans.Execution(channels_last=True)
+        net = fastnas.SuperNet(8, 3, 10, primitives="at-darts", in_channels=1, execution=execution).to(
+            memory_format=torch.channels_last)
         x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
         with ops.backend(backend):
             loss = F.cross_entropy(net(x), torch.arange(4))
