@@ -1,0 +1,131 @@
+"""Measured latency of ops on a target, as a lookup table (``latency_table.json``) for :class:`fastnas.cost.CostModel`.
+
+Each entry is one op on C channels at a stride and input side, run in eval mode on a batch of ``batch`` images: a few
+warm-up calls, then the median of ``repeats`` timed calls (the device synchronised around each on CUDA). The fixed
+parts of a network (stems, preprocessing, classifier) are the measured latency of its skeleton
+(:meth:`fastnas.cost.CostModel.skeleton`: max pooling on every edge) less the table's max-pooling entries. The table
+records the target, threads, batch and library versions; a table loaded with ``--latency-table FILE`` must hold every
+entry a cost needs (it is never extended on another machine).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError
+
+TARGETS = ("cpu", "cuda")
+TABLE_FILE = "latency_table.json"
+
+
+def time_ms(run: Callable[[], object], warmup: int, repeats: int, cuda: bool = False) -> float:
+    """Median wall time of ``run()`` in milliseconds over ``repeats`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def op_key(name: str, C: int, stride: int, size: int) -> str:
+    return f"{name}|C{C}|s{stride}|{size}x{size}"
+
+
+class LatencyTable:
+    """Latencies in ms: ``ops`` by :func:`op_key`, ``fixed`` by deployment; ``meta`` says where they were measured.
+    A table built by :meth:`for_target` measures missing entries on first use; a loaded one refuses them."""
+
+    def __init__(self, meta: dict, ops: dict[str, float] | None = None, fixed: dict[str, float] | None = None,
+                 measure: bool = False) -> None:
+        self.meta, self.ops, self.fixed_parts = meta, dict(ops or {}), dict(fixed or {})
+        self.measurable = measure
+
+    @classmethod
+    def for_target(cls, target: str = "cpu", threads: int | None = None, batch: int = 1, warmup: int = 5,
+                   repeats: int = 30) -> "LatencyTable":
+        """An empty table that measures on ``target`` (``cpu`` with ``threads``, default torch's; or ``cuda``)."""
+        if target not in TARGETS:
+            raise ConfigError(f"latency target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if target == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("latency target cuda: no CUDA device is present")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        from . import __version__, ops
+
+        meta = {"target": target, "device": torch.cuda.get_device_name() if target == "cuda" else platform.processor()
+                or platform.machine(), "threads": torch.get_num_threads(), "batch": batch, "warmup": warmup,
+                "repeats": repeats, "statistic": "median", "backend": ops.resolve_backend(target),
+                "versions": {"torch": torch.__version__, "fastnas": __version__, "python": platform.python_version()}}
+        return cls(meta, measure=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(d["meta"], d["ops"], d["fixed"])
+        except FileNotFoundError:
+            raise ConfigError(f"no latency table at {path}") from None
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a latency table ({type(exc).__name__}: {exc})") from None
+
+    def to_json(self) -> str:
+        return json.dumps({"meta": self.meta, "ops": self.ops, "fixed": self.fixed_parts}, indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    # -- entries ----------------------------------------------------------------------------------------------------
+    def _missing(self, what: str) -> ConfigError:
+        return ConfigError(f"the latency table ({self.meta.get('target')}, batch {self.meta.get('batch')}) has no "
+                           f"entry for {what}: measure a table for this network (python -m fastnas.latency)")
+
+    def module_ms(self, module: torch.nn.Module, shape: tuple[int, ...]) -> float:
+        """Measured latency of ``module`` (eval mode) on an input of ``shape`` (the batch prepended)."""
+        cuda = self.meta["target"] == "cuda"
+        device = "cuda" if cuda else "cpu"
+        module = module.to(device).eval()
+        x = torch.randn(self.meta["batch"], *shape, device=device)
+        with torch.inference_mode():
+            return time_ms(lambda: module(x), self.meta["warmup"], self.meta["repeats"], cuda)
+
+    def op(self, name: str, C: int, stride: int, size: int) -> float:
+        key = op_key(name, C, stride, size)
+        if key not in self.ops:
+            if not self.measurable:
+                raise self._missing(f"op {key}")
+            from .space import make_op
+
+            self.ops[key] = self.module_ms(make_op(name, C, stride, True), (C, size, size))
+        return self.ops[key]
+
+    def network_ms(self, net: torch.nn.Module) -> float:
+        """Measured latency of a whole network (``net.in_channels``, ``net.input_size``)."""
+        return self.module_ms(net, (net.in_channels, net.input_size, net.input_size))
+
+    def fixed(self, model, skeleton: torch.nn.Module, concat: tuple) -> float:
+        """Latency of the fixed parts of ``model``'s network (a :class:`fastnas.cost.CostModel`) with the cells'
+        ``concat`` (normal, reduce): its ``skeleton``'s measured latency less the table's entries of the skeleton's
+        ops (max pooling on inputs 0 and 1 of every node)."""
+        from .cost import FIXED_OP, edge_rows
+
+        key = json.dumps({**model.deployment.to_dict(), "concat": [list(c) for c in concat]}, sort_keys=True)
+        if key not in self.fixed_parts:
+            if not self.measurable:
+                raise self._missing(f"the fixed parts of {key}")
+            ops_ms = sum(model.op_cost("latency", FIXED_OP, s, j) for s in model.sites
+                         for _, j in edge_rows(model.steps) if j < 2)
+            self.fixed_parts[key] = self.network_ms(skeleton) - ops_ms
+        return self.fixed_parts[key]
