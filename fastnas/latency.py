@@ -1,9 +1,9 @@
-"""Measured latency of ops on a target, as a lookup table (``latency_table.json``) for :class:`fastnas.cost.CostModel`.
+"""Measured latency of ops on a target, as a lookup table (``latency_table.json``) for :class:`fastnas.costmodel.CostModel`.
 
 Each entry is one op on C channels at a stride and input side, run in eval mode on a batch of ``batch`` images: a few
 warm-up calls, then the median of ``repeats`` timed calls (the device synchronised around each on CUDA). The fixed
 parts of a network (stems, preprocessing, classifier) are the measured latency of its skeleton
-(:meth:`fastnas.cost.CostModel.skeleton`: max pooling on every edge) less the table's max-pooling entries. The table
+(:meth:`fastnas.costmodel.CostModel.skeleton`: max pooling on every edge) less the table's max-pooling entries. The table
 records the target, threads, batch and library versions; a table loaded with ``--latency-table FILE`` must hold every
 entry a cost needs (it is never extended on another machine).
 """
@@ -116,10 +116,10 @@ class LatencyTable:
         return self.module_ms(net, (net.in_channels, net.input_size, net.input_size))
 
     def fixed(self, model, skeleton: torch.nn.Module, concat: tuple) -> float:
-        """Latency of the fixed parts of ``model``'s network (a :class:`fastnas.cost.CostModel`) with the cells'
+        """Latency of the fixed parts of ``model``'s network (a :class:`fastnas.costmodel.CostModel`) with the cells'
         ``concat`` (normal, reduce): its ``skeleton``'s measured latency less the table's entries of the skeleton's
         ops (max pooling on inputs 0 and 1 of every node)."""
-        from .cost import FIXED_OP, edge_rows
+        from .costmodel import FIXED_OP, edge_rows
 
         key = json.dumps({**model.deployment.to_dict(), "concat": [list(c) for c in concat]}, sort_keys=True)
         if key not in self.fixed_parts:

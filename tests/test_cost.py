@@ -1,4 +1,4 @@
-"""The cost model of the deployed network (fastnas.cost): exact parameters and multiply-adds, the expectation over α."""
+"""The cost model of the deployed network (fastnas.costmodel, fastnas.cost): exact parameters and multiply-adds, the expectation over α."""
 import random
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastnas
-from fastnas import cost as C
+from fastnas import costmodel as C
 from fastnas.genotype import Genotype
 from fastnas.genotypes import DARTS_V2
 

@@ -265,6 +265,13 @@ def cost(genotype: Genotype | str, deployment: Deployment | str = "darts", laten
     return CostModel(dep, ops, genotype.steps, len(genotype.normal_concat), latency).cost(genotype)
 
 
+def network_cost(net: EvalNet, latency=None) -> dict[str, float]:
+    """:func:`cost` of a built network (without its auxiliary head, as deployed)."""
+    dep = Deployment(net.C, net.layers, net.num_classes, net.in_channels, net.input_size, net.network,
+                     net.stem_multiplier)
+    return cost(net.genotype, dep, latency)
+
+
 def format_cost(c: dict[str, float]) -> str:
     """``params 245,242 | madds 12.3M | latency 1.84 ms``."""
     parts = []
