@@ -129,3 +129,56 @@ class LatencyTable:
                          for _, j in edge_rows(model.steps) if j < 2)
             self.fixed_parts[key] = self.network_ms(skeleton) - ops_ms
         return self.fixed_parts[key]
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def measure_space(model) -> None:
+    """Fill ``model.latency`` (a measuring table) with every op of ``model``'s space at every site, and the fixed
+    parts of its network (``model``: a :class:`fastnas.costmodel.CostModel`)."""
+    for kind in ("normal", "reduce"):
+        model.table("latency", kind)
+    model.fixed("latency")
+
+
+def main(argv=None) -> int:
+    """``python -m fastnas.latency``: measure the latency table of a retraining preset's network on this machine."""
+    import argparse
+    import sys
+
+    from .config import TRAIN_PRESETS
+    from .costmodel import CostModel, Deployment
+    from .errors import FastNASError
+    from .space import resolve_primitives
+
+    p = argparse.ArgumentParser(prog="python -m fastnas.latency", description=main.__doc__)
+    p.add_argument("--preset", default="quick", choices=sorted(TRAIN_PRESETS), help="retraining preset's network")
+    p.add_argument("--C", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--network", choices=["auto", "cifar", "imagenet"])
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--in-channels", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--primitives", default="at-darts", help="space name or comma-separated op names")
+    p.add_argument("--target", default="cpu", choices=TARGETS)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", default=TABLE_FILE)
+    args = p.parse_args(argv)
+    try:
+        dep = Deployment.from_preset(args.preset, args.num_classes, args.in_channels, args.image_size, C=args.C,
+                                     layers=args.layers, network=args.network)
+        table = LatencyTable.for_target(args.target, args.threads, args.batch, repeats=args.repeats)
+        table.meta["deployment"] = dep.to_dict()
+        measure_space(CostModel(dep, resolve_primitives(args.primitives), latency=table))
+    except FastNASError as exc:
+        print(f"python -m fastnas.latency: error: {exc}", file=sys.stderr)
+        return 2
+    table.save(args.out)
+    print(f"{len(table.ops)} op entries and the fixed parts of {args.preset} measured on {table.meta['target']} "
+          f"({table.meta['threads']} threads, batch {args.batch}): {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
