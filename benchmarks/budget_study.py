@@ -4,13 +4,16 @@ of the same cost.
     python -m benchmarks.budget_study search  [--epochs 10] [--jobs 2]
     python -m benchmarks.budget_study retrain [--samples 3] [--train-epochs 30] [--jobs 2]
     python -m benchmarks.budget_study report  [--figure benchmarks/results/budget-study.png]
+    python -m benchmarks.budget_study latency [--threads 1] [--table benchmarks/results/latency-table-cpu.json]
 
 ``search`` runs ``python -m fastnas.search --preset quick`` without a budget, then with ``--budget params=N`` for
 three N between the smallest network of the quick retraining preset and the unconstrained run's network (at 1/4,
 1/2 and 3/4 of the way). ``retrain`` retrains each derived genotype with ``python -m fastnas.train --preset quick``
 and, per budget, ``--samples`` random genotypes (uniform ops and inputs, DARTS's shape) whose parameters are within
 3% of the derived network's. ``report`` prints the table for ``benchmarks/RESULTS.md`` and plots accuracy against
-parameters. Every step skips the runs it finds finished under ``--out``, so an interrupted study resumes.
+parameters. ``latency`` measures the latency table of the quick retraining network on this CPU (or reads
+``--table`` when it exists) and compares its prediction with the measured latency of whole networks: the study's
+derived genotypes, DARTS_V2, the cheapest genotype and random ones. Every step skips the runs it finds finished under ``--out``, so an interrupted study resumes.
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 from benchmarks.collapse_study import retrained, run_all, train_dir
 from fastnas.budget import smallest_cost
-from fastnas.costmodel import CostModel, Deployment
+from fastnas.costmodel import CostModel, Deployment, build
 from fastnas.genotype import Genotype
+from fastnas.genotypes import DARTS_V2
+from fastnas.latency import LatencyTable, fit_op_scale, measure_space
 from fastnas.space import SPACES
 
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -153,17 +160,65 @@ def plot(points: list, path: Path) -> None:
     plt.close(fig)
 
 
+def latency(args: argparse.Namespace) -> None:
+    table = LatencyTable.load(args.table) if args.table.exists() else \
+        LatencyTable.for_target("cpu", args.threads, 1, repeats=args.repeats, clock=args.clock)
+    dep, space = Deployment.from_preset("quick"), SPACES["at-darts"]
+    model = CostModel(dep, space, latency=table)
+    if table.measurable:
+        measure_space(model)
+    torch.set_num_threads(table.meta["threads"])
+    measurer = LatencyTable({**table.meta, "op_scale": 1.0}, measure=True)
+    wall = LatencyTable({**measurer.meta, "clock": "wall"}, measure=True)
+    # the op scale is fitted on random genotypes of its own and checked on the others
+    fit_on = random_genotypes(model, 170_000, 3, seed=11)
+    if "op_scale" not in table.meta:
+        fit_op_scale(measurer, CostModel(dep, space, latency=measurer), fit_on)
+        table.meta.update({k: measurer.meta[k] for k in ("op_scale", "op_scale_networks")})
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        table.save(args.table)
+    scaled = CostModel(dep, space, latency=table)
+    raw = CostModel(dep, space, latency=LatencyTable({**table.meta, "op_scale": 1.0}, table.ops, table.fixed_parts))
+    named = [(r["run"], r["genotype"]) for r in rows(args)] + [("DARTS_V2", DARTS_V2)]
+    named += [(f"random-{i}", g) for i, g in enumerate(random_genotypes(model, 180_000, 4, seed=7))]
+    low = [(op, j) for i in range(4) for op, j in (("skip_connect", 0), ("max_pool_3x3", 1))]
+    named.append(("cheapest", Genotype(low, model.concat, low, model.concat)))
+    m = table.meta
+    print(f"latency table: {m['target']} {m['device']}, {m['threads']} thread(s), batch {m['batch']}, median of "
+          f"{m['repeats']}, {m['clock']} clock, torch {m['versions']['torch']}; {len(table.ops)} op entries; op scale "
+          f"k = {m['op_scale']:.3f} fitted on {m['op_scale_networks']} other random genotypes")
+    print(f"| network | params | predicted: sum (ms) | predicted: fixed + k·ops (ms) | measured, {m['clock']} clock "
+          f"(ms) | error of sum | error of corrected | wall clock (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    errors = ([], [])
+    for name, g in named:
+        net = build(g, dep)
+        measured, p_raw, p_fit = measurer.network_ms(net), raw.cost(g)["latency"], scaled.cost(g)["latency"]
+        for e, p in zip(errors, (p_raw, p_fit)):
+            e.append(abs(p - measured) / measured)
+        print(f"| {name} | {scaled.cost(g)['params']:,} | {p_raw:.3f} | {p_fit:.3f} | {measured:.3f} | "
+              f"{100 * (p_raw / measured - 1):+.0f}% | {100 * (p_fit / measured - 1):+.0f}% | "
+              f"{wall.network_ms(net):.3f} |", flush=True)
+    print(f"mean |error|: sum {100 * statistics.mean(errors[0]):.0f}%, corrected "
+          f"{100 * statistics.mean(errors[1]):.0f}%")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["search", "retrain", "report"])
+    p.add_argument("step", choices=["search", "retrain", "report", "latency"])
     p.add_argument("--out", type=Path, default=Path("runs/budget"), help="folder of the study's runs")
     p.add_argument("--epochs", type=int, default=10, help="search epochs (the quick preset's)")
     p.add_argument("--train-epochs", type=int, default=30, help="retraining epochs (the quick preset's)")
     p.add_argument("--samples", type=int, default=3, help="random genotypes per budget")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--figure", type=Path, default=None, help="report: where to save the cost-accuracy plot")
+    p.add_argument("--threads", type=int, default=1, help="latency: CPU threads")
+    p.add_argument("--repeats", type=int, default=30, help="latency: timed calls per entry (the median is kept)")
+    p.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                   help="latency: wall time, or the thread's CPU time (one thread; for a shared machine)")
+    p.add_argument("--table", type=Path, default=Path("benchmarks/results/latency-table-cpu.json"),
+                   help="latency: the table (measured when the file does not exist)")
     args = p.parse_args()
-    {"search": search, "retrain": retrain, "report": report}[args.step](args)
+    {"search": search, "retrain": retrain, "report": report, "latency": latency}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Each entry is one op on C channels at a stride and input side, run in eval mode 
 warm-up calls, then the median of ``repeats`` timed calls (the device synchronised around each on CUDA). The fixed
 parts of a network (stems, preprocessing, classifier) are the measured latency of its skeleton
 (:meth:`fastnas.costmodel.CostModel.skeleton`: max pooling on every edge) less the table's max-pooling entries. The table
-records the target, threads, batch and library versions; a table loaded with ``--latency-table FILE`` must hold every
+records the target, threads, batch, clock and library versions. The sum of isolated ops' latencies misses what they
+cost inside a network (dispatch, caches): :func:`fit_op_scale` fits one factor k on the ops, so that a network's
+latency is predicted as fixed + k · Σ ops (``op_scale`` in the table). A table loaded with ``--latency-table FILE`` must hold every
 entry a cost needs (it is never extended on another machine).
 """
 from __future__ import annotations
@@ -24,19 +26,25 @@ TARGETS = ("cpu", "cuda")
 TABLE_FILE = "latency_table.json"
 
 
-def time_ms(run: Callable[[], object], warmup: int, repeats: int, cuda: bool = False) -> float:
-    """Median wall time of ``run()`` in milliseconds over ``repeats`` calls, after ``warmup`` untimed calls."""
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def time_ms(run: Callable[[], object], warmup: int, repeats: int, cuda: bool = False, clock: str = "wall") -> float:
+    """Median time of ``run()`` in milliseconds over ``repeats`` calls, after ``warmup`` untimed calls: wall time,
+    or with ``clock="thread"`` the calling thread's CPU time (one CPU thread only; on a shared machine it leaves out
+    the time other processes hold the core, which a wall clock counts once a call spans a scheduler slice)."""
+    now = CLOCKS[clock]
     for _ in range(warmup):
         run()
     times = []
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         run()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return 1e3 * statistics.median(times)
 
 
@@ -55,10 +63,13 @@ class LatencyTable:
 
     @classmethod
     def for_target(cls, target: str = "cpu", threads: int | None = None, batch: int = 1, warmup: int = 5,
-                   repeats: int = 30) -> "LatencyTable":
-        """An empty table that measures on ``target`` (``cpu`` with ``threads``, default torch's; or ``cuda``)."""
+                   repeats: int = 30, clock: str = "wall") -> "LatencyTable":
+        """An empty table that measures on ``target`` (``cpu`` with ``threads``, default torch's; or ``cuda``) with
+        ``clock`` (see :func:`time_ms`)."""
         if target not in TARGETS:
             raise ConfigError(f"latency target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if clock not in CLOCKS or (clock == "thread" and (target != "cpu" or threads != 1)):
+            raise ConfigError(f"latency clock must be wall, or thread on the cpu with one thread; got {clock!r}")
         if target == "cuda" and not torch.cuda.is_available():
             raise ConfigError("latency target cuda: no CUDA device is present")
         if threads is not None:
@@ -67,7 +78,7 @@ class LatencyTable:
 
         meta = {"target": target, "device": torch.cuda.get_device_name() if target == "cuda" else platform.processor()
                 or platform.machine(), "threads": torch.get_num_threads(), "batch": batch, "warmup": warmup,
-                "repeats": repeats, "statistic": "median", "backend": ops.resolve_backend(target),
+                "repeats": repeats, "statistic": "median", "clock": clock, "backend": ops.resolve_backend(target),
                 "versions": {"torch": torch.__version__, "fastnas": __version__, "python": platform.python_version()}}
         return cls(meta, measure=True)
 
@@ -99,9 +110,14 @@ class LatencyTable:
         module = module.to(device).eval()
         x = torch.randn(self.meta["batch"], *shape, device=device)
         with torch.inference_mode():
-            return time_ms(lambda: module(x), self.meta["warmup"], self.meta["repeats"], cuda)
+            return time_ms(lambda: module(x), self.meta["warmup"], self.meta["repeats"], cuda,
+                           self.meta.get("clock", "wall"))
 
     def op(self, name: str, C: int, stride: int, size: int) -> float:
+        """An op's latency in a network: its measured entry times ``op_scale`` (1 until :func:`fit_op_scale`)."""
+        return self.meta.get("op_scale", 1.0) * self.raw_op(name, C, stride, size)
+
+    def raw_op(self, name: str, C: int, stride: int, size: int) -> float:
         key = op_key(name, C, stride, size)
         if key not in self.ops:
             if not self.measurable:
@@ -125,10 +141,30 @@ class LatencyTable:
         if key not in self.fixed_parts:
             if not self.measurable:
                 raise self._missing(f"the fixed parts of {key}")
-            ops_ms = sum(model.op_cost("latency", FIXED_OP, s, j) for s in model.sites
-                         for _, j in edge_rows(model.steps) if j < 2)
+            ops_ms = sum(self.raw_op(FIXED_OP, s.C, 2 if s.reduction else 1, s.input_size if s.reduction else
+                                     s.node_size) for s in model.sites for _, j in edge_rows(model.steps) if j < 2)
             self.fixed_parts[key] = self.network_ms(skeleton) - ops_ms
         return self.fixed_parts[key]
+
+
+def fit_op_scale(table: LatencyTable, model, genotypes) -> float:
+    """Fit and set ``table``'s ``op_scale`` k by least squares on the measured latency of ``genotypes``' whole
+    networks (measured with ``table``'s settings): measured − fixed ≈ k · Σ ops. ``model``: a
+    :class:`fastnas.costmodel.CostModel` on ``table``; returns k."""
+    from .costmodel import build, genotype_rows
+
+    table.meta["op_scale"] = 1.0
+    num = den = 0.0
+    for g in genotypes:
+        ops = sum(float(model.table("latency", kind)[r, model.primitives.index(op)])
+                  for kind, edges in (("normal", g.normal), ("reduce", g.reduce))
+                  for r, (op, _) in zip(genotype_rows(edges), edges))
+        measured = table.network_ms(build(g, model.deployment))
+        num += (measured - model.fixed("latency", g.normal_concat, g.reduce_concat)) * ops
+        den += ops * ops
+    table.meta["op_scale"] = num / den
+    table.meta["op_scale_networks"] = len(genotypes)
+    return table.meta["op_scale"]
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -163,12 +199,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                   help="wall time, or (one CPU thread) the thread's CPU time, for a shared machine")
     p.add_argument("--out", default=TABLE_FILE)
     args = p.parse_args(argv)
     try:
         dep = Deployment.from_preset(args.preset, args.num_classes, args.in_channels, args.image_size, C=args.C,
                                      layers=args.layers, network=args.network)
-        table = LatencyTable.for_target(args.target, args.threads, args.batch, repeats=args.repeats)
+        table = LatencyTable.for_target(args.target, args.threads, args.batch, repeats=args.repeats,
+                                        clock=args.clock)
         table.meta["deployment"] = dep.to_dict()
         measure_space(CostModel(dep, resolve_primitives(args.primitives), latency=table))
     except FastNASError as exc:

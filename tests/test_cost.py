@@ -89,3 +89,23 @@ def test_expected_cost_tends_to_the_derived_genotype():
         w.append(torch.softmax(a, -1))
     for metric in ("params", "madds"):
         assert float(model.expected(metric, w)) == pytest.approx(model.cost(g)[metric], rel=1e-9)
+
+
+def test_latency_table_round_trip(tmp_path):
+    from fastnas.errors import ConfigError
+    from fastnas.latency import LatencyTable, measure_space
+
+    dep = C.Deployment(C=4, layers=3, num_classes=3, in_channels=1, input_size=8, network="cifar")
+    prims = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
+    table = LatencyTable.for_target("cpu", threads=1, warmup=1, repeats=3, clock="thread")
+    model = C.CostModel(dep, prims, steps=2, multiplier=2, latency=table)
+    measure_space(model)
+    g = Genotype([("sep_conv_3x3", 0), ("skip_connect", 1)] * 2, [2, 3], [("max_pool_3x3", 0), ("sep_conv_3x3", 1)] * 2,
+                 [2, 3])
+    predicted = model.cost(g)["latency"]
+    table.save(tmp_path / "t.json")
+    loaded = LatencyTable.load(tmp_path / "t.json")
+    assert loaded.meta["threads"] == 1 and loaded.meta["batch"] == 1 and "torch" in loaded.meta["versions"]
+    assert C.CostModel(dep, prims, 2, 2, loaded).cost(g)["latency"] == predicted
+    with pytest.raises(ConfigError, match="no entry"):
+        C.CostModel(dep, prims + ("sep_conv_5x5",), 2, 2, loaded).table("latency", "normal")
