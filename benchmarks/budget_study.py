@@ -31,7 +31,7 @@ from fastnas.budget import smallest_cost
 from fastnas.costmodel import CostModel, Deployment, build
 from fastnas.genotype import Genotype
 from fastnas.genotypes import DARTS_V2
-from fastnas.latency import LatencyTable, fit_op_scale, measure_space
+from fastnas.latency import LatencyTable, fit_correction, measure_space
 from fastnas.space import SPACES
 
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -168,26 +168,28 @@ def latency(args: argparse.Namespace) -> None:
     if table.measurable:
         measure_space(model)
     torch.set_num_threads(table.meta["threads"])
-    measurer = LatencyTable({**table.meta, "op_scale": 1.0}, measure=True)
+    measurer = LatencyTable({**table.meta, "op_scale": 1.0, "offset_ms": 0.0}, measure=True)
     wall = LatencyTable({**measurer.meta, "clock": "wall"}, measure=True)
-    # the op scale is fitted on random genotypes of its own and checked on the others
-    fit_on = random_genotypes(model, 170_000, 3, seed=11)
+    # the correction is fitted on random genotypes of its own (over the range of costs) and checked on the others
+    fit_on = [g for i, n in enumerate(range(110_000, 250_000, 20_000)) for g in random_genotypes(model, n, 1, seed=i)]
     if "op_scale" not in table.meta:
-        fit_op_scale(measurer, CostModel(dep, space, latency=measurer), fit_on)
-        table.meta.update({k: measurer.meta[k] for k in ("op_scale", "op_scale_networks")})
+        fit_correction(measurer, CostModel(dep, space, latency=measurer), fit_on)
+        table.meta.update({k: measurer.meta[k] for k in ("op_scale", "offset_ms", "correction_networks")})
         args.table.parent.mkdir(parents=True, exist_ok=True)
         table.save(args.table)
     scaled = CostModel(dep, space, latency=table)
-    raw = CostModel(dep, space, latency=LatencyTable({**table.meta, "op_scale": 1.0}, table.ops, table.fixed_parts))
+    raw = CostModel(dep, space, latency=LatencyTable({**table.meta, "op_scale": 1.0, "offset_ms": 0.0}, table.ops,
+                                                     table.fixed_parts))
     named = [(r["run"], r["genotype"]) for r in rows(args)] + [("DARTS_V2", DARTS_V2)]
     named += [(f"random-{i}", g) for i, g in enumerate(random_genotypes(model, 180_000, 4, seed=7))]
     low = [(op, j) for i in range(4) for op, j in (("skip_connect", 0), ("max_pool_3x3", 1))]
     named.append(("cheapest", Genotype(low, model.concat, low, model.concat)))
     m = table.meta
     print(f"latency table: {m['target']} {m['device']}, {m['threads']} thread(s), batch {m['batch']}, median of "
-          f"{m['repeats']}, {m['clock']} clock, torch {m['versions']['torch']}; {len(table.ops)} op entries; op scale "
-          f"k = {m['op_scale']:.3f} fitted on {m['op_scale_networks']} other random genotypes")
-    print(f"| network | params | predicted: sum (ms) | predicted: fixed + k·ops (ms) | measured, {m['clock']} clock "
+          f"{m['repeats']}, {m['clock']} clock, torch {m['versions']['torch']}; {len(table.ops)} op entries; correction "
+          f"b = {m['offset_ms']:.3f} ms, k = {m['op_scale']:.3f}, fitted on {m['correction_networks']} other random "
+          f"genotypes")
+    print(f"| network | params | predicted: sum (ms) | predicted: fixed + b + k·ops (ms) | measured, {m['clock']} clock "
           f"(ms) | error of sum | error of corrected | wall clock (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     errors = ([], [])
     for name, g in named:

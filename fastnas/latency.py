@@ -5,8 +5,9 @@ warm-up calls, then the median of ``repeats`` timed calls (the device synchronis
 parts of a network (stems, preprocessing, classifier) are the measured latency of its skeleton
 (:meth:`fastnas.costmodel.CostModel.skeleton`: max pooling on every edge) less the table's max-pooling entries. The table
 records the target, threads, batch, clock and library versions. The sum of isolated ops' latencies misses what they
-cost inside a network (dispatch, caches): :func:`fit_op_scale` fits one factor k on the ops, so that a network's
-latency is predicted as fixed + k · Σ ops (``op_scale`` in the table). A table loaded with ``--latency-table FILE`` must hold every
+cost inside a network (dispatch of every edge, caches): :func:`fit_correction` fits an offset b and a factor k on
+measured networks, so that a network's latency is predicted as fixed + b + k · Σ ops (``offset_ms`` and
+``op_scale`` in the table). A table loaded with ``--latency-table FILE`` must hold every
 entry a cost needs (it is never extended on another machine).
 """
 from __future__ import annotations
@@ -144,27 +145,27 @@ class LatencyTable:
             ops_ms = sum(self.raw_op(FIXED_OP, s.C, 2 if s.reduction else 1, s.input_size if s.reduction else
                                      s.node_size) for s in model.sites for _, j in edge_rows(model.steps) if j < 2)
             self.fixed_parts[key] = self.network_ms(skeleton) - ops_ms
-        return self.fixed_parts[key]
+        return self.fixed_parts[key] + self.meta.get("offset_ms", 0.0)
 
 
-def fit_op_scale(table: LatencyTable, model, genotypes) -> float:
-    """Fit and set ``table``'s ``op_scale`` k by least squares on the measured latency of ``genotypes``' whole
-    networks (measured with ``table``'s settings): measured − fixed ≈ k · Σ ops. ``model``: a
-    :class:`fastnas.costmodel.CostModel` on ``table``; returns k."""
+def fit_correction(table: LatencyTable, model, genotypes) -> tuple[float, float]:
+    """Fit and set ``table``'s ``offset_ms`` b and ``op_scale`` k by least squares on the measured latency of
+    ``genotypes``' whole networks (measured with ``table``'s settings): measured − fixed ≈ b + k · Σ ops.
+    ``model``: a :class:`fastnas.costmodel.CostModel` on ``table``, made before the call (its cached tables hold
+    the raw entries); costs computed afterwards need a new one. Returns (b, k)."""
     from .costmodel import build, genotype_rows
 
-    table.meta["op_scale"] = 1.0
-    num = den = 0.0
+    table.meta.update(op_scale=1.0, offset_ms=0.0)
+    xs, ys = [], []
     for g in genotypes:
-        ops = sum(float(model.table("latency", kind)[r, model.primitives.index(op)])
-                  for kind, edges in (("normal", g.normal), ("reduce", g.reduce))
-                  for r, (op, _) in zip(genotype_rows(edges), edges))
-        measured = table.network_ms(build(g, model.deployment))
-        num += (measured - model.fixed("latency", g.normal_concat, g.reduce_concat)) * ops
-        den += ops * ops
-    table.meta["op_scale"] = num / den
-    table.meta["op_scale_networks"] = len(genotypes)
-    return table.meta["op_scale"]
+        xs.append(sum(float(model.table("latency", kind)[r, model.primitives.index(op)])
+                      for kind, edges in (("normal", g.normal), ("reduce", g.reduce))
+                      for r, (op, _) in zip(genotype_rows(edges), edges)))
+        ys.append(table.network_ms(build(g, model.deployment))
+                  - model.fixed("latency", g.normal_concat, g.reduce_concat))
+    k, b = statistics.linear_regression(xs, ys)
+    table.meta.update(op_scale=k, offset_ms=b, correction_networks=len(genotypes))
+    return b, k
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
