@@ -93,7 +93,7 @@ def test_expected_cost_tends_to_the_derived_genotype():
 
 def test_latency_table_round_trip(tmp_path):
     from fastnas.errors import ConfigError
-    from fastnas.latency import LatencyTable, measure_space
+    from fastnas.latency import LatencyTable, fit_correction, measure_space
 
     dep = C.Deployment(C=4, layers=3, num_classes=3, in_channels=1, input_size=8, network="cifar")
     prims = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
@@ -109,3 +109,9 @@ def test_latency_table_round_trip(tmp_path):
     assert C.CostModel(dep, prims, 2, 2, loaded).cost(g)["latency"] == predicted
     with pytest.raises(ConfigError, match="no entry"):
         C.CostModel(dep, prims + ("sep_conv_5x5",), 2, 2, loaded).table("latency", "normal")
+    # the correction: fixed + b + k * ops, kept in the table
+    cheap = Genotype([("skip_connect", 0), ("max_pool_3x3", 1)] * 2, [2, 3], [("max_pool_3x3", 0)] * 4, [2, 3])
+    b, k = fit_correction(table, C.CostModel(dep, prims, 2, 2, table), [g, cheap])
+    assert table.meta["op_scale"] == k and table.meta["offset_ms"] == b
+    corrected = C.CostModel(dep, prims, 2, 2, table).cost(g)["latency"]
+    assert corrected == pytest.approx(predicted + b + (k - 1) * (predicted - model.fixed("latency")))
