@@ -276,7 +276,7 @@ class Trainer:
         log.info(f"genotype: {self.genotype}")
         log.info(f"param size = {self.param_count / 1e6:.6f}MB (millions of parameters without the auxiliary head, "
                  f"as DARTS counts them; {self.model.param_count(auxiliary=True):,} with it)")
-        log.info(f"cost of the deployed network : {format_cost(network_cost(self.model))}")
+        log.info(f"cost of the deployed network: {format_cost(network_cost(self.model))}")
         while self.epoch < stop:
             lr = self.scheduler.get_last_lr()[0]
             with runtime.timed() as t:
