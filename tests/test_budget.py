@@ -115,3 +115,49 @@ def test_budgeted_search_fits_and_records_it(tmp_path):
     assert saved["cost"]["params"] <= 60000 and saved["budget"] == {"params": 60000.0}
     history = json.loads((tmp_path / "alphas.json").read_text())["epochs"]
     assert "params" in history[-1]["expected_cost"]
+
+
+def _tiny_net():
+    import fastnas
+
+    torch.manual_seed(0)
+    net = fastnas.SuperNet(4, 3, 3, primitives=list(PRIMS), steps=2, multiplier=2, in_channels=1).double()
+    with torch.no_grad():
+        for a in net.arch_parameters():
+            a.normal_(0, 0.5)
+    return net
+
+
+def _arch_grads(net, order, penalty):
+    from torch import nn
+
+    from fastnas.architect import Architect
+
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    arch = Architect(net, nn.CrossEntropyLoss(), order=order, penalty=penalty)
+    arch.optimizer.step = lambda: None  # keep α where the gradient was taken
+    torch.manual_seed(5)
+    arch.step(x, y, x, y, 0.1, torch.optim.SGD(net.weight_parameters(), lr=0.1))
+    return [a.grad.clone() for a in net.arch_parameters()]
+
+
+def test_architect_takes_the_gradient_of_the_penalised_loss():
+    from torch import nn
+
+    net = _tiny_net()
+    pen = B.BudgetPenalty(C.CostModel(DEP, PRIMS, steps=2, multiplier=2), {"params": 5000.0}, "mul#log", 0.2, 0.3,
+                          0.1)
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    expected = torch.autograd.grad(pen(nn.CrossEntropyLoss()(net(x), y), net), net.arch_parameters())
+    from fastnas.architect import Architect
+
+    arch = Architect(net, nn.CrossEntropyLoss(), order=1, penalty=pen)
+    arch.optimizer.step = lambda: None
+    arch.step(x, y, x, y, 0.1, torch.optim.SGD(net.weight_parameters(), lr=0.1))
+    for a, e in zip(net.arch_parameters(), expected):
+        torch.testing.assert_close(a.grad, e)
+    # second order: the objective's gradient, Hessian-vector product included, scales with it
+    plain = _arch_grads(_tiny_net(), 2, None)
+    doubled = _arch_grads(_tiny_net(), 2, lambda loss, model: 2 * loss)
+    for p, d in zip(plain, doubled):
+        torch.testing.assert_close(d, 2 * p)
