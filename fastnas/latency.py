@@ -49,6 +49,17 @@ def time_ms(run: Callable[[], object], warmup: int, repeats: int, cuda: bool = F
     return 1e3 * statistics.median(times)
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def op_key(name: str, C: int, stride: int, size: int) -> str:
     return f"{name}|C{C}|s{stride}|{size}x{size}"
 
@@ -77,8 +88,7 @@ class LatencyTable:
             torch.set_num_threads(threads)
         from . import __version__, ops
 
-        meta = {"target": target, "device": torch.cuda.get_device_name() if target == "cuda" else platform.processor()
-                or platform.machine(), "threads": torch.get_num_threads(), "batch": batch, "warmup": warmup,
+        meta = {"target": target, "device": torch.cuda.get_device_name() if target == "cuda" else cpu_name(), "threads": torch.get_num_threads(), "batch": batch, "warmup": warmup,
                 "repeats": repeats, "statistic": "median", "clock": clock, "backend": ops.resolve_backend(target),
                 "versions": {"torch": torch.__version__, "fastnas": __version__, "python": platform.python_version()}}
         return cls(meta, measure=True)
