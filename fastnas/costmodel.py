@@ -114,10 +114,17 @@ def genotype_rows(edges: Sequence[tuple[str, int]]) -> list[int]:
     return [starts[k // 2] + src for k, (_, src) in enumerate(edges)]
 
 
+def private_rng():
+    """A block whose random draws (initialising the modules it builds) leave torch's CPU generator as it was: costing
+    a network must not change a search's random stream."""
+    return torch.random.fork_rng(devices=[])
+
+
 @functools.lru_cache(maxsize=None)
 def op_params(name: str, C: int, stride: int) -> int:
     """Parameters of op ``name`` on C channels at ``stride``, as the retrained network builds it (affine)."""
-    return sum(p.numel() for p in make_op(name, C, stride, True).parameters())
+    with private_rng():
+        return sum(p.numel() for p in make_op(name, C, stride, True).parameters())
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +132,8 @@ def op_madds(name: str, C: int, stride: int, size: int) -> int:
     """Multiply-adds of op ``name`` on one C×size×size input (flop_counter's FLOPs / 2, plain-PyTorch backend)."""
     if name == "none":
         return 0
-    return count_madds(make_op(name, C, stride, True).eval(), torch.zeros(1, C, size, size))
+    with private_rng():
+        return count_madds(make_op(name, C, stride, True).eval(), torch.zeros(1, C, size, size))
 
 
 def count_madds(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -197,7 +205,8 @@ class CostModel:
         """The network with :data:`FIXED_OP` on every edge: its cost is the fixed parts' (the op has none)."""
         edges = [(FIXED_OP, j) for i in range(self.steps) for j in (0, 1)]
         g = Genotype(edges, list(normal_concat), edges, list(reduce_concat))
-        return build(g, self.deployment).eval()
+        with private_rng():
+            return build(g, self.deployment).eval()
 
     # -- a genotype -------------------------------------------------------------------------------------------------
     def cost(self, genotype: Genotype) -> dict[str, float]:

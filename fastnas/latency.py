@@ -118,8 +118,11 @@ class LatencyTable:
         """Measured latency of ``module`` (eval mode) on an input of ``shape`` (the batch prepended)."""
         cuda = self.meta["target"] == "cuda"
         device = "cuda" if cuda else "cpu"
+        from .costmodel import private_rng
+
         module = module.to(device).eval()
-        x = torch.randn(self.meta["batch"], *shape, device=device)
+        with private_rng():
+            x = torch.randn(self.meta["batch"], *shape, device=device)
         with torch.inference_mode():
             return time_ms(lambda: module(x), self.meta["warmup"], self.meta["repeats"], cuda,
                            self.meta.get("clock", "wall"))
@@ -133,9 +136,12 @@ class LatencyTable:
         if key not in self.ops:
             if not self.measurable:
                 raise self._missing(f"op {key}")
+            from .costmodel import private_rng
             from .space import make_op
 
-            self.ops[key] = self.module_ms(make_op(name, C, stride, True), (C, size, size))
+            with private_rng():
+                op = make_op(name, C, stride, True)
+            self.ops[key] = self.module_ms(op, (C, size, size))
         return self.ops[key]
 
     def network_ms(self, net: torch.nn.Module) -> float:

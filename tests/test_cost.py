@@ -115,3 +115,11 @@ def test_latency_table_round_trip(tmp_path):
     assert table.meta["op_scale"] == k and table.meta["offset_ms"] == b
     corrected = C.CostModel(dep, prims, 2, 2, table).cost(g)["latency"]
     assert corrected == pytest.approx(predicted + b + (k - 1) * (predicted - model.fixed("latency")))
+
+
+def test_costing_leaves_the_random_stream_alone():
+    """A search logs its expected cost each epoch: building the ops it costs must not change the draws."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    C.CostModel(DEPLOYMENTS[0], SPACE).cost(random_genotype(random.Random(4)))
+    assert torch.equal(before, torch.get_rng_state())
