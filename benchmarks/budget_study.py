@@ -143,17 +143,25 @@ def plot(points: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, (row, acc, rand) in enumerate(points):
+    labelled = set()
+
+    def label(text: str) -> str | None:
+        if text in labelled:
+            return None
+        labelled.add(text)
+        return text
+    for row, acc, rand in points:
         if rand:
-            ax.scatter(*zip(*rand), marker="x", color="0.5", label="random, same cost" if i == 1 else None)
+            ax.scatter(*zip(*rand), marker="x", color="0.5", label=label("random genotypes, same cost (±3%)"))
         if acc is not None:
-            ax.scatter([row["cost"]["params"]], [acc], color="tab:red" if row["budget"] else "tab:blue",
-                       label="unconstrained search" if not row["budget"] else None, zorder=3)
-            ax.annotate("none" if not row["budget"] else f"≤{int(row['budget']):,}",
+            budgeted = bool(row["budget"])
+            ax.scatter([row["cost"]["params"]], [acc], color="tab:red" if budgeted else "tab:blue", zorder=3,
+                       label=label("searched within the budget" if budgeted else "unconstrained search"))
+            ax.annotate(f"≤{int(row['budget']):,}" if budgeted else "no budget",
                         (row["cost"]["params"], acc), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("parameters of the retrained network")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits: searched within a budget (red) vs random genotypes of the same cost", fontsize=8)
+    ax.set_title("digits, quick retraining network: accuracy against parameters", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
