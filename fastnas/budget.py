@@ -73,7 +73,9 @@ def penalised(loss: torch.Tensor, expected: dict[str, torch.Tensor], budget: dic
         factor = loss.new_tensor(alpha)
         for metric, target in budget.items():
             u = _LOG_UNIT[metric]
-            factor = factor * (torch.log(expected[metric] * u) / math.log(target * u)) ** beta
+            # the log of a cost under 2 units (a latency of a few µs) is kept at log 2, so the factor stays finite
+            e = torch.clamp(expected[metric] * u, min=2.0)
+            factor = factor * (torch.log(e) / math.log(max(target * u, 2.0))) ** beta
         return loss * factor
     if form == "add#linear":
         return loss + lam * sum(torch.clamp(expected[m] / t - 1, min=0) for m, t in budget.items())

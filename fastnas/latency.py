@@ -160,7 +160,8 @@ class LatencyTable:
                 raise self._missing(f"the fixed parts of {key}")
             ops_ms = sum(self.raw_op(FIXED_OP, s.C, 2 if s.reduction else 1, s.input_size if s.reduction else
                                      s.node_size) for s in model.sites for _, j in edge_rows(model.steps) if j < 2)
-            self.fixed_parts[key] = self.network_ms(skeleton) - ops_ms
+            # a small network on a noisy machine can measure below its ops' sum: the fixed parts are at least 0
+            self.fixed_parts[key] = max(0.0, self.network_ms(skeleton) - ops_ms)
         return self.fixed_parts[key] + self.meta.get("offset_ms", 0.0)
 
 

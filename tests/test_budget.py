@@ -161,3 +161,20 @@ def test_architect_takes_the_gradient_of_the_penalised_loss():
     doubled = _arch_grads(_tiny_net(), 2, lambda loss, model: 2 * loss)
     for p, d in zip(plain, doubled):
         torch.testing.assert_close(d, 2 * p)
+
+
+def test_latency_budget_measures_a_table_that_the_next_search_reuses(tmp_path):
+    from helpers import tiny_search_config
+
+    from fastnas.latency import LatencyTable
+    from fastnas.search import Search
+
+    first = tmp_path / "first"
+    first.mkdir()
+    Search(tiny_search_config(epochs=1, budget="latency=1000ms", deploy_C=4, deploy_layers=3), first).run()
+    saved = json.loads((first / "genotype.json").read_text())
+    assert saved["cost"]["latency"] <= 1000 and saved["latency_table"]["threads"] >= 1
+    table = LatencyTable.load(first / "latency_table.json")
+    again = Search(tiny_search_config(epochs=1, budget="params=1M", deploy_C=4, deploy_layers=3,
+                                      latency_table=str(first / "latency_table.json")), None)
+    assert again.budget.latency.ops == table.ops and "latency" in again.budget.expected(again.model)
