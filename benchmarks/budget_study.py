@@ -170,7 +170,7 @@ def plot(points: list, path: Path) -> None:
 
 def latency(args: argparse.Namespace) -> None:
     table = LatencyTable.load(args.table) if args.table.exists() else \
-        LatencyTable.for_target("cpu", args.threads, 1, repeats=args.repeats, clock=args.clock)
+        LatencyTable.for_target(args.target, args.threads, 1, repeats=args.repeats, clock=args.clock)
     dep, space = Deployment.from_preset("quick"), SPACES["at-darts"]
     model = CostModel(dep, space, latency=table)
     if table.measurable:
@@ -223,6 +223,7 @@ def main() -> None:
     p.add_argument("--figure", type=Path, default=None, help="report: where to save the cost-accuracy plot")
     p.add_argument("--threads", type=int, default=1, help="latency: CPU threads")
     p.add_argument("--repeats", type=int, default=30, help="latency: timed calls per entry (the median is kept)")
+    p.add_argument("--target", default="cpu", choices=["cpu", "cuda", "onnxruntime"], help="latency: the target")
     p.add_argument("--clock", default="wall", choices=["wall", "thread"],
                    help="latency: wall time, or the thread's CPU time (one thread; for a shared machine)")
     p.add_argument("--table", type=Path, default=Path("benchmarks/results/latency-table-cpu.json"),

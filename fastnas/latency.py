@@ -23,7 +23,7 @@ import torch
 
 from .errors import ConfigError
 
-TARGETS = ("cpu", "cuda")
+TARGETS = ("cpu", "cuda", "onnxruntime")
 TABLE_FILE = "latency_table.json"
 
 
@@ -76,11 +76,12 @@ class LatencyTable:
     @classmethod
     def for_target(cls, target: str = "cpu", threads: int | None = None, batch: int = 1, warmup: int = 5,
                    repeats: int = 30, clock: str = "wall") -> "LatencyTable":
-        """An empty table that measures on ``target`` (``cpu`` with ``threads``, default torch's; or ``cuda``) with
-        ``clock`` (see :func:`time_ms`)."""
+        """An empty table that measures on ``target`` with ``clock`` (see :func:`time_ms`): ``cpu`` (PyTorch with
+        ``threads``, default torch's), ``cuda``, or ``onnxruntime`` (each module exported to ONNX as
+        ``python -m fastnas.export`` writes it, on ONNX Runtime's CPU provider with ``threads`` intra-op threads)."""
         if target not in TARGETS:
             raise ConfigError(f"latency target must be one of {', '.join(TARGETS)}, got {target!r}")
-        if clock not in CLOCKS or (clock == "thread" and (target != "cpu" or threads != 1)):
+        if clock not in CLOCKS or (clock == "thread" and (target == "cuda" or threads != 1)):
             raise ConfigError(f"latency clock must be wall, or thread on the cpu with one thread; got {clock!r}")
         if target == "cuda" and not torch.cuda.is_available():
             raise ConfigError("latency target cuda: no CUDA device is present")
@@ -89,8 +90,16 @@ class LatencyTable:
         from . import __version__, ops
 
         meta = {"target": target, "device": torch.cuda.get_device_name() if target == "cuda" else cpu_name(), "threads": torch.get_num_threads(), "batch": batch, "warmup": warmup,
-                "repeats": repeats, "statistic": "median", "clock": clock, "backend": ops.resolve_backend(target),
+                "repeats": repeats, "statistic": "median", "clock": clock,
+                "backend": ops.resolve_backend("cuda" if target == "cuda" else "cpu"),
                 "versions": {"torch": torch.__version__, "fastnas": __version__, "python": platform.python_version()}}
+        if target == "onnxruntime":
+            try:
+                import onnxruntime
+            except ImportError:
+                raise ConfigError("latency target onnxruntime needs onnxruntime: pip install fastnas[export]") from None
+            meta["versions"]["onnxruntime"] = onnxruntime.__version__
+            meta["backend"] = "onnxruntime CPUExecutionProvider"
         return cls(meta, measure=True)
 
     @classmethod
@@ -116,6 +125,8 @@ class LatencyTable:
 
     def module_ms(self, module: torch.nn.Module, shape: tuple[int, ...]) -> float:
         """Measured latency of ``module`` (eval mode) on an input of ``shape`` (the batch prepended)."""
+        if self.meta["target"] == "onnxruntime":
+            return self._onnxruntime_ms(module, shape)
         cuda = self.meta["target"] == "cuda"
         device = "cuda" if cuda else "cpu"
         from .costmodel import private_rng
@@ -126,6 +137,31 @@ class LatencyTable:
         with torch.inference_mode():
             return time_ms(lambda: module(x), self.meta["warmup"], self.meta["repeats"], cuda,
                            self.meta.get("clock", "wall"))
+
+    def _onnxruntime_ms(self, module: torch.nn.Module, shape: tuple[int, ...]) -> float:
+        """``module`` exported to ONNX (plain-PyTorch backend, so standard operators only) and timed on ONNX
+        Runtime's CPU provider."""
+        import io
+        import warnings
+
+        import onnxruntime
+
+        from . import ops
+        from .costmodel import private_rng
+
+        with private_rng():
+            x = torch.randn(self.meta["batch"], *shape)
+        f = io.BytesIO()
+        with ops.backend("reference"), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), (x,), f, dynamo=False, input_names=["x"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.meta["threads"]
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(f.getvalue(), options, providers=["CPUExecutionProvider"])
+        feed = {"x": x.numpy()}
+        return time_ms(lambda: session.run(None, feed), self.meta["warmup"], self.meta["repeats"],
+                       clock=self.meta.get("clock", "wall"))
 
     def op(self, name: str, C: int, stride: int, size: int) -> float:
         """An op's latency in a network: its measured entry times ``op_scale`` (1 until :func:`fit_op_scale`)."""
