@@ -123,3 +123,13 @@ def test_costing_leaves_the_random_stream_alone():
     before = torch.get_rng_state()
     C.CostModel(DEPLOYMENTS[0], SPACE).cost(random_genotype(random.Random(4)))
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_onnxruntime_latency_of_an_op_and_a_network():
+    pytest.importorskip("onnxruntime")
+    from fastnas.latency import LatencyTable
+
+    table = LatencyTable.for_target("onnxruntime", threads=1, warmup=1, repeats=3)
+    assert table.op("spatial_attention", 4, 2, 8) > 0 and "onnxruntime" in table.meta["versions"]
+    net = C.build(random_genotype(random.Random(5)), DEPLOYMENTS[0])
+    assert table.network_ms(net) > 0
