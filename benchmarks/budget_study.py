@@ -13,7 +13,8 @@ and, per budget, ``--samples`` random genotypes (uniform ops and inputs, DARTS's
 3% of the derived network's. ``report`` prints the table for ``benchmarks/RESULTS.md`` and plots accuracy against
 parameters. ``latency`` measures the latency table of the quick retraining network on this CPU (or reads
 ``--table`` when it exists) and compares its prediction with the measured latency of whole networks: the study's
-derived genotypes, DARTS_V2, the cheapest genotype and random ones. Every step skips the runs it finds finished under ``--out``, so an interrupted study resumes.
+derived genotypes, DARTS_V2, the cheapest genotype and random ones. Every step skips the runs it finds finished
+under ``--out``, so an interrupted study resumes.
 """
 from __future__ import annotations
 
@@ -194,10 +195,12 @@ def latency(args: argparse.Namespace) -> None:
     named.append(("cheapest", Genotype(low, model.concat, low, model.concat)))
     m = table.meta
     print(f"latency table: {m['target']} {m['device']}, {m['threads']} thread(s), batch {m['batch']}, median of "
-          f"{m['repeats']}, {m['clock']} clock, torch {m['versions']['torch']}; {len(table.ops)} op entries; correction "
+          f"{m['repeats']}, {m['clock']} clock, torch {m['versions']['torch']}; {len(table.ops)} op entries; "
+          f"correction "
           f"b = {m['offset_ms']:.3f} ms, k = {m['op_scale']:.3f}, fitted on {m['correction_networks']} other random "
           f"genotypes")
-    print(f"| network | params | predicted: sum (ms) | predicted: fixed + b + k·ops (ms) | measured, {m['clock']} clock "
+    print(f"| network | params | predicted: sum (ms) | predicted: fixed + b + k·ops (ms) | "
+          f"measured, {m['clock']} clock "
           f"(ms) | error of sum | error of corrected | wall clock (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     errors = ([], [])
     for name, g in named:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .costmodel import CostModel, edge_rows, format_cost
+from .costmodel import CostModel, edge_rows
 from .errors import ConfigError
 from .genotype import Edge, Genotype
 
@@ -103,13 +102,6 @@ class BudgetPenalty:
 
 
 # -- the constrained derivation -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Choice:
-    kind: str
-    node: int
-    edges: tuple[Edge, Edge]
-
-
 def _node_options(w: torch.Tensor, costs: list[torch.Tensor], primitives: Sequence[str], steps: int,
                   skip_dim: bool) -> list[list[tuple[float, tuple[float, ...], tuple[Edge, Edge]]]]:
     """Per node: (score, cost vector, the two edges) of every pair of inputs and ops, Pareto-pruned."""
@@ -219,10 +211,6 @@ def check_feasible(model: CostModel, budget: dict[str, float], skip_limit: int |
 
 def _show(metric: str, value: float) -> str:
     return f"{value:.3f} ms" if metric == "latency" else f"{int(round(value)):,}"
-
-
-def describe(cost: dict[str, float], budget: dict[str, float]) -> str:
-    return f"{format_cost(cost)} (budget: {format_budget(budget)})"
 
 
 # -- a search's budget ----------------------------------------------------------------------------------------------

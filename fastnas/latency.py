@@ -1,14 +1,15 @@
-"""Measured latency of ops on a target, as a lookup table (``latency_table.json``) for :class:`fastnas.costmodel.CostModel`.
+"""Measured latency of ops on a target, as a lookup table (``latency_table.json``) for
+:class:`fastnas.costmodel.CostModel`.
 
 Each entry is one op on C channels at a stride and input side, run in eval mode on a batch of ``batch`` images: a few
 warm-up calls, then the median of ``repeats`` timed calls (the device synchronised around each on CUDA). The fixed
 parts of a network (stems, preprocessing, classifier) are the measured latency of its skeleton
-(:meth:`fastnas.costmodel.CostModel.skeleton`: max pooling on every edge) less the table's max-pooling entries. The table
-records the target, threads, batch, clock and library versions. The sum of isolated ops' latencies misses what they
-cost inside a network (dispatch of every edge, caches): :func:`fit_correction` fits an offset b and a factor k on
-measured networks, so that a network's latency is predicted as fixed + b + k · Σ ops (``offset_ms`` and
-``op_scale`` in the table). A table loaded with ``--latency-table FILE`` must hold every
-entry a cost needs (it is never extended on another machine).
+(:meth:`fastnas.costmodel.CostModel.skeleton`: max pooling on every edge) less the table's max-pooling entries.
+The table records the target, threads, batch, clock and library versions. The sum of isolated ops' latencies misses
+what they cost inside a network (dispatch of every edge, caches): :func:`fit_correction` fits an offset b and a
+factor k on measured networks, so that a network's latency is predicted as fixed + b + k · Σ ops (``offset_ms`` and
+``op_scale`` in the table). A table loaded with ``--latency-table FILE`` must hold every entry a cost needs (it is
+never extended on another machine).
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ class LatencyTable:
             torch.set_num_threads(threads)
         from . import __version__, ops
 
-        meta = {"target": target, "device": torch.cuda.get_device_name() if target == "cuda" else cpu_name(), "threads": torch.get_num_threads(), "batch": batch, "warmup": warmup,
+        meta = {"target": target, "device": torch.cuda.get_device_name() if target == "cuda" else cpu_name(),
+                "threads": torch.get_num_threads(), "batch": batch, "warmup": warmup,
                 "repeats": repeats, "statistic": "median", "clock": clock,
                 "backend": ops.resolve_backend("cuda" if target == "cuda" else "cpu"),
                 "versions": {"torch": torch.__version__, "fastnas": __version__, "python": platform.python_version()}}

@@ -1,4 +1,5 @@
-"""The cost model of the deployed network (fastnas.costmodel, fastnas.cost): exact parameters and multiply-adds, the expectation over α."""
+"""The cost model of the deployed network (fastnas.costmodel, fastnas.cost): exact parameters and multiply-adds,
+the expectation over α, latency tables."""
 import random
 
 import pytest
