@@ -242,11 +242,19 @@ class SearchBudget:
         self.skip_limit = cfg.skip_limit
         self.penalty = (BudgetPenalty(self.model, self.budget, cfg.budget_penalty, cfg.budget_alpha,
                                       cfg.budget_beta, cfg.budget_lambda) if self.budget else None)
+        self.unavailable = None  # why this search's network cannot be costed (without a budget, only logged)
         if self.budget:
             check_feasible(self.model, self.budget, cfg.skip_limit)
+        else:
+            try:
+                self.model.fixed("params")
+            except ConfigError as exc:
+                self.unavailable = str(exc)
 
     def describe(self) -> str:
         d = self.deployment
+        if self.unavailable:
+            return f"no cost is logged: the costed network cannot be built ({self.unavailable}); see --deploy"
         text = (f"cost of the {d.network} network C={d.C}, {d.layers} cells, {d.num_classes} classes, "
                 f"{d.input_size}x{d.input_size}x{d.in_channels}")
         if self.budget:
@@ -256,7 +264,9 @@ class SearchBudget:
         return text
 
     def expected(self, model) -> dict[str, float]:
-        """The expected cost of every metric now (for the log and ``alphas.json``)."""
+        """The expected cost of every metric now (for the log and ``alphas.json``; empty when unavailable)."""
+        if self.unavailable:
+            return {}
         with torch.no_grad():
             weights, edges = model.arch_weights(), model.edge_weights()
             return {m: float(self.model.expected(m, [w.double().cpu() for w in weights],
@@ -273,6 +283,8 @@ class SearchBudget:
 
     def record(self, genotype: Genotype) -> dict:
         """What genotype.json says about cost: the exact cost, the budget and the network costed."""
+        if self.unavailable:
+            return {}
         out = {"cost": self.model.cost(genotype), "deployment": self.deployment.to_dict()}
         if self.budget:
             out["budget"] = dict(self.budget)

@@ -257,7 +257,8 @@ class Search:
                      f"{t['seconds']:.1f}s")
             log.info(f"epoch {self.epoch} collapse indicators: "
                      + indicators.describe(self.history[-1]["indicators"]))
-            log.info(f"epoch {self.epoch} expected cost: " + format_cost(self.history[-1]["expected_cost"]))
+            if self.history[-1]["expected_cost"]:
+                log.info(f"epoch {self.epoch} expected cost: " + format_cost(self.history[-1]["expected_cost"]))
             stopped = self.controls.stop_reason(self.history, self.model.primitives)
             if stopped:
                 self.history[-1]["early_stop"] = stopped

@@ -178,3 +178,14 @@ def test_latency_budget_measures_a_table_that_the_next_search_reuses(tmp_path):
     again = Search(tiny_search_config(epochs=1, budget="params=1M", deploy_C=4, deploy_layers=3,
                                       latency_table=str(first / "latency_table.json")), None)
     assert again.budget.latency.ops == table.ops and "latency" in again.budget.expected(again.model)
+
+
+def test_a_network_that_cannot_be_costed_only_stops_a_budgeted_search():
+    from helpers import tiny_search_config
+
+    from fastnas.search import Search
+
+    s = Search(tiny_search_config(epochs=1, deploy_network="imagenet"), None, progress=False)  # 8x8: too small
+    assert "cannot be built" in s.budget.describe() and s.budget.expected(s.model) == {}
+    with pytest.raises(ConfigError, match="too small"):
+        Search(tiny_search_config(epochs=1, deploy_network="imagenet", budget="params=1M"), None, progress=False)
