@@ -7,6 +7,7 @@
 >>> net.genotype()                                                   # a fastnas.Genotype
 """
 from . import genotypes, nn, ops
+from .costmodel import cost
 from .errors import CheckpointError, ConfigError, DataError, FastNASError
 from .evalnet import EvalNet, load_model
 from .genotype import Genotype
@@ -19,3 +20,4 @@ __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "DataError", "FastNASError", "Genotype", "SPACES", "SuperNet",
            "genotypes", "nn", "ops", "register_op"]
 __all__ += ["EvalNet", "Predictor", "load_model"]
+__all__ += ["cost"]

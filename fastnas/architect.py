@@ -8,7 +8,9 @@ The virtual step runs through ``torch.func.functional_call``: no module is clone
 and batch-norm statistics are left untouched.
 
 Regularisers of α alone (``terms``, e.g. β-DARTS's Beta-Decay, :mod:`fastnas.robust`) add their gradients to the
-architecture gradient of either order.
+architecture gradient of either order. A ``penalty`` (the budget of :mod:`fastnas.budget`, which may multiply the
+loss) maps the validation loss to the architecture objective: in second order it is applied to L_val(w′, α), so
+both ∇α and the ∇w′ of the Hessian-vector product are those of the penalised objective.
 
 Under torchrun both steps average their final gradients across ranks (:func:`fastnas.distributed.all_reduce_mean`)
 before the optimiser steps, so every rank applies the same update. In second order, each rank's virtual step and
@@ -54,7 +56,8 @@ class Architect:
                  weight_decay: float = 1e-3, order: int = 1, network_momentum: float = 0.9,
                  network_weight_decay: float = 3e-4, forward: Callable | None = None,
                  scaler: torch.amp.GradScaler | None = None, fd_radius: float = 1e-2,
-                 terms: Sequence[Callable[[SuperNet], list[torch.Tensor]]] = ()) -> None:
+                 terms: Sequence[Callable[[SuperNet], list[torch.Tensor]]] = (),
+                 penalty: Callable[[torch.Tensor, SuperNet], torch.Tensor] | None = None) -> None:
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
         self.model, self.criterion, self.order = model, criterion, order
@@ -64,6 +67,7 @@ class Architect:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None  # fp16 loss scaling
         # regularisers of α alone (fastnas.robust): each gives its gradient, added to the loss's
         self.terms = list(terms)
+        self.penalty = penalty  # the validation loss -> the architecture objective (fastnas.budget)
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,
@@ -93,8 +97,12 @@ class Architect:
         # convolution keeps only its weight, see fastnas.nn.lean; a compiled region traces a graph without them)
         with frozen(self.model.weight_parameters()):
             loss = self.criterion(self.forward(x), y)
-            scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+            objective = self._objective(loss)
+            scaled = self.scaler.scale(objective) if self.scaler is not None else objective
             return loss, _grad(scaled, self.model.arch_parameters())
+
+    def _objective(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.penalty is None else self.penalty(loss, self.model)
 
     # -- second order -----------------------------------------------------------------------------------------------
     def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +129,7 @@ class Architect:
 
         # validation loss at w': gradient for alpha and for w'
         loss_valid = self.criterion(self._call({**dict(zip(names, unrolled)), **alphas}, buffers, x_valid), y_valid)
-        grads = _grad(loss_valid, list(alphas.values()) + unrolled)
+        grads = _grad(self._objective(loss_valid), list(alphas.values()) + unrolled)
         d_alpha, d_unrolled = grads[: len(alphas)], grads[len(alphas):]
 
         # finite-difference Hessian-vector product at w

@@ -68,6 +68,14 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alpha_noise": (lambda v: _number(v) and 0 <= v <= 1, "a finite number in [0, 1] (0: off)"),
     "early_stop_patience": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "hessian_every": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
+    # search within a budget (fastnas.budget)
+    "budget_penalty": (lambda v: v in ("mul#log", "add#linear"), "mul#log or add#linear"),
+    "budget_alpha": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "budget_beta": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "budget_lambda": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "deploy_C": (lambda v: v is None or (_integer(v) and v >= 2 and v % 2 == 0), "an even integer >= 2"),
+    "deploy_layers": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
+    "deploy_network": (lambda v: v in (None, "auto", "cifar", "imagenet"), "auto, cifar or imagenet"),
 }
 
 
@@ -146,6 +154,17 @@ class SearchConfig:
     early_stop_patience: int = 10  # DARTS+: epochs without a change of the ranking of the alphas
     # collapse indicators (fastnas.indicators)
     hessian_every: int = 0  # dominant eigenvalue of the validation loss's Hessian w.r.t. alpha every k epochs
+    # search within a budget (fastnas.budget): the cost is of the retraining preset's network (deploy)
+    budget: str | None = None  # e.g. "params=3.0M,madds=500M,latency=8ms"
+    budget_penalty: str = "mul#log"  # ProxylessNAS's forms: mul#log or add#linear
+    budget_alpha: float = 0.2  # mul#log: CE * alpha * (log E[c] / log T)^beta (ProxylessNAS's defaults)
+    budget_beta: float = 0.3
+    budget_lambda: float = 0.1  # add#linear: CE + lambda * max(0, E[c] / T - 1)
+    deploy: str | None = None  # retraining preset costed (default: quick for digits, else darts)
+    deploy_C: int | None = None
+    deploy_layers: int | None = None
+    deploy_network: str | None = None
+    latency_table: str | None = None  # a latency_table.json to cost latency with
 
     to_dict = _to_dict
 

@@ -28,9 +28,11 @@ from tqdm import tqdm
 from . import checkpoint, cli, compilation, distributed, indicators, rundir, runtime, seeds
 from .analysis import attention_report
 from .architect import Architect, weight_step
-from .config import SEARCH_PRESETS, SearchConfig
+from .budget import SearchBudget
+from .config import SEARCH_PRESETS, TRAIN_PRESETS, SearchConfig
 from .data import check_image_size, check_resumed_data, search_loaders, set_epoch
 from .errors import CheckpointError, ConfigError
+from .costmodel import format_cost
 from .genotype import Genotype
 from .robust import Controls
 from .runtime import log
@@ -83,9 +85,11 @@ class Search:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.arch_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.controls = Controls(cfg, self.model)  # collapse controls (fastnas.robust)
+        self.budget = SearchBudget(cfg, self.info, self.model, self.device)  # costs, --budget (fastnas.budget)
         self.architect = Architect(self.model, self._loss, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                                    cfg.order, cfg.momentum, cfg.weight_decay, forward=self.forward,
-                                   scaler=self.arch_scaler, terms=self.controls.arch_terms)
+                                   scaler=self.arch_scaler, terms=self.controls.arch_terms,
+                                   penalty=self.budget.penalty)
         self.epoch = 0
         self.history: list[dict] = []
 
@@ -227,6 +231,7 @@ class Search:
         log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
         if self.controls.describe():
             log.info("collapse controls: " + "; ".join(self.controls.describe()))
+        log.info(self.budget.describe())
         valid = None
         stopped = self.history[-1].get("early_stop") if self.history else None
         while self.epoch < stop and not stopped:
@@ -245,12 +250,15 @@ class Search:
                 "genotype": str(genotype),
                 "normal": w_normal.detach().cpu().tolist(), "reduce": w_reduce.detach().cpu().tolist(),
                 "indicators": indicators.epoch_indicators(genotype, (w_normal, w_reduce), self._hessian()),
+                "expected_cost": self.budget.expected(self.model),
             })
             log.info(f"epoch {self.epoch}/{cfg.epochs}: train loss {train.avg_loss:.4f} acc {train.accuracy:.2f}% | "
                      f"valid loss {valid.avg_loss:.4f} acc {valid.accuracy:.2f}% | {train.throughput:.0f} img/s | "
                      f"{t['seconds']:.1f}s")
             log.info(f"epoch {self.epoch} collapse indicators: "
                      + indicators.describe(self.history[-1]["indicators"]))
+            if self.history[-1]["expected_cost"]:
+                log.info(f"epoch {self.epoch} expected cost: " + format_cost(self.history[-1]["expected_cost"]))
             stopped = self.controls.stop_reason(self.history, self.model.primitives)
             if stopped:
                 self.history[-1]["early_stop"] = stopped
@@ -260,9 +268,13 @@ class Search:
                 log.info(f"verify-sync: epoch {self.epoch}: alphas and weights identical on all "
                          f"{distributed.world_size()} processes (sha256 {digest})")
             self.save_checkpoint()
-        genotype, notes = self.controls.derive(self.model)
-        for note in notes:
-            log.info(f"skip limit {cfg.skip_limit} (P-DARTS): {note}")
+        if self.budget.budget:
+            genotype = self.budget.derive(self.model)
+            log.info(f"budget: the best-scoring genotype that fits: {format_cost(self.budget.model.cost(genotype))}")
+        else:
+            genotype, notes = self.controls.derive(self.model)
+            for note in notes:
+                log.info(f"skip limit {cfg.skip_limit} (P-DARTS): {note}")
         if self.epoch == cfg.epochs or stopped:
             self.write_final_outputs(genotype)
         return SearchResult(genotype, self.history, self.run_dir,
@@ -289,7 +301,9 @@ class Search:
         log.info("attention analysis:\n" + report)
         if self.run_dir is None:
             return
-        genotype.to_json(self.run_dir / "genotype.json")
+        runtime.write_json({**genotype.to_dict(), **self.budget.record(genotype)}, self.run_dir / "genotype.json")
+        if self.budget.latency is not None:
+            self.budget.latency.save(self.run_dir / "latency_table.json")
         (self.run_dir / "genotype.txt").write_text(str(genotype) + "\n")
         (self.run_dir / "analysis.txt").write_text(report + "\n")
         plot_cell(genotype.normal, genotype.normal_concat, self.run_dir / "normal.png", "normal cell")
@@ -366,11 +380,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="run N searches one after another (seeds SEED..SEED+N-1, each in a seed-S folder) and write "
                         "what their genotypes share (seeds.txt, seeds.json, seeds.png)")
+    g = p.add_argument_group("budget", "search for a network of bounded cost (fastnas.budget; docs/budgets.md)")
+    g.add_argument("--budget", action="append", metavar="METRIC=VALUE",
+                   help="params=3.0M, madds=500M or latency=8ms (repeat or comma-separate for several): a penalty in "
+                        "the architecture loss, and the derived genotype is the best-scoring one that fits")
+    g.add_argument("--budget-penalty", choices=["mul#log", "add#linear"],
+                   help="ProxylessNAS's forms: CE*alpha*(log E[c]/log T)^beta, or CE + lambda*max(0, E[c]/T - 1)")
+    g.add_argument("--budget-alpha", type=float, help="mul#log's alpha (ProxylessNAS: 0.2)")
+    g.add_argument("--budget-beta", type=float, help="mul#log's beta (ProxylessNAS: 0.3)")
+    g.add_argument("--budget-lambda", type=float, help="add#linear's lambda (ProxylessNAS: 0.1)")
+    g.add_argument("--deploy", choices=sorted(TRAIN_PRESETS),
+                   help="retraining preset whose network is costed (default: quick for digits, else darts)")
+    g.add_argument("--deploy-C", dest="deploy_C", type=int, help="the costed network's C")
+    g.add_argument("--deploy-layers", type=int, help="the costed network's number of cells")
+    g.add_argument("--deploy-network", choices=["auto", "cifar", "imagenet"], help="the costed network's kind")
+    g.add_argument("--latency-table", metavar="FILE", help="a latency_table.json to cost latency with")
     distributed.add_cli_options(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    if isinstance(args.budget, list):  # --budget given several times
+        args.budget = ",".join(args.budget)
     return cli.config_from_args(args, SearchConfig, SEARCH_PRESETS)
 
 

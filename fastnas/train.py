@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint, cli, compilation, distributed, genotypes, rundir, runtime
 from .config import TRAIN_PRESETS, TrainConfig
+from .costmodel import format_cost, network_cost
 from .data import (check_image_size, check_resumed_data, loader_workers, ordered_loader, seeded_loader, set_epoch,
                    shard_sampler, train_test_data)
 from .errors import CheckpointError, ConfigError
@@ -274,6 +275,7 @@ class Trainer:
         log.info(f"genotype: {self.genotype}")
         log.info(f"param size = {self.param_count / 1e6:.6f}MB (millions of parameters without the auxiliary head, "
                  f"as DARTS counts them; {self.model.param_count(auxiliary=True):,} with it)")
+        log.info(f"cost of the deployed network: {format_cost(network_cost(self.model))}")
         while self.epoch < stop:
             lr = self.scheduler.get_last_lr()[0]
             with runtime.timed() as t:

@@ -94,12 +94,14 @@ def plot_alpha_history(history: list[dict], primitives: Sequence[str], edge_name
 
 def plot_collapse(history: list[dict], path: str | Path) -> None:
     """The collapse indicators over the epochs (``indicators`` of each ``alphas.json`` entry): parameter-free and
-    attention edges of each derived cell, each cell type's α entropy, and the Hessian's dominant eigenvalue."""
+    attention edges of each derived cell, each cell type's α entropy, the Hessian's dominant eigenvalue and, where
+    logged, the expected cost of the derived network (``expected_cost``, :mod:`fastnas.budget`)."""
     rows = [h for h in history if "indicators" in h]
     if not rows:
         return
     epochs = [h["epoch"] for h in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.0))
+    costs = [h.get("expected_cost") for h in rows]
+    fig, axes = plt.subplots(1, 5 if all(costs) else 4, figsize=(16 if all(costs) else 13, 3.0))
     for ax, key, title in ((axes[0], "parameter_free", "parameter-free edges"), (axes[1], "attention",
                                                                                   "attention edges"),
                            (axes[2], "entropy", "entropy of softmax(α)")):
@@ -114,6 +116,14 @@ def plot_collapse(history: list[dict], path: str | Path) -> None:
     else:
         axes[3].text(0.5, 0.5, "off (--hessian-every)", ha="center", va="center", transform=axes[3].transAxes)
     axes[3].set_title("dominant eigenvalue of ∇²α L_val", fontsize=9)
+    if all(costs):
+        axes[4].plot(epochs, [c["params"] / 1e6 for c in costs], marker="o", ms=3, label="params (M)")
+        axes[4].plot(epochs, [c["madds"] / 1e6 for c in costs], marker="s", ms=3, label="madds (M)")
+        if "latency" in costs[0]:
+            axes[4].plot(epochs, [c["latency"] for c in costs], marker="^", ms=3, label="latency (ms)")
+        axes[4].set_yscale("log")
+        axes[4].set_title("expected cost of the derived network", fontsize=9)
+        axes[4].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
