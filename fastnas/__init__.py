@@ -11,13 +11,14 @@ from .costmodel import cost
 from .errors import CheckpointError, ConfigError, DataError, FastNASError
 from .evalnet import EvalNet, load_model
 from .genotype import Genotype
+from .nn.plans import Execution
 from .predictor import Predictor
 from .space import SPACES, register_op
 from .supernet import SuperNet
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "FastNASError", "Genotype", "SPACES", "SuperNet",
+__all__ = ["CheckpointError", "ConfigError", "DataError", "Execution", "FastNASError", "Genotype", "SPACES", "SuperNet",
            "genotypes", "nn", "ops", "register_op"]
 __all__ += ["EvalNet", "Predictor", "load_model"]
 __all__ += ["cost"]
