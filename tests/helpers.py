@@ -1,13 +1,11 @@
 """Small shared builders for the tests."""
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnas.ops as ops
+from benchmarks.op_calls import OpCounter  # noqa: F401  (shared with the tests)
 from fastnas.config import SearchConfig
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -47,14 +45,3 @@ def saved_bytes(net: torch.nn.Module, x: torch.Tensor) -> int:
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     return sum(v for k, v in seen.items() if k not in params)
 
-
-class OpCounter(TorchDispatchMode):
-    """Counts every operator call below autograd by name (``namespace::op``), forward and backward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
