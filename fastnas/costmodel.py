@@ -25,7 +25,7 @@ import torch
 
 from .errors import ConfigError
 from .evalnet import EvalNet, resolve_network
-from .genotype import Genotype
+from .genotype import Genotype, gene_rows
 from .space import make_op
 from .supernet import reduction_layers
 
@@ -106,12 +106,6 @@ def cell_sites(dep: Deployment) -> list[CellSite]:
 def edge_rows(steps: int) -> list[tuple[int, int]]:
     """(node, input) of each row of the architecture weights: node i has the rows of its inputs 0 .. i + 1."""
     return [(i, j) for i in range(steps) for j in range(2 + i)]
-
-
-def genotype_rows(edges: Sequence[tuple[str, int]]) -> list[int]:
-    """The row of each edge of a derived cell (two per node)."""
-    starts = [sum(2 + j for j in range(i)) for i in range(len(edges) // 2)]
-    return [starts[k // 2] + src for k, (_, src) in enumerate(edges)]
 
 
 def private_rng():
@@ -218,7 +212,7 @@ class CostModel:
             for kind, edges in (("normal", genotype.normal), ("reduce", genotype.reduce)):
                 t = self.table(metric, kind)
                 total += sum(float(t[r, self.primitives.index(op)]) for r, (op, _) in
-                             zip(genotype_rows(edges), edges))
+                             zip(gene_rows(edges), edges))
             out[metric] = int(total) if metric != "latency" else total
         return out
 

@@ -179,6 +179,12 @@ def _indices(value: object, kind: str) -> list[int]:
     return list(value)
 
 
+def gene_rows(gene: Sequence[Edge]) -> list[int]:
+    """The row of the architecture weights of each edge of a derived cell (two per node, node i has i + 2 rows)."""
+    starts = [sum(2 + j for j in range(i)) for i in range(len(gene) // 2)]
+    return [starts[k // 2] + src for k, (_, src) in enumerate(gene)]
+
+
 def derive_cell(weights: torch.Tensor, primitives: Sequence[str], steps: int,
                 edge_weights: torch.Tensor | None = None) -> list[Edge]:
     """DARTS's rule: per node keep the two incoming edges whose strongest non-``none`` weight is largest, each with

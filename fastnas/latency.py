@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .errors import ConfigError
+from .genotype import gene_rows
 
 TARGETS = ("cpu", "cuda", "onnxruntime")
 TABLE_FILE = "latency_table.json"
@@ -208,14 +209,14 @@ def fit_correction(table: LatencyTable, model, genotypes) -> tuple[float, float]
     ``genotypes``' whole networks (measured with ``table``'s settings): measured − fixed ≈ b + k · Σ ops.
     ``model``: a :class:`fastnas.costmodel.CostModel` on ``table``, made before the call (its cached tables hold
     the raw entries); costs computed afterwards need a new one. Returns (b, k)."""
-    from .costmodel import build, genotype_rows
+    from .costmodel import build
 
     table.meta.update(op_scale=1.0, offset_ms=0.0)
     xs, ys = [], []
     for g in genotypes:
         xs.append(sum(float(model.table("latency", kind)[r, model.primitives.index(op)])
                       for kind, edges in (("normal", g.normal), ("reduce", g.reduce))
-                      for r, (op, _) in zip(genotype_rows(edges), edges)))
+                      for r, (op, _) in zip(gene_rows(edges), edges)))
         ys.append(table.network_ms(build(g, model.deployment))
                   - model.fixed("latency", g.normal_concat, g.reduce_concat))
     k, b = statistics.linear_regression(xs, ys)

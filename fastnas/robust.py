@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .genotype import Edge, Genotype, derive_cell
+from .genotype import Edge, Genotype, derive_cell, gene_rows
 from .indicators import is_parameter_free_op
 from .nn.plans import AuxSkipPlan
 
@@ -41,12 +41,6 @@ SKIP = "skip_connect"
 
 
 # -- P-DARTS: a limit on skip connections ---------------------------------------------------------------------------
-def _rows(gene: Sequence[Edge]) -> list[int]:
-    """The row of the architecture weights of each edge of a derived cell (two per node, node i has i + 2 rows)."""
-    starts = [sum(2 + j for j in range(i)) for i in range(len(gene) // 2)]
-    return [starts[k // 2] + src for k, (_, src) in enumerate(gene)]
-
-
 def limit_skips(weights: torch.Tensor, primitives: Sequence[str], steps: int, limit: int,
                 edge_weights: torch.Tensor | None = None) -> tuple[list[Edge], list[str]]:
     """DARTS's derivation of one cell from softmax ``weights`` [edges, ops], with at most ``limit`` skip edges.
@@ -62,7 +56,7 @@ def limit_skips(weights: torch.Tensor, primitives: Sequence[str], steps: int, li
     scale = edge_weights.detach().double().cpu() if edge_weights is not None else torch.ones(w.shape[0])
     notes = []
     while sum(op == SKIP for op, _ in gene) > limit:
-        rows = _rows(gene)
+        rows = gene_rows(gene)
         skips = [(float(w[r, k] * scale[r]), n, r) for n, ((op, _), r) in enumerate(zip(gene, rows)) if op == SKIP]
         weakest, n, row = min(skips)  # ties go to the earlier edge
         w[row, k] = 0.0

@@ -16,6 +16,7 @@ import torch
 
 from . import distributed, ops
 from .errors import ConfigError, DivergedError
+from .nn.plans.execution import AMP_DTYPES
 
 log = logging.getLogger("fastnas")
 
@@ -96,7 +97,6 @@ def use_channels_last(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" if setting is None else bool(setting)
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(amp: str, device: torch.device):

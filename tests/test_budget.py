@@ -9,7 +9,7 @@ from fastnas import budget as B
 from fastnas import costmodel as C
 from fastnas import search as search_cli
 from fastnas.errors import ConfigError
-from fastnas.genotype import derive
+from fastnas.genotype import derive, gene_rows
 
 PRIMS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "channel_attention")
 DEP = C.Deployment(C=4, layers=3, num_classes=3, in_channels=1, input_size=8, network="cifar")
@@ -58,7 +58,7 @@ def _brute_force(model, w, budget, skip_limit=None):
 def _score(g, w):
     total = 0.0
     for edges, wk in zip((g.normal, g.reduce), w):
-        total += sum(float(wk[r, PRIMS.index(op)]) for r, (op, _) in zip(C.genotype_rows(edges), edges))
+        total += sum(float(wk[r, PRIMS.index(op)]) for r, (op, _) in zip(gene_rows(edges), edges))
     return total
 
 

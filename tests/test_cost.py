@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fastnas
 from fastnas import costmodel as C
-from fastnas.genotype import Genotype
+from fastnas.genotype import Genotype, gene_rows
 from fastnas.genotypes import DARTS_V2
 
 SPACE = fastnas.SPACES["at-darts"]
@@ -85,7 +85,7 @@ def test_expected_cost_tends_to_the_derived_genotype():
     for edges in (g.normal, g.reduce):
         a = torch.zeros(14, len(SPACE), dtype=torch.float64)
         a[:, 0] = 40.0  # none
-        for r, (op, _) in zip(C.genotype_rows(edges), edges):
+        for r, (op, _) in zip(gene_rows(edges), edges):
             a[r, 0], a[r, SPACE.index(op)] = 0.0, 40.0
         w.append(torch.softmax(a, -1))
     for metric in ("params", "madds"):

@@ -80,8 +80,9 @@ class SearchCell(nn.Module):
         self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True) if partial_channels > 1 and reduction else None
         # which candidates (by position among the active ops) are parameter-free, per edge
         self.parameter_free = [[is_parameter_free(op) for op in edge] for edge in self.edges]
-        # a plain attribute: neither a submodule nor in the state dict
-        self.plan = (plan or make_plan(partial_channels=partial_channels)).prepare(self)
+        plan = plan or make_plan(partial_channels=partial_channels)
+        plan.adapt(self)
+        self.plan = plan.prepare(self)  # a plain attribute: neither a submodule nor in the state dict
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None) -> torch.Tensor:

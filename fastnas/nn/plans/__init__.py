@@ -78,10 +78,6 @@ def _node_sums(name: str | None, execution: Execution, store_all: bool, partial_
         plan = PartialChannelsPlan(memory_efficient=not store_all)
         plan.reason = f"partial channels 1/{partial_channels}" + (", every activation stored" if store_all else "")
         return plan
-    if name == "partial":
-        plan = PartialChannelsPlan()
-        plan.reason = "asked for"
-        return plan
     why_not = _fused_norms_unsupported(execution)
     if name is None:
         if store_all:

@@ -58,6 +58,9 @@ class AuxSkipPlan(Plan):
         self.coefficient = float(coefficient)
         self.partial = base.partial
 
+    def adapt(self, cell: nn.Module) -> None:
+        self.base.adapt(cell)
+
     def prepare(self, cell: nn.Module, runner: Runner | None = None) -> CellPlan:
         return AuxSkipCellPlan(cell, self.base.prepare(cell, runner), self)
 

@@ -132,11 +132,11 @@ class Plan:
     reason: str = ""
 
     def adapt(self, cell: nn.Module) -> None:
-        """Make the cell's modules what this plan runs (once, before any run; idempotent). Nothing by default."""
+        """Make the cell's modules what this plan runs: once, when the cell is built, before :meth:`prepare`.
+        Nothing by default; a wrapper passes it to the plan it wraps."""
 
     def prepare(self, cell: nn.Module, runner: Runner | None = None) -> CellPlan:
         """The plan of ``cell``; its modules run on ``runner`` (eagerly by default)."""
-        self.adapt(cell)
         return self.cell_plan(cell, runner or EagerRunner(cell))
 
     def __repr__(self) -> str:

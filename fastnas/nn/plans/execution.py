@@ -9,7 +9,8 @@ from ... import ops
 from ...errors import ConfigError
 
 COMPILE_SCOPES = (None, "regions", "model")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the activations' dtype under each autocast mode
+AMP_MODES = ("off", *AMP_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -42,4 +43,4 @@ class Execution:
 
     @property
     def activation_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp, self.dtype)
+        return AMP_DTYPES.get(self.amp, self.dtype)

@@ -95,8 +95,10 @@ class RegionsPlan(Plan):
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, ACCUMULATED_RECOMPILE_LIMIT)
 
-    def prepare(self, cell: nn.Module, runner: Runner | None = None) -> CellPlan:
+    def adapt(self, cell: nn.Module) -> None:
         self.base.adapt(cell)
+
+    def prepare(self, cell: nn.Module, runner: Runner | None = None) -> CellPlan:
         return self.base.prepare(cell, CompiledRunner(cell, self.region))
 
     def compiled(self) -> list[compilation.CompiledOrEager]:
