@@ -61,6 +61,7 @@ class StepProvider:
     compiled: bool = False  # torch.compile(model)
     regions: bool = False  # the compiled-regions plan, what --compile does (search only)
     channels_last: bool = False  # model and inputs in NHWC (fastnas's default on the CPU)
+    plan: str | None = None  # a plan by name (search only; None: the factory's choice)
 
     @property
     def device(self) -> str:
@@ -87,6 +88,10 @@ STEP_PROVIDERS = {
     "triton_compiled": StepProvider("triton", compiled=True),
     "reference_darts_cl": StepProvider("reference", memory_efficient=False, channels_last=True),
     "reference_cl": StepProvider("reference", channels_last=True),
+    "reference_cl_batched": StepProvider("reference", channels_last=True, plan="batched"),
+    "cpu_cl_batched": StepProvider("cpu", channels_last=True, plan="batched"),
+    "cpu_cl_fused_norms": StepProvider("cpu", channels_last=True, plan="fused_norms"),
+    "cuda_batched": StepProvider("cuda", plan="batched"),
     "cpu_cl": StepProvider("cpu", channels_last=True),
     "cpu_pc4_cl": StepProvider("cpu", partial_channels=4, channels_last=True),
     "reference_cl_compiled": StepProvider("reference", compiled=True, channels_last=True),
@@ -135,12 +140,12 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
         scope = "regions" if p.regions else "model" if p.compiled else None
         execution = Execution(dev.type, p.backend, p.channels_last, compile=scope)
         net = SuperNet(cfg.C, cfg.layers, 10, primitives, partial_channels=p.partial_channels,
-                       memory_efficient=p.memory_efficient, execution=execution).to(dev)
+                       memory_efficient=p.memory_efficient, plan=p.plan, execution=execution).to(dev)
         if p.channels_last:
             net = net.to(memory_format=torch.channels_last)
         forward = torch.compile(net) if p.compiled else net
         optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+                                    weight_decay=cfg.weight_decay, fused=True)
         architect = Architect(net, criterion, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                               1 if kind == "search1" else 2, cfg.momentum, cfg.weight_decay, forward=forward)
         layout = torch.channels_last if p.channels_last else torch.contiguous_format
@@ -166,7 +171,7 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
         net = net.to(memory_format=layout)
         net.train()
         forward = torch.compile(net) if p.compiled else net
-        optimizer = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+        optimizer = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4, fused=True)
         x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev, memory_format=layout)
         y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
 
@@ -176,7 +181,7 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
                 logits, aux = forward(x)
                 loss = criterion(logits, y) + 0.4 * criterion(aux, y)
                 loss.backward()
-                nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+                nn.utils.clip_grad_norm_(net.parameters(), 5.0, foreach=True)
                 optimizer.step()
             if dev.type == "cuda":
                 torch.cuda.synchronize()

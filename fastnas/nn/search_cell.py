@@ -89,7 +89,5 @@ class SearchCell(nn.Module):
         """``weights``: [edges, ops] softmax weights of this cell type; ``edge_weights``: [edges] (partial channels)."""
         states = [self.plan.run(self.preprocess0, s0), self.plan.run(self.preprocess1, s1)]
         weights = weights[:, self.active] if len(self.active) != weights.shape[1] else weights
-        node_sum = self.plan.start()  # Σ_{e in edges} Σ_o w_eo · o(h_e), one node at a time
-        for edges in self.nodes:
-            states.append(node_sum(states, edges, weights, edge_weights))
+        states += self.plan.nodes(states, weights, edge_weights)  # node i: Σ_{e into i} Σ_o w_eo · o(h_e)
         return torch.cat(states[-self.multiplier:], dim=1)

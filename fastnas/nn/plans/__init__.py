@@ -9,6 +9,8 @@
 ``fused_norms``  the memory plan, with the backend's node sum applying the candidates' final batch norms
                  (:class:`FusedNormsPlan`; the default where its kernels run: the ``cpu`` backend, channels_last,
                  float32/float64, no autocast)
+``batched``      each state's outgoing candidates as a few batched calls over stacked weights, one fused sum per
+                 node (:class:`BatchedPlan`)
 ``partial``      PC-DARTS's partial channels (:class:`PartialChannelsPlan`)
 ``regions``      another plan with the cell's modules run as compiled regions (:class:`RegionsPlan`)
 ``aux_skip``     another plan's sums plus DARTS-'s auxiliary skip on every edge (:class:`AuxSkipPlan`)
@@ -26,6 +28,7 @@ from ... import ops
 from ...errors import ConfigError
 from .aux_skip import AuxSkipPlan
 from .base import CellPlan, NodeSum, Plan, Runner
+from .batched import BatchedPlan
 from .execution import Execution
 from .fused_norms import FusedNormsPlan
 from .memory import MemoryPlan
@@ -33,10 +36,10 @@ from .partial import PartialChannelsPlan
 from .plain import PlainPlan
 from .regions import RegionsPlan
 
-PLANS: dict[str, type[Plan]] = {plan.name: plan for plan in (PlainPlan, MemoryPlan, FusedNormsPlan,
+PLANS: dict[str, type[Plan]] = {plan.name: plan for plan in (PlainPlan, MemoryPlan, FusedNormsPlan, BatchedPlan,
                                                              PartialChannelsPlan, RegionsPlan)}
 
-__all__ = ["AuxSkipPlan", "CellPlan", "Execution", "FusedNormsPlan", "MemoryPlan", "NodeSum", "PLANS",
+__all__ = ["AuxSkipPlan", "BatchedPlan", "CellPlan", "Execution", "FusedNormsPlan", "MemoryPlan", "NodeSum", "PLANS",
            "PartialChannelsPlan", "Plan", "PlainPlan", "RegionsPlan", "Runner", "make_plan"]
 
 
@@ -61,6 +64,8 @@ def make_plan(plan: str | Plan | None = None, execution: Execution | None = None
         plan, execution = None, dataclasses.replace(execution, compile="regions")
     chosen = _node_sums(plan, execution, store_all, partial_channels)
     _check_partial(chosen, partial_channels)
+    if isinstance(chosen, BatchedPlan):
+        _check_batched(execution, store_all, aux_skip)
     if execution.compile == "regions":
         reason = chosen.reason
         chosen = RegionsPlan(chosen, execution.device)
@@ -102,6 +107,15 @@ def _fused_norms_unsupported(execution: Execution) -> str | None:
         return f"torch.compile ({execution.compile}) runs whole candidates"
     return ops.fused_norms_unsupported(execution.device, execution.activation_dtype, execution.channels_last,
                                        execution.amp != "off", execution.backend)
+
+
+def _check_batched(execution: Execution, store_all: bool, aux_skip: bool) -> None:
+    why_not = ("every activation stored (the DARTS formulation)" if store_all else
+               f"autocast ({execution.amp})" if execution.amp != "off" else
+               "compiled regions run per-edge candidates" if execution.compile == "regions" else
+               "DARTS-'s auxiliary skip" if aux_skip else None)
+    if why_not is not None:
+        raise ConfigError(f"plan 'batched' cannot run with {why_not}; use plan 'memory'")
 
 
 def _check_partial(plan: Plan, partial_channels: int) -> None:

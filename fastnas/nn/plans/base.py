@@ -106,8 +106,8 @@ def _run(op: nn.Module, rest: list[Callable] | None, h: torch.Tensor,
 
 
 class CellPlan:
-    """One cell's node sums under a plan: ``run`` runs a preprocessing op, ``start()`` begins a pass of the cell
-    and returns its :data:`NodeSum`."""
+    """One cell's node sums under a plan: ``run`` runs a preprocessing op, ``nodes`` computes the intermediate
+    nodes (by default one :data:`NodeSum` at a time: ``start()`` begins a pass of the cell and returns it)."""
 
     def __init__(self, cell: nn.Module, runner: Runner) -> None:
         self.cell = cell
@@ -118,6 +118,14 @@ class CellPlan:
 
     def start(self) -> NodeSum:
         raise NotImplementedError
+
+    def nodes(self, inputs: Sequence[torch.Tensor], weights: torch.Tensor,
+              edge_weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The cell's intermediate nodes from its two preprocessed inputs: DARTS's loop, one node sum at a time."""
+        node_sum, states = self.start(), list(inputs)
+        for edges in self.cell.nodes:
+            states.append(node_sum(states, edges, weights, edge_weights))
+        return states[2:]
 
 
 class Plan:

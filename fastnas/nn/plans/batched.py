@@ -1,0 +1,126 @@
+"""The batched plan: input-stationary cell execution.
+
+When a state h_j of a search cell is ready (a cell input or a finished node), the candidates of all the edges leaving
+it run at once (:class:`fastnas.nn.state_candidates.StateCandidates`: parameter-free candidates once per state, the
+convolutions, reductions and gates of all its edges as a few batched calls over stacked weights), and a node is summed
+by one :func:`fastnas.ops.mixed_sum` as soon as its last source has run, its weights picked by one indexing call.
+DARTS's arithmetic is unchanged; what changes is how many calls compute it.
+
+The cell's state dict keeps the per-edge names and shapes of the other plans (a state dict of any plan loads into
+any other); the parameters the optimisers see are the stacked ones.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ... import ops
+from ..state_candidates import StateCandidates
+from .base import CellPlan, NodeSum, Plan, Runner
+
+
+class _RunBatched(nn.Module):
+    """Where a candidate run by its state's :class:`StateCandidates` was: nothing of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this candidate runs batched with its state's other edges (StateCandidates)")
+
+
+def edges_by_source(cell: nn.Module) -> list[list[int]]:
+    """The edges leaving each state of ``cell`` (inputs 0 and 1, then the nodes), in node order."""
+    sources: list[list[int]] = [[] for _ in range(len(cell.nodes) + 1)]
+    for node in cell.nodes:
+        for j, e in enumerate(node):
+            sources[j].append(e)
+    return sources
+
+
+def _state_dict_per_edge(cell: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for j, candidates in enumerate(cell.state_candidates):
+        for name, source in candidates.sources.items():
+            stored = state_dict.pop(f"{prefix}state_candidates.{j}.{name}", None)
+            if stored is not None:
+                state_dict.update({prefix + n: t.clone() for n, t in source.unstack(stored).items()})
+
+
+def _load_per_edge(cell: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for j, candidates in enumerate(cell.state_candidates):
+        stored = dict(candidates.named_parameters(recurse=False)) | dict(candidates.named_buffers())
+        for name, source in candidates.sources.items():
+            keys = [prefix + n for n in source.names]
+            if name in stored and all(k in state_dict for k in keys):
+                # shared statistics (equal for every edge by construction): the first edge's copy is loaded
+                tensors = [state_dict.pop(k) for k in keys]
+                state_dict[f"{prefix}state_candidates.{j}.{name}"] = source.stack(tensors, stored[name].shape)
+
+
+class BatchedCellPlan(CellPlan):
+    def __init__(self, cell: nn.Module, runner: Runner) -> None:
+        super().__init__(cell, runner)
+        width = len(cell.active)
+        self.sources = edges_by_source(cell)
+        slot = {e: (j, u) for j, edges in enumerate(self.sources) for u, e in enumerate(edges)}
+        self.slots = [[slot[e] for e in node] for node in cell.nodes]  # per node: (state, its edge's position)
+        self.positions = [tuple(e * width + c for e in node for c in range(width)) for node in cell.nodes]
+        self.indices: dict[torch.device, list[torch.Tensor]] = {}
+
+    def start(self) -> NodeSum:
+        raise TypeError("the batched plan runs a cell's nodes together: call nodes()")
+
+    def nodes(self, inputs: Sequence[torch.Tensor], weights: torch.Tensor,
+              edge_weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+        cell = self.cell
+        states, outputs = list(inputs), []
+        flat = weights.reshape(-1)
+        indices = self.indices.get(flat.device)
+        if indices is None:
+            indices = self.indices[flat.device] = [torch.tensor(p, device=flat.device) for p in self.positions]
+        for i, slots in enumerate(self.slots):
+            while len(outputs) < i + 2:  # the states this node reads have all run their outgoing candidates
+                j = len(outputs)
+                h = states[j]
+                rows = cell.state_candidates[j](h)
+                for e, row in zip(self.sources[j], rows):
+                    row[:] = [cell.edges[e][c](h) if out is None else out for c, out in enumerate(row)]
+                outputs.append(rows)
+            terms = [out for j, u in slots for out in outputs[j][u]]
+            states.append(ops.mixed_sum(terms, flat.index_select(0, indices[i])))
+        return states[2:]
+
+
+class BatchedPlan(Plan):
+    """Each state's outgoing candidates as batched calls over stacked weights; one fused sum per node."""
+
+    name = "batched"
+    cell_plan = BatchedCellPlan
+
+    def adapt(self, cell: nn.Module) -> None:
+        cell.state_candidates = nn.ModuleList()
+        for edges in edges_by_source(cell):
+            if not edges:
+                continue
+            candidates = StateCandidates([list(enumerate(cell.edges[e])) for e in edges],
+                                         [f"edges.{e}." for e in edges])
+            for e in edges:  # what runs batched leaves the edge; the rest stays there, under its own name
+                for c in range(len(cell.edges[e])):
+                    if c not in candidates.unbatched:
+                        cell.edges[e][c] = _RunBatched()
+            cell.state_candidates.append(candidates)
+        cell.register_state_dict_post_hook(_state_dict_per_edge)
+        cell.register_load_state_dict_pre_hook(_load_per_edge)
+
+
+def per_edge(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``named`` (e.g. ``{name: p.grad for name, p in model.named_parameters()}``) with each stacked tensor of the
+    batched plan replaced by its per-edge tensors under the per-edge names (the state dict's)."""
+    out = dict(named)
+    for path, module in model.named_modules():
+        if isinstance(module, StateCandidates):
+            cell = path.rsplit("state_candidates.", 1)[0]
+            for name, source in module.sources.items():
+                tensor = out.pop(f"{path}.{name}", None)
+                if tensor is not None:
+                    out.update({cell + n: t for n, t in source.unstack(tensor).items()})
+    return out

@@ -1,0 +1,361 @@
+"""The candidates of every edge leaving one state of a search cell, run as a few batched calls.
+
+Every edge leaving a state h applies the same candidate ops to h, each edge with weights of its own.
+:class:`StateCandidates` holds those weights stacked, one tensor per layer kind, and runs them together:
+
+* pooling and the affine-free batch norm after it once: in training mode they give every edge the same output (and
+  the same running statistics, kept in one copy);
+* the separable and dilated convolutions of all edges: one depthwise convolution with a channel multiplier per kernel
+  configuration, one grouped 1×1 convolution and one batch norm over the stacked channels (per-channel statistics:
+  exact) for all of them, then the second halves of the separable convolutions the same way;
+* the factorized reductions of stride-2 edges (``skip_connect``'s and the gates') as one pair of 1×1 convolutions;
+* the channel gates' MLPs as batched matrix products, the spatial gates' convolutions as one convolution.
+
+:meth:`StateCandidates.forward` returns each edge's candidate outputs (views into the stacked results), for the node
+sums. Ops it does not know run per edge, as they are. The per-edge names of the stacked tensors are kept
+(:attr:`StateCandidates.sources`), so that the cell's state dict keeps the per-edge names and shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops.defs.batch_norm import update_factor
+from .attention import ChannelAttention, SpatialAttention
+from .lean import LeanBatchNorm2d, subsampling_plan
+from .operations import DilConv, FactorizedReduce, Gated, SepConv
+from .pooling import AvgPool2d, MaxPool2d
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the per-edge tensors ``names`` are in a stacked one: unit u is ``stored.view(shape).select(dim, u)``,
+    reshaped to ``edge_shape``; ``shared``: every name is the stored tensor itself (equal by construction)."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...] = ()
+    dim: int = 0
+    edge_shape: tuple[int, ...] = ()
+    shared: bool = False
+
+    def unstack(self, stored: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.shared:
+            return {name: stored for name in self.names}
+        view = stored.view(self.shape)
+        return {name: view.select(self.dim, u).reshape(self.edge_shape) for u, name in enumerate(self.names)}
+
+    def stack(self, tensors: Sequence[torch.Tensor], stored_shape: torch.Size) -> torch.Tensor:
+        if self.shared:
+            return tensors[0]
+        unit = self.shape[:self.dim] + self.shape[self.dim + 1:]
+        return torch.stack([t.reshape(unit) for t in tensors], self.dim).reshape(stored_shape)
+
+
+def _kind(op: nn.Module) -> str | None:
+    """What :class:`StateCandidates` runs ``op`` as, or None (run per edge)."""
+    if isinstance(op, nn.Identity):
+        return "skip"
+    if isinstance(op, nn.Sequential) and len(op) == 2 and isinstance(op[0], (MaxPool2d, AvgPool2d)) \
+            and isinstance(op[1], LeanBatchNorm2d) and not op[1].affine:
+        return "pool"
+    if isinstance(op, (SepConv, DilConv)):
+        return "conv"
+    if isinstance(op, FactorizedReduce):
+        return "reduce"
+    gate = op[1] if isinstance(op, Gated) and isinstance(op[0], FactorizedReduce) else op
+    if isinstance(gate, ChannelAttention):
+        return "channel_gate"
+    if isinstance(gate, SpatialAttention) and not gate.bn.affine:
+        return "spatial_gate"
+    return None
+
+
+def _dw_config(conv: nn.Conv2d) -> tuple:
+    return conv.kernel_size, conv.stride, conv.padding, conv.dilation
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+          groups: int = 1) -> torch.Tensor:
+    """``F.conv2d`` without bias; a frozen weight keeps only itself for the backward, a depthwise one runs on the
+    backend's depthwise kernels (as :class:`fastnas.nn.lean.LeanConv2d` does)."""
+    if groups == x.shape[1] == weight.shape[0] and groups > 1:
+        return ops.depthwise_conv2d(x, weight, stride, padding, dilation)
+    if not weight.requires_grad:
+        return ops.frozen_conv2d(x, weight, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+
+class StateCandidates(nn.Module):
+    """The candidates of the ``edges`` (each a list of (column, op), all the same ops at the same stride) that leave
+    one state. ``names[e]`` is edge e's prefix in the cell's state dict (``edges.{index}.``)."""
+
+    def __init__(self, edges: Sequence[Sequence[tuple[int, nn.Module]]], names: Sequence[str]) -> None:
+        super().__init__()
+        self.sources: dict[str, Source] = {}
+        self.n = n = len(edges)
+        self.channels = 0  # the state's channels (where a batched convolution needs them)
+        columns = [c for c, _ in edges[0]]
+        self.columns = columns
+        ops0 = [op for _, op in edges[0]]
+        kinds = [_kind(op) for op in ops0]
+        self.outputs: list[tuple[str, int]] = []  # per column position: (result name, group index within it)
+        self.unbatched = [k for k, kind in enumerate(kinds) if kind is None]
+        bn = next((m for op in ops0 for m in op.modules() if isinstance(m, LeanBatchNorm2d)), None)
+        self.momentum, self.eps = (bn.momentum, bn.eps) if bn is not None else (0.1, 1e-5)
+
+        def per_edge(k: int) -> list[tuple[str, nn.Module]]:
+            return [(f"{names[e]}{k}.", edges[e][k][1]) for e in range(n)]
+
+        # pooling: one module for all edges (its batch norm's statistics are the same for every edge)
+        self.pools = nn.ModuleList()
+        for k, kind in enumerate(kinds):
+            if kind == "pool":
+                op = ops0[k]
+                self._share(f"pools.{len(self.pools)}.", per_edge(k))
+                self.outputs.append(("pool", len(self.pools)))
+                self.pools.append(op)
+            elif kind == "skip":
+                self.outputs.append(("input", 0))
+            else:
+                self.outputs.append(("", 0))
+
+        # separable and dilated convolutions: stage-1 units (sep convs' first halves, then dilated convs), grouped
+        # by depthwise configuration; stage-2 units (sep convs' second halves)
+        conv_cols = [k for k, kind in enumerate(kinds) if kind == "conv"]
+        sep = [k for k in conv_cols if isinstance(ops0[k], SepConv)]
+        dil = [k for k in conv_cols if not isinstance(ops0[k], SepConv)]
+        first = lambda op: op[0] if isinstance(op, SepConv) else op  # noqa: E731
+        self.stage1 = self._conv_stage("stage1", [(k, [(p + ("0." if k in sep else ""), first(op))
+                                                       for p, op in per_edge(k)]) for k in sep + dil])
+        self.stage2 = self._conv_stage("stage2", [(k, [(p + "1.", op[1]) for p, op in per_edge(k)]) for k in sep])
+        self.sep_units = len(sep) * n
+        for g, k in enumerate(sep):
+            self.outputs[k] = ("stage2", g)
+        for g, k in enumerate(dil):
+            self.outputs[k] = ("stage1", len(sep) + g)
+
+        # factorized reductions (stride 2): skip_connect's, then the channel gates', then the spatial gates'
+        reduce_cols = [k for k, kind in enumerate(kinds) if kind == "reduce"]
+        gated_cols = [k for k, kind in enumerate(kinds) if kind in ("channel_gate", "spatial_gate")
+                      and isinstance(ops0[k], Gated)]
+        units = [(f"{p}", op) for k in reduce_cols for p, op in per_edge(k)]
+        units += [(f"{p}0.", op[0]) for k in gated_cols for p, op in per_edge(k)]
+        self.reduce_units = len(units)
+        if units:
+            C = units[0][1].bn.num_features
+            self._stack("reduce1", units, "conv_1.weight", 0)
+            self._stack("reduce2", units, "conv_2.weight", 0)
+            self._norm("reduce", units, "bn", split=(2, C // 2))
+        for g, k in enumerate(reduce_cols):
+            self.outputs[k] = ("reduce", g)
+        reduced = {k: len(reduce_cols) + g for g, k in enumerate(gated_cols)}
+
+        # attention gates (after their reductions at stride 2)
+        self.channel_gates, self.spatial_gates = [], []
+        for k, kind in enumerate(kinds):
+            if kind not in ("channel_gate", "spatial_gate"):
+                continue
+            gates = [(p + ("1." if k in reduced else ""), op[1] if k in reduced else op) for p, op in per_edge(k)]
+            g = len(self.channel_gates if kind == "channel_gate" else self.spatial_gates)
+            name = f"{kind}{g}"
+            if kind == "channel_gate":
+                for attr, key in (("w1", "mlp.0.weight"), ("b1", "mlp.0.bias"), ("w2", "mlp.2.weight"),
+                                  ("b2", "mlp.2.bias")):
+                    self._stack(f"{name}_{attr}", gates, key, 0, flat=False)
+                self.channel_gates.append((name, reduced.get(k)))
+            else:
+                self._stack(f"{name}_conv", gates, "conv.weight", 0)
+                self._norm(name, gates, "bn")
+                self.spatial_gates.append((name, reduced.get(k), gates[0][1].conv.padding))
+            self.outputs[k] = (kind, g)
+        # the ops run per edge keep their modules (and names) where they are: in the cell's edges
+
+    # -- construction -----------------------------------------------------------------------------------------------
+    def _register(self, name: str, tensor: torch.Tensor, like: torch.Tensor, source: Source) -> None:
+        if isinstance(like, nn.Parameter):
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=like.requires_grad))
+        else:
+            self.register_buffer(name, tensor)
+        self.sources[name] = source
+
+    def _stack(self, name: str, units: Sequence[tuple[str, nn.Module]], key: str, dim: int, flat: bool = True,
+               ) -> None:
+        """Register the tensors ``key`` of the ``units`` stacked along ``dim``, flattened into the first dimension
+        unless not ``flat``."""
+        tensors = [m.get_parameter(key) if key in dict(m.named_parameters()) else m.get_buffer(key) for _, m in units]
+        stacked = torch.stack([t.detach() for t in tensors], dim)
+        stored = stacked.reshape(-1, *stacked.shape[2:]) if flat else stacked
+        source = Source(tuple(p + key for p, _ in units), tuple(stacked.shape), dim, tuple(tensors[0].shape))
+        self._register(name, stored.clone(), tensors[0], source)
+
+    def _norm(self, name: str, units: Sequence[tuple[str, nn.Module]], key: str,
+              split: tuple[int, int] | None = None) -> None:
+        """The running statistics of the units' batch norms ``key``, stacked (per unit [C], or, with ``split``
+        (halves, C/2), as [halves, units, C/2]: the order in which the factorized reductions' halves are stacked)."""
+        for stat in ("running_mean", "running_var"):
+            tensors = [m.get_buffer(f"{key}.{stat}") for _, m in units]
+            names = tuple(f"{p}{key}.{stat}" for p, _ in units)
+            if split is None:
+                stacked = torch.stack(tensors)
+            else:
+                stacked = torch.stack([t.view(split) for t in tensors], 1)
+            source = Source(names, tuple(stacked.shape), 1 if split else 0, tuple(tensors[0].shape))
+            self._register(f"{name}_{stat[8:]}", stacked.reshape(-1).clone(), tensors[0], source)
+        tracked = units[0][1].get_buffer(f"{key}.num_batches_tracked")
+        self._register(f"{name}_tracked", tracked.clone(), tracked,
+                       Source(tuple(f"{p}{key}.num_batches_tracked" for p, _ in units), shared=True))
+
+    def _norm_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The affine-free batch norms ``name`` of stacked units: per-channel statistics over the stacked channels."""
+        mean, var, tracked = (getattr(self, f"{name}_{s}") for s in ("mean", "var", "tracked"))
+        if not self.training:
+            return F.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
+        tracked.add_(1)
+        return ops.batch_norm(x, mean, var, None, None, update_factor(self.momentum, tracked), self.eps)
+
+    def _share(self, prefix: str, units: Sequence[tuple[str, nn.Module]]) -> None:
+        """The buffers of the units' (equal) parameter-free modules, one copy under ``prefix``."""
+        for key, _ in units[0][1].named_buffers():
+            self.sources[prefix + key] = Source(tuple(p + key for p, _ in units), shared=True)
+
+    def _conv_stage(self, name: str, columns: list[tuple[int, list[tuple[str, DilConv]]]]) -> list[tuple]:
+        """The depthwise convolutions of a stage, one per column: (parameter name, units, configuration); the pointwise
+        convolutions and batch norms of all its units stacked in the same order (column by column, edge by edge)."""
+        plan = []
+        if columns:
+            self.channels = columns[0][1][0][1][1].in_channels
+        for g, (_, units) in enumerate(columns):
+            self._stack(f"{name}_dw{g}", units, "1.weight", 0)
+            plan.append((f"{name}_dw{g}", len(units), _dw_config(units[0][1][1])))
+        order = [unit for _, units in columns for unit in units]
+        if order:
+            self._stack(f"{name}_pw", order, "2.weight", 0)
+            self._norm(name, order, "3")
+        return plan
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+    def forward(self, h: torch.Tensor) -> list[list[torch.Tensor | None]]:
+        """Per edge, the outputs of its candidates (None for those run per edge) in column order. Stacked results
+        are split into per-unit views along the channels (their gradients come back as one concatenation)."""
+        n, C = self.n, self.channels
+        fmt = _layout(h)
+        results: dict[str, list] = {"input": [h]}
+        relu = torch.relu(h) if self.stage1 or self.reduce_units else None
+        if self.pools:
+            results["pool"] = [pool(h) for pool in self.pools]
+        if self.stage1:
+            y1 = self._stage(self.stage1, relu, "stage1", fmt)
+            sep = self.sep_units * C
+            # the separable convolutions' first halves go on to stage 2, the dilated convolutions are done
+            y1_sep, y1_dil = y1.split([sep, y1.shape[1] - sep], 1)
+            results["stage1"] = [None] * self.sep_units + list(y1_dil.split(C, 1))
+            if self.stage2:
+                y2 = self._stage(self.stage2, torch.relu(y1_sep), "stage2", fmt)
+                results["stage2"] = list(y2.split(C, 1))
+        gate_inputs = None
+        if self.reduce_units:
+            gate_inputs = self._reduce(relu, fmt).split(n * C, 1)  # per column: [N, n·C, H/2, W/2]
+            results["reduce"] = [unit for part in gate_inputs for unit in part.split(C, 1)]
+        for name, at, *_ in self.channel_gates:
+            x = h if at is None else gate_inputs[at]
+            results.setdefault("channel_gate", []).append(self._channel_gate(name, x, at is None, fmt).split(C, 1))
+        for name, at, padding in self.spatial_gates:
+            x = h if at is None else gate_inputs[at]
+            results.setdefault("spatial_gate", []).append(self._spatial_gate(name, x, at is None, padding).split(C, 1))
+        outputs = []
+        for e in range(n):
+            row = []
+            for kind, g in self.outputs:
+                if kind in ("input", "pool"):
+                    row.append(results[kind][g])
+                elif kind in ("stage1", "stage2", "reduce"):
+                    row.append(results[kind][g * n + e])
+                elif kind in ("channel_gate", "spatial_gate"):
+                    row.append(results[kind][g][e])
+                else:
+                    row.append(None)
+            outputs.append(row)
+        return outputs
+
+    def _stage(self, groups: list[tuple], x: torch.Tensor, stage: str, fmt: torch.memory_format) -> torch.Tensor:
+        """Depthwise (one call per column), grouped pointwise and batch norm of a stage's units. In stage 1 every
+        column's units read the state: ``x`` is relu(h) repeated once per edge (each column then runs one plain
+        depthwise convolution over all its units); in stage 2 each unit reads its own stage-1 output."""
+        C = self.channels
+        parts, start, inputs = [], 0, {}
+        if stage == "stage2":  # each column's units read their own stage-1 outputs
+            columns = iter(x.split([units * C for _, units, _ in groups], 1))
+        for name, units, (kernel, stride, padding, dilation) in groups:
+            weight = getattr(self, name)
+            if stage == "stage1":
+                subsample = subsampling_plan(kernel, stride, padding, dilation)  # see LeanConv2d
+                key = stride if subsample else None
+                if key not in inputs:
+                    inputs[key] = _repeat(ops.subsample(x, stride) if subsample else x, units, fmt)
+                if subsample:
+                    stride, padding, dilation = (1, 1), tuple((k - 1) // 2 for k in kernel), (1, 1)
+                y = _conv(inputs[key], weight, stride, padding, dilation, units * C)
+            else:
+                y = _conv(next(columns), weight, stride, padding, dilation, units * C)
+            start += units
+            parts.append(y)
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        y = _conv(y, getattr(self, f"{stage}_pw"), groups=start)
+        return self._norm_of(stage, y)
+
+    def _reduce(self, relu: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        """The factorized reductions of all reduce units: [N, units·C, H/2, W/2], unit by unit."""
+        h_odd, w_odd = relu.shape[-2] % 2, relu.shape[-1] % 2
+        shifted = relu[:, :, 1:, 1:]
+        if h_odd or w_odd:
+            shifted = F.pad(shifted, (0, w_odd, 0, h_odd))
+        halves = torch.cat([_conv(relu, self.reduce1, (2, 2)), _conv(shifted, self.reduce2, (2, 2))], 1)
+        y = self._norm_of("reduce", halves)  # channels [half, unit, C/2] → [unit, half, C/2]
+        N, _, H, W = y.shape
+        if fmt == torch.channels_last:
+            y = y.permute(0, 2, 3, 1).unflatten(3, (2, self.reduce_units, -1)).transpose(3, 4)
+            return y.reshape(N, H, W, -1).permute(0, 3, 1, 2)
+        return y.unflatten(1, (2, self.reduce_units, -1)).transpose(1, 2).reshape(N, -1, H, W)
+
+    def _channel_gate(self, name: str, x: torch.Tensor, shared: bool, fmt: torch.memory_format) -> torch.Tensor:
+        """Each unit's channel gate applied to x (``shared``: the state, the same input for every unit; else the
+        units' own inputs [N, units·C, H, W]): [N, units·C, H, W]."""
+        w1, b1, w2, b2 = (getattr(self, f"{name}_{a}") for a in ("w1", "b1", "w2", "b2"))
+        units, C = w1.shape[0], w1.shape[2]
+        x5 = x.unsqueeze(1) if shared else x.unflatten(1, (units, C))
+        pooled = torch.cat([x5.mean((3, 4)), x5.amax((3, 4))], 0).expand(-1, units, -1)  # [2N, units, C]
+        hidden = torch.relu(torch.einsum("bnc,nhc->bnh", pooled, w1) + b1)
+        out = torch.einsum("bnh,nch->bnc", hidden, w2) + b2
+        N = x.shape[0]
+        gate = torch.sigmoid(out[:N] + out[N:])  # [N, units, C]
+        if shared and fmt == torch.channels_last:  # written as [N, H, W, units, C]: channels_last
+            return (x.permute(0, 2, 3, 1).unsqueeze(3) * gate[:, None, None]).flatten(3).permute(0, 3, 1, 2)
+        return (x5 * gate[..., None, None]).flatten(1, 2)
+
+    def _spatial_gate(self, name: str, x: torch.Tensor, shared: bool, padding) -> torch.Tensor:
+        """Each unit's spatial gate applied to x (as :meth:`_channel_gate`): [N, units·C, H, W]."""
+        weight = getattr(self, f"{name}_conv")
+        units = weight.shape[0]
+        if shared:
+            x5 = x.unsqueeze(1)
+            logits = _conv(ops.spatial_pool(x), weight, padding=padding)
+        else:
+            x5 = x.unflatten(1, (units, -1))
+            pooled = torch.stack([x5.amax(2), x5.mean(2)], 2).flatten(1, 2)  # [N, units·2, H, W]
+            logits = _conv(pooled, weight, padding=padding, groups=units)
+        gate = torch.sigmoid(self._norm_of(name, logits))
+        return (x5 * gate.unsqueeze(2)).flatten(1, 2)
+
+
+def _repeat(x: torch.Tensor, times: int, fmt: torch.memory_format) -> torch.Tensor:
+    """x [N, C, H, W] repeated ``times`` along the channels, in the layout ``fmt``."""
+    return x if times == 1 else torch.cat([x] * times, 1) if fmt == torch.channels_last else x.repeat(1, times, 1, 1)
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if ops.prefers_channels_last(x) else torch.contiguous_format
