@@ -68,7 +68,8 @@ class Architect:
         # regularisers of α alone (fastnas.robust): each gives its gradient, added to the loss's
         self.terms = list(terms)
         self.penalty = penalty  # the validation loss -> the architecture objective (fastnas.budget)
-        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                          fused=True)
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,
              eta: float, network_optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -167,7 +168,7 @@ def weight_step(model: nn.Module, forward: Callable, criterion: LossFn, optimize
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip:
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip, foreach=True)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -80,7 +80,7 @@ class Search:
         self.criterion = nn.CrossEntropyLoss()
         self.forward = self._make_forward()
         self.optimizer = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+                                         weight_decay=cfg.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.arch_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")

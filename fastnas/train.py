@@ -134,7 +134,7 @@ class Trainer:
                 broadcast_buffers=False, find_unused_parameters=cfg.auxiliary and cfg.auxiliary_weight == 0)
             self.train_forward = self._make_forward(ddp)
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+                                         weight_decay=cfg.weight_decay, fused=True)
         if cfg.lr_schedule == "step":  # DARTS's ImageNet schedule: epoch e trains at lr * gamma^(e // lr_step)
             self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
         else:
@@ -222,7 +222,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), logits.detach()
