@@ -10,7 +10,8 @@ read a tensor's value on the host (``aten::_local_scalar_dense``, behind ``.item
     python -m benchmarks.op_calls --providers reference_darts_cl,cpu_cl --json benchmarks/out/op-calls.json
 
 The DARTS formulation (``reference_darts*``: every activation stored, PyTorch's modules, the reference backend) is
-the baseline the other providers are compared with.
+the baseline the other providers are compared with. Beside all calls, the calls that are not views (``detach``,
+``view``, ``slice``, ...: no kernel runs for them on a GPU) are counted apart.
 """
 from __future__ import annotations
 
@@ -25,8 +26,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .steps import STEP_PROVIDERS, build_step, skip_reason
 
 SPACES = ("darts", "at-darts")
-DEFAULT_PROVIDERS = ("reference_darts_cl", "reference_cl", "cpu_cl", "cpu_pc4_cl")
+DEFAULT_PROVIDERS = ("reference_darts_cl", "reference_cl", "cpu_cl", "cpu_cl_batched", "cpu_pc4_cl")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::item")
+# calls that only make a new view of existing data (or a tensor's autograd alias): no kernel runs on a GPU
+VIEW_OPS = frozenset(f"aten::{name}" for name in (
+    "detach", "view", "_unsafe_view", "reshape", "slice", "select", "split", "split_with_sizes", "unbind", "permute",
+    "transpose", "t", "expand", "unsqueeze", "squeeze", "as_strided", "alias", "unflatten", "flatten", "narrow",
+    "view_as", "_reshape_alias", "diagonal", "unfold", "chunk"))
 
 
 class OpCounter(TorchDispatchMode):
@@ -49,6 +55,7 @@ def count_step(provider: str, space: str, batch: int) -> dict:
         step()
     counts = counter.counts
     return {"provider": provider, "space": space, "batch": batch, "calls": sum(counts.values()),
+            "kernel_calls": sum(n for name, n in counts.items() if name not in VIEW_OPS),
             "host_syncs": sum(counts[name] for name in SYNC_OPS), "top": counts.most_common(12)}
 
 
@@ -62,16 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = []
     for space in args.spaces.split(","):
-        baseline = None
+        baseline = kernels = None
         for provider in args.providers.split(","):
             why = skip_reason(provider)
             if why is not None:
                 print(f"{space:9s} {provider:22s} skipped: {why}")
                 continue
             result = count_step(provider, space, args.batch)
-            baseline = baseline or result["calls"]
+            baseline, kernels = baseline or result["calls"], kernels or result["kernel_calls"]
             results.append(result)
-            print(f"{space:9s} {provider:22s} {result['calls']:8d} calls  {result['calls'] / baseline:5.2f}x  "
+            print(f"{space:9s} {provider:22s} {result['calls']:8d} calls {result['calls'] / baseline:5.2f}x  "
+                  f"{result['kernel_calls']:7d} not views {result['kernel_calls'] / kernels:5.2f}x  "
                   f"{result['host_syncs']} host syncs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

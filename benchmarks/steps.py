@@ -62,6 +62,7 @@ class StepProvider:
     regions: bool = False  # the compiled-regions plan, what --compile does (search only)
     channels_last: bool = False  # model and inputs in NHWC (fastnas's default on the CPU)
     plan: str | None = None  # a plan by name (search only; None: the factory's choice)
+    fused_optimizers: bool = True  # fastnas's fused SGD and Adam (False: PyTorch's defaults, as DARTS runs them)
 
     @property
     def device(self) -> str:
@@ -73,20 +74,20 @@ class StepProvider:
 
 
 STEP_PROVIDERS = {
-    "reference_darts": StepProvider("reference", memory_efficient=False),
+    "reference_darts": StepProvider("reference", memory_efficient=False, fused_optimizers=False),
     "reference": StepProvider("reference"),
     "cpu": StepProvider("cpu"),
     "cpu_pc4": StepProvider("cpu", partial_channels=4),
     "cuda": StepProvider("cuda"),
     "cuda_pc4": StepProvider("cuda", partial_channels=4),
     "triton": StepProvider("triton"),
-    "reference_darts_compiled": StepProvider("reference", memory_efficient=False, compiled=True),
+    "reference_darts_compiled": StepProvider("reference", memory_efficient=False, compiled=True, fused_optimizers=False),
     "reference_compiled": StepProvider("reference", compiled=True),
     "cpu_compiled": StepProvider("cpu", compiled=True),
     "cpu_pc4_compiled": StepProvider("cpu", partial_channels=4, compiled=True),
     "cuda_compiled": StepProvider("cuda", compiled=True),
     "triton_compiled": StepProvider("triton", compiled=True),
-    "reference_darts_cl": StepProvider("reference", memory_efficient=False, channels_last=True),
+    "reference_darts_cl": StepProvider("reference", memory_efficient=False, channels_last=True, fused_optimizers=False),
     "reference_cl": StepProvider("reference", channels_last=True),
     "reference_cl_batched": StepProvider("reference", channels_last=True, plan="batched"),
     "cpu_cl_batched": StepProvider("cpu", channels_last=True, plan="batched"),
@@ -145,9 +146,12 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
             net = net.to(memory_format=torch.channels_last)
         forward = torch.compile(net) if p.compiled else net
         optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, fused=True)
+                                    weight_decay=cfg.weight_decay, fused=p.fused_optimizers or None)
         architect = Architect(net, criterion, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                               1 if kind == "search1" else 2, cfg.momentum, cfg.weight_decay, forward=forward)
+        if not p.fused_optimizers:
+            architect.optimizer = torch.optim.Adam(net.arch_parameters(), cfg.arch_lr, cfg.arch_betas,
+                                                   weight_decay=cfg.arch_weight_decay)
         layout = torch.channels_last if p.channels_last else torch.contiguous_format
         x, xv = (torch.randn(batch, 3, 32, 32, generator=gen).to(dev, memory_format=layout) for _ in range(2))
         y, yv = (torch.randint(0, 10, (batch,), generator=gen).to(dev) for _ in range(2))

@@ -328,11 +328,12 @@ class StateCandidates(nn.Module):
         w1, b1, w2, b2 = (getattr(self, f"{name}_{a}") for a in ("w1", "b1", "w2", "b2"))
         units, C = w1.shape[0], w1.shape[2]
         x5 = x.unsqueeze(1) if shared else x.unflatten(1, (units, C))
-        pooled = torch.cat([x5.mean((3, 4)), x5.amax((3, 4))], 0).expand(-1, units, -1)  # [2N, units, C]
-        hidden = torch.relu(torch.einsum("bnc,nhc->bnh", pooled, w1) + b1)
-        out = torch.einsum("bnh,nch->bnc", hidden, w2) + b2
+        # the MLPs of all units as batched matrix products over [units, 2N, ·]: avg- and max-pooled rows
+        pooled = torch.cat([x5.mean((3, 4)), x5.amax((3, 4))], 0).transpose(0, 1).expand(units, -1, -1)
+        hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), pooled, w1.transpose(1, 2)))
+        out = torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))  # [units, 2N, C]
         N = x.shape[0]
-        gate = torch.sigmoid(out[:N] + out[N:])  # [N, units, C]
+        gate = torch.sigmoid(out[:, :N] + out[:, N:]).transpose(0, 1)  # [N, units, C]
         if shared and fmt == torch.channels_last:  # written as [N, H, W, units, C]: channels_last
             return (x.permute(0, 2, 3, 1).unsqueeze(3) * gate[:, None, None]).flatten(3).permute(0, 3, 1, 2)
         return (x5 * gate[..., None, None]).flatten(1, 2)
