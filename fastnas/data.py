@@ -748,9 +748,9 @@ def data_json_text(info: DatasetInfo) -> str:
 
 def write_data_json(run_dir: str | Path, info: DatasetInfo) -> None:
     """Write the run folder's ``data.json`` atomically (a temporary file renamed into place)."""
-    from .checkpoint import write_text_atomic
+    from .atomic import write_text
 
-    write_text_atomic(data_json_text(info), Path(run_dir) / DATA_JSON)
+    write_text(data_json_text(info), Path(run_dir) / DATA_JSON)
 
 
 def _check_record(record: Any, path: Path) -> dict[str, Any]:

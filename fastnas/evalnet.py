@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -302,21 +301,14 @@ def save_model(model: EvalNet, run_dir: str | Path, extra: dict[str, Any] | None
     and whatever ``extra`` holds), each atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import new_file_mode, temp_file_beside, write_text_atomic
+    from .atomic import replacing, write_text
 
     run_dir = Path(run_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = temp_file_beside(run_dir / MODEL_FILE)
-    os.close(fd)
-    try:
+    with replacing(run_dir / MODEL_FILE) as tmp:
         save_file(state, tmp, metadata={"format": "fastnas.EvalNet"})
-        os.chmod(tmp, new_file_mode())  # safetensors writes the file anew, owner-only
-        os.replace(tmp, run_dir / MODEL_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     meta = {"arch": model.arch_config(), **(extra or {})}
-    write_text_atomic(json.dumps(meta, indent=2) + "\n", run_dir / MODEL_META)
+    write_text(json.dumps(meta, indent=2) + "\n", run_dir / MODEL_META)
 
 
 def read_model_meta(run_dir: str | Path) -> dict[str, Any]:
