@@ -167,14 +167,15 @@ class EvalNet(nn.Module):
 
     ``forward`` returns the logits; in training mode with the auxiliary head it returns ``(logits, aux_logits)``
     (as torchvision's Inception does). ``drop_path_prob`` is an attribute: the training loop raises it linearly over
-    the epochs. ``input_size`` (the image side) sizes the auxiliary head; ``steps``, when given, is the number of
-    intermediate nodes the genotype must have. ``stem_multiplier`` applies to the CIFAR stem only (the ImageNet stems
-    have C channels).
+    the epochs. ``input_size`` (the image side; by default the network's own: 224 for ``network="imagenet"``, else
+    32) sizes the auxiliary head; ``steps``, when given, is the number of intermediate nodes the genotype must have.
+    ``stem_multiplier`` applies to the CIFAR stem only (the ImageNet stems have C channels).
     """
 
     def __init__(self, genotype: Genotype | str | dict, C: int = 36, layers: int = 20, num_classes: int = 10,
-                 auxiliary: bool = False, drop_path_prob: float = 0.0, in_channels: int = 3, input_size: int = 32,
-                 stem_multiplier: int = 3, steps: int | None = None, network: str = "auto") -> None:
+                 auxiliary: bool = False, drop_path_prob: float = 0.0, in_channels: int = 3,
+                 input_size: int | None = None, stem_multiplier: int = 3, steps: int | None = None,
+                 network: str = "auto") -> None:
         super().__init__()
         if isinstance(genotype, str):
             genotype = Genotype.parse(genotype)
@@ -187,6 +188,8 @@ class EvalNet(nn.Module):
         if C < 2 or C % 2 or layers < 1 or num_classes < 1 or in_channels < 1:
             raise ConfigError(f"EvalNet needs an even C >= 2 and layers, num_classes, in_channels >= 1, got C={C}, "
                               f"layers={layers}, num_classes={num_classes}, in_channels={in_channels}")
+        if input_size is None:
+            input_size = 224 if network == "imagenet" else 32
         network = resolve_network(network, input_size)
         if network == "imagenet":
             check_imagenet_input_size(input_size, layers)
