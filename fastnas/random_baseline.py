@@ -25,7 +25,8 @@ from .errors import ConfigError
 from .genotype import Edge, Genotype
 from .runtime import log
 from .space import resolve_primitives
-from .train import Trainer, resolve_genotype
+from .genotypes import resolve_genotype
+from .train import Trainer
 
 
 def sample_cell(ops: Sequence[str], steps: int, rng: random.Random) -> list[Edge]:

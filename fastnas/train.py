@@ -34,46 +34,10 @@ from .data import (check_image_size, check_resumed_data, loader_workers, ordered
                    shard_sampler, train_test_data)
 from .errors import CheckpointError, ConfigError
 from .evalnet import EvalNet, save_model
-from .genotype import Genotype
+from .genotypes import check_genotype, resolve_genotype  # noqa: F401 (resolve_genotype: this module's API)
 from .runtime import log
-from .space import registered_ops
 
 CHECKPOINT_FORMAT = 1
-
-
-def resolve_genotype(spec: str | Genotype) -> Genotype:
-    """A genotype from a known name (``DARTS_V2``), a ``genotype.json`` / ``genotype.txt`` file, a search run folder
-    (its ``genotype.json``), or a ``Genotype(...)`` string / JSON text."""
-    if isinstance(spec, Genotype):
-        return spec
-    text = str(spec).strip()
-    if text in genotypes.KNOWN:
-        return genotypes.get(text)
-    if text.startswith(("Genotype(", "{")):
-        return Genotype.parse(text)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "genotype.json").exists():
-            raise ConfigError(f"{path} holds no genotype.json (a search run writes it when it finishes; "
-                              f"resume an unfinished one with python -m fastnas.search --resume {path})")
-        path = path / "genotype.json"
-    if path.is_file():
-        try:
-            content = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read genotype file {path}: {exc}") from None
-        return Genotype.parse(content)
-    raise ConfigError(f"--genotype {text!r} is neither a genotype file, a search run folder, a known name "
-                      f"({', '.join(genotypes.KNOWN)}) nor a 'Genotype(normal=..., ...)' string")
-
-
-def check_genotype(genotype: Genotype, steps: int) -> None:
-    """One clear error for a genotype this network cannot build: unknown ops, or another number of nodes."""
-    try:
-        genotype.validate(known_ops=registered_ops(), steps=steps)
-    except ConfigError as exc:
-        hint = " (pass --steps to match it)" if "network expects" in str(exc) else ""
-        raise ConfigError(f"{exc}{hint}") from None
 
 
 @dataclass
