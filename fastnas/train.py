@@ -28,7 +28,8 @@ from .config import TRAIN_PRESETS, TrainConfig
 from .costmodel import format_cost, network_cost
 from .data import check_image_size, loader_workers, ordered_loader, seeded_loader, shard_sampler, train_test_data
 from .errors import CheckpointError, ConfigError
-from .evalnet import EvalNet, save_model
+from .evalnet import EvalNet
+from .modelfile import save_model
 from .genotypes import check_genotype, resolve_genotype  # noqa: F401 (resolve_genotype: this module's API)
 from .runloop import RunLoop
 from .runtime import log
