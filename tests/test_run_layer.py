@@ -125,6 +125,20 @@ def test_tensorboard_of_a_retraining_and_its_off_switch(tmp_path):
     assert not list(run.glob("events.out.tfevents.*"))
 
 
+def test_tensorboard_under_torchrun_is_written_by_rank_0_alone(tmp_path):
+    pytest.importorskip("tensorboard")
+    import test_distributed
+    from test_distributed import SEARCH_ARGS, ok, torchrun
+
+    if test_distributed.pytestmark.args[0]:
+        pytest.skip(test_distributed.pytestmark.kwargs["reason"])
+
+    ok(torchrun(["-m", "fastnas.search"], SEARCH_ARGS + ["--epochs", "1", "--run-dir", "run", "--tensorboard"],
+                tmp_path))
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
+    assert "search/valid_acc" in _events(tmp_path / "run")["scalars"]
+
+
 def test_evalnet_defaults_follow_the_network():
     """DARTS's ImageNet network with its auxiliary head, without input_size spelled out: 224 pixels, as DARTS's."""
     from fastnas.evalnet import EvalNet
