@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .errors import RunFolderError
 
-# what a search or a retraining writes; their presence means the folder holds a run
+# what a search or a retraining writes; their presence means the folder holds a run. One list, here, rather than
+# one beside each writer: a folder must be recognised (and --overwrite must clear it) whichever command claims it,
+# and a command does not import the other's writers
 RUN_OUTPUTS = ("config.json", "log.txt", "checkpoint.pt", "alphas.json", "alphas.png", "genotype.json",
                "genotype.txt", "analysis.txt", "normal.png", "reduce.png", "metrics.json", "model.safetensors",
                "model.json", "data.json", "collapse.png", "seeds.json", "seeds.txt", "seeds.png",
