@@ -91,9 +91,12 @@ setup(
         "tqdm",
         "matplotlib",
         "safetensors",
+        "pyyaml",  # --config files (fastnas.options)
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja", "cmake>=3.26", "onnx", "onnxruntime", "onnxscript"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "cmake>=3.26", "onnx", "onnxruntime", "onnxscript",
+                 "tensorboard"],
+        "tensorboard": ["tensorboard"],  # event files in each run folder (fastnas.tracking)
         "triton": ["triton"],
         "export": ["onnx", "onnxruntime", "onnxscript"],  # python -m fastnas.export --format onnx
     },

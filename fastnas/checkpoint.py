@@ -1,39 +1,21 @@
-"""Atomic checkpoints and exact resumption.
+"""Checkpoints and exact resumption.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the old one, so
-an interrupted run never leaves a half-written file. The files of one epoch (the checkpoint and the JSON history
-beside it) are committed together by :func:`write_together`: all are written first, and only then renamed, so a
-full disk leaves every file at the previous epoch. Loading uses ``torch.load(weights_only=True)``.
+A checkpoint is committed with the JSON history beside it by :func:`fastnas.atomic.write_together` (all written
+first, then renamed, so a full disk leaves every file at the previous epoch); it holds every random stream
+(:func:`rng_state`). Loading uses ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 import io
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .atomic import write_together  # noqa: F401 (the epoch's commit, used as checkpoint.write_together)
 from .errors import CheckpointError
-
-
-def new_file_mode() -> int:
-    """The mode a new file gets under the process's umask (0644 under 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
-    """A temporary file in ``path``'s folder, for an atomic rename onto ``path``: (descriptor, name). ``mkstemp``
-    creates it 0600; it is given the umask's mode, which the rename keeps, so that every output has the
-    permissions of a file written directly."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.fchmod(fd, new_file_mode())
-    return fd, tmp
 
 
 def torch_bytes(obj: Any) -> bytes:
@@ -41,36 +23,6 @@ def torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def write_together(files: dict[Path, bytes]) -> None:
-    """Write every file, or none: each is written and flushed to a temporary file beside it, then all are renamed
-    into place (in the given order). On an error (a full disk) the temporary files are removed and the old files
-    stay as they were."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in files.items():
-            path = Path(path)
-            fd, tmp = temp_file_beside(path)
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

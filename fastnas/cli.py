@@ -9,52 +9,38 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import checkpoint, config as cfgmod, distributed, rundir, runtime
+from . import checkpoint, config as cfgmod, distributed, options, rundir, runtime
 from .errors import CheckpointError, ConfigError, FastNASError, RunFolderError
 from .runtime import log
 
 
 def new_parser(prog: str, description: str, presets: dict[str, dict[str, Any]], preset_help: str,
-               run_kind: str) -> argparse.ArgumentParser:
+               run_kind: str, config_class: type | None = None) -> argparse.ArgumentParser:
     """A parser with ``--preset`` and the run-folder options (``--out``, ``--run-dir``, ``--resume``,
-    ``--no-progress``)."""
+    ``--no-progress``); with ``config_class``, also every option of that configuration, ``--config``,
+    ``--print-config`` and ``--tensorboard``."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="quick", choices=sorted(presets), help=preset_help)
+    p.add_argument("--preset", default=None if config_class else "quick", choices=sorted(presets),
+                   help=preset_help + (" (default: the --config file's preset, else quick)" if config_class else ""))
     p.add_argument("--out", default="runs", help="folder under which the run folder is created")
     p.add_argument("--run-dir", default=None, help=f"exact run folder to write (default: OUT/{run_kind}-PRESET-TIME)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="allow --run-dir to name a folder that holds another run (its outputs are removed first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if config_class is None:
+        return p
+    p.add_argument("--config", metavar="FILE",
+                   help="a YAML (or JSON) file of options, such as a run's config.json or what --print-config "
+                        "writes; the preset < this file < the options given here")
+    p.add_argument("--print-config", action="store_true",
+                   help="write the resolved configuration as YAML (a --config file) and exit")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="write TensorBoard event files into the run folder (default: on when tensorboard is "
+                        "installed; tensorboard --logdir runs)")
+    options.add_options(p, config_class)
     return p
-
-
-def add_data_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100", "folder"],
-                   help="dataset (digits ships with the package; folder: your images under --data-dir)")
-    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python, or with --dataset "
-                                      "folder the images: DIR/<class>/<image>, or DIR/train/ and DIR/val/")
-    g.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-dir")
-    g.add_argument("--image-size", type=int, help="--dataset folder: network input side; images are resized "
-                                                  "(short side) and cropped to it (default 32)")
-    g.add_argument("--skip-bad-images", action="store_true", default=None,
-                   help="--dataset folder: leave unreadable image files out (counted) instead of stopping")
-    g.add_argument("--limit", type=int, help="use only the first N training images")
-    g.add_argument("--workers", type=int, help="data loader worker processes (default: 0 for in-memory "
-                                               "datasets, up to 4 for folders)")
-
-
-def add_engine_options(g: argparse._ArgumentGroup, network: str) -> None:
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"], help="fused-op backend")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (fp16 uses loss scaling)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory layout (default: on for the CPU, where it is faster; off on GPUs)")
-    g.add_argument("--compile", action="store_true", default=None, help=f"torch.compile the {network}")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for PyTorch's kernels (default: PyTorch's choice; fewer than the cores helps "
-                        "when other jobs share the machine)")
 
 
 # options that do nothing without another: option -> (what it needs, whether the configuration has that)
@@ -69,23 +55,40 @@ _NEEDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
-def check_needed_options(args: argparse.Namespace, cfg: Any) -> None:
+def check_needed_options(given: dict[str, Any], cfg: Any) -> None:
     """A ConfigError for an option given without the one it works with (it would be accepted and ignored)."""
     for name, (needs, present) in _NEEDS.items():
-        if getattr(args, name, None) is not None and hasattr(cfg, name) and not present(cfg):
+        if given.get(name) is not None and hasattr(cfg, name) and not present(cfg):
             option = "--" + name.replace("_", "-")
             raise ConfigError(f"{option} does nothing without {needs}: add {needs}, or leave {option} out")
 
 
+RUN_KEYS = ("preset", "seeds", "genotype_source")  # what config.json holds beside the options
+
+
 def config_from_args(args: argparse.Namespace, config_class: type, presets: dict[str, dict[str, Any]]):
-    """The preset's settings, overridden by every option that was given (a config of ``config_class``); the thread
-    count is the one in use (a run records it: another count changes the last bits)."""
+    """The preset's settings, overridden by the ``--config`` file's, overridden by every option given (a config of
+    ``config_class``, validated); the thread count is the one in use (a run records it: another count changes the
+    last bits)."""
+    from_file = options.read_file(args.config, config_class, RUN_KEYS) if getattr(args, "config", None) else {}
+    if args.preset is None:
+        args.preset = from_file.get("preset", "quick")
+    if getattr(args, "seeds", 1) is None:
+        args.seeds = from_file.get("seeds", 1)
+    flags = options.given(args, config_class)
     base = cfgmod.merge(config_class().to_dict(), cfgmod.preset(args.preset, presets))
-    overrides = {k: getattr(args, k) for k in config_class.__dataclass_fields__ if hasattr(args, k)}
-    cfg = config_class.from_dict(cfgmod.merge(base, overrides))
-    check_needed_options(args, cfg)
-    if getattr(cfg, "threads", 0) is None:
+    cfg = config_class.from_dict(cfgmod.merge(base, {**{k: v for k, v in from_file.items() if k not in RUN_KEYS},
+                                                     **flags}))
+    check_needed_options(flags, cfg)  # a file may hold every option (a run's config.json)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        where = [k for k in from_file if str(exc).startswith(options.flag_of(k) + " ")]
+        raise ConfigError(f"{exc} (in {args.config})" if where else str(exc)) from None
+    if cfg.threads is None:
         cfg.threads = torch.get_num_threads()
+    else:
+        torch.set_num_threads(cfg.threads)
     return cfg
 
 

@@ -15,21 +15,21 @@ With ``DARTS_V2``, C=36, 20 layers and 10 classes it has exactly the parameters 
 3,349,342 without the auxiliary head (DARTS's "param size = 3.349342MB") and 3,825,768 with it; the ImageNet
 network with C=48, 14 layers and 1000 classes has 4,718,752 without its head and 5,979,528 with it.
 
-:func:`load_model` rebuilds a trained network from a ``python -m fastnas.train`` run folder.
+:func:`load_model` rebuilds a trained network from a ``python -m fastnas.train`` run folder (its files:
+:mod:`fastnas.modelfile`).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import ConfigError
 from .genotype import Edge, Genotype
+from .modelfile import attach_data, load_weights, read_model_meta, save_model  # noqa: F401 (save_model: API)
 from .nn.operations import FactorizedReduce, ReLUConvBN
 from .space import make_op, registered_ops
 from .supernet import check_input_size, reduction_layers
@@ -168,14 +168,15 @@ class EvalNet(nn.Module):
 
     ``forward`` returns the logits; in training mode with the auxiliary head it returns ``(logits, aux_logits)``
     (as torchvision's Inception does). ``drop_path_prob`` is an attribute: the training loop raises it linearly over
-    the epochs. ``input_size`` (the image side) sizes the auxiliary head; ``steps``, when given, is the number of
-    intermediate nodes the genotype must have. ``stem_multiplier`` applies to the CIFAR stem only (the ImageNet stems
-    have C channels).
+    the epochs. ``input_size`` (the image side; by default the network's own: 224 for ``network="imagenet"``, else
+    32) sizes the auxiliary head; ``steps``, when given, is the number of intermediate nodes the genotype must have.
+    ``stem_multiplier`` applies to the CIFAR stem only (the ImageNet stems have C channels).
     """
 
     def __init__(self, genotype: Genotype | str | dict, C: int = 36, layers: int = 20, num_classes: int = 10,
-                 auxiliary: bool = False, drop_path_prob: float = 0.0, in_channels: int = 3, input_size: int = 32,
-                 stem_multiplier: int = 3, steps: int | None = None, network: str = "auto") -> None:
+                 auxiliary: bool = False, drop_path_prob: float = 0.0, in_channels: int = 3,
+                 input_size: int | None = None, stem_multiplier: int = 3, steps: int | None = None,
+                 network: str = "auto") -> None:
         super().__init__()
         if isinstance(genotype, str):
             genotype = Genotype.parse(genotype)
@@ -188,6 +189,8 @@ class EvalNet(nn.Module):
         if C < 2 or C % 2 or layers < 1 or num_classes < 1 or in_channels < 1:
             raise ConfigError(f"EvalNet needs an even C >= 2 and layers, num_classes, in_channels >= 1, got C={C}, "
                               f"layers={layers}, num_classes={num_classes}, in_channels={in_channels}")
+        if input_size is None:
+            input_size = 224 if network == "imagenet" else 32
         network = resolve_network(network, input_size)
         if network == "imagenet":
             check_imagenet_input_size(input_size, layers)
@@ -293,47 +296,7 @@ def build_from_config(arch: dict[str, Any]) -> EvalNet:
     return EvalNet(genotype, **arch)
 
 
-# -- saved models -----------------------------------------------------------------------------------------------------
-MODEL_FILE, MODEL_META = "model.safetensors", "model.json"
-
-
-def save_model(model: EvalNet, run_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` (weights and batch-norm statistics) and ``model.json`` (architecture, dataset,
-    and whatever ``extra`` holds), each atomically."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import new_file_mode, temp_file_beside, write_text_atomic
-
-    run_dir = Path(run_dir)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = temp_file_beside(run_dir / MODEL_FILE)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "fastnas.EvalNet"})
-        os.chmod(tmp, new_file_mode())  # safetensors writes the file anew, owner-only
-        os.replace(tmp, run_dir / MODEL_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    meta = {"arch": model.arch_config(), **(extra or {})}
-    write_text_atomic(json.dumps(meta, indent=2) + "\n", run_dir / MODEL_META)
-
-
-def read_model_meta(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / MODEL_META
-    if not Path(run_dir).is_dir():
-        raise CheckpointError(f"no run folder at {run_dir}")
-    if not path.exists():
-        raise CheckpointError(f"no trained model in {run_dir}: {MODEL_META} is missing "
-                              f"(written by python -m fastnas.train after its first epoch)")
-    try:
-        meta = json.loads(path.read_text())
-        meta["arch"]["genotype"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is corrupt ({type(exc).__name__})") from None
-    return meta
-
-
+# -- saved models (the files themselves: fastnas.modelfile) -----------------------------------------------------------
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> EvalNet:
     """The trained network of a ``python -m fastnas.train`` run folder, in eval mode on ``device``.
 
@@ -341,41 +304,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> EvalN
     says as ``model.data_info``, ``model.classes`` (the class of each output) and ``model.transform`` (a PIL image
     to the tensor the model takes: ``model(model.transform(image)[None])``), or None for all three when the folder
     does not say what its data are. A ``data.json`` whose classes or channels do not fit the model is refused."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     meta = read_model_meta(run_dir)
     model = build_from_config(meta["arch"])
-    try:
-        state = load_file(str(Path(run_dir) / MODEL_FILE), device="cpu")
-    except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read {Path(run_dir) / MODEL_FILE}: {exc}") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{MODEL_FILE} does not fit {MODEL_META}: {str(exc).splitlines()[0]}") from None
+    load_weights(model, run_dir)
     model.meta = meta
-    _attach_data(model, Path(run_dir))
+    attach_data(model, Path(run_dir))
     return model.to(device).eval()
-
-
-def _attach_data(model: EvalNet, run_dir: Path) -> None:
-    from .data import DATA_JSON as DATA_FILE, eval_transform, read_data_json
-
-    try:
-        info = read_data_json(run_dir)
-    except DataError:
-        if (run_dir / DATA_FILE).exists():
-            raise
-        info = None
-    if info is not None:
-        if len(info["classes"]) != model.num_classes:
-            raise DataError(f"{run_dir / DATA_FILE} lists {len(info['classes'])} classes, but the model's classifier "
-                            f"has {model.num_classes} outputs")
-        if info["in_channels"] != model.in_channels:
-            raise DataError(f"{run_dir / DATA_FILE} says the images have {info['in_channels']} channel(s), but the "
-                            f"model takes {model.in_channels}")
-    # kept out of the module's children: the transform is not part of the network
-    object.__setattr__(model, "data_info", info)
-    object.__setattr__(model, "classes", None if info is None else list(info["classes"]))
-    object.__setattr__(model, "transform", None if info is None else eval_transform(info))

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import ops
-from .checkpoint import new_file_mode, temp_file_beside
+from .atomic import replacing
 from .errors import ConfigError, FastNASError
 from .evalnet import EvalNet, load_model
 
@@ -191,32 +191,25 @@ def export_model(run_dir: str | Path, fmt: str = "onnx", output: str | Path | No
     export, run, runner = _EXPORTERS[fmt]
     example, check = _probe_inputs(model)
     suffix = ".pt2" if fmt == "torch.export" else ".tmp"  # torch.export.save wants its own suffix
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write into {out.parent}: permission denied")
     try:
-        fd, tmp = temp_file_beside(out, suffix)
-    except OSError as exc:
-        raise ConfigError(f"cannot write into {out.parent}: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        # fused ops as their plain-PyTorch decomposition; the exporters' progress lines and their warnings (tracer
-        # notes on shape checks, deprecations) are not the user's concern: what counts is the check below
-        with ops.backend("reference"), torch.no_grad(), warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            expected = model(check)
-            export(model, example, tmp, opset)
-            try:
-                got = run(tmp, check)
-            except Exception as exc:
-                raise ExportError(f"{runner} cannot run the exported model: {type(exc).__name__}: "
-                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-        d_logits, d_probs = _compare(expected, got, runner)
-        os.chmod(tmp, new_file_mode())  # an exporter may have written the file anew
-        os.replace(tmp, out)
+        with replacing(out, suffix) as tmp:
+            # fused ops as their plain-PyTorch decomposition; the exporters' progress lines and their warnings
+            # (tracer notes on shape checks, deprecations) are not the user's concern: what counts is the check below
+            with ops.backend("reference"), torch.no_grad(), warnings.catch_warnings(), \
+                    contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                expected = model(check)
+                export(model, example, tmp, opset)
+                try:
+                    got = run(tmp, check)
+                except Exception as exc:
+                    raise ExportError(f"{runner} cannot run the exported model: {type(exc).__name__}: "
+                                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+            d_logits, d_probs = _compare(expected, got, runner)
     except OSError as exc:
         raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out, d_logits, d_probs
 
 

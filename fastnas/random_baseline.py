@@ -19,13 +19,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import cli, config as cfgmod, runtime
+from . import cli, config as cfgmod, options, runtime
 from .config import TRAIN_PRESETS, TrainConfig
 from .errors import ConfigError
 from .genotype import Edge, Genotype
 from .runtime import log
 from .space import resolve_primitives
-from .train import Trainer, resolve_genotype
+from .genotypes import resolve_genotype
+from .train import Trainer
 
 
 def sample_cell(ops: Sequence[str], steps: int, rng: random.Random) -> list[Edge]:
@@ -101,6 +102,12 @@ def describe(report: dict) -> str:
     return "\n".join(lines)
 
 
+# the fastnas.train options a baseline passes on to every retraining
+RETRAINING_OPTIONS = ["dataset", "data_dir", "download", "image_size", "skip_bad_images", "limit", "workers", "C",
+                      "layers", "steps", "auxiliary", "epochs", "batch_size", "lr", "cutout", "drop_path_prob",
+                      "max_steps", "seed", "device", "backend", "amp", "channels_last", "compile", "threads"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.new_parser("python -m fastnas.random_baseline",
                        "Retrain a searched genotype and N genotypes sampled uniformly from the same space under "
@@ -112,20 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="number of random genotypes")
     p.add_argument("--space", dest="space", default=None,
                    help="space to sample from (default: the search run's --primitives, else at-darts)")
-    g = p.add_argument_group("retraining (fastnas.train options)")
-    cli.add_data_options(g)
-    g.add_argument("--C", "--init-channels", dest="C", type=int)
-    g.add_argument("--layers", type=int)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--auxiliary", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--cutout", type=int)
-    g.add_argument("--drop-path-prob", type=float)
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--seed", type=int, help="seed of the sampling and of every retraining")
-    cli.add_engine_options(g, "network")
+    options.add_options(p, TrainConfig, RETRAINING_OPTIONS)
     return p
 
 

@@ -13,10 +13,13 @@ from pathlib import Path
 
 from .errors import RunFolderError
 
-# what a search or a retraining writes; their presence means the folder holds a run
+# what a search or a retraining writes; their presence means the folder holds a run. One list, here, rather than
+# one beside each writer: a folder must be recognised (and --overwrite must clear it) whichever command claims it,
+# and a command does not import the other's writers
 RUN_OUTPUTS = ("config.json", "log.txt", "checkpoint.pt", "alphas.json", "alphas.png", "genotype.json",
                "genotype.txt", "analysis.txt", "normal.png", "reduce.png", "metrics.json", "model.safetensors",
-               "model.json", "data.json", "collapse.png", "seeds.json", "seeds.txt", "seeds.png")
+               "model.json", "data.json", "collapse.png", "seeds.json", "seeds.txt", "seeds.png",
+               "events.out.tfevents.*")  # the last: TensorBoard's (fastnas.tracking)
 
 _held: dict[Path, int] = {}  # folder -> its locked descriptor, kept open while the command runs
 
@@ -42,7 +45,7 @@ def claim(path: str | Path, *, resume: bool = False, overwrite: bool = False, re
         os.close(fd)
         raise RunFolderError(f"the run folder {path} is in use by another run; wait for it to finish or "
                              f"choose another --run-dir") from None
-    existing = [name for name in RUN_OUTPUTS if (path / name).exists()]
+    existing = [p.name for pattern in RUN_OUTPUTS for p in sorted(path.glob(pattern))]
     if existing and not resume:
         if not overwrite:
             fcntl.flock(fd, fcntl.LOCK_UN)

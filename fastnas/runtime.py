@@ -157,9 +157,9 @@ def _finite_or_none(obj: Any) -> Any:
 
 
 def write_json(obj: Any, path: Path) -> None:
-    from .checkpoint import write_text_atomic
+    from .atomic import write_text
 
-    write_text_atomic(json_text(obj), path)
+    write_text(json_text(obj), path)
 
 
 class Meter:

@@ -12,13 +12,19 @@ give different cells: the counts below show which choices are stable.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import logging
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+from . import cli, distributed, runtime
 from .analysis import PAPER_FINDING, attention_edges, input_name
 from .genotype import Genotype
 from .indicators import is_attention_op, is_parameter_free_op
+from .errors import ConfigError
+from .runtime import log
 from .viz import plot_cells_side_by_side
 
 KINDS = ("normal", "reduce")
@@ -84,3 +90,46 @@ def write_summary(run_dir: Path, results: Sequence[tuple[int, Genotype]], folder
     plot_cells_side_by_side([(f"seed {s}", [folder / "normal.png", folder / "reduce.png"])
                              for (s, _), folder in zip(results, folders)], run_dir / "seeds.png")
     return summary
+
+
+def run(args: argparse.Namespace, cfg: Any, search_class: type) -> int:
+    """``--seeds N``: N searches of ``cfg`` (a ``search_class`` each), one after another, and their summary."""
+    if not isinstance(args.seeds, int) or args.seeds < 1:
+        raise ConfigError(f"--seeds must be an integer >= 1, got {args.seeds}")
+    main_process = runtime.setup_processes(cfg.device, args.dist_timeout, None)
+    run_dir, results, folders = None, [], []
+    for i in range(args.seeds):
+        one = dataclasses.replace(cfg, seed=cfg.seed + i)
+        one.validate()
+        search = search_class(one, None, progress=main_process and not args.no_progress, verify_sync=args.verify_sync)
+        search.tensorboard = args.tensorboard
+        handler = None
+        if main_process:
+            if run_dir is None:
+                run_dir = cli.claim_run_dir(args, f"search-{args.preset}")
+                runtime.setup_logging(run_dir)
+                runtime.write_json({"preset": args.preset, "seeds": args.seeds, **cfg.to_dict()},
+                                   run_dir / "config.json")
+            folder = run_dir / f"seed-{one.seed}"
+            folder.mkdir()
+            runtime.write_json({"preset": args.preset, **one.to_dict()}, folder / "config.json")
+            handler = logging.FileHandler(folder / "log.txt")  # each seed's own log too
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+            search.run_dir = folder
+            folders.append(folder)
+        log.info(f"seeds: search {i + 1} of {args.seeds}, seed {one.seed}")
+        try:
+            result = search.run()
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+        results.append((one.seed, result.genotype))
+    distributed.barrier()
+    if main_process:
+        summary = write_summary(run_dir, results, folders)
+        log.info(f"seeds: summary of {args.seeds} searches in {run_dir}\n" + report(summary))
+        for seed, genotype in results:
+            print(f"seed {seed}: {genotype}")
+    return 0

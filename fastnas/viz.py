@@ -22,7 +22,14 @@ def _is_attention(op: str) -> bool:
 
 
 def plot_cell(edges: Sequence[Edge], concat: Sequence[int], path: str | Path, title: str = "") -> None:
-    """Draw one cell: inputs c_{k-2}, c_{k-1} on the left, intermediate nodes, output c_k on the right."""
+    """Draw one cell (:func:`cell_figure`) into ``path``."""
+    fig = cell_figure(edges, concat, title)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def cell_figure(edges: Sequence[Edge], concat: Sequence[int], title: str = "") -> "plt.Figure":
+    """One cell: inputs c_{k-2}, c_{k-1} on the left, intermediate nodes, output c_k on the right."""
     steps = len(edges) // 2
     pos = {0: (0.0, 1.2), 1: (0.0, -1.2)}
     for i in range(steps):
@@ -58,8 +65,20 @@ def plot_cell(edges: Sequence[Edge], concat: Sequence[int], path: str | Path, ti
     if title:
         ax.set_title(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    return fig
+
+
+def alpha_heatmap(weights: Sequence[Sequence[float]], primitives: Sequence[str], edge_names: Sequence[str],
+                  title: str) -> "plt.Figure":
+    """The softmax weights of one cell type as a heatmap: an edge a row, an op a column."""
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(primitives), 1.2 + 0.3 * len(edge_names)))
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0, aspect="auto")
+    ax.set_xticks(range(len(primitives)), primitives, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(edge_names)), edge_names, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
 
 
 def plot_alpha_history(history: list[dict], primitives: Sequence[str], edge_names: Sequence[str],

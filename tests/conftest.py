@@ -3,6 +3,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# runs write TensorBoard files only where a test asks (--tensorboard): the others check their run folders' files
+os.environ.setdefault("FASTNAS_TENSORBOARD", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

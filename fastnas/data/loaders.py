@@ -1,0 +1,92 @@
+"""The data of a run: the search's two splits and retraining's train and test data, from any source; the input
+side's checks."""
+from __future__ import annotations
+
+from ..errors import DataError
+from .folders import FOLDER_IMAGE_SIZE, FolderImages, FolderParts, open_folder
+from .record import data_record
+from .samplers import loader_workers, seeded_loader, shard_sampler
+from .sources import dataset_info, load_split
+from .transforms import eval_transform, train_transform
+
+
+def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_dir=None, download: bool = False,
+                   seed: int = 0, workers: int | None = 0, limit: int | None = None, rank: int = 0,
+                   world_size: int = 1, image_size: int | None = None, skip_bad_images: bool = False,
+                   pin_memory: bool = False):
+    """DARTS's search split: the first ``train_portion`` of the training set trains the weights, the rest the
+    architecture (a folder's held-out images are not used). Returns (weight loader, architecture loader, info). With
+    ``world_size`` > 1 each loader yields rank ``rank``'s shard of its split (``batch_size`` images a batch on every
+    rank)."""
+    if not 0.0 < train_portion < 1.0:
+        raise DataError(f"train_portion must be strictly between 0 and 1, got {train_portion}")
+    workers = loader_workers(name, workers)
+    if name == "folder":
+        parts = open_folder(data_dir, image_size, skip_bad_images, workers)
+        data = _folder_dataset(parts, parts.train, train=True, limit=limit)
+    else:
+        check_native_size(name, image_size)
+        data = load_split(name, train=True, data_dir=data_dir, download=download, augment=True, limit=limit)
+    split = int(len(data) * train_portion)
+    if split < 1 or split >= len(data):
+        raise DataError(f"{len(data)} training images cannot be split with train_portion {train_portion}")
+    loaders = []
+    for part, indices in enumerate((range(split), range(split, len(data)))):
+        sampler = shard_sampler(indices, seed + part, rank, world_size)
+        loaders.append(seeded_loader(data, batch_size, sampler, workers, pin_memory))
+    return loaders[0], loaders[1], data.info
+
+
+def train_test_data(name: str, data_dir=None, download: bool = False, cutout: int = 0, limit: int | None = None,
+                    image_size: int | None = None, skip_bad_images: bool = False, workers: int = 0):
+    """The augmented training split and the test split (a folder's held-out part) for retraining.
+    Returns (train data, test data, info)."""
+    if name == "folder":
+        parts = open_folder(data_dir, image_size, skip_bad_images, workers)
+        if not parts.val:
+            raise DataError(f"{data_dir} leaves no images to test on: give each class at least 2 images "
+                            f"(or a val/ folder)")
+        return (_folder_dataset(parts, parts.train, train=True, cutout=cutout, limit=limit),
+                _folder_dataset(parts, parts.val, train=False), parts.info)
+    check_native_size(name, image_size)
+    train = load_split(name, train=True, data_dir=data_dir, download=download, augment=True, cutout=cutout,
+                       limit=limit)
+    return train, load_split(name, train=False, data_dir=data_dir, download=download), train.info
+
+
+def _folder_dataset(parts: FolderParts, samples: list, train: bool, cutout: int = 0,
+                    limit: int | None = None) -> FolderImages:
+    record = data_record(parts.info)
+    transform = train_transform(record, cutout) if train else eval_transform(record)
+    return FolderImages(samples[:limit] if limit is not None else samples, transform, parts.info)
+
+
+def image_side(name: str, image_size: int | None) -> int:
+    """The network's input side for ``name``: ``image_size`` for a folder (default :data:`FOLDER_IMAGE_SIZE`), the
+    dataset's own side otherwise."""
+    if name == "folder":
+        return image_size or FOLDER_IMAGE_SIZE
+    return dataset_info(name).image_size
+
+
+def check_native_size(name: str, image_size: int | None) -> None:
+    """Refuse ``--image-size`` for a built-in dataset unless it is the dataset's own side."""
+    native = dataset_info(name).image_size
+    if image_size is not None and image_size != native:
+        raise DataError(f"--image-size applies to --dataset folder; {name} images are {native}x{native}")
+
+
+def check_image_size(name: str, image_size: int | None, layers: int) -> None:
+    """Refuse, before any image is read, an input side too small for the network's reductions (for a folder a
+    DataError that says which --image-size would do)."""
+    from ..errors import ConfigError
+    from ..supernet import check_input_size, reduction_layers
+
+    side = image_side(name, image_size)
+    try:
+        check_input_size(side, side, layers)
+    except ConfigError as exc:
+        if name != "folder":
+            raise
+        need = 2 ** len(reduction_layers(layers))
+        raise DataError(f"--image-size {side}: {exc}; pass --image-size {need} or more") from None
