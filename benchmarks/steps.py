@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -226,13 +227,13 @@ class RssSampler:
         self.peak = max(self.peak, rss_bytes())
 
 
-def measure_memory(kind: str, provider: str, steps: int = 1) -> dict:
+def measure_memory(kind: str, provider: str, steps: int = 1, **step_options) -> dict:
     """Peak memory of ``steps`` steps, in this process (run it in a fresh one). Eager CPU providers measure their
     first steps (nothing is cached between steps but the optimiser states, created in the first); compiled ones and
     GPU ones run one warm-up step first."""
     mib = 2.0 ** 20
     base_build = rss_bytes()  # imports done; the model is not built yet
-    step = build_step(kind, provider)
+    step = build_step(kind, provider, **step_options)
     after_build = rss_bytes()
     dev = STEP_PROVIDERS[provider].device
     compiled = STEP_PROVIDERS[provider].compiled or STEP_PROVIDERS[provider].regions
@@ -282,19 +283,38 @@ def interleaved_times(steps: dict[str, Callable[[], None]], rounds: int) -> dict
     return times
 
 
+def measure_time(kind: str, provider: str, steps: int = 5, **step_options) -> dict:
+    """Wall time of ``steps`` steps after two warm-up steps, in this process (compare providers in fresh processes,
+    alternating: ``for i in 1 2 3; do for p in A B; do python -m benchmarks.steps time --provider $p; done; done``)."""
+    step = build_step(kind, provider, **step_options)
+    step(), step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"kind": kind, "provider": provider, **step_options, "median_s": statistics.median(times),
+            "min_s": min(times)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("memory", help="peak memory of one provider's step (run alone in this process)")
-    m.add_argument("--kind", choices=STEP_KINDS, required=True)
-    m.add_argument("--provider", choices=list(STEP_PROVIDERS), required=True)
-    m.add_argument("--threads", type=int, default=int(os.environ.get("FASTNAS_BENCH_THREADS", "2")))
+    t = sub.add_parser("time", help="wall time of one provider's step in this process (median of --steps)")
+    for p in (m, t):
+        p.add_argument("--kind", choices=STEP_KINDS, required=True)
+        p.add_argument("--provider", choices=list(STEP_PROVIDERS), required=True)
+        p.add_argument("--threads", type=int, default=int(os.environ.get("FASTNAS_BENCH_THREADS", "2")))
+        p.add_argument("--primitives", default="at-darts", help="the search space (search steps)")
+        p.add_argument("--batch", type=int, default=SEARCH_BATCH)
     m.add_argument("--steps", type=int, default=1)
+    t.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(json.dumps(measure_memory(args.kind, args.provider, args.steps)))
+    measure = measure_memory if args.cmd == "memory" else measure_time
+    print(json.dumps(measure(args.kind, args.provider, args.steps, primitives=args.primitives, batch=args.batch)))
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -170,6 +170,10 @@ class SearchConfig(_Config):
     memory_efficient: bool = opt(
         True, "store every activation as the DARTS formulation does (no recomputation, no shared ReLU); for "
         "comparison", boolean(), "engine", flags=("--darts-memory",), action="off")
+    plan: str | None = opt(
+        None, "how the cells' node sums run (docs/architecture.md): plain, memory, fused_norms or batched (each "
+        "state's outgoing candidates as a few stacked calls); default: the fastest that runs here, named in the log",
+        one_of("plain", "memory", "fused_norms", "batched", none=True), "engine")
     max_steps: int | None = MAX_STEPS(None)
     skip_limit: int | None = opt(
         None, "P-DARTS: the derived normal cell keeps at most N skip_connect edges (the weakest replaced by the "

@@ -89,7 +89,7 @@ class Search(RunLoop):
         model = SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
                          cfg.stem_multiplier, in_channels=self.info.in_channels,
                          partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient,
-                         aux_skip=cfg.aux_skip, execution=self.execution())
+                         plan=cfg.plan, aux_skip=cfg.aux_skip, execution=self.execution())
         return model
 
     def _make_forward(self):

@@ -141,6 +141,11 @@ def test_alpha_enters_each_node_by_one_call():
     assert counter.counts["aten::index_select"] == nodes
 
 
+def test_a_space_without_convolutions():
+    space = ["none", "max_pool_3x3", "skip_connect", "spatial_attention", "channel_attention"]
+    _assert_same(_step(_net("batched", space), "reference"), _step(_net("plain", space), "reference"))
+
+
 class _Doubler(nn.Module):
     def __init__(self, C: int) -> None:
         super().__init__()
@@ -157,7 +162,7 @@ def test_an_op_it_does_not_know_runs_per_edge():
     _assert_same(_step(_net("batched", space), "reference"), _step(_net("plain", space), "reference"))
 
 
-@pytest.mark.parametrize("setting", [dict(amp="bf16"), dict(compile="regions")])
+@pytest.mark.parametrize("setting", [dict(amp="bf16"), dict(compile="regions"), dict(compile="model")])
 def test_refused_where_it_does_not_run(setting):
     with pytest.raises(ConfigError, match="plan 'batched' cannot run"):
         plans.make_plan("batched", plans.Execution(**setting))

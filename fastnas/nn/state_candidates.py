@@ -98,15 +98,11 @@ class StateCandidates(nn.Module):
         super().__init__()
         self.sources: dict[str, Source] = {}
         self.n = n = len(edges)
-        self.channels = 0  # the state's channels (where a batched convolution needs them)
-        columns = [c for c, _ in edges[0]]
-        self.columns = columns
         ops0 = [op for _, op in edges[0]]
         kinds = [_kind(op) for op in ops0]
         self.outputs: list[tuple[str, int]] = []  # per column position: (result name, group index within it)
         self.unbatched = [k for k, kind in enumerate(kinds) if kind is None]
-        bn = next((m for op in ops0 for m in op.modules() if isinstance(m, LeanBatchNorm2d)), None)
-        self.momentum, self.eps = (bn.momentum, bn.eps) if bn is not None else (0.1, 1e-5)
+        self.norm_settings: dict[str, tuple[float | None, float]] = {}  # per stacked norm: (momentum, eps)
 
         def per_edge(k: int) -> list[tuple[str, nn.Module]]:
             return [(f"{names[e]}{k}.", edges[e][k][1]) for e in range(n)]
@@ -206,6 +202,8 @@ class StateCandidates(nn.Module):
                 stacked = torch.stack([t.view(split) for t in tensors], 1)
             source = Source(names, tuple(stacked.shape), 1 if split else 0, tuple(tensors[0].shape))
             self._register(f"{name}_{stat[8:]}", stacked.reshape(-1).clone(), tensors[0], source)
+        bn = units[0][1].get_submodule(key)
+        self.norm_settings[name] = (bn.momentum, bn.eps)
         tracked = units[0][1].get_buffer(f"{key}.num_batches_tracked")
         self._register(f"{name}_tracked", tracked.clone(), tracked,
                        Source(tuple(f"{p}{key}.num_batches_tracked" for p, _ in units), shared=True))
@@ -213,10 +211,11 @@ class StateCandidates(nn.Module):
     def _norm_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The affine-free batch norms ``name`` of stacked units: per-channel statistics over the stacked channels."""
         mean, var, tracked = (getattr(self, f"{name}_{s}") for s in ("mean", "var", "tracked"))
+        momentum, eps = self.norm_settings[name]
         if not self.training:
-            return F.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
+            return F.batch_norm(x, mean, var, None, None, False, 0.0, eps)
         tracked.add_(1)
-        return ops.batch_norm(x, mean, var, None, None, update_factor(self.momentum, tracked), self.eps)
+        return ops.batch_norm(x, mean, var, None, None, update_factor(momentum, tracked), eps)
 
     def _share(self, prefix: str, units: Sequence[tuple[str, nn.Module]]) -> None:
         """The buffers of the units' (equal) parameter-free modules, one copy under ``prefix``."""
@@ -227,8 +226,6 @@ class StateCandidates(nn.Module):
         """The depthwise convolutions of a stage, one per column: (parameter name, units, configuration); the pointwise
         convolutions and batch norms of all its units stacked in the same order (column by column, edge by edge)."""
         plan = []
-        if columns:
-            self.channels = columns[0][1][0][1][1].in_channels
         for g, (_, units) in enumerate(columns):
             self._stack(f"{name}_dw{g}", units, "1.weight", 0)
             plan.append((f"{name}_dw{g}", len(units), _dw_config(units[0][1][1])))
@@ -242,20 +239,20 @@ class StateCandidates(nn.Module):
     def forward(self, h: torch.Tensor) -> list[list[torch.Tensor | None]]:
         """Per edge, the outputs of its candidates (None for those run per edge) in column order. Stacked results
         are split into per-unit views along the channels (their gradients come back as one concatenation)."""
-        n, C = self.n, self.channels
+        n, C = self.n, h.shape[1]
         fmt = _layout(h)
         results: dict[str, list] = {"input": [h]}
         relu = torch.relu(h) if self.stage1 or self.reduce_units else None
         if self.pools:
             results["pool"] = [pool(h) for pool in self.pools]
         if self.stage1:
-            y1 = self._stage(self.stage1, relu, "stage1", fmt)
+            y1 = self._stage(self.stage1, relu, "stage1", C, fmt)
             sep = self.sep_units * C
             # the separable convolutions' first halves go on to stage 2, the dilated convolutions are done
             y1_sep, y1_dil = y1.split([sep, y1.shape[1] - sep], 1)
             results["stage1"] = [None] * self.sep_units + list(y1_dil.split(C, 1))
             if self.stage2:
-                y2 = self._stage(self.stage2, torch.relu(y1_sep), "stage2", fmt)
+                y2 = self._stage(self.stage2, torch.relu(y1_sep), "stage2", C, fmt)
                 results["stage2"] = list(y2.split(C, 1))
         gate_inputs = None
         if self.reduce_units:
@@ -282,11 +279,11 @@ class StateCandidates(nn.Module):
             outputs.append(row)
         return outputs
 
-    def _stage(self, groups: list[tuple], x: torch.Tensor, stage: str, fmt: torch.memory_format) -> torch.Tensor:
+    def _stage(self, groups: list[tuple], x: torch.Tensor, stage: str, C: int,
+               fmt: torch.memory_format) -> torch.Tensor:
         """Depthwise (one call per column), grouped pointwise and batch norm of a stage's units. In stage 1 every
         column's units read the state: ``x`` is relu(h) repeated once per edge (each column then runs one plain
         depthwise convolution over all its units); in stage 2 each unit reads its own stage-1 output."""
-        C = self.channels
         parts, start, inputs = [], 0, {}
         if stage == "stage2":  # each column's units read their own stage-1 outputs
             columns = iter(x.split([units * C for _, units, _ in groups], 1))
