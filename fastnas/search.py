@@ -33,7 +33,7 @@ from .nn.plans.regions import regions_of
 from .robust import Controls
 from .runloop import RunLoop
 from .runtime import log
-from .supernet import SuperNet, check_input_size
+from .supernet import SuperNet
 from .tracking import Tracker
 from .viz import alpha_heatmap, cell_figure, plot_alpha_history, plot_cell, plot_collapse
 
@@ -60,7 +60,6 @@ class Search(RunLoop):
             cfg.dataset, cfg.batch_size, cfg.train_portion, cfg.data_dir, cfg.download, cfg.seed, cfg.workers,
             cfg.limit, distributed.rank(), distributed.world_size(), cfg.image_size, cfg.skip_bad_images,
             pin_memory=self.device.type == "cuda")
-        check_input_size(self.info.image_size, self.info.image_size, cfg.layers)
         self.model = self.build_model().to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ order and augmentation), :mod:`.folders` (image folders and their statistics), :
 """
 from ..errors import DataError
 from .folders import FOLDER_IMAGE_SIZE, FolderImages, FolderParts, describe_images, open_folder
-from .loaders import check_image_size, check_native_size, image_side, search_loaders, train_test_data
+from .loaders import check_image_size, search_loaders, train_test_data
 from .record import (DATA_JSON, check_resumed_data, data_json_text, data_record, read_data_json,
                      write_data_json)
 from .samplers import (EpochShuffle, SeededDraws, loader_workers, ordered_loader, seeded_loader, set_epoch,
@@ -23,7 +23,7 @@ from .transforms import ConvertMode, Cutout, eval_transform, train_transform, tr
 
 __all__ = ["DATASETS", "DATASET_NAMES", "DATA_JSON", "FOLDER_IMAGE_SIZE", "ConvertMode", "Cutout", "DataError",
            "DatasetInfo", "EpochShuffle", "FolderImages", "FolderParts", "SeededDraws", "TensorImages", "_digits",
-           "check_image_size", "check_native_size", "check_resumed_data", "data_json_text", "data_record",
-           "dataset_info", "describe_images", "eval_transform", "image_side", "load_split", "loader_workers",
-           "open_folder", "ordered_loader", "read_data_json", "search_loaders", "seeded_loader", "set_epoch",
-           "shard_sampler", "train_test_data", "train_transform", "transforms_for", "write_data_json"]
+           "check_image_size", "check_resumed_data", "data_json_text", "data_record", "dataset_info", "describe_images",
+           "eval_transform", "load_split", "loader_workers", "open_folder", "ordered_loader", "read_data_json",
+           "search_loaders", "seeded_loader", "set_epoch", "shard_sampler", "train_test_data", "train_transform",
+           "transforms_for", "write_data_json"]

@@ -9,12 +9,11 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2 as T
 
 from ..errors import DataError
 from ..runtime import log
 from .sources import DatasetInfo
-from .transforms import _GRAY_MODES, _to_float
+from .transforms import _GRAY_MODES, eval_transform
 
 
 FOLDER_IMAGE_SIZE = 32  # the network's input side for a folder when --image-size is not given
@@ -25,24 +24,18 @@ STATS_SAMPLE = 2000  # normalisation statistics come from at most this many trai
 
 def _open_image(path: str):
     """The decoded image at ``path``; a DataError naming the file when it cannot be read."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated or corrupt file fails here, not in the middle of a run
             return image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
+    except UnidentifiedImageError:  # PIL's own message repeats the path
+        raise DataError(f"cannot read image {path}: not an image file that Pillow can decode") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        raise DataError(f"cannot read image {path}: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    """PIL's complaint, in a few words (its own messages repeat the path or suggest a global setting)."""
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image file that Pillow can decode"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text.split(" (Use ImageFile.LOAD_TRUNCATED_IMAGES")[0].lower()
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # in a few words: no global setting
+        raise DataError(f"cannot read image {path}: "
+                        f"{reason.split(' (Use ImageFile.LOAD_TRUNCATED_IMAGES')[0].lower()}") from None
 
 
 class FolderImages(Dataset):
@@ -62,14 +55,8 @@ class FolderImages(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-class _Check(Dataset):
+class _Check(FolderImages):
     """Reads one image: (index, mode, error message or "")."""
-
-    def __init__(self, samples: list[tuple[str, int]]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, i: int):
         try:
@@ -178,8 +165,7 @@ def _discover(root: Path, classes: list[str] | None = None, data_root: Path | No
     listed = [(path, label[c]) for c in sorted(classes) if (root / c).is_dir()
               for path in _class_files(root / c, data_root or root)]
     samples = _unique(listed, classes, first)
-    counts = torch.bincount(torch.tensor([t for _, t in samples], dtype=torch.long), minlength=len(classes))
-    empty = [c for c, n in zip(classes, counts.tolist()) if n == 0 and (root / c).is_dir()]
+    empty = [c for c, n in _per_class(samples, classes).items() if n == 0 and (root / c).is_dir()]
     if empty:
         raise DataError(f"class folder(s) with no images ({', '.join(IMG_EXTENSIONS)}) in {root}: {', '.join(empty)}")
     return classes, samples
@@ -197,7 +183,6 @@ def _check_images(samples: list[tuple[str, int]], skip_bad_images: bool,
             bad.append((int(i), error))
         else:
             modes.add(mode)
-    bad.sort()
     if bad and not skip_bad_images:
         more = f" (and {len(bad) - 1} more unreadable files)" if len(bad) > 1 else ""
         raise DataError(f"{bad[0][1]}{more}; remove or replace it, or pass --skip-bad-images to leave such files out")
@@ -225,7 +210,7 @@ def _split(samples: list[tuple[str, int]], num_classes: int) -> tuple[list, list
 
 def _shuffled(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """``samples`` in a fixed random order, so that the first images of a training part (the search's weight half,
-    ``--limit``) mix the classes instead of following the folders."""
+    ``--limit``, the statistics' sample) mix the classes instead of following the folders."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
     return [samples[i] for i in torch.randperm(len(samples), generator=g).tolist()]
 
@@ -234,18 +219,12 @@ def _statistics(samples: list[tuple[str, int]], info: dict[str, Any], workers: i
     """Per-channel mean and std of the training images as the network sees them (evaluation resize and crop,
     scaled to [0, 1]), over a seeded sample of at most :data:`STATS_SAMPLE` images: enough for normalisation
     without reading a large folder twice."""
-    g = torch.Generator().manual_seed(SPLIT_SEED)
-    pick = torch.randperm(len(samples), generator=g)[:STATS_SAMPLE].tolist()
-    size = int(info["image_size"])
-    convert, to_image, to_float = _to_float(info)
-    view = T.Compose([convert, T.Resize(size), T.CenterCrop(size), to_image, to_float])
-    loader = DataLoader(FolderImages([samples[i] for i in pick], view), batch_size=64, num_workers=workers)
-    total = total_sq = None
-    n = 0
+    view = eval_transform(info, normalise=False)
+    loader = DataLoader(FolderImages(_shuffled(samples)[:STATS_SAMPLE], view), batch_size=64, num_workers=workers)
+    total = total_sq = n = 0
     for x, _ in loader:
         x = x.double()
-        s, sq = x.sum((0, 2, 3)), x.square().sum((0, 2, 3))
-        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        total, total_sq = total + x.sum((0, 2, 3)), total_sq + x.square().sum((0, 2, 3))
         n += x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / n
     std = (total_sq / n - mean.square()).clamp_min(1e-12).sqrt().clamp_min(1e-3)  # a flat channel stays finite
@@ -266,7 +245,6 @@ def open_folder(data_dir: str | Path | None, image_size: int | None = None, skip
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"no image folder at {root}")
-    saved_classes = list(saved["classes"]) if saved else None
     if (root / "train").is_dir():
         classes, train = _discover(root / "train", data_root=root)
         first = {_file_key(path): (path, label) for path, label in train}
@@ -274,9 +252,9 @@ def open_folder(data_dir: str | Path | None, image_size: int | None = None, skip
     else:
         classes, train = _discover(root)
         val = None
-    if saved_classes is not None and classes != saved_classes:
+    if saved is not None and classes != list(saved["classes"]):
         raise DataError(f"{root} has the classes {', '.join(classes)}; the run was trained on "
-                        f"{', '.join(saved_classes)}")
+                        f"{', '.join(saved['classes'])}")
     everything, skipped, modes = _check_images(train + (val or []), skip_bad_images, workers)
     if not everything:
         raise DataError(f"no readable images in {root}")
@@ -297,12 +275,11 @@ def open_folder(data_dir: str | Path | None, image_size: int | None = None, skip
     if saved is not None:
         info = DatasetInfo("folder", int(saved["in_channels"]), len(classes), int(saved["image_size"]),
                            tuple(saved["mean"]), tuple(saved["std"]), tuple(classes))
-        return FolderParts(train, val, info, skipped)
-    in_channels = 1 if modes <= _GRAY_MODES else 3
-    side = image_size or FOLDER_IMAGE_SIZE
-    mean, std = _statistics(train, {"in_channels": in_channels, "image_size": side}, workers)
-    return FolderParts(train, val, DatasetInfo("folder", in_channels, len(classes), side, tuple(mean), tuple(std),
-                                               tuple(classes), images), skipped)
+    else:
+        in_channels, side = 1 if modes <= _GRAY_MODES else 3, image_size or FOLDER_IMAGE_SIZE
+        mean, std = _statistics(train, {"in_channels": in_channels, "image_size": side}, workers)
+        info = DatasetInfo("folder", in_channels, len(classes), side, tuple(mean), tuple(std), tuple(classes), images)
+    return FolderParts(train, val, info, skipped)
 
 
 def describe_images(images: dict[str, dict[str, int]]) -> str:

@@ -3,7 +3,7 @@ side's checks."""
 from __future__ import annotations
 
 from ..errors import DataError
-from .folders import FOLDER_IMAGE_SIZE, FolderImages, FolderParts, open_folder
+from .folders import FOLDER_IMAGE_SIZE, FolderImages, open_folder
 from .record import data_record
 from .samplers import loader_workers, seeded_loader, shard_sampler
 from .sources import dataset_info, load_split
@@ -21,12 +21,7 @@ def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_
     if not 0.0 < train_portion < 1.0:
         raise DataError(f"train_portion must be strictly between 0 and 1, got {train_portion}")
     workers = loader_workers(name, workers)
-    if name == "folder":
-        parts = open_folder(data_dir, image_size, skip_bad_images, workers)
-        data = _folder_dataset(parts, parts.train, train=True, limit=limit)
-    else:
-        check_native_size(name, image_size)
-        data = load_split(name, train=True, data_dir=data_dir, download=download, augment=True, limit=limit)
+    data = _training_data(name, data_dir, download, 0, limit, image_size, skip_bad_images, workers)[0]
     split = int(len(data) * train_portion)
     if split < 1 or split >= len(data):
         raise DataError(f"{len(data)} training images cannot be split with train_portion {train_portion}")
@@ -41,39 +36,27 @@ def train_test_data(name: str, data_dir=None, download: bool = False, cutout: in
                     image_size: int | None = None, skip_bad_images: bool = False, workers: int = 0):
     """The augmented training split and the test split (a folder's held-out part) for retraining.
     Returns (train data, test data, info)."""
-    if name == "folder":
-        parts = open_folder(data_dir, image_size, skip_bad_images, workers)
-        if not parts.val:
-            raise DataError(f"{data_dir} leaves no images to test on: give each class at least 2 images "
-                            f"(or a val/ folder)")
-        return (_folder_dataset(parts, parts.train, train=True, cutout=cutout, limit=limit),
-                _folder_dataset(parts, parts.val, train=False), parts.info)
-    check_native_size(name, image_size)
-    train = load_split(name, train=True, data_dir=data_dir, download=download, augment=True, cutout=cutout,
-                       limit=limit)
-    return train, load_split(name, train=False, data_dir=data_dir, download=download), train.info
+    train, parts = _training_data(name, data_dir, download, cutout, limit, image_size, skip_bad_images, workers)
+    if parts is None:
+        return train, load_split(name, train=False, data_dir=data_dir, download=download), train.info
+    if not parts.val:
+        raise DataError(f"{data_dir} leaves no images to test on: give each class at least 2 images (or a val/ folder)")
+    return train, FolderImages(parts.val, eval_transform(data_record(parts.info)), parts.info), parts.info
 
 
-def _folder_dataset(parts: FolderParts, samples: list, train: bool, cutout: int = 0,
-                    limit: int | None = None) -> FolderImages:
-    record = data_record(parts.info)
-    transform = train_transform(record, cutout) if train else eval_transform(record)
-    return FolderImages(samples[:limit] if limit is not None else samples, transform, parts.info)
-
-
-def image_side(name: str, image_size: int | None) -> int:
-    """The network's input side for ``name``: ``image_size`` for a folder (default :data:`FOLDER_IMAGE_SIZE`), the
-    dataset's own side otherwise."""
-    if name == "folder":
-        return image_size or FOLDER_IMAGE_SIZE
-    return dataset_info(name).image_size
-
-
-def check_native_size(name: str, image_size: int | None) -> None:
-    """Refuse ``--image-size`` for a built-in dataset unless it is the dataset's own side."""
-    native = dataset_info(name).image_size
-    if image_size is not None and image_size != native:
-        raise DataError(f"--image-size applies to --dataset folder; {name} images are {native}x{native}")
+def _training_data(name: str, data_dir, download: bool, cutout: int, limit: int | None, image_size: int | None,
+                   skip_bad_images: bool, workers: int) -> tuple:
+    """The augmented training split of ``name``, and a folder's :class:`FolderParts` (None for a built-in dataset,
+    for which an ``--image-size`` other than its own side is refused)."""
+    if name != "folder":
+        native = dataset_info(name).image_size
+        if image_size not in (None, native):
+            raise DataError(f"--image-size applies to --dataset folder; {name} images are {native}x{native}")
+        return load_split(name, train=True, data_dir=data_dir, download=download, augment=True, cutout=cutout,
+                          limit=limit), None
+    parts = open_folder(data_dir, image_size, skip_bad_images, workers)
+    transform = train_transform(data_record(parts.info), cutout)
+    return FolderImages(parts.train[:limit], transform, parts.info), parts
 
 
 def check_image_size(name: str, image_size: int | None, layers: int) -> None:
@@ -82,7 +65,7 @@ def check_image_size(name: str, image_size: int | None, layers: int) -> None:
     from ..errors import ConfigError
     from ..supernet import check_input_size, reduction_layers
 
-    side = image_side(name, image_size)
+    side = (image_size or FOLDER_IMAGE_SIZE) if name == "folder" else dataset_info(name).image_size
     try:
         check_input_size(side, side, layers)
     except ConfigError as exc:

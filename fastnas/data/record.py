@@ -86,7 +86,7 @@ def read_data_json(run_dir: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     dataset = _dataset_named_in(run_dir)
-    if dataset is None or dataset not in DATASETS:
+    if dataset not in DATASETS:
         raise DataError(f"{run_dir} holds no {DATA_JSON} (every search and retraining writes it when it starts): "
                         f"the classes and the image transform of its model are unknown")
     record = data_record(dataset_info(dataset))

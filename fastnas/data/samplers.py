@@ -13,62 +13,35 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
-def _sample_seeds(g: torch.Generator, n: int) -> list[int]:
-    """``n`` seeds for the random draws of one epoch's samples, the next ones of ``g``."""
-    return torch.randint(0, 2 ** 62, (n,), generator=g).tolist()
-
-
 class EpochShuffle(Sampler[tuple[int, int]]):
     """A permutation of ``indices`` that depends only on (seed, epoch): an interrupted run resumes the same order.
-    Yields (index, seed) pairs: each sample's own seed for its random augmentation (:class:`SeededDraws`)."""
+    Yields (index, seed) pairs: each sample's own seed for its random augmentation (:class:`SeededDraws`). With
+    ``world_size`` > 1, rank ``rank``'s shard of the same permutation (torch's ``DistributedSampler``: rank r takes
+    its positions r, r + world_size, ...; every rank gets as many samples, the first few repeated when the split
+    does not divide evenly), each sample with the seed it has in a single process."""
 
-    def __init__(self, indices: list[int], seed: int) -> None:
-        self.indices, self.seed, self.epoch = list(indices), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = torch.randperm(len(self.indices), generator=g).tolist()
-        seeds = _sample_seeds(g, len(self.indices))
-        return iter([(self.indices[i], seeds[i]) for i in order])
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def shard_sampler(indices, seed: int, rank: int = 0, world_size: int = 1) -> Sampler[tuple[int, int]]:
-    """Shuffled each epoch from (seed, epoch) alone, as (index, seed) pairs for :class:`SeededDraws`. With
-    ``world_size`` > 1, rank ``rank``'s shard of the same shuffle (a ``DistributedSampler`` drawing
-    :class:`EpochShuffle`'s permutation: rank r takes its positions r, r + world_size, ...; every rank gets as many
-    samples, the first few repeated when the split does not divide evenly), each sample with the seed it has in a
-    single process."""
-    if world_size == 1:
-        return EpochShuffle(list(indices), seed)
-    inner = DistributedSampler(range(len(indices)), world_size, rank, shuffle=True, seed=seed * 100003,
-                               drop_last=False)
-    return _SubsetSampler(list(indices), inner)
-
-
-class _SubsetSampler(Sampler[tuple[int, int]]):
-    """Positions drawn by ``inner`` mapped to (index, seed) pairs of ``indices``, with ``set_epoch`` passed
-    through."""
-
-    def __init__(self, indices: list[int], inner: DistributedSampler) -> None:
-        self.indices, self.inner = indices, inner
+    def __init__(self, indices, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(indices)
+        self.inner = DistributedSampler(range(len(self.indices)), world_size, rank, shuffle=True,
+                                        seed=seed * 100003, drop_last=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.inner.seed + self.inner.epoch)  # EpochShuffle's generator
-        torch.randperm(len(self.indices), generator=g)
-        seeds = _sample_seeds(g, len(self.indices))
+        g = torch.Generator().manual_seed(self.inner.seed + self.inner.epoch)  # the inner sampler's generator
+        torch.randperm(len(self.indices), generator=g)  # its permutation: the seeds are the draws after it
+        seeds = torch.randint(0, 2 ** 62, (len(self.indices),), generator=g).tolist()
         return iter([(self.indices[i], seeds[i]) for i in self.inner])
 
     def __len__(self) -> int:
         return len(self.inner)
+
+
+def shard_sampler(indices, seed: int, rank: int = 0, world_size: int = 1) -> Sampler[tuple[int, int]]:
+    """Shuffled each epoch from (seed, epoch) alone, as (index, seed) pairs for :class:`SeededDraws`; rank
+    ``rank``'s shard when ``world_size`` > 1 (:class:`EpochShuffle`)."""
+    return EpochShuffle(indices, seed, rank, world_size)
 
 
 class SeededDraws(Dataset):
@@ -100,15 +73,15 @@ def seeded_loader(data: Dataset, batch_size: int, sampler: Sampler, workers: int
     workers. Its own generator feeds DataLoader's worker seeds, which would otherwise be drawn from the global
     generator when the first epoch starts: a run resumed in a later epoch would then draw at another point of
     the stream than the uninterrupted run, and its main-process randomness (drop path) would differ."""
-    return DataLoader(SeededDraws(data), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=False, persistent_workers=workers > 0, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(0))
+    return ordered_loader(SeededDraws(data), batch_size, workers, pin_memory, sampler)
 
 
-def ordered_loader(data: Dataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """A test loader: ``data`` in order, persistent workers, and (as :func:`seeded_loader`) its own generator for
-    the worker seeds, so that starting its workers leaves the global random stream alone."""
-    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+def ordered_loader(data: Dataset, batch_size: int, workers: int, pin_memory: bool = False,
+                   sampler: Sampler | None = None) -> DataLoader:
+    """A test loader: ``data`` in order (or as ``sampler`` draws it), persistent workers, and (as
+    :func:`seeded_loader`) its own generator for the worker seeds, so that starting its workers leaves the global
+    random stream alone."""
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
 

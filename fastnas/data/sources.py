@@ -3,7 +3,6 @@ python-version folders (or downloaded), held in memory."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from ..errors import DataError
 from .transforms import transforms_for
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     name: str
     in_channels: int
@@ -103,6 +102,4 @@ def load_split(name: str, train: bool, data_dir: str | Path | None = None, downl
         images, labels = _digits(train)
     else:
         images, labels, info = _cifar(info, data_dir, train, download)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return TensorImages(images, labels, transforms_for(info, augment, cutout), info)
+    return TensorImages(images[:limit], labels[:limit], transforms_for(info, augment, cutout), info)

@@ -44,25 +44,17 @@ _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # PIL modes of 
 _GRAY_MODES = {"1", "L", "LA"} | _HIGH_BIT_MODES  # PIL modes of single-channel images
 
 
-def high_bit_range(image) -> float:
-    """The value that stands for white in a high-bit-depth gray image: 65535 for 16-bit modes and for 32-bit
-    integer images whose values fit in 16 bits (Pillow reads some 16-bit files as mode ``I``), 2^31 - 1 for other
-    32-bit ones, 1 for float images."""
-    if image.mode == "F":
-        return 1.0
-    if image.mode != "I":
-        return 65535.0
-    low, high = image.getextrema()
-    return 65535.0 if low >= 0 and high <= 65535 else 2.0 ** 31 - 1
-
-
 def scaled_gray(image):
-    """A high-bit-depth gray PIL image as a float (mode ``F``) image in [0, 1], scaled by :func:`high_bit_range`
-    (PIL's own conversion to 8 bits clips instead: most of a 16-bit image would turn white)."""
+    """A high-bit-depth gray PIL image as a float (mode ``F``) image in [0, 1], divided by the value that stands
+    for white: 65535 for 16-bit modes and for 32-bit integer images whose values fit in 16 bits (Pillow reads some
+    16-bit files as mode ``I``), 2^31 - 1 for other 32-bit ones, 1 for float images. (PIL's own conversion to 8 bits
+    clips instead: most of a 16-bit image would turn white.)"""
     import numpy as np
     from PIL import Image
 
-    pixels = np.asarray(image, dtype=np.float64) / high_bit_range(image)
+    low, high = image.getextrema() if image.mode == "I" else (0, 0)
+    white = 1.0 if image.mode == "F" else 65535.0 if low >= 0 and high <= 65535 else 2.0 ** 31 - 1
+    pixels = np.asarray(image, dtype=np.float64) / white
     return Image.fromarray(np.clip(pixels, 0.0, 1.0).astype(np.float32), "F")
 
 
@@ -92,28 +84,25 @@ class ConvertMode:
         return f"ConvertMode({self.mode!r})"
 
 
-def _to_float(info: dict[str, Any]) -> list:
-    """PIL image of the dataset's mode -> float tensor in [0, 1]."""
-    return [ConvertMode("L" if info["in_channels"] == 1 else "RGB"), T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+def _folder_view(info: dict[str, Any], crop: list) -> list:
+    """A folder image as the network sees it: converted to the run's channels, the short side resized to
+    ``image_size``, ``crop``, then a float tensor in [0, 1]."""
+    return [ConvertMode("L" if info["in_channels"] == 1 else "RGB"), T.Resize(int(info["image_size"])), *crop,
+            T.ToImage(), T.ToDtype(torch.float32, scale=True)]
 
 
-def eval_transform(info: dict[str, Any]) -> Callable:
+def eval_transform(info: dict[str, Any], normalise: bool = True) -> Callable:
     """The evaluation transform of a folder run, from its ``data.json`` dict: convert to RGB or L, resize the short
     side to ``image_size``, centre crop to ``image_size`` square, scale to [0, 1], normalise with the run's
-    ``mean``/``std``. Takes PIL images."""
-    size = int(info["image_size"])
-    convert, to_image, to_float = _to_float(info)
-    return T.Compose([convert, T.Resize(size), T.CenterCrop(size), to_image, to_float,
-                      T.Normalize(list(info["mean"]), list(info["std"]))])
+    ``mean``/``std`` (unless ``normalise`` is false: the view the statistics are taken of). Takes PIL images."""
+    steps = _folder_view(info, [T.CenterCrop(int(info["image_size"]))])
+    return T.Compose(steps + [T.Normalize(list(info["mean"]), list(info["std"]))] if normalise else steps)
 
 
 def train_transform(info: dict[str, Any], cutout: int = 0) -> Callable:
     """The training transform of a folder: DARTS's CIFAR recipe after resizing the short side to ``image_size``
     (random crop of that side with 1/8 of it as padding, horizontal flip), then normalisation and cutout if asked."""
     size = int(info["image_size"])
-    convert, to_image, to_float = _to_float(info)
-    steps = [convert, T.Resize(size), T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), to_image,
-             to_float, T.Normalize(list(info["mean"]), list(info["std"]))]
-    if cutout > 0:
-        steps.append(Cutout(cutout))
-    return T.Compose(steps)
+    steps = _folder_view(info, [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()])
+    steps.append(T.Normalize(list(info["mean"]), list(info["std"])))
+    return T.Compose(steps + [Cutout(cutout)] if cutout > 0 else steps)
