@@ -75,6 +75,12 @@ def _kind(op: nn.Module) -> str | None:
     return None
 
 
+def _tensor(module: nn.Module, key: str) -> torch.Tensor:
+    """The parameter or buffer ``key`` (a dotted path) of ``module``."""
+    path, _, name = key.rpartition(".")
+    return getattr(module.get_submodule(path), name)
+
+
 def _dw_config(conv: nn.Conv2d) -> tuple:
     return conv.kernel_size, conv.stride, conv.padding, conv.dilation
 
@@ -144,8 +150,8 @@ class StateCandidates(nn.Module):
         self.reduce_units = len(units)
         if units:
             C = units[0][1].bn.num_features
-            self._stack("reduce1", units, "conv_1.weight", 0)
-            self._stack("reduce2", units, "conv_2.weight", 0)
+            self._stack("reduce1", units, "conv_1.weight")
+            self._stack("reduce2", units, "conv_2.weight")
             self._norm("reduce", units, "bn", split=(2, C // 2))
         for g, k in enumerate(reduce_cols):
             self.outputs[k] = ("reduce", g)
@@ -162,10 +168,10 @@ class StateCandidates(nn.Module):
             if kind == "channel_gate":
                 for attr, key in (("w1", "mlp.0.weight"), ("b1", "mlp.0.bias"), ("w2", "mlp.2.weight"),
                                   ("b2", "mlp.2.bias")):
-                    self._stack(f"{name}_{attr}", gates, key, 0, flat=False)
+                    self._stack(f"{name}_{attr}", gates, key, merge=False)
                 self.channel_gates.append((name, reduced.get(k)))
             else:
-                self._stack(f"{name}_conv", gates, "conv.weight", 0)
+                self._stack(f"{name}_conv", gates, "conv.weight")
                 self._norm(name, gates, "bn")
                 self.spatial_gates.append((name, reduced.get(k), gates[0][1].conv.padding))
             self.outputs[k] = (kind, g)
@@ -179,13 +185,13 @@ class StateCandidates(nn.Module):
             self.register_buffer(name, tensor)
         self.sources[name] = source
 
-    def _stack(self, name: str, units: Sequence[tuple[str, nn.Module]], key: str, dim: int, flat: bool = True,
-               ) -> None:
-        """Register the tensors ``key`` of the ``units`` stacked along ``dim``, flattened into the first dimension
-        unless not ``flat``."""
-        tensors = [m.get_parameter(key) if key in dict(m.named_parameters()) else m.get_buffer(key) for _, m in units]
-        stacked = torch.stack([t.detach() for t in tensors], dim)
-        stored = stacked.reshape(-1, *stacked.shape[2:]) if flat else stacked
+    def _stack(self, name: str, units: Sequence[tuple[str, nn.Module]], key: str, dim: int = 0,
+               merge: bool = True, view: tuple[int, ...] | None = None) -> None:
+        """Register the tensors ``key`` of the ``units`` (each seen as ``view`` if given) stacked along ``dim``, the
+        units merged with the dimensions before and after them unless not ``merge``."""
+        tensors = [_tensor(m, key) for _, m in units]
+        stacked = torch.stack([t.detach().view(view or t.shape) for t in tensors], dim)
+        stored = stacked.flatten(0, dim + 1) if merge else stacked
         source = Source(tuple(p + key for p, _ in units), tuple(stacked.shape), dim, tuple(tensors[0].shape))
         self._register(name, stored.clone(), tensors[0], source)
 
@@ -193,19 +199,11 @@ class StateCandidates(nn.Module):
               split: tuple[int, int] | None = None) -> None:
         """The running statistics of the units' batch norms ``key``, stacked (per unit [C], or, with ``split``
         (halves, C/2), as [halves, units, C/2]: the order in which the factorized reductions' halves are stacked)."""
-        for stat in ("running_mean", "running_var"):
-            tensors = [m.get_buffer(f"{key}.{stat}") for _, m in units]
-            names = tuple(f"{p}{key}.{stat}" for p, _ in units)
-            if split is None:
-                stacked = torch.stack(tensors)
-            else:
-                stacked = torch.stack([t.view(split) for t in tensors], 1)
-            source = Source(names, tuple(stacked.shape), 1 if split else 0, tuple(tensors[0].shape))
-            self._register(f"{name}_{stat[8:]}", stacked.reshape(-1).clone(), tensors[0], source)
+        for stat in ("mean", "var"):
+            self._stack(f"{name}_{stat}", units, f"{key}.running_{stat}", 1 if split else 0, view=split)
         bn = units[0][1].get_submodule(key)
         self.norm_settings[name] = (bn.momentum, bn.eps)
-        tracked = units[0][1].get_buffer(f"{key}.num_batches_tracked")
-        self._register(f"{name}_tracked", tracked.clone(), tracked,
+        self._register(f"{name}_tracked", bn.num_batches_tracked.clone(), bn.num_batches_tracked,
                        Source(tuple(f"{p}{key}.num_batches_tracked" for p, _ in units), shared=True))
 
     def _norm_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -227,11 +225,11 @@ class StateCandidates(nn.Module):
         convolutions and batch norms of all its units stacked in the same order (column by column, edge by edge)."""
         plan = []
         for g, (_, units) in enumerate(columns):
-            self._stack(f"{name}_dw{g}", units, "1.weight", 0)
+            self._stack(f"{name}_dw{g}", units, "1.weight")
             plan.append((f"{name}_dw{g}", len(units), _dw_config(units[0][1][1])))
         order = [unit for _, units in columns for unit in units]
         if order:
-            self._stack(f"{name}_pw", order, "2.weight", 0)
+            self._stack(f"{name}_pw", order, "2.weight")
             self._norm(name, order, "3")
         return plan
 
@@ -246,13 +244,13 @@ class StateCandidates(nn.Module):
         if self.pools:
             results["pool"] = [pool(h) for pool in self.pools]
         if self.stage1:
-            y1 = self._stage(self.stage1, relu, "stage1", C, fmt)
+            y1 = self._stage("stage1", relu, C, fmt)
             sep = self.sep_units * C
             # the separable convolutions' first halves go on to stage 2, the dilated convolutions are done
             y1_sep, y1_dil = y1.split([sep, y1.shape[1] - sep], 1)
             results["stage1"] = [None] * self.sep_units + list(y1_dil.split(C, 1))
             if self.stage2:
-                y2 = self._stage(self.stage2, torch.relu(y1_sep), "stage2", C, fmt)
+                y2 = self._stage("stage2", torch.relu(y1_sep), C, fmt)
                 results["stage2"] = list(y2.split(C, 1))
         gate_inputs = None
         if self.reduce_units:
@@ -279,11 +277,11 @@ class StateCandidates(nn.Module):
             outputs.append(row)
         return outputs
 
-    def _stage(self, groups: list[tuple], x: torch.Tensor, stage: str, C: int,
-               fmt: torch.memory_format) -> torch.Tensor:
+    def _stage(self, stage: str, x: torch.Tensor, C: int, fmt: torch.memory_format) -> torch.Tensor:
         """Depthwise (one call per column), grouped pointwise and batch norm of a stage's units. In stage 1 every
         column's units read the state: ``x`` is relu(h) repeated once per edge (each column then runs one plain
         depthwise convolution over all its units); in stage 2 each unit reads its own stage-1 output."""
+        groups = getattr(self, stage)
         parts, start, inputs = [], 0, {}
         if stage == "stage2":  # each column's units read their own stage-1 outputs
             columns = iter(x.split([units * C for _, units, _ in groups], 1))

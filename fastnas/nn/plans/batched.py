@@ -18,7 +18,7 @@ from torch import nn
 
 from ... import ops
 from ..state_candidates import StateCandidates
-from .base import CellPlan, NodeSum, Plan, Runner
+from .base import CellPlan, NodeSum, Plan, Runner, WeightPicker
 
 
 class _RunBatched(nn.Module):
@@ -37,12 +37,18 @@ def edges_by_source(cell: nn.Module) -> list[list[int]]:
     return sources
 
 
-def _state_dict_per_edge(cell: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+def _unstack(cell: nn.Module, named: dict[str, torch.Tensor], prefix: str, clone: bool) -> None:
+    """Replace, in ``named``, each stacked tensor of ``cell`` (whose names begin with ``prefix``) by its per-edge
+    tensors under their per-edge names."""
     for j, candidates in enumerate(cell.state_candidates):
         for name, source in candidates.sources.items():
-            stored = state_dict.pop(f"{prefix}state_candidates.{j}.{name}", None)
+            stored = named.pop(f"{prefix}state_candidates.{j}.{name}", None)
             if stored is not None:
-                state_dict.update({prefix + n: t.clone() for n, t in source.unstack(stored).items()})
+                named.update({prefix + n: t.clone() if clone else t for n, t in source.unstack(stored).items()})
+
+
+def _state_dict_per_edge(cell: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    _unstack(cell, state_dict, prefix, clone=True)
 
 
 def _load_per_edge(cell: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -64,7 +70,7 @@ class BatchedCellPlan(CellPlan):
         slot = {e: (j, u) for j, edges in enumerate(self.sources) for u, e in enumerate(edges)}
         self.slots = [[slot[e] for e in node] for node in cell.nodes]  # per node: (state, its edge's position)
         self.positions = [tuple(e * width + c for e in node for c in range(width)) for node in cell.nodes]
-        self.indices: dict[torch.device, list[torch.Tensor]] = {}
+        self.pick = WeightPicker()
 
     def start(self) -> NodeSum:
         raise TypeError("the batched plan runs a cell's nodes together: call nodes()")
@@ -73,20 +79,18 @@ class BatchedCellPlan(CellPlan):
               edge_weights: torch.Tensor | None = None) -> list[torch.Tensor]:
         cell = self.cell
         states, outputs = list(inputs), []
-        flat = weights.reshape(-1)
-        indices = self.indices.get(flat.device)
-        if indices is None:
-            indices = self.indices[flat.device] = [torch.tensor(p, device=flat.device) for p in self.positions]
         for i, slots in enumerate(self.slots):
             while len(outputs) < i + 2:  # the states this node reads have all run their outgoing candidates
                 j = len(outputs)
                 h = states[j]
-                rows = cell.state_candidates[j](h)
-                for e, row in zip(self.sources[j], rows):
-                    row[:] = [cell.edges[e][c](h) if out is None else out for c, out in enumerate(row)]
+                candidates = cell.state_candidates[j]
+                rows = candidates(h)
+                if candidates.unbatched:  # the ops it does not know, per edge
+                    for e, row in zip(self.sources[j], rows):
+                        row[:] = [cell.edges[e][c](h) if out is None else out for c, out in enumerate(row)]
                 outputs.append(rows)
             terms = [out for j, u in slots for out in outputs[j][u]]
-            states.append(ops.mixed_sum(terms, flat.index_select(0, indices[i])))
+            states.append(ops.mixed_sum(terms, self.pick(weights, self.positions[i])))
         return states[2:]
 
 
@@ -117,10 +121,6 @@ def per_edge(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torc
     batched plan replaced by its per-edge tensors under the per-edge names (the state dict's)."""
     out = dict(named)
     for path, module in model.named_modules():
-        if isinstance(module, StateCandidates):
-            cell = path.rsplit("state_candidates.", 1)[0]
-            for name, source in module.sources.items():
-                tensor = out.pop(f"{path}.{name}", None)
-                if tensor is not None:
-                    out.update({cell + n: t for n, t in source.unstack(tensor).items()})
+        if isinstance(getattr(module, "state_candidates", None), nn.ModuleList):
+            _unstack(module, out, f"{path}." if path else "", clone=False)
     return out
