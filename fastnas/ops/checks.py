@@ -39,6 +39,8 @@ def check_tensor_list(op: str, arg: str, ts: object) -> None:
 
 def int_pair(op: str, name: str, v: object, minimum: int) -> tuple[int, int]:
     """``v`` (an int or two ints) as two ints >= ``minimum``; a ValueError naming the op and argument otherwise."""
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int is type(v[1]) and min(v) >= minimum:
+        return v  # the common case, checked cheaply: it runs on every convolution of a step
     t = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else None
     if t is None or len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= minimum
                                            for i in t):

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch._library import autograd as _library_autograd
 
 OP_NAMESPACE = "fastnas_ops"  # the ops' own custom operators (a backend's kernels live in its namespace)
 
@@ -67,19 +66,81 @@ def register_fake(op, fn: Callable) -> None:
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
-    """``torch.library.register_autograd``, once per operator, for mutable schemas too: torch's function refuses
-    them, though the autograd kernel it builds serves them unchanged where the mutated inputs (running statistics)
-    never need a gradient."""
+    """``backward``/``setup_context`` as the autograd of ``op``, once per operator (:func:`autograd_kernel`)."""
     key = (qualname(op), "autograd")
     if key in _registered:
         return
-    if torch._library.utils.is_functional_schema(op._schema):
-        torch.library.register_autograd(op, backward, setup_context=setup_context)
-    else:
-        namespace, name = qualname(op).split("::")
-        kernel = _library_autograd.make_autograd_impl(op, _library_autograd.Info(backward, setup_context))
-        library(namespace).impl(name, kernel, "Autograd", with_keyset=True)
+    namespace, name = qualname(op).split("::")
+    library(namespace).impl(name, autograd_kernel(op, backward, setup_context), "Autograd", with_keyset=True)
     _registered.add(key)
+
+
+def autograd_kernel(op, backward: Callable, setup_context: Callable) -> Callable:
+    """The Autograd-key kernel of ``op``: what ``torch.library.register_autograd`` builds (the same
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` contract, tensor-list inputs included),
+    with the per-call work of its generality done once here: the arguments the dispatcher drops at their defaults
+    come from a table, list inputs are spread by their lengths. It runs on every call of every op (torch's spends
+    more time than a small op's kernel). Mutable schemas are served too: the mutated inputs (running statistics)
+    never need a gradient. ``setup_context`` sees ``ctx.needs_input_grad`` flat with two trailing entries, as
+    torch's gives it; ``backward`` sees one entry per schema argument (a tuple for a list), as torch's does."""
+    arguments = op._schema.arguments
+    if any(a.kwarg_only for a in arguments):
+        raise ValueError(f"{qualname(op)}: keyword-only arguments are not supported by the ops' autograd")
+    defaults = tuple(a.default_value if a.has_default_value() else None for a in arguments)
+    lists = frozenset(i for i, a in enumerate(arguments) if torch._library.utils.is_tensorlist_like_type(a.type))
+    after_autograd = torch._C._after_autograd_keyset
+    below_autograd = torch._C._AutoDispatchBelowAutograd
+
+    def nested(flat: tuple, sizes: tuple) -> tuple:
+        """``flat`` regrouped as the arguments are: a tuple per list argument."""
+        if not lists:
+            return flat
+        out, k = [], 0
+        for size in sizes:
+            out.append(flat[k] if size < 0 else tuple(flat[k:k + size]))
+            k += 1 if size < 0 else size
+        return tuple(out)
+
+    def run_forward(ctx, *flat):
+        *flat, keyset, sizes = flat
+        args = nested(tuple(flat), sizes)
+        if lists:
+            args = tuple(list(a) if i in lists else a for i, a in enumerate(args))
+        with below_autograd():
+            output = op.redispatch(keyset & after_autograd, *args)
+        ctx.list_sizes = sizes
+        setup_context(ctx, args + defaults[len(args):], output)
+        return output
+
+    def run_backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = nested(needs[:-2], ctx.list_sizes)
+        try:
+            result = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        result = result if isinstance(result, tuple) else (result,)
+        if lists:
+            result = [g for i, size in enumerate(ctx.list_sizes) for g in (
+                (result[i],) if size < 0 else (result[i] if result[i] is not None else (None,) * size))]
+        return (*result[:len(needs) - 2], None, None)
+
+    # torch's name, so that a grad_fn reads as it does with torch.library.register_autograd
+    Generated = type(f"GeneratedBackwardFor_{op._namespace}_{op._opname}_{op._overloadname}",
+                     (torch.autograd.Function,),
+                     {"forward": staticmethod(run_forward), "backward": staticmethod(run_backward)})
+
+    def kernel(keyset, *args):
+        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            if lists:
+                sizes = tuple(len(a) if i in lists else -1 for i, a in enumerate(args))
+                flat = [t for i, a in enumerate(args) for t in (a if i in lists else (a,))]
+                return Generated.apply(*flat, keyset, sizes)
+            return Generated.apply(*args, keyset, None)
+        with below_autograd():
+            return op.redispatch(keyset & after_autograd, *args)
+
+    return kernel
 
 
 def define_op(name: str, schema: str, impl: Callable, backward: Callable, setup_context: Callable,
