@@ -70,6 +70,7 @@ class Architect:
         self.penalty = penalty  # the validation loss -> the architecture objective (fastnas.budget)
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                           fused=True)
+        self.weights = model.weight_parameters()  # frozen in each first-order step (listed once: a module walk)
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,
              eta: float, network_optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -96,7 +97,7 @@ class Architect:
     def _first_order(self, x: torch.Tensor, y: torch.Tensor):
         # the weights frozen: no weight gradient is computed, and no activation is kept for one (a frozen
         # convolution keeps only its weight, see fastnas.nn.lean; a compiled region traces a graph without them)
-        with frozen(self.model.weight_parameters()):
+        with frozen(self.weights):
             loss = self.criterion(self.forward(x), y)
             objective = self._objective(loss)
             scaled = self.scaler.scale(objective) if self.scaler is not None else objective
@@ -139,10 +140,10 @@ class Architect:
         return loss_valid, [da - eta * h for da, h in zip(d_alpha, hvp)]
 
     def _hessian_vector_product(self, names, weights, alphas, buffers, vector, x, y, r: float):
+        # ε stays on the device (no step waits for it); a vanished vector (norm 0) shifts nothing whatever ε is, so
+        # both gradients are equal and the product is exactly zero
         norm = torch.sqrt(sum((v.double() ** 2).sum() for v in vector))
-        eps = (r / norm).item() if norm > 0 else 0.0
-        if eps == 0.0:  # the validation gradient vanished: no second-order correction
-            return [torch.zeros_like(a) for a in alphas.values()]
+        eps = torch.where(norm > 0, r / norm, 1.0)
         grads = []
         for sign in (1.0, -1.0):
             with torch.no_grad():

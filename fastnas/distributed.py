@@ -111,8 +111,8 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
 def reduce_meter(meter) -> None:
     """Turn a per-rank :class:`fastnas.runtime.Meter` into the global one (sums of loss, correct, count)."""
     if active():
-        meter.loss, correct, n = all_reduce_sum([meter.loss, meter.correct, meter.n])
-        meter.correct, meter.n = int(round(correct)), int(round(n))
+        loss, correct, n = all_reduce_sum([meter.loss, meter.correct, meter.n])
+        meter.set_totals(loss, round(correct), round(n))
 
 
 def broadcast_module(module: nn.Module) -> None:

@@ -131,9 +131,9 @@ def perturbed_weights(alpha: torch.Tensor, epsilon: float, generator: torch.Gene
     w = F.softmax(alpha.detach().double(), dim=-1)
     noise = torch.rand(w.shape, generator=generator, dtype=torch.float64, device="cpu").to(w.device)
     p = (w + (2 * noise - 1) * epsilon).clamp_(0.0, 1.0)
-    dead = p.sum(dim=-1) == 0
-    if bool(dead.any()):
-        p[dead] = F.one_hot(w[dead].argmax(dim=-1), w.shape[-1]).to(p.dtype)
+    dead = p.sum(dim=-1, keepdim=True) == 0
+    strongest = torch.zeros_like(p).scatter_(-1, w.argmax(dim=-1, keepdim=True), 1.0)  # (one_hot reads its input)
+    p = torch.where(dead, strongest, p)
     return p / p.sum(dim=-1, keepdim=True)
 
 

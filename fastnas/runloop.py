@@ -14,7 +14,6 @@ library would add (device placement, AMP, DDP) is a few lines here.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from .data import check_resumed_data, set_epoch
 from .errors import CheckpointError, ConfigError
 from .runtime import log
 from .tracking import Tracker
+from .watch import FiniteWatch
 
 CHECKPOINT_FORMAT = 1
 
@@ -56,6 +56,7 @@ class RunLoop:
         self.tracker: Tracker | None = None
         self.epoch = 0
         self.history: list[dict] = []
+        self.watch = FiniteWatch()  # the step's finiteness checks, read without making a step wait
 
     # -- what a run defines -----------------------------------------------------------------------------------------
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +151,12 @@ class RunLoop:
         return runtime.diverged(what, "search" if self.kind == "search" else "training", self.epoch, step,
                                 self.run_dir, option)
 
+    def check_finite(self) -> None:
+        """Stop the run if a value of a step so far became NaN or infinite (:class:`~fastnas.watch.FiniteWatch`)."""
+        failure = self.watch.first_failure()
+        if failure is not None:
+            raise self.diverged(*failure)
+
     def train_epoch(self) -> runtime.Meter:
         cfg = self.cfg
         self.model.train()
@@ -167,12 +174,14 @@ class RunLoop:
                 break
             x, y = runtime.to_device(x, y, self.device, self.channels_last)
             loss, logits = self.step(step, x, y)
-            if not math.isfinite(float(loss)):
-                raise self.diverged("the training loss", step, f"--lr (now {cfg.lr})")
+            self.watch.expect(step, "the training loss", f"--lr (now {cfg.lr})", loss)
             meter.update(loss, logits, y)
-            bar.set_postfix(loss=f"{meter.avg_loss:.3f}", acc=f"{meter.accuracy:.1f}",
-                            img_s=f"{meter.throughput:.0f}")
+            if self.watch.due():  # the only reads of the device's values during the epoch
+                self.check_finite()
+                bar.set_postfix(loss=f"{meter.avg_loss:.3f}", acc=f"{meter.accuracy:.1f}",
+                                img_s=f"{meter.throughput:.0f}")
         bar.close()
+        self.check_finite()
         distributed.reduce_meter(meter)
         return meter
 

@@ -163,19 +163,39 @@ def write_json(obj: Any, path: Path) -> None:
 
 
 class Meter:
-    """Running average of loss and accuracy, and throughput in images per second."""
+    """Running sums of loss and correct predictions, and throughput in images per second. The sums stay on the
+    device (an update makes no step wait for it); reading ``loss``, ``correct`` or an average fetches them."""
 
     def __init__(self) -> None:
-        self.loss = 0.0
-        self.correct = 0
+        self._sums: torch.Tensor | None = None  # [loss × images, correct] in float64 on the device
+        self._read: tuple[float, int] | None = (0.0, 0)
         self.n = 0
         self.start = time.perf_counter()
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         b = target.shape[0]
-        self.loss += float(loss) * b
-        self.correct += int((logits.argmax(dim=1) == target).sum())
+        sums = torch.stack([loss.detach().double() * b, (logits.argmax(dim=1) == target).sum().double()])
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._read = None
         self.n += b
+
+    def totals(self) -> tuple[float, int]:
+        """(sum of loss × images, correct predictions), fetched from the device once per update."""
+        if self._read is None:
+            loss, correct = self._sums.tolist()
+            self._read = (loss, int(correct))
+        return self._read
+
+    def set_totals(self, loss: float, correct: int, n: int) -> None:
+        self._sums, self._read, self.n = None, (float(loss), int(correct)), int(n)
+
+    @property
+    def loss(self) -> float:
+        return self.totals()[0]
+
+    @property
+    def correct(self) -> int:
+        return self.totals()[1]
 
     @property
     def avg_loss(self) -> float:

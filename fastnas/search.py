@@ -135,8 +135,8 @@ class Search(RunLoop):
         if self.epoch >= cfg.warmup_epochs:
             xv, yv = runtime.to_device(*self._next_valid(), self.device, self.channels_last)
             self.architect.step(x, y, xv, yv, self.scheduler.get_last_lr()[0], self.optimizer)
-            if not all(bool(torch.isfinite(a).all()) for a in self.model.arch_parameters()):
-                raise self.diverged("the architecture weights (alphas)", step, f"--arch-lr (now {cfg.arch_lr})")
+            self.watch.expect(step, "the architecture weights (alphas)", f"--arch-lr (now {cfg.arch_lr})",
+                              *self.model.arch_parameters())
         with self.controls.weight_step(self.model):
             loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y,
                                        cfg.grad_clip, self.model.arch_parameters(), self.scaler)
