@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, cli, distributed, options, rundir, runtime, tracking
+from . import checkpoint, cli, compilation, distributed, options, rundir, runtime, tracking
 from .data import check_resumed_data, set_epoch
 from .errors import CheckpointError, ConfigError
 from .runtime import log
@@ -102,8 +103,10 @@ class RunLoop:
         """What the run shows in TensorBoard after an epoch beside its history's numbers."""
 
     # -- shared -----------------------------------------------------------------------------------------------------
-    def make_forward(self, module: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
-        """``module`` run under the configured autocast."""
+    def make_forward(self, module: Callable[[torch.Tensor], Any], label: str | None = None) -> Callable:
+        """``module`` run under the configured autocast; with ``--compile`` and a ``label``, compiled whole."""
+        if label is not None and self.cfg.compile:
+            module = compilation.CompiledOrEager(module, label)
         amp, device = self.cfg.amp, self.device
 
         def forward(x: torch.Tensor) -> Any:
@@ -158,6 +161,9 @@ class RunLoop:
         for loader in self.epoch_loaders():
             set_epoch(loader, self.epoch)
         self.begin_epoch()
+        compiling = cfg.compile and self.epoch == 0  # the first step compiles: say how long it took
+        if compiling:
+            start, cache_before = time.perf_counter(), runtime.inductor_cache_counts()
         meter = runtime.Meter()
         total = len(self.train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(self.train_loader))
         bar = tqdm(self.train_loader, total=total, desc=f"{self.kind} {self.epoch + 1}/{cfg.epochs}", leave=False,
@@ -167,6 +173,8 @@ class RunLoop:
                 break
             x, y = runtime.to_device(x, y, self.device, self.channels_last)
             loss, logits = self.step(step, x, y)
+            if compiling and step == 0:
+                self._report_compilation(time.perf_counter() - start, cache_before)
             if not math.isfinite(float(loss)):
                 raise self.diverged("the training loss", step, f"--lr (now {cfg.lr})")
             meter.update(loss, logits, y)
@@ -175,6 +183,13 @@ class RunLoop:
         bar.close()
         distributed.reduce_meter(meter)
         return meter
+
+    def _report_compilation(self, seconds: float, cache_before: tuple[int, int]) -> None:
+        """After the first (compiling) step: how long it took and whether Inductor's on-disk cache was warm."""
+        hits, misses = (a - b for a, b in zip(runtime.inductor_cache_counts(), cache_before))
+        state = "warm" if misses == 0 and hits > 0 else ("cold" if hits == 0 else "partly warm")
+        log.info(f"torch.compile: first {self.kind} step (compiling) took {seconds:.1f}s; "
+                 f"Inductor cache {state} ({hits} hits, {misses} misses)")
 
     def run(self, until_epoch: int | None = None) -> Any:
         """Run until ``cfg.epochs`` (or stop after ``until_epoch``, as an interrupted run would)."""

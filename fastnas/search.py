@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import checkpoint, cli, compilation, distributed, indicators, runloop, runtime, seeds
+from . import checkpoint, cli, distributed, indicators, runloop, runtime, seeds
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .budget import SearchBudget
@@ -64,7 +63,10 @@ class Search(RunLoop):
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights and alphas
-        self.forward = self._make_forward()
+        if cfg.compile and cfg.compile_scope == "regions":  # the plan compiles them (fastnas.nn.plans.regions)
+            log.info(f"torch.compile: {regions_of(self.model.plan).regions} regions (edges and preprocessing ops), "
+                     "compiled on first use")
+        self.forward = self.make_forward(self.model, "the supernet" if cfg.compile_scope == "model" else None)
         self.optimizer = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
@@ -91,15 +93,6 @@ class Search(RunLoop):
                          plan=cfg.plan, aux_skip=cfg.aux_skip, execution=self.execution())
         return model
 
-    def _make_forward(self):
-        cfg = self.cfg
-        if cfg.compile and cfg.compile_scope == "model":
-            return self.make_forward(compilation.CompiledOrEager(self.model, "the supernet"))
-        if cfg.compile:
-            log.info(f"torch.compile: {regions_of(self.model.plan).regions} regions (edges and preprocessing ops), "
-                     "compiled on first use")
-        return self.make_forward(self.model)
-
     # -- state ------------------------------------------------------------------------------------------------------
     def extra_state(self) -> dict:
         return {"arch_optimizer": self.architect.optimizer.state_dict(), "arch_scaler": self.arch_scaler.state_dict()}
@@ -115,8 +108,6 @@ class Search(RunLoop):
     def begin_epoch(self) -> None:
         self.controls.start_epoch(self.epoch)
         self._valid_iter = iter(self.valid_loader)
-        self._step_start = time.perf_counter()
-        self._cache_before = runtime.inductor_cache_counts()
 
     def epoch_loaders(self) -> list:
         return [self.train_loader, self.valid_loader]
@@ -140,16 +131,7 @@ class Search(RunLoop):
         with self.controls.weight_step(self.model):
             loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y,
                                        cfg.grad_clip, self.model.arch_parameters(), self.scaler)
-        if cfg.compile and self.epoch == 0 and step == 0:
-            self._report_compilation()
         return loss, logits
-
-    def _report_compilation(self) -> None:
-        """After the first (compiling) step: how long it took and whether Inductor's on-disk cache was warm."""
-        hits, misses = (a - b for a, b in zip(runtime.inductor_cache_counts(), self._cache_before))
-        state = "warm" if misses == 0 and hits > 0 else ("cold" if hits == 0 else "partly warm")
-        log.info(f"torch.compile: first search step (compiling) took {time.perf_counter() - self._step_start:.1f}s; "
-                 f"Inductor cache {state} ({hits} hits, {misses} misses)")
 
     def describe(self) -> None:
         cfg = self.cfg

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from . import compilation, distributed, runloop, runtime
+from . import distributed, runloop, runtime
 from .config import TRAIN_PRESETS, TrainConfig
 from .costmodel import format_cost, network_cost
 from .data import check_image_size, loader_workers, ordered_loader, seeded_loader, shard_sampler, train_test_data
@@ -76,18 +76,18 @@ class Trainer(RunLoop):
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.forward = self._make_forward(self.model)  # testing, and training in a single process
+        self.forward = self.make_forward(self.model, "the network")  # testing, and training in a single process
         self.train_forward = self.forward
         if distributed.active():
             if cfg.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-                self.forward = self._make_forward(self.model)
+                self.forward = self.make_forward(self.model, "the network")
             # DDP starts from rank 0's weights and averages the gradients in backward; batch-norm statistics are
             # averaged at the end of each epoch instead of being broadcast at each step
             ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=cfg.auxiliary and cfg.auxiliary_weight == 0)
-            self.train_forward = self._make_forward(ddp)
+            self.train_forward = self.make_forward(ddp, "the network")
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, fused=True)
         if cfg.lr_schedule == "step":  # DARTS's ImageNet schedule: epoch e trains at lr * gamma^(e // lr_step)
@@ -103,9 +103,6 @@ class Trainer(RunLoop):
         return EvalNet(self.genotype, cfg.C, cfg.layers, info.num_classes, auxiliary=cfg.auxiliary,
                        drop_path_prob=0.0, in_channels=info.in_channels, input_size=info.image_size,
                        stem_multiplier=cfg.stem_multiplier, steps=cfg.steps, network=cfg.network)
-
-    def _make_forward(self, model: nn.Module):
-        return self.make_forward(compilation.CompiledOrEager(model, "the network") if self.cfg.compile else model)
 
     def _train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss: cross entropy with ``label_smoothing`` (DARTS smooths on ImageNet)."""
