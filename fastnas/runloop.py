@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, cli, compilation, distributed, options, rundir, runtime, tracking
-from .data import check_resumed_data, set_epoch
+from .data import check_image_size, check_resumed_data, set_epoch
 from .errors import CheckpointError, ConfigError
 from .runtime import log
 from .tracking import Tracker
@@ -51,12 +51,15 @@ class RunLoop:
         if cfg.amp == "bf16" and self.device.type == "cpu" and cfg.backend == "triton":
             raise ConfigError("--amp bf16 with the triton backend needs a GPU")
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.device)
+        self.memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.criterion = nn.CrossEntropyLoss()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.tensorboard: bool | None = None  # None: when tensorboard is installed (fastnas.tracking)
         self.tracker: Tracker | None = None
         self.epoch = 0
         self.history: list[dict] = []
+        runtime.seed_everything(cfg.seed)
+        check_image_size(cfg.dataset, cfg.image_size, cfg.layers)  # before any image is read
 
     # -- what a run defines -----------------------------------------------------------------------------------------
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +119,18 @@ class RunLoop:
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits.float(), y)
+
+    def weight_optimizer(self, params: Any, schedule: str = "cosine") -> None:
+        """SGD on ``params`` with the cosine schedule to ``lr_min``, or ``step``: DARTS's ImageNet schedule (epoch e
+        trains at lr * gamma^(e // lr_step))."""
+        cfg = self.cfg
+        self.optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                         fused=True)
+        if schedule == "step":
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs,
+                                                                        eta_min=cfg.lr_min)
 
     def state_dict(self) -> dict:
         return {

@@ -25,7 +25,7 @@ from .architect import Architect, weight_step
 from .budget import SearchBudget
 from .config import SEARCH_PRESETS, SearchConfig
 from .costmodel import format_cost
-from .data import check_image_size, search_loaders, set_epoch
+from .data import search_loaders, set_epoch
 from .genotype import Genotype
 from .nn.plans import Execution
 from .nn.plans.regions import regions_of
@@ -53,23 +53,17 @@ class Search(RunLoop):
     def __init__(self, cfg: SearchConfig, run_dir: Path | None = None, progress: bool = True,
                  verify_sync: bool = False) -> None:
         super().__init__(cfg, run_dir, progress, verify_sync)
-        runtime.seed_everything(cfg.seed)
-        check_image_size(cfg.dataset, cfg.image_size, cfg.layers)
         self.train_loader, self.valid_loader, self.info = search_loaders(
             cfg.dataset, cfg.batch_size, cfg.train_portion, cfg.data_dir, cfg.download, cfg.seed, cfg.workers,
             cfg.limit, distributed.rank(), distributed.world_size(), cfg.image_size, cfg.skip_bad_images,
             pin_memory=self.device.type == "cuda")
-        self.model = self.build_model().to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.build_model().to(self.device, memory_format=self.memory_format)
         distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights and alphas
         if cfg.compile and cfg.compile_scope == "regions":  # the plan compiles them (fastnas.nn.plans.regions)
             log.info(f"torch.compile: {regions_of(self.model.plan).regions} regions (edges and preprocessing ops), "
                      "compiled on first use")
         self.forward = self.make_forward(self.model, "the supernet" if cfg.compile_scope == "model" else None)
-        self.optimizer = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, fused=True)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
+        self.weight_optimizer(self.model.weight_parameters())
         self.arch_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.controls = Controls(cfg, self.model)  # collapse controls (fastnas.robust)
         self.budget = SearchBudget(cfg, self.info, self.model, self.device)  # costs, --budget (fastnas.budget)

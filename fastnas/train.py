@@ -26,7 +26,7 @@ from torch.utils.data import Subset
 from . import distributed, runloop, runtime
 from .config import TRAIN_PRESETS, TrainConfig
 from .costmodel import format_cost, network_cost
-from .data import check_image_size, loader_workers, ordered_loader, seeded_loader, shard_sampler, train_test_data
+from .data import loader_workers, ordered_loader, seeded_loader, shard_sampler, train_test_data
 from .errors import CheckpointError, ConfigError
 from .evalnet import EvalNet
 from .modelfile import save_model
@@ -59,10 +59,7 @@ class Trainer(RunLoop):
         cfg.genotype = str(self.genotype)  # the run stores the genotype itself, not where it came from
         if cfg.sync_bn and self.device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU")
-        runtime.seed_everything(cfg.seed)
         rank, world = distributed.rank(), distributed.world_size()
-
-        check_image_size(cfg.dataset, cfg.image_size, cfg.layers)
         workers, pin = loader_workers(cfg.dataset, cfg.workers), self.device.type == "cuda"
         train_data, test_data, self.info = train_test_data(cfg.dataset, cfg.data_dir, cfg.download, cfg.cutout,
                                                            cfg.limit, cfg.image_size, cfg.skip_bad_images, workers)
@@ -72,9 +69,7 @@ class Trainer(RunLoop):
         self.test_loader = ordered_loader(test_share, cfg.eval_batch_size or cfg.batch_size, workers, pin)
         counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)
         self.majority_baseline = 100.0 * float(counts.max()) / max(len(test_data), 1)  # always the commonest class
-        self.model = self.build_model().to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.build_model().to(self.device, memory_format=self.memory_format)
         self.train_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.forward = self.make_forward(self.model, "the network")  # testing, and training in a single process
         self.train_forward = self.forward
@@ -88,13 +83,7 @@ class Trainer(RunLoop):
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=cfg.auxiliary and cfg.auxiliary_weight == 0)
             self.train_forward = self.make_forward(ddp, "the network")
-        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, fused=True)
-        if cfg.lr_schedule == "step":  # DARTS's ImageNet schedule: epoch e trains at lr * gamma^(e // lr_step)
-            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
-        else:
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs,
-                                                                        eta_min=cfg.lr_min)
+        self.weight_optimizer(self.model.parameters(), cfg.lr_schedule)
         self.best_test_acc = 0.0
 
     # -- construction -----------------------------------------------------------------------------------------------
