@@ -30,6 +30,7 @@ from .data import check_image_size, check_resumed_data, set_epoch
 from .errors import CheckpointError, ConfigError
 from .runtime import log
 from .tracking import Tracker
+from .viz import cell_figure
 
 CHECKPOINT_FORMAT = 1
 
@@ -131,6 +132,31 @@ class RunLoop:
         else:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs,
                                                                         eta_min=cfg.lr_min)
+
+    def held_out(self, loader: Any) -> runtime.Meter:
+        """The loss and accuracy of :attr:`forward` on ``loader``, reduced over the processes."""
+        meter = runtime.evaluate(self.forward, loader, self._loss, self.device, self.cfg.amp, self.channels_last)
+        distributed.reduce_meter(meter)
+        return meter
+
+    def describe_run(self, settings: str, processes: str = "") -> None:
+        """The first lines of :meth:`describe`: the run's own ``settings``, then what every run shares; under
+        torchrun the processes (``processes`` ends that line)."""
+        cfg = self.cfg
+        log.info(f"{self.kind}: {cfg.dataset}, {settings}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+                 f"device {self.device}, backend {self.backend}, amp {cfg.amp}, "
+                 f"{'channels_last' if self.channels_last else 'contiguous'} layout")
+        if distributed.active():
+            log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
+                     f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all"
+                     f"{processes}")
+
+    def track_genotype(self, tracker: Tracker, genotype: Any) -> None:
+        """The genotype as text and its cells as pictures."""
+        tracker.text("genotype", str(genotype), self.epoch)
+        for kind, title in (("normal", "normal cell"), ("reduce", "reduction cell")):
+            cell = cell_figure(getattr(genotype, kind), getattr(genotype, f"{kind}_concat"), title)
+            tracker.figure(f"cells/{kind}", cell, self.epoch)
 
     def state_dict(self) -> dict:
         return {

@@ -34,7 +34,7 @@ from .runloop import RunLoop
 from .runtime import log
 from .supernet import SuperNet
 from .tracking import Tracker
-from .viz import alpha_heatmap, cell_figure, plot_alpha_history, plot_cell, plot_collapse
+from .viz import alpha_heatmap, plot_alpha_history, plot_cell, plot_collapse
 
 
 @dataclass
@@ -129,13 +129,8 @@ class Search(RunLoop):
 
     def describe(self) -> None:
         cfg = self.cfg
-        log.info(f"search: {cfg.dataset}, space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, "
-                 f"{cfg.layers} cells, order {cfg.order}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-                 f"device {self.device}, backend {self.backend}, amp {cfg.amp}, "
-                 f"{'channels_last' if self.channels_last else 'contiguous'} layout")
-        if distributed.active():
-            log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
-                     f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all")
+        self.describe_run(f"space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, {cfg.layers} cells, "
+                          f"order {cfg.order}")
         log.info(f"plan: {self.model.plan.name} ({self.model.plan.reason})")
         log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
         if self.controls.describe():
@@ -143,9 +138,7 @@ class Search(RunLoop):
         log.info(self.budget.describe())
 
     def evaluate_epoch(self) -> runtime.Meter:
-        cfg = self.cfg
-        valid = runtime.evaluate(self.forward, self.valid_loader, self._loss, self.device, cfg.amp, self.channels_last)
-        distributed.reduce_meter(valid)
+        valid = self.held_out(self.valid_loader)
         distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
         return valid
 
@@ -177,13 +170,10 @@ class Search(RunLoop):
     def track(self, tracker: Tracker) -> None:
         """The α of both cell types as heatmaps, the derived cells as pictures, the genotype as text."""
         last, edges = self.history[-1], self.model.edge_names()
-        genotype = Genotype.parse(last["genotype"])
         for kind, title in (("normal", "normal cell"), ("reduce", "reduction cell")):
             tracker.figure(f"alphas/{kind}", alpha_heatmap(last[kind], self.model.primitives, edges,
                                                            f"softmax weights, {title}, epoch {self.epoch}"), self.epoch)
-            tracker.figure(f"cells/{kind}", cell_figure(getattr(genotype, kind), getattr(genotype, f"{kind}_concat"),
-                                                        title), self.epoch)
-        tracker.text("genotype", str(genotype), self.epoch)
+        self.track_genotype(tracker, Genotype.parse(last["genotype"]))
 
     def finish(self) -> SearchResult:
         cfg = self.cfg

@@ -34,7 +34,6 @@ from .genotypes import check_genotype, resolve_genotype  # noqa: F401 (resolve_g
 from .runloop import RunLoop
 from .runtime import log
 from .tracking import Tracker
-from .viz import cell_figure
 
 
 @dataclass
@@ -144,26 +143,15 @@ class Trainer(RunLoop):
     def begin_epoch(self) -> None:
         self.model.drop_path_prob = self.cfg.drop_path_prob * self.epoch / self.cfg.epochs
 
-    def test(self) -> runtime.Meter:
-        self.model.eval()
-        meter = runtime.evaluate(self.forward, self.test_loader, self._loss, self.device, self.cfg.amp,
-                                 self.channels_last)
-        distributed.reduce_meter(meter)  # every rank tested its share: the whole test split
-        return meter
-
     def evaluate_epoch(self) -> runtime.Meter:
         distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
-        return self.test()
+        self.model.eval()
+        return self.held_out(self.test_loader)  # every rank tests its share: the whole test split
 
     def describe(self) -> None:
         cfg = self.cfg
-        log.info(f"train: {cfg.dataset}, C={cfg.C}, {cfg.layers} cells, auxiliary {cfg.auxiliary}, "
-                 f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {self.device}, backend {self.backend}, "
-                 f"amp {cfg.amp}, {'channels_last' if self.channels_last else 'contiguous'} layout")
-        if distributed.active():
-            log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
-                     f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all"
-                     f"{', SyncBatchNorm' if cfg.sync_bn else ''}")
+        self.describe_run(f"C={cfg.C}, {cfg.layers} cells, auxiliary {cfg.auxiliary}",
+                          ", SyncBatchNorm" if cfg.sync_bn else "")
         log.info(f"genotype: {self.genotype}")
         log.info(f"param size = {self.param_count / 1e6:.6f}MB (millions of parameters without the auxiliary head, "
                  f"as DARTS counts them; {self.model.param_count(auxiliary=True):,} with it)")
@@ -186,11 +174,7 @@ class Trainer(RunLoop):
         """The genotype as text and its cells as pictures, once a tracker (they do not change)."""
         if getattr(self, "_tracked_by", None) is not tracker:
             self._tracked_by = tracker
-            tracker.text("genotype", str(self.genotype), self.epoch)
-            for kind, title in (("normal", "normal cell"), ("reduce", "reduction cell")):
-                tracker.figure(f"cells/{kind}", cell_figure(getattr(self.genotype, kind),
-                                                            getattr(self.genotype, f"{kind}_concat"), title),
-                               self.epoch)
+            self.track_genotype(tracker, self.genotype)
 
     def finish(self) -> TrainResult:
         final = self.history[-1]["test_acc"] if self.history else float("nan")
