@@ -69,6 +69,7 @@ class Trainer(RunLoop):
         counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)
         self.majority_baseline = 100.0 * float(counts.max()) / max(len(test_data), 1)  # always the commonest class
         self.model = self.build_model().to(self.device, memory_format=self.memory_format)
+        # the training loss: label smoothing as DARTS on ImageNet (main and auxiliary; the test loss is plain)
         self.train_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.forward = self.make_forward(self.model, "the network")  # testing, and training in a single process
         self.train_forward = self.forward
@@ -92,10 +93,6 @@ class Trainer(RunLoop):
                        drop_path_prob=0.0, in_channels=info.in_channels, input_size=info.image_size,
                        stem_multiplier=cfg.stem_multiplier, steps=cfg.steps, network=cfg.network)
 
-    def _train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The training loss: cross entropy with ``label_smoothing`` (DARTS smooths on ImageNet)."""
-        return self.train_criterion(logits.float(), y)
-
     @property
     def param_count(self) -> int:
         """DARTS's count: every parameter but the auxiliary head's."""
@@ -115,20 +112,23 @@ class Trainer(RunLoop):
         return {**self.summary(), "epochs": self.history}
 
     def save_checkpoint(self) -> None:
-        """The epoch's checkpoint and ``metrics.json``, then the model derived from them."""
+        """The epoch's checkpoint and ``metrics.json``, then the model derived from them as ``fastnas.load_model``
+        reads it (a resume rewrites it)."""
         super().save_checkpoint()
-        self.write_model()
+        if self.run_dir is not None:
+            self.genotype.to_json(self.run_dir / "genotype.json")
+            save_model(self.model, self.run_dir, {"dataset": self.cfg.dataset, **self.summary()})
 
     # -- loop -------------------------------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on loss = CE(logits) + auxiliary_weight · CE(aux logits); returns (loss, logits), detached."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         out = self.train_forward(x)
         logits, aux = out if isinstance(out, tuple) else (out, None)
-        loss = self._train_loss(logits, y)
+        loss = self.train_criterion(logits.float(), y)
         if aux is not None and cfg.auxiliary_weight > 0:
-            loss = loss + cfg.auxiliary_weight * self._train_loss(aux, y)
+            loss = loss + cfg.auxiliary_weight * self.train_criterion(aux.float(), y)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -136,9 +136,6 @@ class Trainer(RunLoop):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), logits.detach()
-
-    def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train_step(x, y)
 
     def begin_epoch(self) -> None:
         self.model.drop_path_prob = self.cfg.drop_path_prob * self.epoch / self.cfg.epochs
@@ -191,13 +188,6 @@ class Trainer(RunLoop):
                 "param_count": self.param_count, "param_size_M": round(self.param_count / 1e6, 6),
                 "param_count_with_auxiliary": self.model.param_count(auxiliary=True),
                 "majority_baseline_acc": self.majority_baseline}
-
-    def write_model(self) -> None:
-        """The trained model as ``fastnas.load_model`` reads it (derived from the checkpoint: a resume rewrites it)."""
-        if self.run_dir is None:
-            return
-        self.genotype.to_json(self.run_dir / "genotype.json")
-        save_model(self.model, self.run_dir, {"dataset": self.cfg.dataset, **self.summary()})
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
