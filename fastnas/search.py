@@ -73,19 +73,15 @@ class Search(RunLoop):
                                    penalty=self.budget.penalty)
 
     # -- construction -----------------------------------------------------------------------------------------------
-    def execution(self) -> Execution:
-        """The setting the supernet runs in, from which its plan is built."""
-        cfg = self.cfg
-        return Execution(self.device.type, self.backend, self.channels_last, cfg.amp,
-                         compile=cfg.compile_scope if cfg.compile else None)
-
     def build_model(self) -> SuperNet:
+        """The supernet, its plan built for the setting it runs in."""
         cfg = self.cfg
-        model = SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
-                         cfg.stem_multiplier, in_channels=self.info.in_channels,
-                         partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient,
-                         plan=cfg.plan, aux_skip=cfg.aux_skip, execution=self.execution())
-        return model
+        execution = Execution(self.device.type, self.backend, self.channels_last, cfg.amp,
+                              compile=cfg.compile_scope if cfg.compile else None)
+        return SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
+                        cfg.stem_multiplier, in_channels=self.info.in_channels, partial_channels=cfg.partial_channels,
+                        memory_efficient=cfg.memory_efficient, plan=cfg.plan, aux_skip=cfg.aux_skip,
+                        execution=execution)
 
     # -- state ------------------------------------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -123,9 +119,8 @@ class Search(RunLoop):
             if not all(bool(torch.isfinite(a).all()) for a in self.model.arch_parameters()):
                 raise self.diverged("the architecture weights (alphas)", step, f"--arch-lr (now {cfg.arch_lr})")
         with self.controls.weight_step(self.model):
-            loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y,
-                                       cfg.grad_clip, self.model.arch_parameters(), self.scaler)
-        return loss, logits
+            return weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
+                               self.model.arch_parameters(), self.scaler)
 
     def describe(self) -> None:
         cfg = self.cfg
