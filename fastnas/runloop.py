@@ -1,10 +1,11 @@
 """The epoch loop that search and retraining share, and their command line's main.
 
-A :class:`RunLoop` holds what both runs do the same way: device, fused-op backend, memory layout and autocast; the
-checkpoint with exact resume (models, optimisers, schedule, loss scalers, random streams, history), committed with
-the epoch's history file; the progress bar, the stop on a diverged loss, ``--verify-sync`` and TensorBoard. A run
-says what is its own through a few methods (:meth:`RunLoop.step`, :meth:`RunLoop.evaluate_epoch`,
-:meth:`RunLoop.record`, :meth:`RunLoop.finish`).
+A :class:`RunLoop` holds what both runs do the same way: device, fused-op backend, memory layout, autocast and
+``--compile``; the weight optimiser and its schedule; the checkpoint with exact resume (models, optimisers, schedule,
+loss scalers, random streams, history), committed with the epoch's history file; the progress bar, the stop on a
+diverged loss, ``--verify-sync`` and TensorBoard. Every run folder holds ``config.json``, ``data.json``, ``log.txt``,
+``checkpoint.pt`` and TensorBoard's event files. A run says what is its own through a few methods
+(:meth:`RunLoop.step`, :meth:`RunLoop.evaluate_epoch`, :meth:`RunLoop.record`, :meth:`RunLoop.finish`).
 
 The loop is written here rather than taken from Lightning Fabric or Accelerate: the bilevel step runs two optimisers
 on two data streams with a finite-difference Hessian-vector product, exact resume needs every random stream and the

@@ -1,13 +1,10 @@
 """Architecture search: ``python -m fastnas.search``.
 
-Runs DARTS's bilevel search over the attention-augmented space (first or second order) and writes a run folder:
-``config.json``, ``log.txt``, ``alphas.json`` (softmax weights per epoch), ``checkpoint.pt`` (each epoch, atomic),
-``genotype.json`` / ``genotype.txt``, ``normal.png`` / ``reduce.png`` (the derived cells), ``alphas.png`` (how the
-weights moved), ``analysis.txt`` (which edges chose attention) and TensorBoard's event files (fastnas.tracking).
-
-Under ``torchrun --nproc_per_node=N -m fastnas.search`` each process searches on its shard of both splits with
-``--batch-size`` images a batch (a global batch of N × batch size; learning rates are not scaled); the weight and
-architecture gradients are averaged across processes, and only rank 0 writes the run folder.
+DARTS's bilevel search (first or second order) over the attention-augmented space. Besides what every run writes
+(fastnas.runloop), its run folder holds ``alphas.json`` (softmax weights per epoch), the derived genotype
+(``genotype.json`` / ``genotype.txt``, ``normal.png`` / ``reduce.png``), ``alphas.png`` (how the weights moved) and
+``analysis.txt`` (which edges chose attention). Under torchrun each process searches on its shard of both splits, the
+gradients are averaged across processes and only rank 0 writes (docs/distributed.md).
 """
 from __future__ import annotations
 

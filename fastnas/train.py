@@ -1,16 +1,11 @@
 """Retrain a genotype from scratch: ``python -m fastnas.train --genotype PATH|NAME|STRING``.
 
-DARTS's evaluation protocol: an :class:`~fastnas.evalnet.EvalNet` trained with SGD (cosine learning rate to 0),
-an auxiliary loss, drop path rising linearly over the epochs, cutout, gradient clipping, and the test split evaluated
-after every epoch. The run folder holds ``config.json``, ``log.txt``, ``metrics.json`` (one record per epoch and the
-summary), ``checkpoint.pt`` (each epoch, atomic; ``--resume`` continues exactly), ``genotype.json`` and the model:
-``model.safetensors`` with ``model.json`` (architecture and dataset), which :func:`fastnas.load_model` and
-``python -m fastnas.evaluate RUN_DIR`` read; and TensorBoard's event files (fastnas.tracking).
-
-Under ``torchrun --nproc_per_node=N -m fastnas.train`` the network is wrapped in ``DistributedDataParallel``; each
-process trains on its shard with ``--batch-size`` images a batch (a global batch of N × batch size; the learning rate
-is not scaled) and tests on its share of the test split; only rank 0 writes the run folder. ``--sync-bn`` (GPUs)
-normalises with statistics over all processes.
+DARTS's evaluation protocol: an :class:`~fastnas.evalnet.EvalNet` trained with SGD (cosine learning rate to 0), an
+auxiliary loss, drop path rising linearly over the epochs, cutout, gradient clipping, and the test split evaluated
+after every epoch. Besides what every run writes (fastnas.runloop), its run folder holds ``metrics.json`` (one record
+per epoch and the summary), ``genotype.json`` and the model (``model.safetensors`` with ``model.json``), which
+:func:`fastnas.load_model` and ``python -m fastnas.evaluate RUN_DIR`` read. Under torchrun the network is wrapped in
+``DistributedDataParallel``, each process trains and tests on its shard and only rank 0 writes (docs/distributed.md).
 """
 from __future__ import annotations
 
