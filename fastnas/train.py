@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from . import distributed, runloop, runtime
 from .config import TRAIN_PRESETS, TrainConfig
 from .costmodel import format_cost, network_cost
-from .data import loader_workers, ordered_loader, seeded_loader, shard_sampler, train_test_data
+from .data import EpochShuffle, loader_workers, ordered_loader, seeded_loader, train_test_data
 from .errors import CheckpointError, ConfigError
 from .evalnet import EvalNet
 from .modelfile import save_model
@@ -58,7 +58,7 @@ class Trainer(RunLoop):
         train_data, test_data, self.info = train_test_data(cfg.dataset, cfg.data_dir, cfg.download, cfg.cutout,
                                                            cfg.limit, cfg.image_size, cfg.skip_bad_images, workers)
         self.train_loader = seeded_loader(train_data, cfg.batch_size,
-                                          shard_sampler(range(len(train_data)), cfg.seed, rank, world), workers, pin)
+                                          EpochShuffle(range(len(train_data)), cfg.seed, rank, world), workers, pin)
         test_share = test_data if world == 1 else Subset(test_data, range(rank, len(test_data), world))
         self.test_loader = ordered_loader(test_share, cfg.eval_batch_size or cfg.batch_size, workers, pin)
         counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)

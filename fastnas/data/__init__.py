@@ -16,8 +16,7 @@ from .folders import FOLDER_IMAGE_SIZE, FolderImages, FolderParts, describe_imag
 from .loaders import check_image_size, search_loaders, train_test_data
 from .record import (DATA_JSON, check_resumed_data, data_json_text, data_record, read_data_json,
                      write_data_json)
-from .samplers import (EpochShuffle, SeededDraws, loader_workers, ordered_loader, seeded_loader, set_epoch,
-                       shard_sampler)
+from .samplers import EpochShuffle, SeededDraws, loader_workers, ordered_loader, seeded_loader, set_epoch
 from .sources import DATASET_NAMES, DATASETS, DatasetInfo, TensorImages, _digits, dataset_info, load_split
 from .transforms import ConvertMode, Cutout, eval_transform, train_transform, transforms_for
 
@@ -25,5 +24,5 @@ __all__ = ["DATASETS", "DATASET_NAMES", "DATA_JSON", "FOLDER_IMAGE_SIZE", "Conve
            "DatasetInfo", "EpochShuffle", "FolderImages", "FolderParts", "SeededDraws", "TensorImages", "_digits",
            "check_image_size", "check_resumed_data", "data_json_text", "data_record", "dataset_info", "describe_images",
            "eval_transform", "load_split", "loader_workers", "open_folder", "ordered_loader", "read_data_json",
-           "search_loaders", "seeded_loader", "set_epoch", "shard_sampler", "train_test_data", "train_transform",
+           "search_loaders", "seeded_loader", "set_epoch", "train_test_data", "train_transform",
            "transforms_for", "write_data_json"]

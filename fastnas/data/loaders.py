@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import DataError
 from .folders import FOLDER_IMAGE_SIZE, FolderImages, open_folder
 from .record import data_record
-from .samplers import loader_workers, seeded_loader, shard_sampler
+from .samplers import EpochShuffle, loader_workers, seeded_loader
 from .sources import dataset_info, load_split
 from .transforms import eval_transform, train_transform
 
@@ -27,7 +27,7 @@ def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_
         raise DataError(f"{len(data)} training images cannot be split with train_portion {train_portion}")
     loaders = []
     for part, indices in enumerate((range(split), range(split, len(data)))):
-        sampler = shard_sampler(indices, seed + part, rank, world_size)
+        sampler = EpochShuffle(indices, seed + part, rank, world_size)
         loaders.append(seeded_loader(data, batch_size, sampler, workers, pin_memory))
     return loaders[0], loaders[1], data.info
 
