@@ -81,9 +81,8 @@ def _inside(path: str, folder: str) -> bool:
 
 def _class_files(folder: Path, data_root: Path) -> list[str]:
     """The image files under ``folder``, recursively, in ImageFolder's order (by folder, then name). Unlike
-    ImageFolder, which follows every link, a linked folder is followed once, and never when it leads into the
-    data root: the images there are read where they are, and a link such as ``cat/up -> ..`` would otherwise loop,
-    listing the whole folder again under ``cat`` at every level."""
+    ImageFolder, a linked folder is followed once, and never when it leads into the data root (whose images are read
+    where they are; ``cat/up -> ..`` would otherwise list the whole folder again under ``cat`` at every level)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     root_real, own_real = os.path.realpath(data_root), os.path.realpath(folder)
@@ -120,9 +119,8 @@ def _unique(samples: list[tuple[str, int]], classes: list[str],
     """``samples`` with every file once (a file listed again in its class, through a link, is left out); a
     DataError naming both paths when one file is under two classes. ``first`` carries the files seen before
     (the training folder's, for val/), where any repeat is an error."""
-    earlier = dict(first or {})
+    earlier = first or {}
     seen: dict[tuple, tuple[str, int]] = {}
-    out = []
     for path, label in samples:
         key = _file_key(path)
         if key in earlier:
@@ -136,11 +134,10 @@ def _unique(samples: list[tuple[str, int]], classes: list[str],
                                 f"({classes[label]} and {classes[other_label]}); keep it in one")
             continue
         seen[key] = (path, label)
-        out.append((path, label))
-    if len(out) < len(samples):
-        log.warning(f"{len(samples) - len(out)} image file(s) listed twice in their class (through links) "
+    if len(seen) < len(samples):
+        log.warning(f"{len(samples) - len(seen)} image file(s) listed twice in their class (through links) "
                     f"are read once")
-    return out
+    return list(seen.values())
 
 
 def _discover(root: Path, classes: list[str] | None = None, data_root: Path | None = None,
