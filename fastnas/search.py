@@ -8,7 +8,6 @@ gradients are averaged across processes and only rank 0 writes (docs/distributed
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,14 +232,11 @@ COMMAND = runloop.Command(
              "genotypes share (seeds.txt, seeds.json, seeds.png) (default: 1)"))
 build_parser = COMMAND.build_parser
 config_from_args = COMMAND.config_from_args
+_main = COMMAND.run  # what main runs once the options are parsed and applied (looked up at each call)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.main("fastnas.search", build_parser, _main, argv)
-
-
-def _main(args: argparse.Namespace, argv: list[str]) -> int:
-    return COMMAND.run(args, argv)
 
 
 if __name__ == "__main__":
