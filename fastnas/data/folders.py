@@ -75,10 +75,6 @@ class FolderParts:
     skipped: list[str]  # the unreadable files left out (--skip-bad-images)
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _class_files(folder: Path, data_root: Path) -> list[str]:
     """The image files under ``folder``, recursively, in ImageFolder's order (by folder, then name). Unlike
     ImageFolder, a linked folder is followed once, and never when it leads into the data root (whose images are read
@@ -94,7 +90,7 @@ def _class_files(folder: Path, data_root: Path) -> list[str]:
             full = os.path.join(dirpath, name)
             real = os.path.realpath(full)
             plain = real == os.path.join(own_real, os.path.relpath(full, folder))  # reached through no link
-            if real in seen or (not plain and _inside(real, root_real)):
+            if real in seen or (not plain and os.path.commonpath([real, root_real]) == root_real):
                 log.warning(f"not following the link {full}: it leads back to {real}, whose images are read once "
                             f"where they are")
                 continue
