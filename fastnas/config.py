@@ -262,6 +262,4 @@ def preset(name: str, presets: dict[str, dict[str, Any]] = SEARCH_PRESETS) -> di
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``base`` updated with the overrides that were given (None means not given)."""
-    out = dict(base)
-    out.update({k: v for k, v in overrides.items() if v is not None})
-    return out
+    return {**base, **{k: v for k, v in overrides.items() if v is not None}}
