@@ -3,7 +3,7 @@ retraining step of the evaluation network, per provider, plus their peak memory 
 
 A search step is what ``Search.train_epoch`` runs per batch: ``Architect.step`` (first or second order) and then
 ``weight_step`` with the architecture frozen, with the search defaults of :class:`fastnas.config.SearchConfig`
-(SGD 0.025/0.9/3e-4, gradient clip 5, α Adam 3e-4). A retraining step is ``Trainer.train_step``: forward with the
+(SGD 0.025/0.9/3e-4, gradient clip 5, α Adam 3e-4). A retraining step is ``Trainer.step``: forward with the
 auxiliary head, CE + 0.4 · CE(aux), backward, clip 5, SGD, drop path 0.2.
 
 Step providers (``STEP_PROVIDERS``): a fused-op backend, the memory plan on or off (``reference_darts``: every

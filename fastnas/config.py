@@ -18,7 +18,7 @@ from .options import Option, Rule, boolean, check_fields, integer, number, one_o
 SEARCH_PRESETS: dict[str, dict[str, Any]] = {
     # DARTS (Liu et al., 2018), second order: the setting of its best CIFAR-10 cell
     "darts": dict(dataset="cifar10", primitives="darts", epochs=50, batch_size=64, order=2),
-    # Shin and Bae: DARTS + channel/spatial attention, 50 epochs, batch 128, SGD 0.025 / 0.9 / 3e-4
+    # Shin and Bae: DARTS with channel and spatial attention
     "at-darts": dict(dataset="cifar10", primitives="at-darts", epochs=50, batch_size=128, lr=0.025,
                      momentum=0.9, weight_decay=3e-4, order=2),
     # a real search on the embedded digits, a few minutes on 2 CPU cores
@@ -26,21 +26,18 @@ SEARCH_PRESETS: dict[str, dict[str, Any]] = {
                   arch_lr=3e-3, order=1),
 }
 
+# DARTS's CIFAR-10 evaluation: 20 cells of C=36, cosine learning rate, auxiliary head, drop path, cutout
 _DARTS_EVAL = dict(dataset="cifar10", C=36, layers=20, epochs=600, batch_size=96, lr=0.025, momentum=0.9,
                    weight_decay=3e-4, cutout=16, drop_path_prob=0.2, auxiliary=True, auxiliary_weight=0.4,
                    grad_clip=5.0)
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # DARTS's CIFAR-10 evaluation: 20 cells of C=36, 600 epochs, batch 96, cosine from 0.025, cutout 16,
-    # drop path 0.2, auxiliary weight 0.4, grad clip 5
     "darts": _DARTS_EVAL,
     # Shin and Bae's retraining: DARTS's, with batch 128
     "at-darts": {**_DARTS_EVAL, "batch_size": 128},
     # the embedded digits, a few minutes on 2 CPU cores
     "quick": dict(dataset="digits", C=16, layers=8, epochs=30, batch_size=64, lr=0.05, cutout=0,
                   drop_path_prob=0.1, auxiliary=True, auxiliary_weight=0.4),
-    # DARTS's ImageNet evaluation (train_imagenet.py) on an image folder: the ImageNet network of 14 cells of C=48,
-    # 250 epochs, batch 128, SGD 0.1 / 0.9 / 3e-5 decayed by 0.97 every epoch, label smoothing 0.1, auxiliary
-    # weight 0.4, grad clip 5, no drop path, no cutout
+    # DARTS's ImageNet evaluation (train_imagenet.py) on an image folder: the ImageNet network, step decay
     "imagenet": dict(dataset="folder", network="imagenet", image_size=224, C=48, layers=14, epochs=250,
                      batch_size=128, lr=0.1, lr_schedule="step", lr_gamma=0.97, lr_step=1, momentum=0.9,
                      weight_decay=3e-5, label_smoothing=0.1, auxiliary=True, auxiliary_weight=0.4, grad_clip=5.0,
@@ -265,6 +262,4 @@ def preset(name: str, presets: dict[str, dict[str, Any]] = SEARCH_PRESETS) -> di
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``base`` updated with the overrides that were given (None means not given)."""
-    out = dict(base)
-    out.update({k: v for k, v in overrides.items() if v is not None})
-    return out
+    return {**base, **{k: v for k, v in overrides.items() if v is not None}}

@@ -1,10 +1,11 @@
 """The epoch loop that search and retraining share, and their command line's main.
 
-A :class:`RunLoop` holds what both runs do the same way: device, fused-op backend, memory layout and autocast; the
-checkpoint with exact resume (models, optimisers, schedule, loss scalers, random streams, history), committed with
-the epoch's history file; the progress bar, the stop on a diverged loss, ``--verify-sync`` and TensorBoard. A run
-says what is its own through a few methods (:meth:`RunLoop.step`, :meth:`RunLoop.evaluate_epoch`,
-:meth:`RunLoop.record`, :meth:`RunLoop.finish`).
+A :class:`RunLoop` holds what both runs do the same way: device, fused-op backend, memory layout, autocast and
+``--compile``; the weight optimiser and its schedule; the checkpoint with exact resume (models, optimisers, schedule,
+loss scalers, random streams, history), committed with the epoch's history file; the progress bar, the stop on a
+diverged loss, ``--verify-sync`` and TensorBoard. Every run folder holds ``config.json``, ``data.json``, ``log.txt``,
+``checkpoint.pt`` and TensorBoard's event files. A run says what is its own through a few methods
+(:meth:`RunLoop.step`, :meth:`RunLoop.evaluate_epoch`, :meth:`RunLoop.record`, :meth:`RunLoop.finish`).
 
 The loop is written here rather than taken from Lightning Fabric or Accelerate: the bilevel step runs two optimisers
 on two data streams with a finite-difference Hessian-vector product, exact resume needs every random stream and the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,11 +25,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, cli, distributed, options, rundir, runtime, tracking
-from .data import check_resumed_data, set_epoch
+from . import checkpoint, cli, compilation, distributed, options, rundir, runtime, tracking
+from .data import check_image_size, check_resumed_data, set_epoch
 from .errors import CheckpointError, ConfigError
 from .runtime import log
 from .tracking import Tracker
+from .viz import cell_figure
 from .watch import FiniteWatch
 
 CHECKPOINT_FORMAT = 1
@@ -50,6 +53,7 @@ class RunLoop:
         if cfg.amp == "bf16" and self.device.type == "cpu" and cfg.backend == "triton":
             raise ConfigError("--amp bf16 with the triton backend needs a GPU")
         self.channels_last = runtime.use_channels_last(cfg.channels_last, self.device)
+        self.memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.criterion = nn.CrossEntropyLoss()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.tensorboard: bool | None = None  # None: when tensorboard is installed (fastnas.tracking)
@@ -57,6 +61,8 @@ class RunLoop:
         self.epoch = 0
         self.history: list[dict] = []
         self.watch = FiniteWatch()  # the step's finiteness checks, read without making a step wait
+        runtime.seed_everything(cfg.seed)
+        check_image_size(cfg.dataset, cfg.image_size, cfg.layers)  # before any image is read
 
     # -- what a run defines -----------------------------------------------------------------------------------------
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +109,10 @@ class RunLoop:
         """What the run shows in TensorBoard after an epoch beside its history's numbers."""
 
     # -- shared -----------------------------------------------------------------------------------------------------
-    def make_forward(self, module: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
-        """``module`` run under the configured autocast."""
+    def make_forward(self, module: Callable[[torch.Tensor], Any], label: str | None = None) -> Callable:
+        """``module`` run under the configured autocast; with ``--compile`` and a ``label``, compiled whole."""
+        if label is not None and self.cfg.compile:
+            module = compilation.CompiledOrEager(module, label)
         amp, device = self.cfg.amp, self.device
 
         def forward(x: torch.Tensor) -> Any:
@@ -114,6 +122,43 @@ class RunLoop:
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.criterion(logits.float(), y)
+
+    def weight_optimizer(self, params: Any, schedule: str = "cosine") -> None:
+        """SGD on ``params`` with the cosine schedule to ``lr_min``, or ``step``: DARTS's ImageNet schedule (epoch e
+        trains at lr * gamma^(e // lr_step))."""
+        cfg = self.cfg
+        self.optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                         fused=True)
+        if schedule == "step":
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs,
+                                                                        eta_min=cfg.lr_min)
+
+    def held_out(self, loader: Any) -> runtime.Meter:
+        """The loss and accuracy of :attr:`forward` on ``loader``, reduced over the processes."""
+        meter = runtime.evaluate(self.forward, loader, self._loss, self.device, self.cfg.amp, self.channels_last)
+        distributed.reduce_meter(meter)
+        return meter
+
+    def describe_run(self, settings: str, processes: str = "") -> None:
+        """The first lines of :meth:`describe`: the run's own ``settings``, then what every run shares; under
+        torchrun the processes (``processes`` ends that line)."""
+        cfg = self.cfg
+        log.info(f"{self.kind}: {cfg.dataset}, {settings}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+                 f"device {self.device}, backend {self.backend}, amp {cfg.amp}, "
+                 f"{'channels_last' if self.channels_last else 'contiguous'} layout")
+        if distributed.active():
+            log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
+                     f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all"
+                     f"{processes}")
+
+    def track_genotype(self, tracker: Tracker, genotype: Any) -> None:
+        """The genotype as text and its cells as pictures."""
+        tracker.text("genotype", str(genotype), self.epoch)
+        for kind, title in (("normal", "normal cell"), ("reduce", "reduction cell")):
+            cell = cell_figure(getattr(genotype, kind), getattr(genotype, f"{kind}_concat"), title)
+            tracker.figure(f"cells/{kind}", cell, self.epoch)
 
     def state_dict(self) -> dict:
         return {
@@ -165,6 +210,9 @@ class RunLoop:
         for loader in self.epoch_loaders():
             set_epoch(loader, self.epoch)
         self.begin_epoch()
+        compiling = cfg.compile and self.epoch == 0  # the first step compiles: say how long it took
+        if compiling:
+            start, cache_before = time.perf_counter(), runtime.inductor_cache_counts()
         meter = runtime.Meter()
         total = len(self.train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(self.train_loader))
         bar = tqdm(self.train_loader, total=total, desc=f"{self.kind} {self.epoch + 1}/{cfg.epochs}", leave=False,
@@ -174,6 +222,8 @@ class RunLoop:
                 break
             x, y = runtime.to_device(x, y, self.device, self.channels_last)
             loss, logits = self.step(step, x, y)
+            if compiling and step == 0:
+                self._report_compilation(time.perf_counter() - start, cache_before)
             self.watch.expect(step, "the training loss", f"--lr (now {cfg.lr})", loss)
             meter.update(loss, logits, y)
             if self.watch.due():  # the only reads of the device's values during the epoch
@@ -184,6 +234,13 @@ class RunLoop:
         self.check_finite()
         distributed.reduce_meter(meter)
         return meter
+
+    def _report_compilation(self, seconds: float, cache_before: tuple[int, int]) -> None:
+        """After the first (compiling) step: how long it took and whether Inductor's on-disk cache was warm."""
+        hits, misses = (a - b for a, b in zip(runtime.inductor_cache_counts(), cache_before))
+        state = "warm" if misses == 0 and hits > 0 else ("cold" if hits == 0 else "partly warm")
+        log.info(f"torch.compile: first {self.kind} step (compiling) took {seconds:.1f}s; "
+                 f"Inductor cache {state} ({hits} hits, {misses} misses)")
 
     def run(self, until_epoch: int | None = None) -> Any:
         """Run until ``cfg.epochs`` (or stop after ``until_epoch``, as an interrupted run would)."""

@@ -1,32 +1,27 @@
 """Architecture search: ``python -m fastnas.search``.
 
-Runs DARTS's bilevel search over the attention-augmented space (first or second order) and writes a run folder:
-``config.json``, ``log.txt``, ``alphas.json`` (softmax weights per epoch), ``checkpoint.pt`` (each epoch, atomic),
-``genotype.json`` / ``genotype.txt``, ``normal.png`` / ``reduce.png`` (the derived cells), ``alphas.png`` (how the
-weights moved), ``analysis.txt`` (which edges chose attention) and TensorBoard's event files (fastnas.tracking).
-
-Under ``torchrun --nproc_per_node=N -m fastnas.search`` each process searches on its shard of both splits with
-``--batch-size`` images a batch (a global batch of N × batch size; learning rates are not scaled); the weight and
-architecture gradients are averaged across processes, and only rank 0 writes the run folder.
+DARTS's bilevel search (first or second order) over the attention-augmented space. Besides what every run writes
+(fastnas.runloop), its run folder holds ``alphas.json`` (softmax weights per epoch), the derived genotype
+(``genotype.json`` / ``genotype.txt``, ``normal.png`` / ``reduce.png``), ``alphas.png`` (how the weights moved) and
+``analysis.txt`` (which edges chose attention). Under torchrun each process searches on its shard of both splits, the
+gradients are averaged across processes and only rank 0 writes (docs/distributed.md).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import checkpoint, cli, compilation, distributed, indicators, runloop, runtime, seeds
+from . import checkpoint, cli, distributed, indicators, runloop, runtime, seeds
 from .analysis import attention_report
 from .architect import Architect, weight_step
 from .budget import SearchBudget
 from .config import SEARCH_PRESETS, SearchConfig
 from .costmodel import format_cost
-from .data import check_image_size, search_loaders, set_epoch
+from .data import search_loaders, set_epoch
 from .genotype import Genotype
 from .nn.plans import Execution
 from .nn.plans.regions import regions_of
@@ -35,7 +30,7 @@ from .runloop import RunLoop
 from .runtime import log
 from .supernet import SuperNet
 from .tracking import Tracker
-from .viz import alpha_heatmap, cell_figure, plot_alpha_history, plot_cell, plot_collapse
+from .viz import alpha_heatmap, plot_alpha_history, plot_cell, plot_collapse
 
 
 @dataclass
@@ -54,20 +49,17 @@ class Search(RunLoop):
     def __init__(self, cfg: SearchConfig, run_dir: Path | None = None, progress: bool = True,
                  verify_sync: bool = False) -> None:
         super().__init__(cfg, run_dir, progress, verify_sync)
-        runtime.seed_everything(cfg.seed)
-        check_image_size(cfg.dataset, cfg.image_size, cfg.layers)
         self.train_loader, self.valid_loader, self.info = search_loaders(
             cfg.dataset, cfg.batch_size, cfg.train_portion, cfg.data_dir, cfg.download, cfg.seed, cfg.workers,
             cfg.limit, distributed.rank(), distributed.world_size(), cfg.image_size, cfg.skip_bad_images,
             pin_memory=self.device.type == "cuda")
-        self.model = self.build_model().to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.build_model().to(self.device, memory_format=self.memory_format)
         distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights and alphas
-        self.forward = self._make_forward()
-        self.optimizer = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, fused=True)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs, eta_min=cfg.lr_min)
+        if cfg.compile and cfg.compile_scope == "regions":  # the plan compiles them (fastnas.nn.plans.regions)
+            log.info(f"torch.compile: {regions_of(self.model.plan).regions} regions (edges and preprocessing ops), "
+                     "compiled on first use")
+        self.forward = self.make_forward(self.model, "the supernet" if cfg.compile_scope == "model" else None)
+        self.weight_optimizer(self.model.weight_parameters())
         self.arch_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.controls = Controls(cfg, self.model)  # collapse controls (fastnas.robust)
         self.budget = SearchBudget(cfg, self.info, self.model, self.device)  # costs, --budget (fastnas.budget)
@@ -77,28 +69,15 @@ class Search(RunLoop):
                                    penalty=self.budget.penalty)
 
     # -- construction -----------------------------------------------------------------------------------------------
-    def execution(self) -> Execution:
-        """The setting the supernet runs in, from which its plan is built."""
-        cfg = self.cfg
-        return Execution(self.device.type, self.backend, self.channels_last, cfg.amp,
-                         compile=cfg.compile_scope if cfg.compile else None)
-
     def build_model(self) -> SuperNet:
+        """The supernet, its plan built for the setting it runs in."""
         cfg = self.cfg
-        model = SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
-                         cfg.stem_multiplier, in_channels=self.info.in_channels,
-                         partial_channels=cfg.partial_channels, memory_efficient=cfg.memory_efficient,
-                         plan=cfg.plan, aux_skip=cfg.aux_skip, execution=self.execution())
-        return model
-
-    def _make_forward(self):
-        cfg = self.cfg
-        if cfg.compile and cfg.compile_scope == "model":
-            return self.make_forward(compilation.CompiledOrEager(self.model, "the supernet"))
-        if cfg.compile:
-            log.info(f"torch.compile: {regions_of(self.model.plan).regions} regions (edges and preprocessing ops), "
-                     "compiled on first use")
-        return self.make_forward(self.model)
+        execution = Execution(self.device.type, self.backend, self.channels_last, cfg.amp,
+                              compile=cfg.compile_scope if cfg.compile else None)
+        return SuperNet(cfg.C, cfg.layers, self.info.num_classes, cfg.primitives, cfg.steps, cfg.multiplier,
+                        cfg.stem_multiplier, in_channels=self.info.in_channels, partial_channels=cfg.partial_channels,
+                        memory_efficient=cfg.memory_efficient, plan=cfg.plan, aux_skip=cfg.aux_skip,
+                        execution=execution)
 
     # -- state ------------------------------------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -115,8 +94,6 @@ class Search(RunLoop):
     def begin_epoch(self) -> None:
         self.controls.start_epoch(self.epoch)
         self._valid_iter = iter(self.valid_loader)
-        self._step_start = time.perf_counter()
-        self._cache_before = runtime.inductor_cache_counts()
 
     def epoch_loaders(self) -> list:
         return [self.train_loader, self.valid_loader]
@@ -138,28 +115,13 @@ class Search(RunLoop):
             self.watch.expect(step, "the architecture weights (alphas)", f"--arch-lr (now {cfg.arch_lr})",
                               *self.model.arch_parameters())
         with self.controls.weight_step(self.model):
-            loss, logits = weight_step(self.model, self.forward, self._loss, self.optimizer, x, y,
-                                       cfg.grad_clip, self.model.arch_parameters(), self.scaler)
-        if cfg.compile and self.epoch == 0 and step == 0:
-            self._report_compilation()
-        return loss, logits
-
-    def _report_compilation(self) -> None:
-        """After the first (compiling) step: how long it took and whether Inductor's on-disk cache was warm."""
-        hits, misses = (a - b for a, b in zip(runtime.inductor_cache_counts(), self._cache_before))
-        state = "warm" if misses == 0 and hits > 0 else ("cold" if hits == 0 else "partly warm")
-        log.info(f"torch.compile: first search step (compiling) took {time.perf_counter() - self._step_start:.1f}s; "
-                 f"Inductor cache {state} ({hits} hits, {misses} misses)")
+            return weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
+                               self.model.arch_parameters(), self.scaler)
 
     def describe(self) -> None:
         cfg = self.cfg
-        log.info(f"search: {cfg.dataset}, space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, "
-                 f"{cfg.layers} cells, order {cfg.order}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-                 f"device {self.device}, backend {self.backend}, amp {cfg.amp}, "
-                 f"{'channels_last' if self.channels_last else 'contiguous'} layout")
-        if distributed.active():
-            log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
-                     f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all")
+        self.describe_run(f"space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, {cfg.layers} cells, "
+                          f"order {cfg.order}")
         log.info(f"plan: {self.model.plan.name} ({self.model.plan.reason})")
         log.info(f"weights: {sum(p.numel() for p in self.model.weight_parameters()) / 1e6:.6f}M parameters")
         if self.controls.describe():
@@ -167,9 +129,7 @@ class Search(RunLoop):
         log.info(self.budget.describe())
 
     def evaluate_epoch(self) -> runtime.Meter:
-        cfg = self.cfg
-        valid = runtime.evaluate(self.forward, self.valid_loader, self._loss, self.device, cfg.amp, self.channels_last)
-        distributed.reduce_meter(valid)
+        valid = self.held_out(self.valid_loader)
         distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
         return valid
 
@@ -201,13 +161,10 @@ class Search(RunLoop):
     def track(self, tracker: Tracker) -> None:
         """The α of both cell types as heatmaps, the derived cells as pictures, the genotype as text."""
         last, edges = self.history[-1], self.model.edge_names()
-        genotype = Genotype.parse(last["genotype"])
         for kind, title in (("normal", "normal cell"), ("reduce", "reduction cell")):
             tracker.figure(f"alphas/{kind}", alpha_heatmap(last[kind], self.model.primitives, edges,
                                                            f"softmax weights, {title}, epoch {self.epoch}"), self.epoch)
-            tracker.figure(f"cells/{kind}", cell_figure(getattr(genotype, kind), getattr(genotype, f"{kind}_concat"),
-                                                        title), self.epoch)
-        tracker.text("genotype", str(genotype), self.epoch)
+        self.track_genotype(tracker, Genotype.parse(last["genotype"]))
 
     def finish(self) -> SearchResult:
         cfg = self.cfg
@@ -275,14 +232,11 @@ COMMAND = runloop.Command(
              "genotypes share (seeds.txt, seeds.json, seeds.png) (default: 1)"))
 build_parser = COMMAND.build_parser
 config_from_args = COMMAND.config_from_args
+_main = COMMAND.run  # what main runs once the options are parsed and applied (looked up at each call)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.main("fastnas.search", build_parser, _main, argv)
-
-
-def _main(args: argparse.Namespace, argv: list[str]) -> int:
-    return COMMAND.run(args, argv)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,11 @@
 """Retrain a genotype from scratch: ``python -m fastnas.train --genotype PATH|NAME|STRING``.
 
-DARTS's evaluation protocol: an :class:`~fastnas.evalnet.EvalNet` trained with SGD (cosine learning rate to 0),
-an auxiliary loss, drop path rising linearly over the epochs, cutout, gradient clipping, and the test split evaluated
-after every epoch. The run folder holds ``config.json``, ``log.txt``, ``metrics.json`` (one record per epoch and the
-summary), ``checkpoint.pt`` (each epoch, atomic; ``--resume`` continues exactly), ``genotype.json`` and the model:
-``model.safetensors`` with ``model.json`` (architecture and dataset), which :func:`fastnas.load_model` and
-``python -m fastnas.evaluate RUN_DIR`` read; and TensorBoard's event files (fastnas.tracking).
-
-Under ``torchrun --nproc_per_node=N -m fastnas.train`` the network is wrapped in ``DistributedDataParallel``; each
-process trains on its shard with ``--batch-size`` images a batch (a global batch of N × batch size; the learning rate
-is not scaled) and tests on its share of the test split; only rank 0 writes the run folder. ``--sync-bn`` (GPUs)
-normalises with statistics over all processes.
+DARTS's evaluation protocol: an :class:`~fastnas.evalnet.EvalNet` trained with SGD (cosine learning rate to 0), an
+auxiliary loss, drop path rising linearly over the epochs, cutout, gradient clipping, and the test split evaluated
+after every epoch. Besides what every run writes (fastnas.runloop), its run folder holds ``metrics.json`` (one record
+per epoch and the summary), ``genotype.json`` and the model (``model.safetensors`` with ``model.json``), which
+:func:`fastnas.load_model` and ``python -m fastnas.evaluate RUN_DIR`` read. Under torchrun the network is wrapped in
+``DistributedDataParallel``, each process trains and tests on its shard and only rank 0 writes (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -23,10 +18,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from . import compilation, distributed, runloop, runtime
+from . import distributed, runloop, runtime
 from .config import TRAIN_PRESETS, TrainConfig
 from .costmodel import format_cost, network_cost
-from .data import check_image_size, loader_workers, ordered_loader, seeded_loader, shard_sampler, train_test_data
+from .data import EpochShuffle, loader_workers, ordered_loader, seeded_loader, train_test_data
 from .errors import CheckpointError, ConfigError
 from .evalnet import EvalNet
 from .modelfile import save_model
@@ -34,7 +29,6 @@ from .genotypes import check_genotype, resolve_genotype  # noqa: F401 (resolve_g
 from .runloop import RunLoop
 from .runtime import log
 from .tracking import Tracker
-from .viz import cell_figure
 
 
 @dataclass
@@ -59,42 +53,32 @@ class Trainer(RunLoop):
         cfg.genotype = str(self.genotype)  # the run stores the genotype itself, not where it came from
         if cfg.sync_bn and self.device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU")
-        runtime.seed_everything(cfg.seed)
         rank, world = distributed.rank(), distributed.world_size()
-
-        check_image_size(cfg.dataset, cfg.image_size, cfg.layers)
         workers, pin = loader_workers(cfg.dataset, cfg.workers), self.device.type == "cuda"
         train_data, test_data, self.info = train_test_data(cfg.dataset, cfg.data_dir, cfg.download, cfg.cutout,
                                                            cfg.limit, cfg.image_size, cfg.skip_bad_images, workers)
         self.train_loader = seeded_loader(train_data, cfg.batch_size,
-                                          shard_sampler(range(len(train_data)), cfg.seed, rank, world), workers, pin)
+                                          EpochShuffle(range(len(train_data)), cfg.seed, rank, world), workers, pin)
         test_share = test_data if world == 1 else Subset(test_data, range(rank, len(test_data), world))
         self.test_loader = ordered_loader(test_share, cfg.eval_batch_size or cfg.batch_size, workers, pin)
         counts = torch.bincount(test_data.labels, minlength=self.info.num_classes)
         self.majority_baseline = 100.0 * float(counts.max()) / max(len(test_data), 1)  # always the commonest class
-        self.model = self.build_model().to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.build_model().to(self.device, memory_format=self.memory_format)
+        # the training loss: label smoothing as DARTS on ImageNet (main and auxiliary; the test loss is plain)
         self.train_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.forward = self._make_forward(self.model)  # testing, and training in a single process
+        self.forward = self.make_forward(self.model, "the network")  # testing, and training in a single process
         self.train_forward = self.forward
         if distributed.active():
             if cfg.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-                self.forward = self._make_forward(self.model)
+                self.forward = self.make_forward(self.model, "the network")
             # DDP starts from rank 0's weights and averages the gradients in backward; batch-norm statistics are
             # averaged at the end of each epoch instead of being broadcast at each step
             ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=cfg.auxiliary and cfg.auxiliary_weight == 0)
-            self.train_forward = self._make_forward(ddp)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, fused=True)
-        if cfg.lr_schedule == "step":  # DARTS's ImageNet schedule: epoch e trains at lr * gamma^(e // lr_step)
-            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
-        else:
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs,
-                                                                        eta_min=cfg.lr_min)
+            self.train_forward = self.make_forward(ddp, "the network")
+        self.weight_optimizer(self.model.parameters(), cfg.lr_schedule)
         self.best_test_acc = 0.0
 
     # -- construction -----------------------------------------------------------------------------------------------
@@ -103,13 +87,6 @@ class Trainer(RunLoop):
         return EvalNet(self.genotype, cfg.C, cfg.layers, info.num_classes, auxiliary=cfg.auxiliary,
                        drop_path_prob=0.0, in_channels=info.in_channels, input_size=info.image_size,
                        stem_multiplier=cfg.stem_multiplier, steps=cfg.steps, network=cfg.network)
-
-    def _make_forward(self, model: nn.Module):
-        return self.make_forward(compilation.CompiledOrEager(model, "the network") if self.cfg.compile else model)
-
-    def _train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The training loss: cross entropy with ``label_smoothing`` (DARTS smooths on ImageNet)."""
-        return self.train_criterion(logits.float(), y)
 
     @property
     def param_count(self) -> int:
@@ -130,20 +107,23 @@ class Trainer(RunLoop):
         return {**self.summary(), "epochs": self.history}
 
     def save_checkpoint(self) -> None:
-        """The epoch's checkpoint and ``metrics.json``, then the model derived from them."""
+        """The epoch's checkpoint and ``metrics.json``, then the model derived from them as ``fastnas.load_model``
+        reads it (a resume rewrites it)."""
         super().save_checkpoint()
-        self.write_model()
+        if self.run_dir is not None:
+            self.genotype.to_json(self.run_dir / "genotype.json")
+            save_model(self.model, self.run_dir, {"dataset": self.cfg.dataset, **self.summary()})
 
     # -- loop -------------------------------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on loss = CE(logits) + auxiliary_weight · CE(aux logits); returns (loss, logits), detached."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         out = self.train_forward(x)
         logits, aux = out if isinstance(out, tuple) else (out, None)
-        loss = self._train_loss(logits, y)
+        loss = self.train_criterion(logits.float(), y)
         if aux is not None and cfg.auxiliary_weight > 0:
-            loss = loss + cfg.auxiliary_weight * self._train_loss(aux, y)
+            loss = loss + cfg.auxiliary_weight * self.train_criterion(aux.float(), y)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -152,32 +132,18 @@ class Trainer(RunLoop):
         self.scaler.update()
         return loss.detach(), logits.detach()
 
-    def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train_step(x, y)
-
     def begin_epoch(self) -> None:
         self.model.drop_path_prob = self.cfg.drop_path_prob * self.epoch / self.cfg.epochs
 
-    def test(self) -> runtime.Meter:
-        self.model.eval()
-        meter = runtime.evaluate(self.forward, self.test_loader, self._loss, self.device, self.cfg.amp,
-                                 self.channels_last)
-        distributed.reduce_meter(meter)  # every rank tested its share: the whole test split
-        return meter
-
     def evaluate_epoch(self) -> runtime.Meter:
         distributed.sync_buffers(self.model)  # batch-norm statistics: the mean over ranks
-        return self.test()
+        self.model.eval()
+        return self.held_out(self.test_loader)  # every rank tests its share: the whole test split
 
     def describe(self) -> None:
         cfg = self.cfg
-        log.info(f"train: {cfg.dataset}, C={cfg.C}, {cfg.layers} cells, auxiliary {cfg.auxiliary}, "
-                 f"{cfg.epochs} epochs, batch {cfg.batch_size}, device {self.device}, backend {self.backend}, "
-                 f"amp {cfg.amp}, {'channels_last' if self.channels_last else 'contiguous'} layout")
-        if distributed.active():
-            log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
-                     f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all"
-                     f"{', SyncBatchNorm' if cfg.sync_bn else ''}")
+        self.describe_run(f"C={cfg.C}, {cfg.layers} cells, auxiliary {cfg.auxiliary}",
+                          ", SyncBatchNorm" if cfg.sync_bn else "")
         log.info(f"genotype: {self.genotype}")
         log.info(f"param size = {self.param_count / 1e6:.6f}MB (millions of parameters without the auxiliary head, "
                  f"as DARTS counts them; {self.model.param_count(auxiliary=True):,} with it)")
@@ -200,11 +166,7 @@ class Trainer(RunLoop):
         """The genotype as text and its cells as pictures, once a tracker (they do not change)."""
         if getattr(self, "_tracked_by", None) is not tracker:
             self._tracked_by = tracker
-            tracker.text("genotype", str(self.genotype), self.epoch)
-            for kind, title in (("normal", "normal cell"), ("reduce", "reduction cell")):
-                tracker.figure(f"cells/{kind}", cell_figure(getattr(self.genotype, kind),
-                                                            getattr(self.genotype, f"{kind}_concat"), title),
-                               self.epoch)
+            self.track_genotype(tracker, self.genotype)
 
     def finish(self) -> TrainResult:
         final = self.history[-1]["test_acc"] if self.history else float("nan")
@@ -221,13 +183,6 @@ class Trainer(RunLoop):
                 "param_count": self.param_count, "param_size_M": round(self.param_count / 1e6, 6),
                 "param_count_with_auxiliary": self.model.param_count(auxiliary=True),
                 "majority_baseline_acc": self.majority_baseline}
-
-    def write_model(self) -> None:
-        """The trained model as ``fastnas.load_model`` reads it (derived from the checkpoint: a resume rewrites it)."""
-        if self.run_dir is None:
-            return
-        self.genotype.to_json(self.run_dir / "genotype.json")
-        save_model(self.model, self.run_dir, {"dataset": self.cfg.dataset, **self.summary()})
 
 
 # -- command line ---------------------------------------------------------------------------------------------------

@@ -75,15 +75,10 @@ class FolderParts:
     skipped: list[str]  # the unreadable files left out (--skip-bad-images)
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _class_files(folder: Path, data_root: Path) -> list[str]:
     """The image files under ``folder``, recursively, in ImageFolder's order (by folder, then name). Unlike
-    ImageFolder, which follows every link, a linked folder is followed once, and never when it leads into the
-    data root: the images there are read where they are, and a link such as ``cat/up -> ..`` would otherwise loop,
-    listing the whole folder again under ``cat`` at every level."""
+    ImageFolder, a linked folder is followed once, and never when it leads into the data root (whose images are read
+    where they are; ``cat/up -> ..`` would otherwise list the whole folder again under ``cat`` at every level)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     root_real, own_real = os.path.realpath(data_root), os.path.realpath(folder)
@@ -95,7 +90,7 @@ def _class_files(folder: Path, data_root: Path) -> list[str]:
             full = os.path.join(dirpath, name)
             real = os.path.realpath(full)
             plain = real == os.path.join(own_real, os.path.relpath(full, folder))  # reached through no link
-            if real in seen or (not plain and _inside(real, root_real)):
+            if real in seen or (not plain and os.path.commonpath([real, root_real]) == root_real):
                 log.warning(f"not following the link {full}: it leads back to {real}, whose images are read once "
                             f"where they are")
                 continue
@@ -120,9 +115,8 @@ def _unique(samples: list[tuple[str, int]], classes: list[str],
     """``samples`` with every file once (a file listed again in its class, through a link, is left out); a
     DataError naming both paths when one file is under two classes. ``first`` carries the files seen before
     (the training folder's, for val/), where any repeat is an error."""
-    earlier = dict(first or {})
+    earlier = first or {}
     seen: dict[tuple, tuple[str, int]] = {}
-    out = []
     for path, label in samples:
         key = _file_key(path)
         if key in earlier:
@@ -136,11 +130,10 @@ def _unique(samples: list[tuple[str, int]], classes: list[str],
                                 f"({classes[label]} and {classes[other_label]}); keep it in one")
             continue
         seen[key] = (path, label)
-        out.append((path, label))
-    if len(out) < len(samples):
-        log.warning(f"{len(samples) - len(out)} image file(s) listed twice in their class (through links) "
+    if len(seen) < len(samples):
+        log.warning(f"{len(samples) - len(seen)} image file(s) listed twice in their class (through links) "
                     f"are read once")
-    return out
+    return list(seen.values())
 
 
 def _discover(root: Path, classes: list[str] | None = None, data_root: Path | None = None,

@@ -2,10 +2,10 @@
 side's checks."""
 from __future__ import annotations
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .folders import FOLDER_IMAGE_SIZE, FolderImages, open_folder
 from .record import data_record
-from .samplers import loader_workers, seeded_loader, shard_sampler
+from .samplers import EpochShuffle, loader_workers, seeded_loader
 from .sources import dataset_info, load_split
 from .transforms import eval_transform, train_transform
 
@@ -18,8 +18,6 @@ def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_
     architecture (a folder's held-out images are not used). Returns (weight loader, architecture loader, info). With
     ``world_size`` > 1 each loader yields rank ``rank``'s shard of its split (``batch_size`` images a batch on every
     rank)."""
-    if not 0.0 < train_portion < 1.0:
-        raise DataError(f"train_portion must be strictly between 0 and 1, got {train_portion}")
     workers = loader_workers(name, workers)
     data = _training_data(name, data_dir, download, 0, limit, image_size, skip_bad_images, workers)[0]
     split = int(len(data) * train_portion)
@@ -27,7 +25,7 @@ def search_loaders(name: str, batch_size: int, train_portion: float = 0.5, data_
         raise DataError(f"{len(data)} training images cannot be split with train_portion {train_portion}")
     loaders = []
     for part, indices in enumerate((range(split), range(split, len(data)))):
-        sampler = shard_sampler(indices, seed + part, rank, world_size)
+        sampler = EpochShuffle(indices, seed + part, rank, world_size)
         loaders.append(seeded_loader(data, batch_size, sampler, workers, pin_memory))
     return loaders[0], loaders[1], data.info
 
@@ -62,7 +60,6 @@ def _training_data(name: str, data_dir, download: bool, cutout: int, limit: int 
 def check_image_size(name: str, image_size: int | None, layers: int) -> None:
     """Refuse, before any image is read, an input side too small for the network's reductions (for a folder a
     DataError that says which --image-size would do)."""
-    from ..errors import ConfigError
     from ..supernet import check_input_size, reduction_layers
 
     side = (image_size or FOLDER_IMAGE_SIZE) if name == "folder" else dataset_info(name).image_size

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
 from ..errors import DataError
 from .sources import DATASETS, DatasetInfo, dataset_info
 
@@ -30,30 +31,23 @@ def data_json_text(info: DatasetInfo) -> str:
     return json.dumps(data_record(info), indent=2) + "\n"
 
 
-def write_data_json(run_dir: str | Path, info: DatasetInfo) -> None:
-    """Write the run folder's ``data.json`` atomically (a temporary file renamed into place)."""
-    from ..atomic import write_text
-
-    write_text(data_json_text(info), Path(run_dir) / DATA_JSON)
-
-
 def _check_record(record: Any, path: Path) -> dict[str, Any]:
     """``record`` when it has every key with a sensible value; a one-line DataError naming the first bad one."""
     if not isinstance(record, dict):
         raise DataError(f"{path} is not a JSON object")
 
-    def numbers(v: Any) -> bool:
-        return isinstance(v, list) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+    def per_channel(v: Any, low: float = -math.inf) -> bool:
+        return isinstance(v, list) and len(v) == record.get("in_channels") and all(
+            isinstance(x, (int, float)) and math.isfinite(x) and x > low for x in v)
 
-    c = record.get("in_channels")
     checks = [
         ("dataset", lambda v: isinstance(v, str) and v, "a dataset name"),
         ("classes", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
          "a non-empty list of names"),
         ("in_channels", lambda v: v in (1, 3), "1 or 3"),
         ("image_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-        ("mean", lambda v: numbers(v) and len(v) == c, "a list of one number per channel"),
-        ("std", lambda v: numbers(v) and len(v) == c and all(x > 0 for x in v), "a list of one number > 0 per channel"),
+        ("mean", per_channel, "a list of one number per channel"),
+        ("std", lambda v: per_channel(v, 0.0), "a list of one number > 0 per channel"),
     ]
     for key, ok, expected in checks:
         if key not in record:
@@ -98,7 +92,7 @@ def check_resumed_data(run_dir: str | Path, info: DatasetInfo) -> None:
     """On ``--resume``: the data must still be what the run started on (classes, channels, size); a run from
     before ``data.json`` existed gets one."""
     if not (Path(run_dir) / DATA_JSON).exists():
-        write_data_json(run_dir, info)
+        write_text(data_json_text(info), Path(run_dir) / DATA_JSON)
         return
     saved, now = read_data_json(run_dir), data_record(info)
     changed = [k for k in ("dataset", "classes", "in_channels", "image_size") if saved[k] != now[k]]

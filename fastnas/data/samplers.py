@@ -16,9 +16,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 class EpochShuffle(Sampler[tuple[int, int]]):
     """A permutation of ``indices`` that depends only on (seed, epoch): an interrupted run resumes the same order.
     Yields (index, seed) pairs: each sample's own seed for its random augmentation (:class:`SeededDraws`). With
-    ``world_size`` > 1, rank ``rank``'s shard of the same permutation (torch's ``DistributedSampler``: rank r takes
-    its positions r, r + world_size, ...; every rank gets as many samples, the first few repeated when the split
-    does not divide evenly), each sample with the seed it has in a single process."""
+    ``world_size`` > 1, rank ``rank``'s shard of the same permutation (torch's ``DistributedSampler``), each sample
+    with the seed it has in a single process."""
 
     def __init__(self, indices, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.indices = list(indices)
@@ -38,18 +37,11 @@ class EpochShuffle(Sampler[tuple[int, int]]):
         return len(self.inner)
 
 
-def shard_sampler(indices, seed: int, rank: int = 0, world_size: int = 1) -> Sampler[tuple[int, int]]:
-    """Shuffled each epoch from (seed, epoch) alone, as (index, seed) pairs for :class:`SeededDraws`; rank
-    ``rank``'s shard when ``world_size`` > 1 (:class:`EpochShuffle`)."""
-    return EpochShuffle(indices, seed, rank, world_size)
-
-
 class SeededDraws(Dataset):
     """``dataset`` read by (index, seed) pairs: each sample is transformed with torch's CPU generator seeded by its
-    own seed (the generator's state is put back after). A sample's random augmentation then depends on (run seed,
-    epoch, sample) alone, not on which process reads it (the main one or a worker) nor on what that process drew
-    before; so a resumed run, whose workers start afresh, draws what the uninterrupted run drew, and the number of
-    workers does not change the numbers."""
+    own seed (the generator's state is put back after). Its augmentation then depends on (run seed, epoch, sample)
+    alone, not on which process reads it: a resumed run, whose workers start afresh, draws what the uninterrupted
+    run drew, whatever the number of workers."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -69,18 +61,17 @@ class SeededDraws(Dataset):
 
 def seeded_loader(data: Dataset, batch_size: int, sampler: Sampler, workers: int,
                   pin_memory: bool = False) -> DataLoader:
-    """A training loader over ``data`` with an (index, seed) ``sampler`` (:func:`shard_sampler`) and persistent
-    workers. Its own generator feeds DataLoader's worker seeds, which would otherwise be drawn from the global
-    generator when the first epoch starts: a run resumed in a later epoch would then draw at another point of
-    the stream than the uninterrupted run, and its main-process randomness (drop path) would differ."""
+    """A training loader over ``data`` with an (index, seed) ``sampler`` (:class:`EpochShuffle`) and persistent
+    workers (:func:`ordered_loader`)."""
     return ordered_loader(SeededDraws(data), batch_size, workers, pin_memory, sampler)
 
 
 def ordered_loader(data: Dataset, batch_size: int, workers: int, pin_memory: bool = False,
                    sampler: Sampler | None = None) -> DataLoader:
-    """A test loader: ``data`` in order (or as ``sampler`` draws it), persistent workers, and (as
-    :func:`seeded_loader`) its own generator for the worker seeds, so that starting its workers leaves the global
-    random stream alone."""
+    """A test loader: ``data`` in order (or as ``sampler`` draws it) and persistent workers. Its own generator
+    feeds DataLoader's worker seeds, which would otherwise be drawn from the global stream when the first epoch
+    starts: a run resumed in a later epoch would draw them at another point of that stream than the uninterrupted
+    run, and its main-process randomness (drop path) would differ."""
     return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
