@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP = "scaled_difference"
@@ -125,3 +126,17 @@ def test_a_new_op_needs_the_documented_files_and_passes_the_shared_suite(tmp_pat
     assert res.returncode == 0 and "ran on" in res.stdout, res.stdout[-3000:] + res.stderr[-6000:]
     for backend in ("reference", "toy", "toy_" + OP):  # (and every other backend that runs here)
         assert repr(backend) in res.stdout, res.stdout
+
+
+def test_ops_take_their_autograd_from_the_registry_alone():
+    """No op or module defines its own autograd or asks whether it is being compiled: every op's backward is
+    registered through fastnas.ops.opdef, whose kernel builder is the one ``torch.autograd.Function``."""
+    found = []
+    for folder in ("ops", "nn"):
+        for path in sorted((Path(ROOT) / "fastnas" / folder).rglob("*.py")):
+            text = path.read_text()
+            for word in ("is_compiling", "autograd.Function"):
+                if word in text and path.relative_to(ROOT).as_posix() != "fastnas/ops/opdef.py":
+                    found.append(f"{path.relative_to(ROOT)}: {word}")
+    assert not found, found
+    assert "is_compiling" not in (Path(ROOT) / "fastnas" / "ops" / "opdef.py").read_text()
