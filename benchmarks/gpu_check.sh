@@ -75,13 +75,13 @@ fi
 if [ "$HAS_GPU" = 1 ]; then
     # 2. CUDA and Triton tests (native Triton)
     phase tests 100 "$PY" -m pytest tests/test_ops.py tests/test_cpp_backend.py tests/test_triton_backend.py \
-        tests/test_channel_attention.py tests/test_fused_supernet.py -q -k "cuda or triton" -p no:cacheprovider \
-        2>&1 | tee "$OUT/tests.txt"
+        tests/test_channel_attention.py tests/test_fused_supernet.py tests/test_cuda_graphs.py -q \
+        -k "cuda or triton" -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt"
     # 3. op and step benchmarks on the GPU (CPU providers and the CPU-only side-by-side cases deselected)
     phase bench-ops 150 "$PY" -m pytest benchmarks/test_bench_ops.py -q -p no:cacheprovider \
         -k "not cpu and not targets" --benchmark-json="$OUT/bench.json" --benchmark-group-by=group \
         --benchmark-columns=min,median,rounds
-    FASTNAS_BENCH_STEP_PROVIDERS=reference_darts,reference,cuda,cuda_pc4,triton \
+    FASTNAS_BENCH_STEP_PROVIDERS=reference_darts,reference,cuda,cuda_graphs,cuda_batched,cuda_batched_graphs,cuda_pc4 \
         phase bench-steps 110 "$PY" -m pytest benchmarks/test_bench_step.py -q -p no:cacheprovider \
         --benchmark-json="$OUT/steps.json" --benchmark-columns=min,median,rounds
     # 4. Triton kernels against the copy bandwidth (CUDA graphs, no Python overhead)

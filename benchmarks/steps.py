@@ -64,6 +64,7 @@ class StepProvider:
     channels_last: bool = False  # model and inputs in NHWC (fastnas's default on the CPU)
     plan: str | None = None  # a plan by name (search only; None: the factory's choice)
     fused_optimizers: bool = True  # fastnas's fused SGD and Adam (False: PyTorch's defaults, as DARTS runs them)
+    cuda_graphs: bool = False  # the whole step captured as a CUDA graph and replayed (--cuda-graphs)
 
     @property
     def device(self) -> str:
@@ -95,6 +96,8 @@ STEP_PROVIDERS = {
     "cpu_cl_batched": StepProvider("cpu", channels_last=True, plan="batched"),
     "cpu_cl_fused_norms": StepProvider("cpu", channels_last=True, plan="fused_norms"),
     "cuda_batched": StepProvider("cuda", plan="batched"),
+    "cuda_graphs": StepProvider("cuda", cuda_graphs=True),
+    "cuda_batched_graphs": StepProvider("cuda", plan="batched", cuda_graphs=True),
     "cpu_cl": StepProvider("cpu", channels_last=True),
     "cpu_pc4_cl": StepProvider("cpu", partial_channels=4, channels_last=True),
     "reference_cl_compiled": StepProvider("reference", compiled=True, channels_last=True),
@@ -128,6 +131,7 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
     import fastnas.ops as ops
     from fastnas.architect import Architect, weight_step
     from fastnas.config import SearchConfig
+    from fastnas.cudagraph import GraphedStep
 
     p = STEP_PROVIDERS[provider]
     dev = torch.device(p.device)
@@ -150,7 +154,8 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
         optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, fused=p.fused_optimizers or None)
         architect = Architect(net, criterion, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
-                              1 if kind == "search1" else 2, cfg.momentum, cfg.weight_decay, forward=forward)
+                              1 if kind == "search1" else 2, cfg.momentum, cfg.weight_decay, forward=forward,
+                              capturable=p.cuda_graphs)
         if not p.fused_optimizers:
             architect.optimizer = torch.optim.Adam(net.arch_parameters(), cfg.arch_lr, cfg.arch_betas,
                                                    weight_decay=cfg.arch_weight_decay)
@@ -158,14 +163,12 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
         x, xv = (torch.randn(batch, 3, 32, 32, generator=gen).to(dev, memory_format=layout) for _ in range(2))
         y, yv = (torch.randint(0, 10, (batch,), generator=gen).to(dev) for _ in range(2))
 
-        def step() -> None:
+        def compute() -> None:
             with ops.backend(p.backend):
                 architect.step(x, y, xv, yv, cfg.lr, optimizer)
                 weight_step(net, forward, criterion, optimizer, x, y, cfg.grad_clip, net.arch_parameters())
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
         net.train()
-        return step
+        return _finished(GraphedStep(compute) if p.cuda_graphs else compute, dev)
     if kind == "retrain":
         from fastnas.evalnet import EvalNet
 
@@ -181,7 +184,7 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
         x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev, memory_format=layout)
         y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
 
-        def step() -> None:
+        def compute() -> None:
             with ops.backend(p.backend):
                 optimizer.zero_grad(set_to_none=True)
                 logits, aux = forward(x)
@@ -189,10 +192,17 @@ def build_step(kind: str, provider: str, seed: int = 0, primitives: str = "at-da
                 loss.backward()
                 nn.utils.clip_grad_norm_(net.parameters(), 5.0, foreach=True)
                 optimizer.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        return step
+        return _finished(GraphedStep(compute) if p.cuda_graphs else compute, dev)
     raise ValueError(f"unknown step kind {kind!r}; choose one of {', '.join(STEP_KINDS)}")
+
+
+def _finished(compute: Callable[[], None], dev: torch.device) -> Callable[[], None]:
+    """``compute`` and, on a GPU, the wait for it to finish (what a timing must include)."""
+    def step() -> None:
+        compute()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return step
 
 
 # -- peak memory ------------------------------------------------------------------------------------------------------

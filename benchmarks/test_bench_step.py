@@ -49,12 +49,18 @@ DESCRIPTION = {
 }
 
 
+def _belongs(provider: str, kind: str) -> bool:
+    """Whether ``provider`` means something for ``kind``: the memory, channel-sampling, plan and regional-compilation
+    variants are the search step's."""
+    return kind == "search1" or ("darts" not in provider and "pc4" not in provider and not (
+        kind == "retrain" and (provider.endswith("_regions") or "batched" in provider)))
+
+
 def providers_for(kind: str) -> list[str]:
     if ONLY:  # FASTNAS_BENCH_STEP_PROVIDERS: those of them that belong to this kind
-        names = [p for p in ONLY if p in DEFAULT[kind] + COMPILED[kind]]
+        names = [p for p in ONLY if p in STEP_PROVIDERS and _belongs(p, kind)]
     elif FULL:
-        names = [p for p in STEP_PROVIDERS if kind == "search1"
-                 or ("darts" not in p and "pc4" not in p and not (kind == "retrain" and p.endswith("_regions")))]
+        names = [p for p in STEP_PROVIDERS if _belongs(p, kind)]
     else:
         names = DEFAULT[kind] + (COMPILED[kind] if COMPILE else [])
     return [p for p in names if skip_reason(p) is None]

@@ -57,7 +57,8 @@ class Architect:
                  network_weight_decay: float = 3e-4, forward: Callable | None = None,
                  scaler: torch.amp.GradScaler | None = None, fd_radius: float = 1e-2,
                  terms: Sequence[Callable[[SuperNet], list[torch.Tensor]]] = (),
-                 penalty: Callable[[torch.Tensor, SuperNet], torch.Tensor] | None = None) -> None:
+                 penalty: Callable[[torch.Tensor, SuperNet], torch.Tensor] | None = None,
+                 capturable: bool = False) -> None:
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
         self.model, self.criterion, self.order = model, criterion, order
@@ -68,8 +69,9 @@ class Architect:
         # regularisers of α alone (fastnas.robust): each gives its gradient, added to the loss's
         self.terms = list(terms)
         self.penalty = penalty  # the validation loss -> the architecture objective (fastnas.budget)
+        # (capturable: a CUDA graph may record its step, fastnas.cudagraph)
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                          fused=True)
+                                          fused=True, capturable=capturable)
         self.weights = model.weight_parameters()  # frozen in each first-order step (listed once: a module walk)
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,

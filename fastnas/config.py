@@ -91,6 +91,8 @@ AMP = Option("mixed precision (fp16 uses loss scaling)", one_of("off", "bf16", "
 CHANNELS_LAST = Option("NHWC memory layout (default: on for the CPU, where it is about 1.4-1.8x faster; off on "
                        "GPUs)", boolean(none=True), "engine", action="toggle")
 COMPILE = Option("torch.compile the network", boolean(), "engine", action="flag")
+CUDA_GRAPHS = Option("capture the whole training step as a CUDA graph and replay it (GPUs: the step's thousands of "
+                     "small kernels launched at once; fastnas/cudagraph.py)", boolean(), "engine", action="flag")
 NETWORKS = ("auto", "cifar", "imagenet")
 COLLAPSE = "collapse controls"  # against DARTS's collapse into parameter-free cells; all off by default
 BUDGET = "budget"  # search for a network of bounded cost (fastnas.budget; docs/budgets.md)
@@ -114,6 +116,7 @@ class _Config:
     amp: str = AMP("off")
     channels_last: bool | None = CHANNELS_LAST(None)
     compile: bool = COMPILE(False)
+    cuda_graphs: bool = CUDA_GRAPHS(False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, cli, compilation, distributed, options, rundir, runtime, tracking
+from . import checkpoint, cli, cudagraph, compilation, distributed, options, rundir, runtime, tracking
 from .data import check_image_size, check_resumed_data, set_epoch
 from .errors import CheckpointError, ConfigError
 from .runtime import log
@@ -61,13 +61,30 @@ class RunLoop:
         self.epoch = 0
         self.history: list[dict] = []
         self.watch = FiniteWatch()  # the step's finiteness checks, read without making a step wait
+        # the step's device work: replayed as a CUDA graph with --cuda-graphs, else run as it is
+        self.run_compute: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.compute_step
+        if cfg.cuda_graphs:
+            refused = cudagraph.check_supported(self.device, cfg.amp, distributed.active(), cfg.compile,
+                                                self.graph_unsupported())
+            if refused:
+                raise ConfigError(refused)
+            self.run_compute = cudagraph.GraphedStep(self.compute_step)
         runtime.seed_everything(cfg.seed)
         check_image_size(cfg.dataset, cfg.image_size, cfg.layers)  # before any image is read
 
     # -- what a run defines -----------------------------------------------------------------------------------------
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step on a batch; returns (loss, logits), detached."""
+        """One training step on a batch; returns (loss, logits), detached. Its device work goes through
+        :attr:`run_compute`."""
         raise NotImplementedError
+
+    def compute_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's device work on its tensors alone, no host reads (what ``--cuda-graphs`` captures)."""
+        raise NotImplementedError
+
+    def graph_unsupported(self) -> list[str]:
+        """The options of this run that ``--cuda-graphs`` cannot capture."""
+        return []
 
     def evaluate_epoch(self) -> runtime.Meter:
         """The held-out split's loss and accuracy after an epoch (reduced over the processes)."""
@@ -113,10 +130,10 @@ class RunLoop:
         """``module`` run under the configured autocast; with ``--compile`` and a ``label``, compiled whole."""
         if label is not None and self.cfg.compile:
             module = compilation.CompiledOrEager(module, label)
-        amp, device = self.cfg.amp, self.device
+        amp, device, cache = self.cfg.amp, self.device, not self.cfg.cuda_graphs
 
         def forward(x: torch.Tensor) -> Any:
-            with runtime.autocast(amp, device):
+            with runtime.autocast(amp, device, cache):
                 return module(x)
         return forward
 
@@ -210,6 +227,8 @@ class RunLoop:
         for loader in self.epoch_loaders():
             set_epoch(loader, self.epoch)
         self.begin_epoch()
+        if isinstance(self.run_compute, cudagraph.GraphedStep):
+            self.run_compute.recapture()  # the epoch's learning rate and schedules are numbers fixed in a graph
         compiling = cfg.compile and self.epoch == 0  # the first step compiles: say how long it took
         if compiling:
             start, cache_before = time.perf_counter(), runtime.inductor_cache_counts()

@@ -99,10 +99,12 @@ def use_channels_last(setting: bool | None, device: torch.device) -> bool:
 
 
 
-def autocast(amp: str, device: torch.device):
+def autocast(amp: str, device: torch.device, cache_enabled: bool = True):
+    """Autocast for ``amp`` (off, bf16, fp16); ``cache_enabled=False`` where a CUDA graph records the forward (the
+    cache's copies of the weights would be freed inside the recording)."""
     if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp], cache_enabled=cache_enabled)
 
 
 def new_run_dir(root: str | Path, prefix: str) -> Path:

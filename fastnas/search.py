@@ -66,7 +66,7 @@ class Search(RunLoop):
         self.architect = Architect(self.model, self._loss, cfg.arch_lr, cfg.arch_betas, cfg.arch_weight_decay,
                                    cfg.order, cfg.momentum, cfg.weight_decay, forward=self.forward,
                                    scaler=self.arch_scaler, terms=self.controls.arch_terms,
-                                   penalty=self.budget.penalty)
+                                   penalty=self.budget.penalty, capturable=cfg.cuda_graphs)
 
     # -- construction -----------------------------------------------------------------------------------------------
     def build_model(self) -> SuperNet:
@@ -109,14 +109,27 @@ class Search(RunLoop):
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The architecture step on a validation batch (after the warm-up), then the weight step on ``x``."""
         cfg = self.cfg
-        if self.epoch >= cfg.warmup_epochs:
-            xv, yv = runtime.to_device(*self._next_valid(), self.device, self.channels_last)
-            self.architect.step(x, y, xv, yv, self.scheduler.get_last_lr()[0], self.optimizer)
+        architecture = self.epoch >= cfg.warmup_epochs
+        xv, yv = runtime.to_device(*self._next_valid(), self.device, self.channels_last) if architecture else (x, y)
+        loss, logits = self.run_compute(x, y, xv, yv)
+        if architecture:
             self.watch.expect(step, "the architecture weights (alphas)", f"--arch-lr (now {cfg.arch_lr})",
                               *self.model.arch_parameters())
+        return loss, logits
+
+    def compute_step(self, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor,
+                     yv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both halves of the bilevel step with their optimiser steps (during the warm-up epochs the weight step
+        alone, ``xv``/``yv`` unused)."""
+        cfg = self.cfg
+        if self.epoch >= cfg.warmup_epochs:
+            self.architect.step(x, y, xv, yv, self.scheduler.get_last_lr()[0], self.optimizer)
         with self.controls.weight_step(self.model):
             return weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
                                self.model.arch_parameters(), self.scaler)
+
+    def graph_unsupported(self) -> list[str]:
+        return ["--alpha-noise"] if self.cfg.alpha_noise else []
 
     def describe(self) -> None:
         cfg = self.cfg

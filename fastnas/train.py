@@ -116,6 +116,9 @@ class Trainer(RunLoop):
 
     # -- loop -------------------------------------------------------------------------------------------------------
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run_compute(x, y)
+
+    def compute_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on loss = CE(logits) + auxiliary_weight · CE(aux logits); returns (loss, logits), detached."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
