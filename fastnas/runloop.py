@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, cli, cudagraph, compilation, distributed, options, rundir, runtime, tracking
+from . import checkpoint, cli, compilation, cudagraph, distributed, options, rundir, runtime, tracking
 from .data import check_image_size, check_resumed_data, set_epoch
 from .errors import CheckpointError, ConfigError
 from .runtime import log
@@ -164,7 +164,8 @@ class RunLoop:
         cfg = self.cfg
         log.info(f"{self.kind}: {cfg.dataset}, {settings}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
                  f"device {self.device}, backend {self.backend}, amp {cfg.amp}, "
-                 f"{'channels_last' if self.channels_last else 'contiguous'} layout")
+                 f"{'channels_last' if self.channels_last else 'contiguous'} layout"
+                 f"{', the step replayed as a CUDA graph' if cfg.cuda_graphs else ''}")
         if distributed.active():
             log.info(f"torchrun: {distributed.world_size()} processes ({torch.distributed.get_backend()}), "
                      f"batch {cfg.batch_size} per process, {cfg.batch_size * distributed.world_size()} in all"
