@@ -14,7 +14,7 @@ of another shape (the last, smaller batch of an epoch) runs eagerly.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -77,17 +77,16 @@ class GraphedStep:
         return self.replay()
 
 
-def check_supported(device: torch.device, amp: str, distributed: bool, compile: bool,
-                    unsupported: Sequence[str] = ()) -> str | None:
-    """Why ``--cuda-graphs`` cannot run in this setting (None when it can)."""
+def check_supported(device: torch.device, cfg: Any, distributed: bool) -> str | None:
+    """Why ``--cuda-graphs`` cannot run a run configured by ``cfg`` (None when it can)."""
     if device.type != "cuda":
         return "--cuda-graphs needs a CUDA device"
-    if amp == "fp16":
+    if cfg.amp == "fp16":
         return "--cuda-graphs with --amp fp16 is refused: the loss scaler reads its scale back each step; use bf16"
     if distributed:
         return "--cuda-graphs runs in one process (under torchrun the gradients' all-reduce is not captured)"
-    if compile:
+    if cfg.compile:
         return "--cuda-graphs with --compile is refused: choose one (torch.compile has its own CUDA graphs)"
-    if unsupported:
-        return f"--cuda-graphs with {unsupported[0]} is refused: it draws its noise on the host each step"
+    if getattr(cfg, "alpha_noise", 0.0):
+        return "--cuda-graphs with --alpha-noise is refused: SDARTS's noise is drawn on the host each step"
     return None

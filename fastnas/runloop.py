@@ -64,8 +64,7 @@ class RunLoop:
         # the step's device work: replayed as a CUDA graph with --cuda-graphs, else run as it is
         self.run_compute: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.compute_step
         if cfg.cuda_graphs:
-            refused = cudagraph.check_supported(self.device, cfg.amp, distributed.active(), cfg.compile,
-                                                self.graph_unsupported())
+            refused = cudagraph.check_supported(self.device, cfg, distributed.active())
             if refused:
                 raise ConfigError(refused)
             self.run_compute = cudagraph.GraphedStep(self.compute_step)
@@ -75,16 +74,12 @@ class RunLoop:
     # -- what a run defines -----------------------------------------------------------------------------------------
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step on a batch; returns (loss, logits), detached. Its device work goes through
-        :attr:`run_compute`."""
-        raise NotImplementedError
+        :attr:`run_compute` (by default all of it)."""
+        return self.run_compute(x, y)
 
     def compute_step(self, *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's device work on its tensors alone, no host reads (what ``--cuda-graphs`` captures)."""
         raise NotImplementedError
-
-    def graph_unsupported(self) -> list[str]:
-        """The options of this run that ``--cuda-graphs`` cannot capture."""
-        return []
 
     def evaluate_epoch(self) -> runtime.Meter:
         """The held-out split's loss and accuracy after an epoch (reduced over the processes)."""

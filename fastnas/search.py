@@ -128,9 +128,6 @@ class Search(RunLoop):
             return weight_step(self.model, self.forward, self._loss, self.optimizer, x, y, cfg.grad_clip,
                                self.model.arch_parameters(), self.scaler)
 
-    def graph_unsupported(self) -> list[str]:
-        return ["--alpha-noise"] if self.cfg.alpha_noise else []
-
     def describe(self) -> None:
         cfg = self.cfg
         self.describe_run(f"space {cfg.primitives} ({len(self.model.primitives)} ops), C={cfg.C}, {cfg.layers} cells, "

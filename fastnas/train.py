@@ -115,9 +115,6 @@ class Trainer(RunLoop):
             save_model(self.model, self.run_dir, {"dataset": self.cfg.dataset, **self.summary()})
 
     # -- loop -------------------------------------------------------------------------------------------------------
-    def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run_compute(x, y)
-
     def compute_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on loss = CE(logits) + auxiliary_weight · CE(aux logits); returns (loss, logits), detached."""
         cfg = self.cfg

@@ -72,16 +72,16 @@ def test_a_graphed_step_reads_its_batch_from_the_static_buffers():
     assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))  # another shape: eagerly
 
 
-@pytest.mark.parametrize("device, amp, distributed, compile, unsupported, message", [
-    ("cpu", "off", False, False, [], "needs a CUDA device"),
-    ("cuda", "fp16", False, False, [], "--amp fp16 is refused"),
-    ("cuda", "off", True, False, [], "one process"),
-    ("cuda", "off", False, True, [], "--compile is refused"),
-    ("cuda", "off", False, False, ["--alpha-noise"], "--alpha-noise is refused"),
-    ("cuda", "bf16", False, False, [], None),
+@pytest.mark.parametrize("device, settings, distributed, message", [
+    ("cpu", {}, False, "needs a CUDA device"),
+    ("cuda", dict(amp="fp16"), False, "--amp fp16 is refused"),
+    ("cuda", {}, True, "one process"),
+    ("cuda", dict(compile=True), False, "--compile is refused"),
+    ("cuda", dict(alpha_noise=0.3), False, "--alpha-noise is refused"),
+    ("cuda", dict(amp="bf16"), False, None),
 ])
-def test_settings_that_cannot_be_captured_are_refused(device, amp, distributed, compile, unsupported, message):
-    reason = check_supported(torch.device(device), amp, distributed, compile, unsupported)
+def test_settings_that_cannot_be_captured_are_refused(device, settings, distributed, message):
+    reason = check_supported(torch.device(device), tiny_search_config(**settings), distributed)
     assert (reason is None) if message is None else (message in reason)
 
 
