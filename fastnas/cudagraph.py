@@ -89,4 +89,6 @@ def check_supported(device: torch.device, cfg: Any, distributed: bool) -> str | 
         return "--cuda-graphs with --compile is refused: choose one (torch.compile has its own CUDA graphs)"
     if getattr(cfg, "alpha_noise", 0.0):
         return "--cuda-graphs with --alpha-noise is refused: SDARTS's noise is drawn on the host each step"
+    if getattr(cfg, "budget", None):
+        return "--cuda-graphs with --budget is refused: the cost tables are copied to the device each step"
     return None

@@ -78,6 +78,7 @@ def test_a_graphed_step_reads_its_batch_from_the_static_buffers():
     ("cuda", {}, True, "one process"),
     ("cuda", dict(compile=True), False, "--compile is refused"),
     ("cuda", dict(alpha_noise=0.3), False, "--alpha-noise is refused"),
+    ("cuda", dict(budget="params=1M"), False, "--budget is refused"),
     ("cuda", dict(amp="bf16"), False, None),
 ])
 def test_settings_that_cannot_be_captured_are_refused(device, settings, distributed, message):
