@@ -15,8 +15,9 @@ from fastnas.nn.plans.batched import per_edge
 from fastnas.space import register_op
 from helpers import OpCounter
 
-CPU = fastnas.ops.available_backends()["cpu"] == "available"
-BACKENDS = ["reference"] + (["cpu"] if CPU else [])
+AVAILABLE = fastnas.ops.available_backends()
+# (triton: interpreted on the CPU, the kernels a GPU runs)
+BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if AVAILABLE[b] == "available"]
 RTOL = 1e-10
 
 
