@@ -104,6 +104,7 @@ STEP_PROVIDERS = {
     "cpu_cl_compiled": StepProvider("cpu", compiled=True, channels_last=True),
     "cpu_regions": StepProvider("cpu", regions=True),
     "cpu_cl_regions": StepProvider("cpu", regions=True, channels_last=True),
+    "cpu_cl_batched_regions": StepProvider("cpu", regions=True, channels_last=True, plan="batched"),
     "reference_cl_regions": StepProvider("reference", regions=True, channels_last=True),
     "cuda_regions": StepProvider("cuda", regions=True),
     "triton_regions": StepProvider("triton", regions=True),

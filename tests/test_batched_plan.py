@@ -21,10 +21,11 @@ BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if AVAILABLE[b] == "ava
 RTOL = 1e-10
 
 
-def _net(plan, space="at-darts", channels_last=True, seed=0, **kwargs):
+def _net(plan, space="at-darts", channels_last=True, seed=0, compile=None, **kwargs):
     torch.manual_seed(seed)
+    execution = plans.Execution(channels_last=channels_last, dtype=torch.float64, compile=compile)
     net = fastnas.SuperNet(8, 3, 10, primitives=space, steps=3, multiplier=2, in_channels=1, plan=plan,
-                           execution=plans.Execution(channels_last=channels_last, dtype=torch.float64), **kwargs)
+                           execution=execution, **kwargs)
     net = net.double()
     with torch.no_grad():
         for a in net.arch_parameters():
@@ -163,7 +164,18 @@ def test_an_op_it_does_not_know_runs_per_edge():
     _assert_same(_step(_net("batched", space), "reference"), _step(_net("plain", space), "reference"))
 
 
-@pytest.mark.parametrize("setting", [dict(amp="bf16"), dict(compile="regions"), dict(compile="model")])
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_batched_in_compiled_regions_equals_plain():
+    """Under --compile each state's StateCandidates is a compiled region (a small space keeps the compile short)."""
+    space = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "channel_attention"]
+    compiled = _net("batched", space, compile="regions")
+    assert compiled.plan.name == "regions" and compiled.plan.base.name == "batched"
+    _assert_same(_step(compiled, "cpu"), _step(_net("plain", space), "cpu"))
+    kinds = compiled.plan.compiled()
+    assert kinds and not any(kind.failed for kind in kinds)
+
+
+@pytest.mark.parametrize("setting", [dict(amp="bf16"), dict(compile="model")])
 def test_refused_where_it_does_not_run(setting):
     with pytest.raises(ConfigError, match="plan 'batched' cannot run"):
         plans.make_plan("batched", plans.Execution(**setting))

@@ -112,7 +112,6 @@ def _fused_norms_unsupported(execution: Execution) -> str | None:
 def _check_batched(execution: Execution, store_all: bool, aux_skip: bool) -> None:
     why_not = ("every activation stored (the DARTS formulation)" if store_all else
                f"autocast ({execution.amp})" if execution.amp != "off" else
-               "compiled regions (they run per-edge candidates)" if execution.compile == "regions" else
                "a whole-model compile (not tested with it yet)" if execution.compile == "model" else
                "DARTS-'s auxiliary skip" if aux_skip else None)
     if why_not is not None:

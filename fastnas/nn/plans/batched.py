@@ -84,7 +84,7 @@ class BatchedCellPlan(CellPlan):
                 j = len(outputs)
                 h = states[j]
                 candidates = cell.state_candidates[j]
-                rows = candidates(h)
+                rows = self.runner.module(candidates, h)  # (a compiled region under --compile)
                 if candidates.unbatched:  # the ops it does not know, per edge
                     for e, row in zip(self.sources[j], rows):
                         row[:] = [cell.edges[e][c](h) if out is None else out for c, out in enumerate(row)]

@@ -53,13 +53,16 @@ class EdgeCandidates(nn.Module):
 
 class CompiledRunner:
     """A cell's modules as compiled regions: one per edge (its candidates that are not parameter-free), one per
-    preprocessing op; the parameter-free candidates run eagerly."""
+    preprocessing op; the parameter-free candidates run eagerly. Under the batched plan each state's
+    :class:`~fastnas.nn.state_candidates.StateCandidates` is a region instead of the edges."""
 
     def __init__(self, cell: nn.Module, region: Callable[[nn.Module], Callable]) -> None:
         self.candidates = [[(op, free) for op, free in zip(edge, frees)]
                            for edge, frees in zip(cell.edges, cell.parameter_free)]
-        self.edges = [region(EdgeCandidates([op for op, free in edge if not free])) for edge in self.candidates]
-        self.preprocess = {module: region(module) for module in (cell.preprocess0, cell.preprocess1)}
+        batched = list(getattr(cell, "state_candidates", ()))
+        self.edges = [] if batched else [region(EdgeCandidates([op for op, free in edge if not free]))
+                                         for edge in self.candidates]
+        self.preprocess = {module: region(module) for module in (cell.preprocess0, cell.preprocess1, *batched)}
 
     def module(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.preprocess[module](x)
