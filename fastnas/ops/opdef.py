@@ -82,7 +82,7 @@ def autograd_kernel(op, backward: Callable, setup_context: Callable) -> Callable
     come from a table, list inputs are spread by their lengths. It runs on every call of every op (torch's spends
     more time than a small op's kernel). Mutable schemas are served too: the mutated inputs (running statistics)
     never need a gradient. ``setup_context`` sees ``ctx.needs_input_grad`` flat with two trailing entries, as
-    torch's gives it; ``backward`` sees one entry per schema argument (a tuple for a list), as torch's does."""
+    torch's gives it; ``backward`` sees one entry per schema argument (a list for a list), as torch's does."""
     arguments = op._schema.arguments
     if any(a.kwarg_only for a in arguments):
         raise ValueError(f"{qualname(op)}: keyword-only arguments are not supported by the ops' autograd")
@@ -92,20 +92,18 @@ def autograd_kernel(op, backward: Callable, setup_context: Callable) -> Callable
     below_autograd = torch._C._AutoDispatchBelowAutograd
 
     def nested(flat: tuple, sizes: tuple) -> tuple:
-        """``flat`` regrouped as the arguments are: a tuple per list argument."""
+        """``flat`` regrouped as the arguments are: a list per list argument."""
         if not lists:
             return flat
         out, k = [], 0
         for size in sizes:
-            out.append(flat[k] if size < 0 else tuple(flat[k:k + size]))
+            out.append(flat[k] if size < 0 else list(flat[k:k + size]))
             k += 1 if size < 0 else size
         return tuple(out)
 
     def run_forward(ctx, *flat):
         *flat, keyset, sizes = flat
         args = nested(tuple(flat), sizes)
-        if lists:
-            args = tuple(list(a) if i in lists else a for i, a in enumerate(args))
         with below_autograd():
             output = op.redispatch(keyset & after_autograd, *args)
         ctx.list_sizes = sizes
