@@ -9,6 +9,7 @@
 #include "channel_attention.h"
 #include "channel_pool.h"
 #include "depthwise_conv2d.h"
+#include "depthwise_stack.h"
 #include "mixed_sum.h"
 #include "normalized_mixed_sum.h"
 #include "pool2d.h"
@@ -25,6 +26,7 @@ void register_impls(torch::Library& m) {
   register_channel_attention(m);
   register_channel_pool(m);
   register_depthwise_conv2d(m);
+  register_depthwise_stack(m);
   register_mixed_sum(m);
   register_normalized_mixed_sum(m);
   register_pool2d(m);

@@ -19,8 +19,10 @@
 namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
 
+// C channels of x [N, H, W, xs] and of the gradient [N, Ho, Wo, gs] (pixel strides xs, gs >= C; the pointers are
+// those of the first channel)
 struct DepthwiseGeometry {
-  int64_t N, H, W, C, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t N, H, W, C, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, xs, gs;
 };
 
 // Accumulates, for output row ho of image n and filter row i, the products of the channel group [c0, c0 + NV*W) into
@@ -41,14 +43,14 @@ C10_ALWAYS_INLINE void dw_row_group(const T* grow, const T* xrow, at::opmath_typ
   const int64_t hi = std::max(lo, std::min(g.Wo, last < 0 ? int64_t(0) : last / g.sw + 1));
   auto column = [&](int64_t wo, auto checked) {
     V gv[NV];
-    for (int v = 0; v < NV; ++v) gv[v] = VT::load(grow + wo * C + c0 + v * Wv);
+    for (int v = 0; v < NV; ++v) gv[v] = VT::load(grow + wo * g.gs + c0 + v * Wv);
     const int64_t w0 = wo * g.sw - g.pw;
     for (int j = 0; j < KW; ++j) {
       const int64_t wi = w0 + j * g.dw;
       if constexpr (decltype(checked)::value) {
         if (wi < 0 || wi >= g.W) continue;
       }
-      const T* xp = xrow + wi * C + c0;
+      const T* xp = xrow + wi * g.xs + c0;
       for (int v = 0; v < NV; ++v) a[j][v] = at::vec::fmadd(gv[v], VT::load(xp + v * Wv), a[j][v]);
     }
   };
@@ -71,7 +73,7 @@ void dw_row_scalar(const T* grow, const T* xrow, at::opmath_type<T>* acc, const 
       const int64_t wi = w0 + j * g.dw;
       if (wi < 0 || wi >= g.W) continue;
       for (int64_t c = c0; c < c1; ++c)
-        acc[j * C + c] += static_cast<A>(grow[wo * C + c]) * static_cast<A>(xrow[wi * C + c]);
+        acc[j * C + c] += static_cast<A>(grow[wo * g.gs + c]) * static_cast<A>(xrow[wi * g.xs + c]);
     }
   }
 }
@@ -115,7 +117,7 @@ DwRowFn<T> dw_row_for(int64_t kw) {
   }
 }
 
-// x [N, H, W, C], g [N, Ho, Wo, C] (channels_last data), out [C, kh, kw] in T.
+// x [N, H, W, xs], g [N, Ho, Wo, gs] (channels_last data, C channels read from each), out [C, kh, kw] in T.
 template <typename T>
 void depthwise_weight_grad(const T* x, const T* gr, T* out, const DepthwiseGeometry& g) {
   using A = at::opmath_type<T>;
@@ -132,11 +134,11 @@ void depthwise_weight_grad(const T* x, const T* gr, T* out, const DepthwiseGeome
       const int64_t ho0 = (b % blocks_per_image) * rows, ho1 = std::min(g.Ho, ho0 + rows);
       A* acc = partial.data() + b * taps;
       for (int64_t ho = ho0; ho < ho1; ++ho) {
-        const T* grow = gr + (n * g.Ho + ho) * g.Wo * g.C;
+        const T* grow = gr + (n * g.Ho + ho) * g.Wo * g.gs;
         for (int64_t i = 0; i < g.kh; ++i) {
           const int64_t hi = ho * g.sh - g.ph + i * g.dh;
           if (hi < 0 || hi >= g.H) continue;
-          row(grow, x + (n * g.H + hi) * g.W * g.C, acc + i * g.kw * g.C, g);
+          row(grow, x + (n * g.H + hi) * g.W * g.xs, acc + i * g.kw * g.C, g);
         }
       }
     }
@@ -179,7 +181,7 @@ Tensor depthwise_conv2d_weight_grad(const Tensor& grad, const Tensor& x, at::Int
   Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
   Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
   const DepthwiseGeometry geo{N, H, W, C, Ho, Wo, kernel_size[0], kernel_size[1], stride[0], stride[1],
-                              padding[0], padding[1], dilation[0], dilation[1]};
+                              padding[0], padding[1], dilation[0], dilation[1], C, C};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::depthwise_conv2d_weight_grad",
                                   [&] {
     depthwise_weight_grad<scalar_t>(xc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),

@@ -5,9 +5,10 @@ Every edge leaving a state h applies the same candidate ops to h, each edge with
 
 * pooling and the affine-free batch norm after it once: in training mode they give every edge the same output (and
   the same running statistics, kept in one copy);
-* the separable and dilated convolutions of all edges: one depthwise convolution with a channel multiplier per kernel
-  configuration, one grouped 1×1 convolution and one batch norm over the stacked channels (per-channel statistics:
-  exact) for all of them, then the second halves of the separable convolutions the same way;
+* the separable and dilated convolutions of all edges: one stack of depthwise convolutions (every kernel
+  configuration of every edge: :func:`fastnas.ops.depthwise_stack`), one grouped 1×1 convolution and one batch norm
+  over the stacked channels (per-channel statistics: exact), then the second halves of the separable convolutions
+  the same way;
 * the factorized reductions of stride-2 edges (``skip_connect``'s and the gates') as one pair of 1×1 convolutions;
 * the channel gates' MLPs as batched matrix products, the spatial gates' convolutions as one convolution.
 
@@ -27,7 +28,7 @@ from torch import nn
 from .. import ops
 from ..ops.defs.batch_norm import update_factor
 from .attention import ChannelAttention, SpatialAttention
-from .lean import LeanBatchNorm2d, subsampling_plan
+from .lean import LeanBatchNorm2d
 from .operations import DilConv, FactorizedReduce, Gated, SepConv
 from .pooling import AvgPool2d, MaxPool2d
 
@@ -244,13 +245,13 @@ class StateCandidates(nn.Module):
         if self.pools:
             results["pool"] = [pool(h) for pool in self.pools]
         if self.stage1:
-            y1 = self._stage("stage1", relu, C, fmt)
+            y1 = self._stage("stage1", relu)
             sep = self.sep_units * C
             # the separable convolutions' first halves go on to stage 2, the dilated convolutions are done
             y1_sep, y1_dil = y1.split([sep, y1.shape[1] - sep], 1)
             results["stage1"] = [None] * self.sep_units + list(y1_dil.split(C, 1))
             if self.stage2:
-                y2 = self._stage("stage2", torch.relu(y1_sep), C, fmt)
+                y2 = self._stage("stage2", torch.relu(y1_sep))
                 results["stage2"] = list(y2.split(C, 1))
         gate_inputs = None
         if self.reduce_units:
@@ -277,30 +278,14 @@ class StateCandidates(nn.Module):
             outputs.append(row)
         return outputs
 
-    def _stage(self, stage: str, x: torch.Tensor, C: int, fmt: torch.memory_format) -> torch.Tensor:
-        """Depthwise (one call per column), grouped pointwise and batch norm of a stage's units. In stage 1 every
-        column's units read the state: ``x`` is relu(h) repeated once per edge (each column then runs one plain
-        depthwise convolution over all its units); in stage 2 each unit reads its own stage-1 output."""
+    def _stage(self, stage: str, x: torch.Tensor) -> torch.Tensor:
+        """Depthwise convolutions (one stack: every column's units in one call), grouped pointwise and batch norm of
+        a stage's units. In stage 1 every unit reads the state x; in stage 2 each unit reads its own stage-1
+        output (x holds them in the same order)."""
         groups = getattr(self, stage)
-        parts, start, inputs = [], 0, {}
-        if stage == "stage2":  # each column's units read their own stage-1 outputs
-            columns = iter(x.split([units * C for _, units, _ in groups], 1))
-        for name, units, (kernel, stride, padding, dilation) in groups:
-            weight = getattr(self, name)
-            if stage == "stage1":
-                subsample = subsampling_plan(kernel, stride, padding, dilation)  # see LeanConv2d
-                key = stride if subsample else None
-                if key not in inputs:
-                    inputs[key] = _repeat(ops.subsample(x, stride) if subsample else x, units, fmt)
-                if subsample:
-                    stride, padding, dilation = (1, 1), tuple((k - 1) // 2 for k in kernel), (1, 1)
-                y = _conv(inputs[key], weight, stride, padding, dilation, units * C)
-            else:
-                y = _conv(next(columns), weight, stride, padding, dilation, units * C)
-            start += units
-            parts.append(y)
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        y = _conv(y, getattr(self, f"{stage}_pw"), groups=start)
+        y = ops.depthwise_stack(x, [getattr(self, name) for name, _, _ in groups],
+                                *zip(*(config[1:] for _, _, config in groups)))
+        y = _conv(y, getattr(self, f"{stage}_pw"), groups=sum(units for _, units, _ in groups))
         return self._norm_of(stage, y)
 
     def _reduce(self, relu: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
@@ -346,11 +331,6 @@ class StateCandidates(nn.Module):
             logits = _conv(pooled, weight, padding=padding, groups=units)
         gate = torch.sigmoid(self._norm_of(name, logits))
         return (x5 * gate.unsqueeze(2)).flatten(1, 2)
-
-
-def _repeat(x: torch.Tensor, times: int, fmt: torch.memory_format) -> torch.Tensor:
-    """x [N, C, H, W] repeated ``times`` along the channels, in the layout ``fmt``."""
-    return x if times == 1 else torch.cat([x] * times, 1) if fmt == torch.channels_last else x.repeat(1, times, 1, 1)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
