@@ -306,17 +306,19 @@ class StateCandidates(nn.Module):
         """Each unit's channel gate applied to x (``shared``: the state, the same input for every unit; else the
         units' own inputs [N, units·C, H, W]): [N, units·C, H, W]."""
         w1, b1, w2, b2 = (getattr(self, f"{name}_{a}") for a in ("w1", "b1", "w2", "b2"))
-        units, C = w1.shape[0], w1.shape[2]
-        x5 = x.unsqueeze(1) if shared else x.unflatten(1, (units, C))
+        units, C, N = w1.shape[0], w1.shape[2], x.shape[0]
         # the MLPs of all units as batched matrix products over [units, 2N, ·]: avg- and max-pooled rows
-        pooled = torch.cat([x5.mean((3, 4)), x5.amax((3, 4))], 0).transpose(0, 1).expand(units, -1, -1)
+        rows = torch.cat(ops.channel_pool(x), 0)  # [2N, C] (shared) or [2N, units·C]
+        pooled = rows.expand(units, -1, -1) if shared else rows.view(2 * N, units, C).transpose(0, 1)
         hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), pooled, w1.transpose(1, 2)))
         out = torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))  # [units, 2N, C]
-        N = x.shape[0]
-        gate = torch.sigmoid(out[:, :N] + out[:, N:]).transpose(0, 1)  # [N, units, C]
-        if shared and fmt == torch.channels_last:  # written as [N, H, W, units, C]: channels_last
+        logits = (out[:, :N] + out[:, N:]).transpose(0, 1)  # [N, units, C]
+        if not shared:  # each unit scales its own channels: one fused op
+            return ops.channel_scale(x, logits.reshape(N, units * C))
+        gate = torch.sigmoid(logits)
+        if fmt == torch.channels_last:  # written as [N, H, W, units, C]: channels_last
             return (x.permute(0, 2, 3, 1).unsqueeze(3) * gate[:, None, None]).flatten(3).permute(0, 3, 1, 2)
-        return (x5 * gate[..., None, None]).flatten(1, 2)
+        return (x.unsqueeze(1) * gate[..., None, None]).flatten(1, 2)
 
     def _spatial_gate(self, name: str, x: torch.Tensor, shared: bool, padding) -> torch.Tensor:
         """Each unit's spatial gate applied to x (as :meth:`_channel_gate`): [N, units·C, H, W]."""
