@@ -1,6 +1,6 @@
 """depthwise_stack on the cpu backend beyond the shared op suite: the kernels' vector paths (channel counts of 1 to 4
-vectors and a scalar rest, rows with and without full windows), strides, both layouts, the low-precision dtypes,
-an empty batch, and the errors that name bad input."""
+vectors and a scalar rest, rows with and without full windows), strides, both layouts, the fused ReLU, a channel
+slice read in place, the low-precision dtypes, an empty batch, and the errors that name bad input."""
 from __future__ import annotations
 
 import pytest
@@ -27,19 +27,21 @@ def _inputs(N, C, H, W, cols, dtype=torch.float64, channels_last=True, own=False
     return x, ws, conf
 
 
-def _check(x, ws, conf, tol):
+def _check(x, ws, conf, tol, relu=False, view=None):
+    """The op on x (on ``view(x)``, a view of it, if given) against the reference composition in float64."""
     x = x.detach().requires_grad_()
     ws = [w.detach().requires_grad_() for w in ws]
-    out = ops.depthwise_stack(x, ws, *conf, backend="cpu")
+    same_strides, view = view is None, view or (lambda t: t)
+    out = ops.depthwise_stack(view(x), ws, *conf, relu, backend="cpu")
     ref_in = [t.detach().double().requires_grad_() for t in (x, *ws)]
-    ref = ops.reference.depthwise_stack(ref_in[0], ref_in[1:], *conf)
+    ref = ops.reference.depthwise_stack(view(ref_in[0]), ref_in[1:], *conf, relu)
     assert out.dtype == x.dtype and out.shape == ref.shape
-    assert out.is_contiguous(memory_format=torch.channels_last) == ops.prefers_channels_last(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) == ops.prefers_channels_last(view(x))
     torch.testing.assert_close(out.double(), ref, **tol)
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     got = torch.autograd.grad(out, (x, *ws), grad.to(x.dtype))
     want = torch.autograd.grad(ref, ref_in, grad)
-    assert got[0].stride() == x.stride()
+    assert got[0].stride() == x.stride() or not same_strides
     for a, b in zip(got, want):
         scale = max(1.0, float(b.abs().max()))
         torch.testing.assert_close(a.double() / scale, b / scale, **tol)
@@ -49,6 +51,32 @@ def _check(x, ws, conf, tol):
 @pytest.mark.parametrize("cols", [SHARED, STRIDED], ids=["stride1", "stride2"])
 def test_matches_reference_float64(C, cols):
     _check(*_inputs(2, C, 9, 11, cols), dict(rtol=1e-10, atol=1e-10))
+
+
+@pytest.mark.parametrize("C", [3, 16, 33])
+@pytest.mark.parametrize("cols", [SHARED, STRIDED], ids=["stride1", "stride2"])
+def test_fused_relu_float64(C, cols):
+    x, ws, conf = _inputs(2, C, 9, 11, cols)
+    x[0, :, :2] = 0.0  # ReLU's kink: its gradient there is 0, as torch.relu's
+    _check(x, ws, conf, dict(rtol=1e-10, atol=1e-10), relu=True)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("start", [0, 5])
+def test_channel_slice_read_in_place(relu, start):
+    """A channel slice of a wider channels_last tensor (the separable convolutions' first halves, out of the stage-1
+    output they share with the dilated convolutions) is read where it is."""
+    cols = [(1, 3, 1, 1, 1), (1, 5, 1, 2, 1)]
+    x, ws, conf = _inputs(2, 16, 7, 6, cols, own=True)
+    wide = torch.randn(2, 40, 7, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    _check(wide, ws, conf, dict(rtol=1e-10, atol=1e-10), relu=relu, view=lambda t: t[:, start:start + 32])
+
+
+def test_fused_relu_saves_the_input_for_its_mask():
+    x, ws, conf = _inputs(2, 4, 6, 6, SHARED)
+    x.requires_grad_()
+    out = ops.depthwise_stack(x, ws, *conf, relu=True, backend="cpu")
+    assert any(t is not None and t.shape == x.shape for t in out.grad_fn.saved_tensors)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -83,7 +111,7 @@ def test_saves_the_input_only_for_the_weight_gradient():
     (lambda x, w: ops.depthwise_stack(x, [w, w], [1, 2], [1, 1], [1, 1]), "column 1 gives outputs of 3x3"),
     (lambda x, w: ops.depthwise_stack(x, [w], [1], [0], [9]), "do not fit"),
     (lambda x, w: ops.depthwise_stack(x[0], [w], [1], [1], [1]), "4-D"),
-    (lambda x, w: torch.ops.fastnas.depthwise_stack(x, [w], [1], [1, 1], [1, 1]), "two values per weight"),
+    (lambda x, w: torch.ops.fastnas.depthwise_stack(x, [w], [1], [1, 1], [1, 1], False), "two values per weight"),
 ])
 def test_bad_inputs_are_named(call, match):
     x, w = torch.randn(2, 4, 5, 5), torch.randn(8, 1, 3, 3)

@@ -20,14 +20,25 @@ namespace fastnas::cpu {
 inline namespace CPU_CAPABILITY {
 
 // C channels of x [N, H, W, xs] and of the gradient [N, Ho, Wo, gs] (pixel strides xs, gs >= C; the pointers are
-// those of the first channel)
+// those of the first channel); relu: the convolution reads max(x, 0)
 struct DepthwiseGeometry {
   int64_t N, H, W, C, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, xs, gs;
+  bool relu = false;
 };
+
+// an input vector as the convolution reads it: max(x, 0) under a fused ReLU
+template <bool R, typename V>
+C10_ALWAYS_INLINE V relu_if(const V& v) {
+  if constexpr (R) {
+    return at::vec::maximum(v, V(0));
+  } else {
+    return v;
+  }
+}
 
 // Accumulates, for output row ho of image n and filter row i, the products of the channel group [c0, c0 + NV*W) into
 // acc[j * C + c] for every filter column j (input row hi = ho*sh - ph + i*dh, in range).
-template <typename T, int KW, int NV>
+template <typename T, int KW, int NV, bool R>
 C10_ALWAYS_INLINE void dw_row_group(const T* grow, const T* xrow, at::opmath_type<T>* acc, const DepthwiseGeometry& g,
                                     int64_t c0) {
   using VT = VecT<T>;
@@ -51,7 +62,7 @@ C10_ALWAYS_INLINE void dw_row_group(const T* grow, const T* xrow, at::opmath_typ
         if (wi < 0 || wi >= g.W) continue;
       }
       const T* xp = xrow + wi * g.xs + c0;
-      for (int v = 0; v < NV; ++v) a[j][v] = at::vec::fmadd(gv[v], VT::load(xp + v * Wv), a[j][v]);
+      for (int v = 0; v < NV; ++v) a[j][v] = at::vec::fmadd(gv[v], relu_if<R>(VT::load(xp + v * Wv)), a[j][v]);
     }
   };
   for (int64_t wo = 0; wo < lo; ++wo) column(wo, std::true_type{});
@@ -72,27 +83,29 @@ void dw_row_scalar(const T* grow, const T* xrow, at::opmath_type<T>* acc, const 
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t wi = w0 + j * g.dw;
       if (wi < 0 || wi >= g.W) continue;
-      for (int64_t c = c0; c < c1; ++c)
-        acc[j * C + c] += static_cast<A>(grow[wo * g.gs + c]) * static_cast<A>(xrow[wi * g.xs + c]);
+      for (int64_t c = c0; c < c1; ++c) {
+        const A xv = static_cast<A>(xrow[wi * g.xs + c]);
+        acc[j * C + c] += static_cast<A>(grow[wo * g.gs + c]) * (g.relu && xv < A(0) ? A(0) : xv);
+      }
     }
   }
 }
 
-template <typename T, int KW, int NV>
+template <typename T, int KW, int NV, bool R>
 void dw_row(const T* grow, const T* xrow, at::opmath_type<T>* acc, const DepthwiseGeometry& g) {
   constexpr int64_t Wv = VecT<T>::W;
   int64_t c = 0;
-  for (; c + NV * Wv <= g.C; c += NV * Wv) dw_row_group<T, KW, NV>(grow, xrow, acc, g, c);
+  for (; c + NV * Wv <= g.C; c += NV * Wv) dw_row_group<T, KW, NV, R>(grow, xrow, acc, g, c);
   // the whole vectors left, as one group
   const int64_t rest = (g.C - c) / Wv;
   if constexpr (NV > 1) {
-    if (rest == 1) dw_row_group<T, KW, 1>(grow, xrow, acc, g, c);
+    if (rest == 1) dw_row_group<T, KW, 1, R>(grow, xrow, acc, g, c);
   }
   if constexpr (NV > 2) {
-    if (rest == 2) dw_row_group<T, KW, 2>(grow, xrow, acc, g, c);
+    if (rest == 2) dw_row_group<T, KW, 2, R>(grow, xrow, acc, g, c);
   }
   if constexpr (NV > 3) {
-    if (rest == 3) dw_row_group<T, KW, 3>(grow, xrow, acc, g, c);
+    if (rest == 3) dw_row_group<T, KW, 3, R>(grow, xrow, acc, g, c);
   }
   c += rest * Wv;
   if (c < g.C) dw_row_scalar<T>(grow, xrow, acc, g, c, g.C);
@@ -103,13 +116,13 @@ using DwRowFn = void (*)(const T*, const T*, at::opmath_type<T>*, const Depthwis
 
 // The row kernel for a filter width: unrolled for the widths of the search spaces (accumulators in registers: at
 // most 12 vectors, the gradient vectors and one input vector beside them), plain loops otherwise.
-template <typename T>
+template <typename T, bool R>
 DwRowFn<T> dw_row_for(int64_t kw) {
   switch (kw) {
-    case 1: return &dw_row<T, 1, 4>;
-    case 3: return &dw_row<T, 3, 3>;
-    case 5: return &dw_row<T, 5, 2>;
-    case 7: return &dw_row<T, 7, 1>;
+    case 1: return &dw_row<T, 1, 4, R>;
+    case 3: return &dw_row<T, 3, 3, R>;
+    case 5: return &dw_row<T, 5, 2, R>;
+    case 7: return &dw_row<T, 7, 1, R>;
     default:
       return [](const T* grow, const T* xrow, at::opmath_type<T>* acc, const DepthwiseGeometry& g) {
         dw_row_scalar<T>(grow, xrow, acc, g, 0, g.C);
@@ -127,7 +140,7 @@ void depthwise_weight_grad(const T* x, const T* gr, T* out, const DepthwiseGeome
   const int64_t blocks_per_image = (g.Ho + rows - 1) / rows;
   const int64_t nblocks = g.N * blocks_per_image;
   std::vector<A> partial(nblocks * taps, A(0));
-  const DwRowFn<T> row = dw_row_for<T>(g.kw);
+  const DwRowFn<T> row = g.relu ? dw_row_for<T, true>(g.kw) : dw_row_for<T, false>(g.kw);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / blocks_per_image;

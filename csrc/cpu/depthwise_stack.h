@@ -1,10 +1,11 @@
 // Several depthwise convolutions of one input as one call (fastnas/ops/defs/depthwise_stack.py): column g has filters
 // [n_g, 1, kh, kw] and its own stride, padding and dilation; the output concatenates the columns along the channels,
-// and output channel o reads input channel o mod C_in. The candidates of every edge leaving a search-cell state run
+// and output channel o reads input channel o mod C_in. With relu every column reads max(x, 0) (DARTS's ReLU before
+// each convolution, never stored). The candidates of every edge leaving a search-cell state run
 // this way: the state read once (no repeated copy), one output (no concatenation).
 //
-// Channels_last throughout, vectorised over the channels. The work is cut into blocks: runs of output channels of one
-// column that read a contiguous run of input channels.
+// Channels_last throughout (x may be a channel slice of a wider channels_last tensor), vectorised over the channels.
+// The work is cut into blocks: runs of output channels of one column that read a contiguous run of input channels.
 //
 // * forward: per output row, each output vector summed over the taps in registers;
 // * input gradient: per input row, every block's taps that reach it (any stride: the output positions whose window
@@ -39,6 +40,7 @@ struct StackBlock {
 
 struct StackProblem {
   int64_t N, H, W, Cx, Ho, Wo, Co;
+  int64_t Xs;  // x's pixel stride (elements), Cx unless x is a channel slice
   std::vector<StackColumn> cols;
   std::vector<StackBlock> blocks;
 };
@@ -53,7 +55,7 @@ inline StackProblem stack_problem(const char* op, const Tensor& x, at::TensorLis
                     "fastnas.", op, ": stride, padding and dilation must hold two values per weight (", 2 * k,
                     "), got ", stride.size(), ", ", padding.size(), ", ", dilation.size());
   StackProblem p;
-  p.N = x.size(0), p.Cx = x.size(1), p.H = x.size(2), p.W = x.size(3), p.Co = 0;
+  p.N = x.size(0), p.Cx = x.size(1), p.H = x.size(2), p.W = x.size(3), p.Co = 0, p.Xs = p.Cx;
   p.Ho = p.Wo = -1;
   for (int64_t g = 0; g < k; ++g) {
     const Tensor& w = weights[g];
@@ -126,7 +128,7 @@ C10_ALWAYS_INLINE std::pair<int64_t, int64_t> tap_range(int64_t origin, int64_t 
 
 // For P adjacent pixels (destination p at dst + p * dstep, its window's sources shifted by p * sstep): the channels
 // [c0, c0 + NV vectors) (+)= the window's weighted sum; each weight vector loaded once for the P pixels.
-template <typename T, typename D, int NV, int P>
+template <typename T, typename D, int NV, int P, bool R = false>
 C10_ALWAYS_INLINE void window_group(D* dst, int64_t dstep, const at::opmath_type<T>* w, const T* src, int64_t sstep,
                                     const TapWindow& t, int64_t c0, bool add) {
   using VT = VecT<T>;
@@ -150,7 +152,8 @@ C10_ALWAYS_INLINE void window_group(D* dst, int64_t dstep, const at::opmath_type
       const T* sp = sr + j * t.sj;
       for (int v = 0; v < NV; ++v) {
         const V wv = V::loadu(wp + v * Wv);
-        for (int q = 0; q < P; ++q) acc[q][v] = at::vec::fmadd(wv, VT::load(sp + q * sstep + v * Wv), acc[q][v]);
+        for (int q = 0; q < P; ++q)
+          acc[q][v] = at::vec::fmadd(wv, relu_if<R>(VT::load(sp + q * sstep + v * Wv)), acc[q][v]);
       }
     }
   }
@@ -164,22 +167,23 @@ C10_ALWAYS_INLINE void window_group(D* dst, int64_t dstep, const at::opmath_type
     }
 }
 
-// window_group over the channels [0, n) of P pixels (P = 1: one pixel), vector groups then the scalar rest
-template <typename T, typename D, int P>
+// window_group over the channels [0, n) of P pixels (P = 1: one pixel), vector groups then the scalar rest; R: the
+// sources read through a ReLU
+template <typename T, typename D, int P, bool R = false>
 void window_sum(D* dst, int64_t dstep, int64_t n, const at::opmath_type<T>* w, const T* src, int64_t sstep,
                 const TapWindow& t, bool add) {
   using A = at::opmath_type<T>;
   constexpr int64_t Wv = VecT<T>::W;
   constexpr int NV = P > 2 ? 2 : 4;  // at most 8 accumulators beside the weight and source vectors
   int64_t c = 0;
-  for (; c + NV * Wv <= n; c += NV * Wv) window_group<T, D, NV, P>(dst, dstep, w, src, sstep, t, c, add);
+  for (; c + NV * Wv <= n; c += NV * Wv) window_group<T, D, NV, P, R>(dst, dstep, w, src, sstep, t, c, add);
   switch ((n - c) / Wv) {
-    case 3: window_group<T, D, 3, (P > 2 ? 2 : P)>(dst, dstep, w, src, sstep, t, c, add);
-            if constexpr (P > 2) window_group<T, D, 3, P - 2>(dst + 2 * dstep, dstep, w, src + 2 * sstep, sstep, t, c,
-                                                              add);
+    case 3: window_group<T, D, 3, (P > 2 ? 2 : P), R>(dst, dstep, w, src, sstep, t, c, add);
+            if constexpr (P > 2) window_group<T, D, 3, P - 2, R>(dst + 2 * dstep, dstep, w, src + 2 * sstep, sstep, t,
+                                                                 c, add);
             break;
-    case 2: window_group<T, D, 2, P>(dst, dstep, w, src, sstep, t, c, add); break;
-    case 1: window_group<T, D, 1, P>(dst, dstep, w, src, sstep, t, c, add); break;
+    case 2: window_group<T, D, 2, P, R>(dst, dstep, w, src, sstep, t, c, add); break;
+    case 1: window_group<T, D, 1, P, R>(dst, dstep, w, src, sstep, t, c, add); break;
     default: break;
   }
   c += (n - c) / Wv * Wv;
@@ -188,31 +192,32 @@ void window_sum(D* dst, int64_t dstep, int64_t n, const at::opmath_type<T>* w, c
       D* d = dst + q * dstep;
       A acc = add ? static_cast<A>(d[cc]) : A(0);
       for (int64_t i = t.i0; i < t.i1; ++i)
-        for (int64_t j = t.j0; j < t.j1; ++j)
-          acc += w[(i * t.kw + j) * t.width + cc] *
-                 static_cast<A>(src[q * sstep + t.base + i * t.si + j * t.sj + cc]);
+        for (int64_t j = t.j0; j < t.j1; ++j) {
+          const A s = static_cast<A>(src[q * sstep + t.base + i * t.si + j * t.sj + cc]);
+          acc += w[(i * t.kw + j) * t.width + cc] * (R && s < A(0) ? A(0) : s);
+        }
       d[cc] = static_cast<D>(acc);
     }
 }
 
 // Pixels [0, count) of a row, pixel q's window from window(q): those whose window is full ([full0, full1)) four at a
 // time, the others one by one.
-template <typename T, typename D, typename Window>
+template <typename T, typename D, bool R, typename Window>
 C10_ALWAYS_INLINE void row_sum(D* dst, int64_t dstep, int64_t count, int64_t full0, int64_t full1, int64_t n,
                                const at::opmath_type<T>* w, const T* src, int64_t sstep, Window window, bool add) {
   int64_t q = 0;
   for (; q < count; ++q) {
     if (q >= full0 && q + 4 <= full1) {
-      window_sum<T, D, 4>(dst + q * dstep, dstep, n, w, src, sstep, window(q), add);
+      window_sum<T, D, 4, R>(dst + q * dstep, dstep, n, w, src, sstep, window(q), add);
       q += 3;
     } else {
-      window_sum<T, D, 1>(dst + q * dstep, dstep, n, w, src, sstep, window(q), add);
+      window_sum<T, D, 1, R>(dst + q * dstep, dstep, n, w, src, sstep, window(q), add);
     }
   }
 }
 
-// out [N, Ho, Wo, Co] from x [N, H, W, Cx] (channels_last data)
-template <typename T>
+// out [N, Ho, Wo, Co] from x [N, H, W, Xs] (channels_last data, Cx channels read; R: through a ReLU)
+template <typename T, bool R>
 void stack_forward(const T* x, at::TensorList weights, const StackProblem& p, T* out) {
   const auto wt = taps_by_channel<T>(weights, p);
   at::parallel_for(0, p.N * p.Ho, 1, [&](int64_t r0, int64_t r1) {
@@ -226,24 +231,25 @@ void stack_forward(const T* x, at::TensorList weights, const StackProblem& p, T*
         auto window = [&](int64_t wo) {
           const int64_t w0 = wo * c.sw - c.pw;
           const auto [j0, j1] = tap_range(w0, c.dw, p.W, c.kw);
-          return TapWindow{i0, i1, j0, j1, c.kw, c.width, ((n * p.H + h0) * p.W + w0) * p.Cx + b.c,
-                           c.dh * p.W * p.Cx, c.dw * p.Cx};
+          return TapWindow{i0, i1, j0, j1, c.kw, c.width, ((n * p.H + h0) * p.W + w0) * p.Xs + b.c,
+                           c.dh * p.W * p.Xs, c.dw * p.Xs};
         };
         // the outputs whose filter row lies inside the input row
         const int64_t full0 = (c.pw + c.sw - 1) / c.sw;
         const int64_t last = p.W - 1 + c.pw - (c.kw - 1) * c.dw;
         const int64_t full1 = last < 0 ? 0 : std::min(p.Wo, last / c.sw + 1);
-        row_sum<T, T>(orow + b.o, p.Co, p.Wo, full0, full1, b.n, wt[b.col].data() + b.l, x, c.sw * p.Cx, window,
-                      false);
+        row_sum<T, T, R>(orow + b.o, p.Co, p.Wo, full0, full1, b.n, wt[b.col].data() + b.l, x, c.sw * p.Xs, window,
+                         false);
       }
     }
   });
 }
 
 // gx [N, H, W, Cx] from the output gradient g [N, Ho, Wo, Co]: at stride 1 output (hi + ph - i dh, wi + pw - j dw)
-// reaches input (hi, wi) through tap (i, j); at other strides only the outputs on the stride's grid do
+// reaches input (hi, wi) through tap (i, j); at other strides only the outputs on the stride's grid do. relu_of: x
+// [N, H, W, Xs] under a fused ReLU (the gradient is kept where x > 0), else null.
 template <typename T>
-void stack_input_grad(const T* g, at::TensorList weights, const StackProblem& p, T* gx) {
+void stack_input_grad(const T* g, at::TensorList weights, const StackProblem& p, T* gx, const T* relu_of) {
   using A = at::opmath_type<T>;
   const auto wt = taps_by_channel<T>(weights, p);
   at::parallel_for(0, p.N * p.H, 1, [&](int64_t r0, int64_t r1) {
@@ -267,7 +273,7 @@ void stack_input_grad(const T* g, at::TensorList weights, const StackProblem& p,
           // the inputs that every filter column reaches from inside the output row
           const int64_t full0 = std::max<int64_t>(0, (c.kw - 1) * c.dw - c.pw);
           const int64_t full1 = std::min(p.W, p.Wo - c.pw);
-          row_sum<T, A>(acc.data() + b.c, p.Cx, p.W, full0, full1, b.n, w, g, p.Co, window, true);
+          row_sum<T, A, false>(acc.data() + b.c, p.Cx, p.W, full0, full1, b.n, w, g, p.Co, window, true);
           continue;
         }
         for (int64_t i = 0; i < c.kh; ++i) {  // one filter row at a time: its output row, if on the grid
@@ -284,7 +290,15 @@ void stack_input_grad(const T* g, at::TensorList weights, const StackProblem& p,
         }
       }
       T* dst = gx + r * p.W * p.Cx;
-      for (int64_t e = 0; e < p.W * p.Cx; ++e) dst[e] = static_cast<T>(acc[e]);
+      if (relu_of == nullptr) {
+        for (int64_t e = 0; e < p.W * p.Cx; ++e) dst[e] = static_cast<T>(acc[e]);
+      } else {  // as ReLU's backward: the gradient where the ReLU's output is positive, else 0
+        const T* xr = relu_of + r * p.W * p.Xs;
+        for (int64_t wi = 0; wi < p.W; ++wi)
+          for (int64_t ch = 0; ch < p.Cx; ++ch)
+            dst[wi * p.Cx + ch] =
+                static_cast<A>(xr[wi * p.Xs + ch]) > A(0) ? static_cast<T>(acc[wi * p.Cx + ch]) : T(0);
+      }
     }
   });
 }
@@ -296,14 +310,29 @@ inline Tensor in_rule_layout(const Tensor& t, const Tensor& x) {
   return prefers_channels_last(x) ? t : t.contiguous();
 }
 
+// x as the kernels read it: channels_last data, or a channel slice of it (channel stride 1, pixels Xs apart) as it is
+inline Tensor pixel_strided(const Tensor& x, StackProblem& p) {
+  const int64_t xs = x.stride(3);
+  if (x.stride(1) == 1 && xs >= p.Cx && x.stride(2) == p.W * xs && (p.N <= 1 || x.stride(0) == p.H * p.W * xs)) {
+    p.Xs = xs;
+    return x;
+  }
+  p.Xs = p.Cx;
+  return x.contiguous(c10::MemoryFormat::ChannelsLast);
+}
+
 Tensor depthwise_stack(const Tensor& x, at::TensorList weights, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation) {
-  const StackProblem p = stack_problem("depthwise_stack", x, weights, stride, padding, dilation);
+                       at::IntArrayRef dilation, bool relu) {
+  StackProblem p = stack_problem("depthwise_stack", x, weights, stride, padding, dilation);
   Tensor out = at::empty({p.N, p.Co, p.Ho, p.Wo}, x.options().memory_format(c10::MemoryFormat::ChannelsLast));
   if (p.N == 0 || p.Cx == 0) return in_rule_layout(out.zero_(), x);
-  const Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+  const Tensor xc = pixel_strided(x, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::depthwise_stack", [&] {
-    stack_forward<scalar_t>(xc.const_data_ptr<scalar_t>(), weights, p, out.data_ptr<scalar_t>());
+    if (relu) {
+      stack_forward<scalar_t, true>(xc.const_data_ptr<scalar_t>(), weights, p, out.data_ptr<scalar_t>());
+    } else {
+      stack_forward<scalar_t, false>(xc.const_data_ptr<scalar_t>(), weights, p, out.data_ptr<scalar_t>());
+    }
   });
   return in_rule_layout(out, x);
 }
@@ -311,9 +340,9 @@ Tensor depthwise_stack(const Tensor& x, at::TensorList weights, at::IntArrayRef 
 std::tuple<Tensor, std::vector<Tensor>> depthwise_stack_backward(const Tensor& grad, const Tensor& x,
                                                                  at::TensorList weights, at::IntArrayRef stride,
                                                                  at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                                 bool need_x_grad, bool need_weights_grad) {
+                                                                 bool relu, bool need_x_grad, bool need_weights_grad) {
   const char* op = "depthwise_stack_backward";
-  const StackProblem p = stack_problem(op, x, weights, stride, padding, dilation);
+  StackProblem p = stack_problem(op, x, weights, stride, padding, dilation);
   check_4d(op, "grad", grad);
   check_same_device(op, "grad", grad, "x", x);
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "fastnas.", op, ": grad has dtype ",
@@ -322,13 +351,17 @@ std::tuple<Tensor, std::vector<Tensor>> depthwise_stack_backward(const Tensor& g
                     "fastnas.", op, ": grad must have shape [", p.N, ", ", p.Co, ", ", p.Ho, ", ", p.Wo, "], got ",
                     shape_str(grad.sizes()));
   const Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+  // x's values are read for the weight gradients and, under a fused ReLU, for the input gradient's mask
+  const bool read_x = (need_weights_grad || (relu && need_x_grad)) && p.N > 0 && p.Cx > 0;
+  const Tensor xc = read_x ? pixel_strided(x, p) : x;
   Tensor gx = x.new_empty({0});
   if (need_x_grad) {
     Tensor buf = at::empty(x.sizes(), x.options().memory_format(c10::MemoryFormat::ChannelsLast));
     if (p.N > 0 && p.Cx > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::depthwise_stack_backward",
                                       [&] {
-        stack_input_grad<scalar_t>(gc.const_data_ptr<scalar_t>(), weights, p, buf.data_ptr<scalar_t>());
+        stack_input_grad<scalar_t>(gc.const_data_ptr<scalar_t>(), weights, p, buf.data_ptr<scalar_t>(),
+                                   relu ? xc.const_data_ptr<scalar_t>() : nullptr);
       });
     } else {
       buf.zero_();
@@ -339,13 +372,12 @@ std::tuple<Tensor, std::vector<Tensor>> depthwise_stack_backward(const Tensor& g
   if (need_weights_grad) {
     for (const StackColumn& c : p.cols) gws.push_back(at::zeros({c.width, 1, c.kh, c.kw}, x.options()));
     if (p.N > 0 && p.Cx > 0) {
-      const Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::depthwise_stack_backward",
                                       [&] {
         for (const StackBlock& b : p.blocks) {
           const StackColumn& c = p.cols[b.col];
           const DepthwiseGeometry geo{p.N, p.H, p.W, b.n, p.Ho, p.Wo, c.kh, c.kw, c.sh, c.sw,
-                                      c.ph, c.pw, c.dh, c.dw, p.Cx, p.Co};
+                                      c.ph, c.pw, c.dh, c.dw, p.Xs, p.Co, relu};
           depthwise_weight_grad<scalar_t>(xc.const_data_ptr<scalar_t>() + b.c, gc.const_data_ptr<scalar_t>() + b.o,
                                           gws[b.col].data_ptr<scalar_t>() + b.l * c.kh * c.kw, geo);
         }

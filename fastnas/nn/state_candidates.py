@@ -6,7 +6,8 @@ Every edge leaving a state h applies the same candidate ops to h, each edge with
 * pooling and the affine-free batch norm after it once: in training mode they give every edge the same output (and
   the same running statistics, kept in one copy);
 * the separable and dilated convolutions of all edges: one stack of depthwise convolutions (every kernel
-  configuration of every edge: :func:`fastnas.ops.depthwise_stack`), one grouped 1×1 convolution and one batch norm
+  configuration of every edge, reading the state through their ReLU: :func:`fastnas.ops.depthwise_stack`), one
+  grouped 1×1 convolution and one batch norm
   over the stacked channels (per-channel statistics: exact), then the second halves of the separable convolutions
   the same way;
 * the factorized reductions of stride-2 edges (``skip_connect``'s and the gates') as one pair of 1×1 convolutions;
@@ -241,21 +242,20 @@ class StateCandidates(nn.Module):
         n, C = self.n, h.shape[1]
         fmt = _layout(h)
         results: dict[str, list] = {"input": [h]}
-        relu = torch.relu(h) if self.stage1 or self.reduce_units else None
         if self.pools:
             results["pool"] = [pool(h) for pool in self.pools]
         if self.stage1:
-            y1 = self._stage("stage1", relu)
+            y1 = self._stage("stage1", h)
             sep = self.sep_units * C
-            # the separable convolutions' first halves go on to stage 2, the dilated convolutions are done
+            # the separable convolutions' first halves go on to stage 2 (read in place), the dilated ones are done
             y1_sep, y1_dil = y1.split([sep, y1.shape[1] - sep], 1)
             results["stage1"] = [None] * self.sep_units + list(y1_dil.split(C, 1))
             if self.stage2:
-                y2 = self._stage("stage2", torch.relu(y1_sep))
+                y2 = self._stage("stage2", y1_sep)
                 results["stage2"] = list(y2.split(C, 1))
         gate_inputs = None
         if self.reduce_units:
-            gate_inputs = self._reduce(relu, fmt).split(n * C, 1)  # per column: [N, n·C, H/2, W/2]
+            gate_inputs = self._reduce(torch.relu(h), fmt).split(n * C, 1)  # per column: [N, n·C, H/2, W/2]
             results["reduce"] = [unit for part in gate_inputs for unit in part.split(C, 1)]
         for name, at, *_ in self.channel_gates:
             x = h if at is None else gate_inputs[at]
@@ -279,12 +279,12 @@ class StateCandidates(nn.Module):
         return outputs
 
     def _stage(self, stage: str, x: torch.Tensor) -> torch.Tensor:
-        """Depthwise convolutions (one stack: every column's units in one call), grouped pointwise and batch norm of
-        a stage's units. In stage 1 every unit reads the state x; in stage 2 each unit reads its own stage-1
-        output (x holds them in the same order)."""
+        """ReLU and depthwise convolutions (one stack: every column's units in one call, the ReLU applied as x is
+        read), grouped pointwise and batch norm of a stage's units. In stage 1 every unit reads the state x; in
+        stage 2 each unit reads its own stage-1 output (x holds them in the same order)."""
         groups = getattr(self, stage)
         y = ops.depthwise_stack(x, [getattr(self, name) for name, _, _ in groups],
-                                *zip(*(config[1:] for _, _, config in groups)))
+                                *zip(*(config[1:] for _, _, config in groups)), relu=True)
         y = _conv(y, getattr(self, f"{stage}_pw"), groups=sum(units for _, units, _ in groups))
         return self._norm_of(stage, y)
 
