@@ -5,6 +5,8 @@ Every edge leaving a state h applies the same candidate ops to h, each edge with
 
 * pooling and the affine-free batch norm after it once: in training mode they give every edge the same output (and
   the same running statistics, kept in one copy);
+* every batch norm's count of batches seen, equal for all of them (each runs once per forward), as one counter
+  moved once per forward;
 * the separable and dilated convolutions of all edges: one stack of depthwise convolutions (every kernel
   configuration of every edge, reading the state through their ReLU: :func:`fastnas.ops.depthwise_stack`), one
   grouped 1×1 convolution and one batch norm
@@ -111,18 +113,18 @@ class StateCandidates(nn.Module):
         self.outputs: list[tuple[str, int]] = []  # per column position: (result name, group index within it)
         self.unbatched = [k for k, kind in enumerate(kinds) if kind is None]
         self.norm_settings: dict[str, tuple[float | None, float]] = {}  # per stacked norm: (momentum, eps)
+        self._counted: list[tuple[str, torch.Tensor]] = []  # every norm's per-edge num_batches_tracked
 
         def per_edge(k: int) -> list[tuple[str, nn.Module]]:
             return [(f"{names[e]}{k}.", edges[e][k][1]) for e in range(n)]
 
-        # pooling: one module for all edges (its batch norm's statistics are the same for every edge)
+        # pooling: one pooling and one norm for all edges (its statistics are the same for every edge)
         self.pools = nn.ModuleList()
         for k, kind in enumerate(kinds):
             if kind == "pool":
-                op = ops0[k]
-                self._share(f"pools.{len(self.pools)}.", per_edge(k))
+                self._norm(f"pool{len(self.pools)}", per_edge(k)[:1], "1", shared_by=per_edge(k))
                 self.outputs.append(("pool", len(self.pools)))
-                self.pools.append(op)
+                self.pools.append(ops0[k][0])
             elif kind == "skip":
                 self.outputs.append(("input", 0))
             else:
@@ -177,6 +179,10 @@ class StateCandidates(nn.Module):
                 self._norm(name, gates, "bn")
                 self.spatial_gates.append((name, reduced.get(k), gates[0][1].conv.padding))
             self.outputs[k] = (kind, g)
+        if self._counted:
+            first = self._counted[0][1]
+            self._register("tracked", first.clone(), first, Source(tuple(n for n, _ in self._counted), shared=True))
+        del self._counted
         # the ops run per edge keep their modules (and names) where they are: in the cell's edges
 
     # -- construction -----------------------------------------------------------------------------------------------
@@ -198,29 +204,28 @@ class StateCandidates(nn.Module):
         self._register(name, stored.clone(), tensors[0], source)
 
     def _norm(self, name: str, units: Sequence[tuple[str, nn.Module]], key: str,
-              split: tuple[int, int] | None = None) -> None:
+              split: tuple[int, int] | None = None, shared_by: Sequence[tuple[str, nn.Module]] = ()) -> None:
         """The running statistics of the units' batch norms ``key``, stacked (per unit [C], or, with ``split``
-        (halves, C/2), as [halves, units, C/2]: the order in which the factorized reductions' halves are stacked)."""
+        (halves, C/2), as [halves, units, C/2]: the order in which the factorized reductions' halves are stacked);
+        with ``shared_by``, the one unit's statistics stand for those of all ``shared_by`` (equal by construction)."""
         for stat in ("mean", "var"):
             self._stack(f"{name}_{stat}", units, f"{key}.running_{stat}", 1 if split else 0, view=split)
+            if shared_by:
+                self.sources[f"{name}_{stat}"] = Source(tuple(f"{p}{key}.running_{stat}" for p, _ in shared_by),
+                                                        shared=True)
         bn = units[0][1].get_submodule(key)
         self.norm_settings[name] = (bn.momentum, bn.eps)
-        self._register(f"{name}_tracked", bn.num_batches_tracked.clone(), bn.num_batches_tracked,
-                       Source(tuple(f"{p}{key}.num_batches_tracked" for p, _ in units), shared=True))
+        self._counted += [(f"{p}{key}.num_batches_tracked", m.get_submodule(key).num_batches_tracked)
+                          for p, m in (shared_by or units)]
 
     def _norm_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The affine-free batch norms ``name`` of stacked units: per-channel statistics over the stacked channels."""
-        mean, var, tracked = (getattr(self, f"{name}_{s}") for s in ("mean", "var", "tracked"))
+        """The affine-free batch norms ``name`` of stacked units: per-channel statistics over the stacked channels
+        (the counter of batches seen is moved once per forward, by :meth:`forward`)."""
+        mean, var = getattr(self, f"{name}_mean"), getattr(self, f"{name}_var")
         momentum, eps = self.norm_settings[name]
         if not self.training:
             return F.batch_norm(x, mean, var, None, None, False, 0.0, eps)
-        tracked.add_(1)
-        return ops.batch_norm(x, mean, var, None, None, update_factor(momentum, tracked), eps)
-
-    def _share(self, prefix: str, units: Sequence[tuple[str, nn.Module]]) -> None:
-        """The buffers of the units' (equal) parameter-free modules, one copy under ``prefix``."""
-        for key, _ in units[0][1].named_buffers():
-            self.sources[prefix + key] = Source(tuple(p + key for p, _ in units), shared=True)
+        return ops.batch_norm(x, mean, var, None, None, update_factor(momentum, self.tracked), eps)
 
     def _conv_stage(self, name: str, columns: list[tuple[int, list[tuple[str, DilConv]]]]) -> list[tuple]:
         """The depthwise convolutions of a stage, one per column: (parameter name, units, configuration); the pointwise
@@ -242,8 +247,10 @@ class StateCandidates(nn.Module):
         n, C = self.n, h.shape[1]
         fmt = _layout(h)
         results: dict[str, list] = {"input": [h]}
+        if self.training and "tracked" in self._buffers:
+            self.tracked.add_(1)
         if self.pools:
-            results["pool"] = [pool(h) for pool in self.pools]
+            results["pool"] = [self._norm_of(f"pool{g}", pool(h)) for g, pool in enumerate(self.pools)]
         if self.stage1:
             y1 = self._stage("stage1", h)
             sep = self.sep_units * C
