@@ -100,13 +100,16 @@ def _setup_context(ctx, inputs, output):
     x, ctx.kernel, ctx.stride, ctx.padding = inputs
     ctx.hw = (x.shape[2], x.shape[3])
     ctx.channels_last = layout.prefers_channels_last(x)
-    if isinstance(output, tuple):  # max: keep the positions only
+    if isinstance(output, tuple):  # max: keep the positions only (they have no gradient: none is made for them)
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[1])
 
 
 def _max_autograd(kernels: dict):
     def backward(ctx, grad, _grad_pos):
+        if grad is None:
+            return None, None, None, None
         (pos,) = ctx.saved_tensors
         run = backward_kernels(kernels, REFERENCES)
         return (run["max_pool2d_backward"](grad, pos, *ctx.hw, ctx.kernel, ctx.stride, ctx.padding,
