@@ -14,6 +14,7 @@
 #include "normalized_mixed_sum.h"
 #include "pool2d.h"
 #include "scale.h"
+#include "scale_stack.h"
 #include "single_channel_conv2d.h"
 #include "spatial_pool.h"
 
@@ -31,6 +32,7 @@ void register_impls(torch::Library& m) {
   register_normalized_mixed_sum(m);
   register_pool2d(m);
   register_scale(m);
+  register_scale_stack(m);
   register_single_channel_conv2d(m);
   register_spatial_pool(m);
 }

@@ -9,11 +9,11 @@ Every edge leaving a state h applies the same candidate ops to h, each edge with
   moved once per forward;
 * the separable and dilated convolutions of all edges: one stack of depthwise convolutions (every kernel
   configuration of every edge, reading the state through their ReLU: :func:`fastnas.ops.depthwise_stack`), one
-  grouped 1×1 convolution and one batch norm
-  over the stacked channels (per-channel statistics: exact), then the second halves of the separable convolutions
-  the same way;
+  grouped 1×1 convolution and one batch norm over the stacked channels (per-channel statistics: exact), then the
+  second halves of the separable convolutions the same way;
 * the factorized reductions of stride-2 edges (``skip_connect``'s and the gates') as one pair of 1×1 convolutions;
-* the channel gates' MLPs as batched matrix products, the spatial gates' convolutions as one convolution.
+* the channel gates' MLPs as batched matrix products, the spatial gates' convolutions as one convolution, and at
+  stride 1 every gate scaling the state in one call (:func:`fastnas.ops.scale_stack`).
 
 :meth:`StateCandidates.forward` returns each edge's candidate outputs (views into the stacked results), for the node
 sums. Ops it does not know run per edge, as they are. The per-edge names of the stacked tensors are kept
@@ -266,7 +266,7 @@ class StateCandidates(nn.Module):
             results["reduce"] = [unit for part in gate_inputs for unit in part.split(C, 1)]
         for name, at, *_ in self.channel_gates:
             x = h if at is None else gate_inputs[at]
-            results.setdefault("channel_gate", []).append(self._channel_gate(name, x, at is None, fmt).split(C, 1))
+            results.setdefault("channel_gate", []).append(self._channel_gate(name, x, at is None).split(C, 1))
         for name, at, padding in self.spatial_gates:
             x = h if at is None else gate_inputs[at]
             results.setdefault("spatial_gate", []).append(self._spatial_gate(name, x, at is None, padding).split(C, 1))
@@ -309,7 +309,7 @@ class StateCandidates(nn.Module):
             return y.reshape(N, H, W, -1).permute(0, 3, 1, 2)
         return y.unflatten(1, (2, self.reduce_units, -1)).transpose(1, 2).reshape(N, -1, H, W)
 
-    def _channel_gate(self, name: str, x: torch.Tensor, shared: bool, fmt: torch.memory_format) -> torch.Tensor:
+    def _channel_gate(self, name: str, x: torch.Tensor, shared: bool) -> torch.Tensor:
         """Each unit's channel gate applied to x (``shared``: the state, the same input for every unit; else the
         units' own inputs [N, units·C, H, W]): [N, units·C, H, W]."""
         w1, b1, w2, b2 = (getattr(self, f"{name}_{a}") for a in ("w1", "b1", "w2", "b2"))
@@ -320,24 +320,19 @@ class StateCandidates(nn.Module):
         hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), pooled, w1.transpose(1, 2)))
         out = torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))  # [units, 2N, C]
         logits = (out[:, :N] + out[:, N:]).transpose(0, 1)  # [N, units, C]
-        if not shared:  # each unit scales its own channels: one fused op
-            return ops.channel_scale(x, logits.reshape(N, units * C))
-        gate = torch.sigmoid(logits)
-        if fmt == torch.channels_last:  # written as [N, H, W, units, C]: channels_last
-            return (x.permute(0, 2, 3, 1).unsqueeze(3) * gate[:, None, None]).flatten(3).permute(0, 3, 1, 2)
-        return (x.unsqueeze(1) * gate[..., None, None]).flatten(1, 2)
+        # each unit scales its own channels, or every unit the shared state: one fused op either way
+        return (ops.scale_stack if shared else ops.channel_scale)(x, logits.reshape(N, units * C))
 
     def _spatial_gate(self, name: str, x: torch.Tensor, shared: bool, padding) -> torch.Tensor:
         """Each unit's spatial gate applied to x (as :meth:`_channel_gate`): [N, units·C, H, W]."""
         weight = getattr(self, f"{name}_conv")
         units = weight.shape[0]
-        if shared:
-            x5 = x.unsqueeze(1)
+        if shared:  # every unit scales the state: one fused op
             logits = _conv(ops.spatial_pool(x), weight, padding=padding)
-        else:
-            x5 = x.unflatten(1, (units, -1))
-            pooled = torch.stack([x5.amax(2), x5.mean(2)], 2).flatten(1, 2)  # [N, units·2, H, W]
-            logits = _conv(pooled, weight, padding=padding, groups=units)
+            return ops.scale_stack(x, self._norm_of(name, logits))
+        x5 = x.unflatten(1, (units, -1))
+        pooled = torch.stack([x5.amax(2), x5.mean(2)], 2).flatten(1, 2)  # [N, units·2, H, W]
+        logits = _conv(pooled, weight, padding=padding, groups=units)
         gate = torch.sigmoid(self._norm_of(name, logits))
         return (x5 * gate.unsqueeze(2)).flatten(1, 2)
 
