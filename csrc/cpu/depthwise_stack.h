@@ -305,16 +305,23 @@ void stack_input_grad(const T* g, at::TensorList weights, const StackProblem& p,
 
 namespace {
 
-// the output in the layout the ops' rule gives (channels_last when x prefers it, else contiguous)
+// a channel slice of a channels_last tensor: channel stride 1, pixels xs > C elements apart
+inline bool channel_slice(const Tensor& x) {
+  const int64_t xs = x.stride(3);
+  return x.dim() == 4 && x.stride(1) == 1 && xs > x.size(1) && x.stride(2) == x.size(3) * xs &&
+         (x.size(0) <= 1 || x.stride(0) == x.size(2) * x.size(3) * xs);
+}
+
+// the output's layout: channels_last when x prefers it or is a channel slice of a channels_last tensor, else
+// contiguous (fastnas/ops/defs/depthwise_stack.py, _channels_last_out, must agree)
 inline Tensor in_rule_layout(const Tensor& t, const Tensor& x) {
-  return prefers_channels_last(x) ? t : t.contiguous();
+  return prefers_channels_last(x) || channel_slice(x) ? t : t.contiguous();
 }
 
 // x as the kernels read it: channels_last data, or a channel slice of it (channel stride 1, pixels Xs apart) as it is
 inline Tensor pixel_strided(const Tensor& x, StackProblem& p) {
-  const int64_t xs = x.stride(3);
-  if (x.stride(1) == 1 && xs >= p.Cx && x.stride(2) == p.W * xs && (p.N <= 1 || x.stride(0) == p.H * p.W * xs)) {
-    p.Xs = xs;
+  if (channel_slice(x)) {
+    p.Xs = x.stride(3);
     return x;
   }
   p.Xs = p.Cx;
