@@ -2,10 +2,11 @@
 gradient.
 
 PyTorch's convolution keeps its input whatever needs a gradient, though only the weight gradient reads it. With a
-frozen weight (the architecture step of a first-order search) this op keeps the weight alone and computes the input
-gradient from it; the input's values are not read then, only its shape and layout (an unfilled stand-in gives them).
-Both gradients are ATen's convolution backward, linear in the gradient and differentiable, so double backward is
-exact.
+frozen weight (the architecture step of a first-order search) this op keeps the weight alone. Its input gradient is
+the transposed convolution of the gradient with the weight (one call, no stand-in input, and several times faster
+than ATen's input-only convolution backward on the CPU for the grouped 1×1 convolutions of the batched plan); the
+weight gradient is ATen's convolution backward. Both are linear in the gradient and differentiable, so double
+backward is exact.
 """
 from __future__ import annotations
 
@@ -32,18 +33,31 @@ def _forward(x, weight, stride, padding, dilation, groups: int):
 def _setup_context(ctx, inputs, output):
     x, weight, stride, padding, dilation, groups = inputs
     ctx.conf = (x.shape, x.dtype, x.stride(), stride, padding, dilation, groups)
+    ctx.weight_dtype = weight.dtype
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+
+
+def _input_grad(grad: torch.Tensor, weight: torch.Tensor, shape, strides, stride, padding, dilation,
+                groups: int) -> torch.Tensor:
+    """The input gradient as a transposed convolution; its output padding restores the rows and columns that the
+    stride left out, and its layout is the input's."""
+    extra = [(size + 2 * p - d * (k - 1) - 1) % s for size, k, s, p, d in
+             zip(shape[2:], weight.shape[2:], stride, padding, dilation)]
+    gx = F.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation)
+    return gx if gx.stride() == tuple(strides) else layout.stand_in(shape, strides, gx).copy_(gx)
 
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     shape, dtype, strides, stride, padding, dilation, groups = ctx.conf
     need_x, need_w = ctx.needs_input_grad[:2]
-    # (the stand-in and the weight in the dtype the forward ran in under autocast)
-    source = x.to(grad.dtype) if x is not None else layout.stand_in(shape, strides, grad)
-    gx, gw, _ = torch.ops.aten.convolution_backward(grad, source, weight.to(grad.dtype), None, stride, padding,
-                                                    dilation, False, [0, 0], groups, [need_x, need_w, False])
-    return (gx.to(dtype) if need_x else None), (gw.to(weight.dtype) if need_w else None), None, None, None, None
+    weight = weight.to(grad.dtype)  # (the dtype the forward ran in under autocast)
+    gx = _input_grad(grad, weight, shape, strides, stride, padding, dilation, groups).to(dtype) if need_x else None
+    gw = None
+    if need_w:
+        gw = torch.ops.aten.convolution_backward(grad, x.to(grad.dtype), weight, None, stride, padding, dilation,
+                                                 False, [0, 0], groups, [False, True, False])[1].to(ctx.weight_dtype)
+    return gx, gw, None, None, None, None
 
 
 LEAN = define_op(OP, "(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor",
