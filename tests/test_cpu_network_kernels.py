@@ -139,19 +139,28 @@ def test_depthwise_bad_inputs(bad, match):
 
 POOL_CONFS = [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)), ((2, 2), (2, 2), (0, 0)), ((3, 2), (1, 2), (1, 0)),
               ((5, 5), (2, 2), (2, 2))]
+POOLS = {"max": ops.max_pool2d, "avg": ops.avg_pool2d, "pair": ops.pool_pair}
 
 
-@pytest.mark.parametrize("kind", ["max", "avg"])
+def _torch_pool(kind, k, s, p):
+    """PyTorch's pooling of ``kind`` (pair: max then average, concatenated along the channels)."""
+    def avg(t):
+        return F.avg_pool2d(t, k, s, p, count_include_pad=False)
+
+    def pair(t):
+        return torch.cat([F.max_pool2d(t, k, s, p), avg(t)], 1)
+
+    return {"max": lambda t: F.max_pool2d(t, k, s, p), "avg": avg, "pair": pair}[kind]
+
+
+@pytest.mark.parametrize("kind", ["max", "avg", "pair"])
 @pytest.mark.parametrize("conf", POOL_CONFS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("channels", [1, 5, 19])
 def test_pool_matches_torch_float64(kind, conf, layout, channels):
     k, s, p = conf
     x = _make((2, channels, 9, 7), torch.float64, layout).requires_grad_()
-    ours = ops.max_pool2d if kind == "max" else ops.avg_pool2d
-    ref_fn = (lambda t: F.max_pool2d(t, k, s, p)) if kind == "max" else \
-        (lambda t: F.avg_pool2d(t, k, s, p, count_include_pad=False))
-    out, ref = ours(x, k, s, p, backend="cpu"), ref_fn(x)
+    out, ref = POOLS[kind](x, k, s, p, backend="cpu"), _torch_pool(kind, k, s, p)(x)
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     if layout == "channels_last" and channels > 1:
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -162,15 +171,13 @@ def test_pool_matches_torch_float64(kind, conf, layout, channels):
                                        else torch.contiguous_format).stride() or channels == 1
 
 
-@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("kind", ["max", "avg", "pair"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pool_low_precision(kind, dtype):
     x64 = _make((2, 19, 8, 8), torch.float64, "channels_last")
     x = x64.to(dtype).requires_grad_()
-    ours = ops.max_pool2d if kind == "max" else ops.avg_pool2d
-    ref_fn = (lambda t: F.max_pool2d(t, 3, 1, 1)) if kind == "max" else \
-        (lambda t: F.avg_pool2d(t, 3, 1, 1, count_include_pad=False))
-    out = ours(x, 3, 1, 1, backend="cpu")
+    ref_fn = _torch_pool(kind, 3, 1, 1)
+    out = POOLS[kind](x, 3, 1, 1, backend="cpu")
     # the reference on the same rounded values, in float64
     ref_x = x.detach().double().requires_grad_()
     ref = ref_fn(ref_x)

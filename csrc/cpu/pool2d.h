@@ -1,8 +1,9 @@
 // Max and average pooling over kh x kw windows (DARTS's 3x3 pooling candidates) on channels_last tensors, forward
 // and backward, vectorised over the channels. The max pool records the window position of each first maximum in one
-// byte (NaN propagates and the last NaN of a window is its maximum, as in ATen); the average divides by the number of window elements inside the input
-// (count_include_pad=False). The backward passes scatter into the input gradient image by image, each image owned by
-// one thread: deterministic.
+// byte (NaN propagates and the last NaN of a window is its maximum, as in ATen); the average divides by the number of
+// window elements inside the input (count_include_pad=False). The backward passes scatter into the input gradient
+// image by image, each image owned by one thread: deterministic. pool_pair runs both poolings of one input into one
+// output (max channels, then average channels) and sums both scatters in one backward pass.
 //
 // Compiled once per CPU capability (cpu_ops.h), in a namespace named after it.
 #pragma once
@@ -21,6 +22,8 @@ inline namespace CPU_CAPABILITY {
 
 struct PoolGeometry {
   int64_t N, H, W, C, Ho, Wo, kh, kw, sh, sw, ph, pw;
+  int64_t ys = 0;  // the pixel stride of the pooled tensor and its gradient (0: C)
+  C10_ALWAYS_INLINE int64_t out_stride() const { return ys ? ys : C; }
   // the window of output (ho, wo), clipped to the input: rows [h0, h1), columns [w0, w1)
   C10_ALWAYS_INLINE void window(int64_t ho, int64_t wo, int64_t& h0, int64_t& h1, int64_t& w0, int64_t& w1) const {
     h0 = ho * sh - ph;
@@ -78,7 +81,7 @@ void max_pool_fwd(const T* x, T* out, uint8_t* pos, const PoolGeometry& g) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.Ho, ho = r % g.Ho;
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
-        T* op = out + (r * g.Wo + wo) * C;
+        T* op = out + (r * g.Wo + wo) * g.out_stride();
         uint8_t* pp = pos + (r * g.Wo + wo) * C;
         int64_t c = 0;
         for (; c + 2 * Wv <= C; c += 2 * Wv) max_window_vec<T, 2>(x, g, n, ho, wo, c, op + c, pp + c);
@@ -125,24 +128,33 @@ void scatter_by_image(T* gx, const PoolGeometry& g, Scatter scatter) {
   });
 }
 
+// The max pool's scatter of image n's gradient into acc [H*W, C] (the gradient to each window's first maximum).
 template <typename T>
-void max_pool_bwd(const T* grad, const uint8_t* pos, T* gx, const PoolGeometry& g) {
+struct MaxScatter {
   using A = at::opmath_type<T>;
-  const int64_t C = g.C;
+  const T* grad;
+  const uint8_t* pos;
+  const PoolGeometry& g;
   // each window position's row and column in the window (past the window: row kh, which no window holds) and its
   // element offset from the window's corner
-  const int64_t khw = g.kh * g.kw;
   std::array<int64_t, 256> row, col, offset;
-  for (int64_t k = 0; k < 256; ++k) {
-    row[k] = k < khw ? k / g.kw : g.kh;
-    col[k] = k < khw ? k % g.kw : 0;
-    offset[k] = (row[k] * g.W + col[k]) * C;
+
+  MaxScatter(const T* grad_, const uint8_t* pos_, const PoolGeometry& g_) : grad(grad_), pos(pos_), g(g_) {
+    const int64_t khw = g.kh * g.kw;
+    for (int64_t k = 0; k < 256; ++k) {
+      row[k] = k < khw ? k / g.kw : g.kh;
+      col[k] = k < khw ? k % g.kw : 0;
+      offset[k] = (row[k] * g.W + col[k]) * g.C;
+    }
   }
-  scatter_by_image(gx, g, [&](int64_t n, A* acc) {
+
+  void operator()(int64_t n, A* acc) const {
+    const int64_t C = g.C, khw = g.kh * g.kw;
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
-        const int64_t o = ((n * g.Ho + ho) * g.Wo + wo) * C;
-        const uint8_t* p = pos + o;
+        const int64_t pixel = (n * g.Ho + ho) * g.Wo + wo;
+        const int64_t o = pixel * g.out_stride();
+        const uint8_t* p = pos + pixel * C;
         // the corner may lie in the padding; the maximum itself never does. The positions are checked before any
         // is written: inside the window's part inside the input (rows [i0, i1), columns [j0, j1)); for a window
         // wholly inside the input that is the largest position (a vectorised max) below kh * kw.
@@ -167,7 +179,13 @@ void max_pool_bwd(const T* grad, const uint8_t* pos, T* gx, const PoolGeometry& 
         for (int64_t c = 0; c < C; ++c) corner[offset[p[c]] + c] += static_cast<A>(grad[o + c]);
       }
     }
-  });
+  }
+};
+
+template <typename T>
+void max_pool_bwd(const T* grad, const uint8_t* pos, T* gx, const PoolGeometry& g) {
+  const MaxScatter<T> scatter(grad, pos, g);
+  scatter_by_image(gx, g, scatter);
 }
 
 template <typename T>
@@ -184,7 +202,7 @@ void avg_pool_fwd(const T* x, T* out, const PoolGeometry& g) {
         int64_t h0, h1, w0, w1;
         g.window(ho, wo, h0, h1, w0, w1);
         const A inv = A(1) / static_cast<A>((h1 - h0) * (w1 - w0));
-        T* op = out + (r * g.Wo + wo) * C;
+        T* op = out + (r * g.Wo + wo) * g.out_stride();
         // NV vectors of channels at a time: independent add chains
         auto channels = [&](auto nv_count, int64_t c) {
           constexpr int64_t NV = decltype(nv_count)::value;
@@ -212,18 +230,19 @@ void avg_pool_fwd(const T* x, T* out, const PoolGeometry& g) {
   });
 }
 
+// The average pool's scatter of image n's gradient into acc [H*W, C] (each window's share to its elements).
 template <typename T>
-void avg_pool_bwd(const T* grad, T* gx, const PoolGeometry& g) {
+void avg_scatter(const T* grad, const PoolGeometry& g, int64_t n, at::opmath_type<T>* acc) {
   using A = at::opmath_type<T>;
   const int64_t C = g.C;
-  scatter_by_image(gx, g, [&](int64_t n, A* acc) {
+  {
     std::vector<A> share(C);
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       for (int64_t wo = 0; wo < g.Wo; ++wo) {
         int64_t h0, h1, w0, w1;
         g.window(ho, wo, h0, h1, w0, w1);
         const A inv = A(1) / static_cast<A>((h1 - h0) * (w1 - w0));
-        const T* gp = grad + ((n * g.Ho + ho) * g.Wo + wo) * C;
+        const T* gp = grad + ((n * g.Ho + ho) * g.Wo + wo) * g.out_stride();
         for (int64_t c = 0; c < C; ++c) share[c] = static_cast<A>(gp[c]) * inv;
         for (int64_t h = h0; h < h1; ++h) {
           for (int64_t w = w0; w < w1; ++w) {
@@ -233,6 +252,30 @@ void avg_pool_bwd(const T* grad, T* gx, const PoolGeometry& g) {
         }
       }
     }
+  }
+}
+
+template <typename T>
+void avg_pool_bwd(const T* grad, T* gx, const PoolGeometry& g) {
+  scatter_by_image(gx, g, [&](int64_t n, at::opmath_type<T>* acc) { avg_scatter<T>(grad, g, n, acc); });
+}
+
+// pool_pair: out [N, Ho, Wo, 2C] (max channels, then average channels), pos [N, Ho, Wo, C]; backward: both
+// scatters into one input gradient
+template <typename T>
+void pool_pair_fwd(const T* x, T* out, uint8_t* pos, PoolGeometry g) {
+  g.ys = 2 * g.C;
+  max_pool_fwd<T>(x, out, pos, g);
+  avg_pool_fwd<T>(x, out + g.C, g);
+}
+
+template <typename T>
+void pool_pair_bwd(const T* grad, const uint8_t* pos, T* gx, PoolGeometry g) {
+  g.ys = 2 * g.C;
+  const MaxScatter<T> max_part(grad, pos, g);
+  scatter_by_image(gx, g, [&](int64_t n, at::opmath_type<T>* acc) {
+    max_part(n, acc);
+    avg_scatter<T>(grad + g.C, g, n, acc);
   });
 }
 
@@ -345,6 +388,52 @@ Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArra
   return channels_last ? gx : gx.contiguous();
 }
 
+// (max then average pooling of x along the channels [N, 2C, Ho, Wo], uint8 window position of each first maximum)
+std::tuple<Tensor, Tensor> pool_pair(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding) {
+  const char* op = "pool_pair";
+  check_4d_on(op, "x", x, at::kCPU);
+  const PoolGeometry g = pool_geometry(op, x.size(0), x.size(1), x.size(2), x.size(3), kernel_size, stride, padding);
+  Tensor out = pool_output(x, {g.N, 2 * g.C, g.Ho, g.Wo}, true, x.scalar_type());
+  Tensor pos = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, at::kByte);
+  if (pos.numel() > 0) {
+    Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::pool_pair", [&] {
+      pool_pair_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), g);
+    });
+  }
+  return {prefers_channels_last(x) ? out : out.contiguous(), pos};
+}
+
+Tensor pool_pair_backward(const Tensor& grad, const Tensor& argmax, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                          at::IntArrayRef stride, at::IntArrayRef padding, bool channels_last) {
+  const char* op = "pool_pair";
+  check_4d_on(op, "grad", grad, at::kCPU);
+  check_size_arg(op, "H", H);
+  check_size_arg(op, "W", W);
+  TORCH_CHECK_VALUE(grad.size(1) % 2 == 0, "fastnas.", op, ": backward expects grad of 2C channels, got ",
+                    grad.size(1));
+  const PoolGeometry g = pool_geometry(op, grad.size(0), grad.size(1) / 2, H, W, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(grad.size(2) == g.Ho && grad.size(3) == g.Wo && argmax.dim() == 4 && argmax.size(0) == g.N &&
+                        argmax.size(1) == g.C && argmax.size(2) == g.Ho && argmax.size(3) == g.Wo,
+                    "fastnas.", op, ": backward expects grad of shape [", g.N, ", ", 2 * g.C, ", ", g.Ho, ", ", g.Wo,
+                    "] and argmax of shape [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "], got ",
+                    shape_str(grad.sizes()), " and ", shape_str(argmax.sizes()));
+  TORCH_CHECK_TYPE(argmax.scalar_type() == at::kByte, "fastnas.", op, ": backward expects a uint8 argmax, got ",
+                   dtype_name(argmax.scalar_type()));
+  check_same_device(op, "argmax", argmax, "grad", grad);
+  Tensor gx = pool_output(grad, {g.N, g.C, H, W}, true, grad.scalar_type());
+  if (gx.numel() > 0) {
+    Tensor gc = grad.contiguous(c10::MemoryFormat::ChannelsLast);
+    Tensor pc = argmax.contiguous(c10::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastnas::pool_pair_backward", [&] {
+      pool_pair_bwd<scalar_t>(gc.const_data_ptr<scalar_t>(), pc.const_data_ptr<uint8_t>(), gx.data_ptr<scalar_t>(),
+                              g);
+    });
+  }
+  return channels_last ? gx : gx.contiguous();
+}
+
 }  // namespace
 
 // the CPU kernels of pool2d
@@ -353,6 +442,8 @@ inline void register_pool2d(torch::Library& m) {
   m.impl("max_pool2d_backward", &max_pool2d_backward);
   m.impl("avg_pool2d", &avg_pool2d);
   m.impl("avg_pool2d_backward", &avg_pool2d_backward);
+  m.impl("pool_pair", &pool_pair);
+  m.impl("pool_pair_backward", &pool_pair_backward);
 }
 
 }  // namespace CPU_CAPABILITY

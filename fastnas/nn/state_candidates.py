@@ -4,7 +4,8 @@ Every edge leaving a state h applies the same candidate ops to h, each edge with
 :class:`StateCandidates` holds those weights stacked, one tensor per layer kind, and runs them together:
 
 * pooling and the affine-free batch norm after it once: in training mode they give every edge the same output (and
-  the same running statistics, kept in one copy);
+  the same running statistics, kept in one copy); a max and an average pool as one call
+  (:func:`fastnas.ops.pool_pair`) and one norm over both;
 * every batch norm's count of batches seen, equal for all of them (each runs once per forward), as one counter
   moved once per forward;
 * the separable and dilated convolutions of all edges: one stack of depthwise convolutions (every kernel
@@ -39,25 +40,29 @@ from .pooling import AvgPool2d, MaxPool2d
 @dataclass(frozen=True)
 class Source:
     """Where the per-edge tensors ``names`` are in a stacked one: unit u is ``stored.view(shape).select(dim, u)``,
-    reshaped to ``edge_shape``; ``shared``: every name is the stored tensor itself (equal by construction)."""
+    reshaped to ``edge_shape``, and stands for the ``repeat`` names from ``u * repeat`` on (equal by construction);
+    ``shared``: every name is the stored tensor itself."""
 
     names: tuple[str, ...]
     shape: tuple[int, ...] = ()
     dim: int = 0
     edge_shape: tuple[int, ...] = ()
     shared: bool = False
+    repeat: int = 1
 
     def unstack(self, stored: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.shared:
             return {name: stored for name in self.names}
         view = stored.view(self.shape)
-        return {name: view.select(self.dim, u).reshape(self.edge_shape) for u, name in enumerate(self.names)}
+        return {name: view.select(self.dim, i // self.repeat).reshape(self.edge_shape)
+                for i, name in enumerate(self.names)}
 
     def stack(self, tensors: Sequence[torch.Tensor], stored_shape: torch.Size) -> torch.Tensor:
+        """The stored tensor from the per-edge ones (of each run of ``repeat``, the first)."""
         if self.shared:
             return tensors[0]
         unit = self.shape[:self.dim] + self.shape[self.dim + 1:]
-        return torch.stack([t.reshape(unit) for t in tensors], self.dim).reshape(stored_shape)
+        return torch.stack([t.reshape(unit) for t in tensors[::self.repeat]], self.dim).reshape(stored_shape)
 
 
 def _kind(op: nn.Module) -> str | None:
@@ -118,13 +123,19 @@ class StateCandidates(nn.Module):
         def per_edge(k: int) -> list[tuple[str, nn.Module]]:
             return [(f"{names[e]}{k}.", edges[e][k][1]) for e in range(n)]
 
-        # pooling: one pooling and one norm for all edges (its statistics are the same for every edge)
+        # pooling: once for all edges, a max and an average pool of one configuration as one pool_pair, with one
+        # norm over both (the statistics are the same for every edge: one copy)
+        pool_cols = [k for k, kind in enumerate(kinds) if kind == "pool"]
+        self.pool_pair = _pair_config(*(ops0[k][0] for k in pool_cols)) if len(pool_cols) == 2 else None
+        if self.pool_pair is not None:
+            self._norm("pools", per_edge(pool_cols[0]) + per_edge(pool_cols[1]), "1", repeat=n)
         self.pools = nn.ModuleList()
         for k, kind in enumerate(kinds):
             if kind == "pool":
-                self._norm(f"pool{len(self.pools)}", per_edge(k)[:1], "1", shared_by=per_edge(k))
-                self.outputs.append(("pool", len(self.pools)))
-                self.pools.append(ops0[k][0])
+                if self.pool_pair is None:
+                    self._norm(f"pool{len(self.pools)}", per_edge(k), "1", repeat=n)
+                    self.pools.append(ops0[k][0])
+                self.outputs.append(("pool", pool_cols.index(k)))
             elif kind == "skip":
                 self.outputs.append(("input", 0))
             else:
@@ -204,19 +215,21 @@ class StateCandidates(nn.Module):
         self._register(name, stored.clone(), tensors[0], source)
 
     def _norm(self, name: str, units: Sequence[tuple[str, nn.Module]], key: str,
-              split: tuple[int, int] | None = None, shared_by: Sequence[tuple[str, nn.Module]] = ()) -> None:
+              split: tuple[int, int] | None = None, repeat: int = 1) -> None:
         """The running statistics of the units' batch norms ``key``, stacked (per unit [C], or, with ``split``
         (halves, C/2), as [halves, units, C/2]: the order in which the factorized reductions' halves are stacked);
-        with ``shared_by``, the one unit's statistics stand for those of all ``shared_by`` (equal by construction)."""
+        with ``repeat``, each run of ``repeat`` units keeps one copy (the pooling candidates' norms of all edges:
+        equal by construction)."""
         for stat in ("mean", "var"):
-            self._stack(f"{name}_{stat}", units, f"{key}.running_{stat}", 1 if split else 0, view=split)
-            if shared_by:
-                self.sources[f"{name}_{stat}"] = Source(tuple(f"{p}{key}.running_{stat}" for p, _ in shared_by),
-                                                        shared=True)
+            self._stack(f"{name}_{stat}", units[::repeat], f"{key}.running_{stat}", 1 if split else 0, view=split)
+            if repeat > 1:
+                one = self.sources[f"{name}_{stat}"]
+                self.sources[f"{name}_{stat}"] = Source(tuple(f"{p}{key}.running_{stat}" for p, _ in units),
+                                                        one.shape, one.dim, one.edge_shape, repeat=repeat)
         bn = units[0][1].get_submodule(key)
         self.norm_settings[name] = (bn.momentum, bn.eps)
         self._counted += [(f"{p}{key}.num_batches_tracked", m.get_submodule(key).num_batches_tracked)
-                          for p, m in (shared_by or units)]
+                          for p, m in units]
 
     def _norm_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The affine-free batch norms ``name`` of stacked units: per-channel statistics over the stacked channels
@@ -249,7 +262,9 @@ class StateCandidates(nn.Module):
         results: dict[str, list] = {"input": [h]}
         if self.training and "tracked" in self._buffers:
             self.tracked.add_(1)
-        if self.pools:
+        if self.pool_pair is not None:
+            results["pool"] = list(self._norm_of("pools", ops.pool_pair(h, *self.pool_pair)).split(C, 1))
+        elif self.pools:
             results["pool"] = [self._norm_of(f"pool{g}", pool(h)) for g, pool in enumerate(self.pools)]
         if self.stage1:
             y1 = self._stage("stage1", h)
@@ -335,6 +350,18 @@ class StateCandidates(nn.Module):
         logits = _conv(pooled, weight, padding=padding, groups=units)
         gate = torch.sigmoid(self._norm_of(name, logits))
         return (x5 * gate.unsqueeze(2)).flatten(1, 2)
+
+
+def _pair_config(first: nn.Module, second: nn.Module) -> tuple | None:
+    """(kernel size, stride, padding) when ``first`` and ``second`` are a max and an average pool that
+    :func:`fastnas.ops.pool_pair` computes together (one configuration, its pooling arithmetic), else None."""
+    if not (type(first) is MaxPool2d and type(second) is AvgPool2d):
+        return None
+    config = [(m.kernel_size, m.stride, m.padding) for m in (first, second)]
+    if config[0] != config[1] or first.dilation not in (1, (1, 1)) or first.ceil_mode or first.return_indices \
+            or second.ceil_mode or second.count_include_pad or second.divisor_override is not None:
+        return None
+    return config[0]
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -1,10 +1,12 @@
-"""max_pool2d and avg_pool2d over kh×kw windows (DARTS's pooling candidates).
+"""max_pool2d and avg_pool2d over kh×kw windows (DARTS's pooling candidates), and pool_pair: both of one input in
+one call, stacked along the channels (max, then average), as the batched plan runs a state's two pooling candidates.
 
 The max kernel returns, beside the pooled tensor, the window position of each first maximum in one byte (ATen keeps
 an int64 index per output element); the average divides by the number of window elements inside the input
 (``count_include_pad=False``). Both backwards are linear in the gradient; their references scatter by the saved
 positions (max) or run ATen's average-pool backward, which does not read x, so higher derivatives are exact.
-Windows of more than :data:`MAX_WINDOW` elements (whose positions do not fit a byte) run the reference.
+Windows of more than :data:`MAX_WINDOW` elements (whose positions do not fit a byte) run the reference. pool_pair's
+backward sums both poolings' input gradients in one pass.
 """
 from __future__ import annotations
 
@@ -46,6 +48,12 @@ def reference_avg_pool2d(x: torch.Tensor, kernel: _IntPair, stride: _IntPair, pa
     return F.avg_pool2d(x, kernel, stride, padding, count_include_pad=False)
 
 
+def reference_pool_pair(x: torch.Tensor, kernel: _IntPair, stride: _IntPair, padding: _IntPair) -> torch.Tensor:
+    """The max pool's then the average pool's outputs, concatenated along the channels."""
+    return torch.cat([reference_max_pool2d(x, kernel, stride, padding),
+                      reference_avg_pool2d(x, kernel, stride, padding)], 1)
+
+
 def _out(shape, x: torch.Tensor, channels_last: bool, value: torch.Tensor) -> torch.Tensor:
     return layout.shaped(shape, x, channels_last, value.dtype).copy_(value)
 
@@ -83,6 +91,18 @@ def _avg_backward_kernel(grad, H, W, kernel_size, stride, padding, channels_last
     return _out((n, c, H, W), grad, channels_last, gx)
 
 
+def _pair_kernel(x, kernel_size, stride, padding):
+    (out_max, pos), out_avg = _max_kernel(x, kernel_size, stride, padding), _avg_kernel(x, kernel_size, stride, padding)
+    out = torch.cat([out_max, out_avg], 1)
+    return _out(out.shape, x, layout.prefers_channels_last(x), out), pos
+
+
+def _pair_backward_kernel(grad, argmax, H, W, kernel_size, stride, padding, channels_last):
+    g_max, g_avg = grad.chunk(2, 1)
+    return (_max_backward_kernel(g_max, argmax, H, W, kernel_size, stride, padding, channels_last)
+            + _avg_backward_kernel(g_avg, H, W, kernel_size, stride, padding, channels_last))
+
+
 KERNELS = {
     # (the pooled tensor, uint8 window position kh_i·kw + kw_i of each first maximum)
     "max_pool2d": Kernel("(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)",
@@ -92,6 +112,12 @@ KERNELS = {
     "avg_pool2d": Kernel("(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor", _avg_kernel),
     "avg_pool2d_backward": Kernel("(Tensor grad, SymInt H, SymInt W, int[2] kernel_size, int[2] stride, "
                                   "int[2] padding, bool channels_last) -> Tensor", _avg_backward_kernel),
+    # (max then average pooling [N, 2C, Ho, Wo], the max pool's uint8 window positions [N, C, Ho, Wo])
+    "pool_pair": Kernel("(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)",
+                        _pair_kernel),
+    "pool_pair_backward": Kernel("(Tensor grad, Tensor argmax, SymInt H, SymInt W, int[2] kernel_size, "
+                                 "int[2] stride, int[2] padding, bool channels_last) -> Tensor",
+                                 _pair_backward_kernel),
 }
 REFERENCES = {name: k.reference for name, k in KERNELS.items()}
 
@@ -106,16 +132,20 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])
 
 
-def _max_autograd(kernels: dict):
-    def backward(ctx, grad, _grad_pos):
-        if grad is None:
-            return None, None, None, None
-        (pos,) = ctx.saved_tensors
-        run = backward_kernels(kernels, REFERENCES)
-        return (run["max_pool2d_backward"](grad, pos, *ctx.hw, ctx.kernel, ctx.stride, ctx.padding,
-                                           ctx.channels_last), None, None, None)
+def _positions_autograd(op: str):
+    """The autograd of a pooling that keeps the max pool's window positions (max_pool2d, pool_pair)."""
+    def factory(kernels: dict):
+        def backward(ctx, grad, _grad_pos):
+            if grad is None:
+                return None, None, None, None
+            (pos,) = ctx.saved_tensors
+            run = backward_kernels(kernels, REFERENCES)
+            return (run[f"{op}_backward"](grad, pos, *ctx.hw, ctx.kernel, ctx.stride, ctx.padding, ctx.channels_last),
+                    None, None, None)
 
-    return backward, _setup_context
+        return backward, _setup_context
+
+    return factory
 
 
 def _avg_autograd(kernels: dict):
@@ -127,7 +157,12 @@ def _avg_autograd(kernels: dict):
     return backward, _setup_context
 
 
-AUTOGRAD = {"max_pool2d": _max_autograd, "avg_pool2d": _avg_autograd}
+AUTOGRAD = {"max_pool2d": _positions_autograd("max_pool2d"), "avg_pool2d": _avg_autograd,
+            "pool_pair": _positions_autograd("pool_pair")}
+
+
+_REFERENCE_OPS = {"max_pool2d": reference_max_pool2d, "avg_pool2d": reference_avg_pool2d,
+                  "pool_pair": reference_pool_pair}
 
 
 def _pool(op: str, x: torch.Tensor, kernel_size, stride, padding, backend: str | None) -> torch.Tensor:
@@ -135,9 +170,9 @@ def _pool(op: str, x: torch.Tensor, kernel_size, stride, padding, backend: str |
     check(op, x, kernel, padding)
     fused = select(x.device.type, backend).kernels.get(op)
     if fused is None or kernel[0] * kernel[1] > MAX_WINDOW:
-        return (reference_max_pool2d if op == "max_pool2d" else reference_avg_pool2d)(x, kernel, stride, padding)
+        return _REFERENCE_OPS[op](x, kernel, stride, padding)
     out = fused(x, list(kernel), list(stride), list(padding))
-    return out[0] if op == "max_pool2d" else out
+    return out if op == "avg_pool2d" else out[0]
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
@@ -154,10 +189,20 @@ def avg_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     return _pool("avg_pool2d", x, kernel_size, stride, padding, backend)
 
 
-OPS = {"max_pool2d": Op(max_pool2d, reference_max_pool2d), "avg_pool2d": Op(avg_pool2d, reference_avg_pool2d)}
+def pool_pair(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+              padding: int | tuple[int, int] = 0, *, backend: str | None = None) -> torch.Tensor:
+    """``torch.cat([max_pool2d(x, ...), avg_pool2d(x, ...)], 1)`` in one call: [N, 2C, Ho, Wo], the max pool's
+    channels first (the state's two pooling candidates in the batched plan)."""
+    return _pool("pool_pair", x, kernel_size, stride, padding, backend)
+
+
+OPS = {"max_pool2d": Op(max_pool2d, reference_max_pool2d), "avg_pool2d": Op(avg_pool2d, reference_avg_pool2d),
+       "pool_pair": Op(pool_pair, reference_pool_pair)}
 
 
 def sample_inputs(device, dtype, shape=(2, 3, 5, 3)) -> list[Sample]:
     x = tensor(shape, device, dtype, channels_last=True)
     return [Sample("max_pool2d", [x], lambda b, x: max_pool2d(x, 3, 2, 1, backend=b), amp=True),
-            Sample("avg_pool2d", [x], lambda b, x: avg_pool2d(x, 3, 1, 1, backend=b), amp=True)]
+            Sample("avg_pool2d", [x], lambda b, x: avg_pool2d(x, 3, 1, 1, backend=b), amp=True),
+            Sample("pool_pair", [x], lambda b, x: pool_pair(x, 3, 1, 1, backend=b), amp=True),
+            Sample("pool_pair_strided", [x], lambda b, x: pool_pair(x, 3, 2, 1, backend=b))]
