@@ -226,10 +226,15 @@ inline Layout layout_of(const Tensor& t) {
   return Layout::NCHW;
 }
 
-// True when t is channels_last-contiguous and not plain contiguous: the pools then read it on the NHWC path and
-// produce channels_last gradients. fastnas/ops/layout.py (prefers_channels_last) must agree.
+// True when t is not plain contiguous and its channels are its innermost dimension: channels_last-contiguous, or a
+// channel slice of such a tensor (channel stride 1, pixels at least C apart). Results then keep channels_last.
+// fastnas/ops/layout.py (prefers_channels_last) must agree.
 inline bool prefers_channels_last(const Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(c10::MemoryFormat::ChannelsLast);
+  if (t.dim() != 4 || t.is_contiguous()) return false;
+  if (t.is_contiguous(c10::MemoryFormat::ChannelsLast)) return true;
+  const int64_t xs = t.stride(3);
+  return t.stride(1) == 1 && xs > t.size(1) && t.stride(2) == t.size(3) * xs &&
+         (t.size(0) <= 1 || t.stride(0) == t.size(2) * t.size(3) * xs);
 }
 
 inline Tensor in_layout(const Tensor& t, Layout l) { return t.contiguous(memory_format(l)); }

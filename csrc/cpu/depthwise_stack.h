@@ -305,22 +305,14 @@ void stack_input_grad(const T* g, at::TensorList weights, const StackProblem& p,
 
 namespace {
 
-// a channel slice of a channels_last tensor: channel stride 1, pixels xs > C elements apart
-inline bool channel_slice(const Tensor& x) {
-  const int64_t xs = x.stride(3);
-  return x.dim() == 4 && x.stride(1) == 1 && xs > x.size(1) && x.stride(2) == x.size(3) * xs &&
-         (x.size(0) <= 1 || x.stride(0) == x.size(2) * x.size(3) * xs);
-}
-
-// the output's layout: channels_last when x prefers it or is a channel slice of a channels_last tensor, else
-// contiguous (fastnas/ops/defs/depthwise_stack.py, _channels_last_out, must agree)
+// the output in the layout the ops' rule gives (channels_last when x prefers it, a channel slice included)
 inline Tensor in_rule_layout(const Tensor& t, const Tensor& x) {
-  return prefers_channels_last(x) || channel_slice(x) ? t : t.contiguous();
+  return prefers_channels_last(x) ? t : t.contiguous();
 }
 
 // x as the kernels read it: channels_last data, or a channel slice of it (channel stride 1, pixels Xs apart) as it is
 inline Tensor pixel_strided(const Tensor& x, StackProblem& p) {
-  if (channel_slice(x)) {
+  if (prefers_channels_last(x) && !x.is_contiguous(c10::MemoryFormat::ChannelsLast)) {
     p.Xs = x.stride(3);
     return x;
   }

@@ -23,7 +23,9 @@ inline namespace CPU_CAPABILITY {
 struct PoolGeometry {
   int64_t N, H, W, C, Ho, Wo, kh, kw, sh, sw, ph, pw;
   int64_t ys = 0;  // the pixel stride of the pooled tensor and its gradient (0: C)
+  int64_t xs = 0;  // the pixel stride of the input (0: C; more for a channel slice of a wider tensor)
   C10_ALWAYS_INLINE int64_t out_stride() const { return ys ? ys : C; }
+  C10_ALWAYS_INLINE int64_t in_stride() const { return xs ? xs : C; }
   // the window of output (ho, wo), clipped to the input: rows [h0, h1), columns [w0, w1)
   C10_ALWAYS_INLINE void window(int64_t ho, int64_t wo, int64_t& h0, int64_t& h1, int64_t& w0, int64_t& w1) const {
     h0 = ho * sh - ph;
@@ -48,7 +50,7 @@ C10_ALWAYS_INLINE void max_window_vec(const T* x, const PoolGeometry& g, int64_t
   g.window(ho, wo, h0, h1, w0, w1);
   const int64_t hb = ho * g.sh - g.ph, wb = wo * g.sw - g.pw;
   V best[NV], pos[NV];
-  const T* first = x + ((n * g.H + h0) * g.W + w0) * g.C + c;
+  const T* first = x + ((n * g.H + h0) * g.W + w0) * g.in_stride() + c;
   const V k0(static_cast<at::opmath_type<T>>((h0 - hb) * g.kw + (w0 - wb)));
   for (int v = 0; v < NV; ++v) {
     best[v] = VT::load(first + v * Wv);
@@ -56,7 +58,7 @@ C10_ALWAYS_INLINE void max_window_vec(const T* x, const PoolGeometry& g, int64_t
   }
   for (int64_t h = h0; h < h1; ++h) {
     for (int64_t w = (h == h0 ? w0 + 1 : w0); w < w1; ++w) {
-      const T* xp = x + ((n * g.H + h) * g.W + w) * g.C + c;
+      const T* xp = x + ((n * g.H + h) * g.W + w) * g.in_stride() + c;
       const V k(static_cast<at::opmath_type<T>>((h - hb) * g.kw + (w - wb)));
       for (int v = 0; v < NV; ++v) {
         const V val = VT::load(xp + v * Wv);
@@ -91,11 +93,11 @@ void max_pool_fwd(const T* x, T* out, uint8_t* pos, const PoolGeometry& g) {
           g.window(ho, wo, h0, h1, w0, w1);
           const int64_t hb = ho * g.sh - g.ph, wb = wo * g.sw - g.pw;
           for (; c < C; ++c) {
-            A best = static_cast<A>(x[((n * g.H + h0) * g.W + w0) * C + c]);
+            A best = static_cast<A>(x[((n * g.H + h0) * g.W + w0) * g.in_stride() + c]);
             A k_best = static_cast<A>((h0 - hb) * g.kw + (w0 - wb));
             for (int64_t h = h0; h < h1; ++h) {
               for (int64_t w = (h == h0 ? w0 + 1 : w0); w < w1; ++w) {
-                const A v = static_cast<A>(x[((n * g.H + h) * g.W + w) * C + c]);
+                const A v = static_cast<A>(x[((n * g.H + h) * g.W + w) * g.in_stride() + c]);
                 if (v > best || std::isnan(v)) {
                   best = v;
                   k_best = static_cast<A>((h - hb) * g.kw + (w - wb));
@@ -210,7 +212,7 @@ void avg_pool_fwd(const T* x, T* out, const PoolGeometry& g) {
           for (int64_t v = 0; v < NV; ++v) sum[v] = V(A(0));
           for (int64_t h = h0; h < h1; ++h) {
             for (int64_t w = w0; w < w1; ++w) {
-              const T* xp = x + ((n * g.H + h) * g.W + w) * C + c;
+              const T* xp = x + ((n * g.H + h) * g.W + w) * g.in_stride() + c;
               for (int64_t v = 0; v < NV; ++v) sum[v] = sum[v] + VT::load(xp + v * Wv);
             }
           }
@@ -222,7 +224,7 @@ void avg_pool_fwd(const T* x, T* out, const PoolGeometry& g) {
         for (; c < C; ++c) {
           A sum = 0;
           for (int64_t h = h0; h < h1; ++h)
-            for (int64_t w = w0; w < w1; ++w) sum += static_cast<A>(x[((n * g.H + h) * g.W + w) * C + c]);
+            for (int64_t w = w0; w < w1; ++w) sum += static_cast<A>(x[((n * g.H + h) * g.W + w) * g.in_stride() + c]);
           op[c] = static_cast<T>(sum * inv);
         }
       }
@@ -397,9 +399,13 @@ std::tuple<Tensor, Tensor> pool_pair(const Tensor& x, at::IntArrayRef kernel_siz
   Tensor out = pool_output(x, {g.N, 2 * g.C, g.Ho, g.Wo}, true, x.scalar_type());
   Tensor pos = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, at::kByte);
   if (pos.numel() > 0) {
-    Tensor xc = x.contiguous(c10::MemoryFormat::ChannelsLast);
+    // a channel slice of a channels_last tensor (a node of a search cell's running sums) is read where it is
+    const bool slice = prefers_channels_last(x) && !x.is_contiguous(c10::MemoryFormat::ChannelsLast);
+    Tensor xc = slice ? x : x.contiguous(c10::MemoryFormat::ChannelsLast);
+    PoolGeometry gx = g;
+    gx.xs = slice ? x.stride(3) : 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::pool_pair", [&] {
-      pool_pair_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), g);
+      pool_pair_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), gx);
     });
   }
   return {prefers_channels_last(x) ? out : out.contiguous(), pos};

@@ -18,8 +18,15 @@ import torch
 
 
 def prefers_channels_last(x: torch.Tensor) -> bool:
-    """A 4-D tensor that is channels_last-contiguous and not NCHW-contiguous: its results keep channels_last."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """A 4-D tensor that is not NCHW-contiguous and whose channels are its innermost dimension (channels_last-
+    contiguous, or a channel slice of such a tensor): its results keep channels_last (csrc/common.h agrees)."""
+    if x.dim() != 4 or x.is_contiguous():
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    N, C, H, W = x.shape
+    xs = x.stride(3)
+    return x.stride(1) == 1 and xs > C and x.stride(2) == W * xs and (N <= 1 or x.stride(0) == H * W * xs)
 
 
 def like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -87,18 +87,9 @@ def reference(x: torch.Tensor, weights: Sequence[torch.Tensor], stride: _Pairs, 
     return _reference(x, weights, *flat, relu)
 
 
-def _channels_last_out(x: torch.Tensor) -> bool:
-    """The output's layout: channels_last where x prefers it or is a channel slice of a channels_last tensor (read
-    in place by the kernels; csrc/cpu/depthwise_stack.h, in_rule_layout, must agree)."""
-    N, C, H, W = x.shape
-    xs = x.stride(3)
-    channel_slice = x.stride(1) == 1 and xs > C and x.stride(2) == W * xs and (N <= 1 or x.stride(0) == H * W * xs)
-    return layout.prefers_channels_last(x) or channel_slice
-
-
 def _forward_kernel(x, weights, stride, padding, dilation, relu):
     out = _reference(x, weights, stride, padding, dilation, relu)
-    return layout.shaped(out.shape, x, _channels_last_out(x)).copy_(out)
+    return layout.shaped(out.shape, x, layout.prefers_channels_last(x)).copy_(out)
 
 
 def _backward_kernel(grad, x, weights, stride, padding, dilation, relu, need_x_grad, need_weights_grad):
