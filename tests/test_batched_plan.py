@@ -133,14 +133,16 @@ def test_parameters_are_stacked_and_few():
     assert len(list(batched.parameters())) * 3 < len(list(plain.parameters()))
 
 
-def test_alpha_enters_each_node_by_one_call():
+def test_alpha_enters_by_one_call_per_state_and_nodes_are_running_sums():
     net = _net("batched", "darts")
     x, y = _batch()
     with OpCounter() as counter:
         nn.functional.cross_entropy(net(x), y).backward()
     assert counter.counts["aten::select"] == 0
-    nodes = sum(len(cell.nodes) for cell in net.cells)
-    assert counter.counts["aten::index_select"] == nodes
+    states = sum(len(cell.state_candidates) for cell in net.cells)  # every state with outgoing edges
+    assert counter.counts["aten::index_select"] == states
+    assert counter.counts["fastnas::edge_sums"] == states and counter.counts["fastnas::edge_sums_backward"] == states
+    assert counter.counts["fastnas::mixed_sum"] == 0
 
 
 def test_a_space_without_convolutions():

@@ -10,6 +10,7 @@
 #include "channel_pool.h"
 #include "depthwise_conv2d.h"
 #include "depthwise_stack.h"
+#include "edge_sums.h"
 #include "mixed_sum.h"
 #include "normalized_mixed_sum.h"
 #include "pool2d.h"
@@ -28,6 +29,7 @@ void register_impls(torch::Library& m) {
   register_channel_pool(m);
   register_depthwise_conv2d(m);
   register_depthwise_stack(m);
+  register_edge_sums(m);
   register_mixed_sum(m);
   register_normalized_mixed_sum(m);
   register_pool2d(m);

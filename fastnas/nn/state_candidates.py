@@ -16,8 +16,9 @@ Every edge leaving a state h applies the same candidate ops to h, each edge with
 * the channel gates' MLPs as batched matrix products, the spatial gates' convolutions as one convolution, and at
   stride 1 every gate scaling the state in one call (:func:`fastnas.ops.scale_stack`).
 
-:meth:`StateCandidates.forward` returns each edge's candidate outputs (views into the stacked results), for the node
-sums. Ops it does not know run per edge, as they are. The per-edge names of the stacked tensors are kept
+:meth:`StateCandidates.forward` returns the stacked outputs themselves (:attr:`StateCandidates.terms` says which
+candidate each unit is), which :func:`fastnas.ops.edge_sums` weighs into the edges' node sums without a view per
+edge. Ops it does not know run per edge, as they are. The per-edge names of the stacked tensors are kept
 (:attr:`StateCandidates.sources`), so that the cell's state dict keeps the per-edge names and shapes.
 """
 from __future__ import annotations
@@ -115,7 +116,6 @@ class StateCandidates(nn.Module):
         self.n = n = len(edges)
         ops0 = [op for _, op in edges[0]]
         kinds = [_kind(op) for op in ops0]
-        self.outputs: list[tuple[str, int]] = []  # per column position: (result name, group index within it)
         self.unbatched = [k for k, kind in enumerate(kinds) if kind is None]
         self.norm_settings: dict[str, tuple[float | None, float]] = {}  # per stacked norm: (momentum, eps)
         self._counted: list[tuple[str, torch.Tensor]] = []  # every norm's per-edge num_batches_tracked
@@ -130,16 +130,10 @@ class StateCandidates(nn.Module):
         if self.pool_pair is not None:
             self._norm("pools", per_edge(pool_cols[0]) + per_edge(pool_cols[1]), "1", repeat=n)
         self.pools = nn.ModuleList()
-        for k, kind in enumerate(kinds):
-            if kind == "pool":
-                if self.pool_pair is None:
-                    self._norm(f"pool{len(self.pools)}", per_edge(k), "1", repeat=n)
-                    self.pools.append(ops0[k][0])
-                self.outputs.append(("pool", pool_cols.index(k)))
-            elif kind == "skip":
-                self.outputs.append(("input", 0))
-            else:
-                self.outputs.append(("", 0))
+        for k in pool_cols if self.pool_pair is None else ():
+            self._norm(f"pool{len(self.pools)}", per_edge(k), "1", repeat=n)
+            self.pools.append(ops0[k][0])
+        self.skip = [k for k, kind in enumerate(kinds) if kind == "skip"]
 
         # separable and dilated convolutions: stage-1 units (sep convs' first halves, then dilated convs), grouped
         # by depthwise configuration; stage-2 units (sep convs' second halves)
@@ -150,11 +144,7 @@ class StateCandidates(nn.Module):
         self.stage1 = self._conv_stage("stage1", [(k, [(p + ("0." if k in sep else ""), first(op))
                                                        for p, op in per_edge(k)]) for k in sep + dil])
         self.stage2 = self._conv_stage("stage2", [(k, [(p + "1.", op[1]) for p, op in per_edge(k)]) for k in sep])
-        self.sep_units = len(sep) * n
-        for g, k in enumerate(sep):
-            self.outputs[k] = ("stage2", g)
-        for g, k in enumerate(dil):
-            self.outputs[k] = ("stage1", len(sep) + g)
+        self.sep_units, self.dil_units = len(sep) * n, len(dil) * n
 
         # factorized reductions (stride 2): skip_connect's, then the channel gates', then the spatial gates'
         reduce_cols = [k for k, kind in enumerate(kinds) if kind == "reduce"]
@@ -168,12 +158,12 @@ class StateCandidates(nn.Module):
             self._stack("reduce1", units, "conv_1.weight")
             self._stack("reduce2", units, "conv_2.weight")
             self._norm("reduce", units, "bn", split=(2, C // 2))
-        for g, k in enumerate(reduce_cols):
-            self.outputs[k] = ("reduce", g)
-        reduced = {k: len(reduce_cols) + g for g, k in enumerate(gated_cols)}
+        self.reduced_units = len(reduce_cols) * n  # skip_connect's, done; the gates' go on to their gates
+        reduced = {k: g for g, k in enumerate(gated_cols)}
 
         # attention gates (after their reductions at stride 2)
         self.channel_gates, self.spatial_gates = [], []
+        gate_cols = {"channel_gate": [], "spatial_gate": []}
         for k, kind in enumerate(kinds):
             if kind not in ("channel_gate", "spatial_gate"):
                 continue
@@ -189,11 +179,16 @@ class StateCandidates(nn.Module):
                 self._stack(f"{name}_conv", gates, "conv.weight")
                 self._norm(name, gates, "bn")
                 self.spatial_gates.append((name, reduced.get(k), gates[0][1].conv.padding))
-            self.outputs[k] = (kind, g)
+            gate_cols[kind].append(k)
         if self._counted:
             first = self._counted[0][1]
             self._register("tracked", first.clone(), first, Source(tuple(n for n, _ in self._counted), shared=True))
         del self._counted
+        # the terms forward returns, in its order: (per edge, the candidate column of each of its units' columns)
+        self.terms: list[tuple[int, tuple[int, ...]]] = [(0, (k,)) for k in self.skip]
+        self.terms += [(0, tuple(pool_cols))] if self.pool_pair is not None else [(0, (k,)) for k in pool_cols]
+        self.terms += [(1, tuple(cols)) for cols in (dil, sep, reduce_cols) if cols]
+        self.terms += [(1, (k,)) for kind in ("channel_gate", "spatial_gate") for k in gate_cols[kind]]
         # the ops run per edge keep their modules (and names) where they are: in the cell's edges
 
     # -- construction -----------------------------------------------------------------------------------------------
@@ -254,51 +249,38 @@ class StateCandidates(nn.Module):
         return plan
 
     # -- forward ----------------------------------------------------------------------------------------------------
-    def forward(self, h: torch.Tensor) -> list[list[torch.Tensor | None]]:
-        """Per edge, the outputs of its candidates (None for those run per edge) in column order. Stacked results
-        are split into per-unit views along the channels (their gradients come back as one concatenation)."""
+    def forward(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """The stacked candidate outputs of all the edges, as :attr:`terms` describes them (for
+        :func:`fastnas.ops.edge_sums`): the state for skip_connect, the pooled outputs (shared by every edge), then
+        the dilated convolutions, the separable convolutions, the factorized reductions and the gates, each one unit
+        per edge per candidate. The dilated convolutions and the reductions are channel slices of wider outputs."""
         n, C = self.n, h.shape[1]
-        fmt = _layout(h)
-        results: dict[str, list] = {"input": [h]}
+        terms = [h for _ in self.skip]
         if self.training and "tracked" in self._buffers:
             self.tracked.add_(1)
         if self.pool_pair is not None:
-            results["pool"] = list(self._norm_of("pools", ops.pool_pair(h, *self.pool_pair)).split(C, 1))
-        elif self.pools:
-            results["pool"] = [self._norm_of(f"pool{g}", pool(h)) for g, pool in enumerate(self.pools)]
+            terms.append(self._norm_of("pools", ops.pool_pair(h, *self.pool_pair)))
+        else:
+            terms += [self._norm_of(f"pool{g}", pool(h)) for g, pool in enumerate(self.pools)]
         if self.stage1:
             y1 = self._stage("stage1", h)
-            sep = self.sep_units * C
             # the separable convolutions' first halves go on to stage 2 (read in place), the dilated ones are done
-            y1_sep, y1_dil = y1.split([sep, y1.shape[1] - sep], 1)
-            results["stage1"] = [None] * self.sep_units + list(y1_dil.split(C, 1))
-            if self.stage2:
-                y2 = self._stage("stage2", y1_sep)
-                results["stage2"] = list(y2.split(C, 1))
-        gate_inputs = None
-        if self.reduce_units:
-            gate_inputs = self._reduce(torch.relu(h), fmt).split(n * C, 1)  # per column: [N, n·C, H/2, W/2]
-            results["reduce"] = [unit for part in gate_inputs for unit in part.split(C, 1)]
+            if self.stage2 and self.dil_units:
+                y1_sep, y1_dil = y1.split([self.sep_units * C, self.dil_units * C], 1)
+                terms += [y1_dil, self._stage("stage2", y1_sep)]
+            else:
+                terms.append(self._stage("stage2", y1) if self.stage2 else y1)
+        gate_inputs = ()
+        if self.reduce_units:  # [skip_connect's units | per gate column: n units], each [N, ·, H/2, W/2]
+            gated = (self.reduce_units - self.reduced_units) // n
+            parts = self._reduce(torch.relu(h), _layout(h)).split([self.reduced_units * C] + [n * C] * gated, 1)
+            terms += [parts[0]] if self.reduced_units else []
+            gate_inputs = parts[1:]
         for name, at, *_ in self.channel_gates:
-            x = h if at is None else gate_inputs[at]
-            results.setdefault("channel_gate", []).append(self._channel_gate(name, x, at is None).split(C, 1))
+            terms.append(self._channel_gate(name, h if at is None else gate_inputs[at], at is None))
         for name, at, padding in self.spatial_gates:
-            x = h if at is None else gate_inputs[at]
-            results.setdefault("spatial_gate", []).append(self._spatial_gate(name, x, at is None, padding).split(C, 1))
-        outputs = []
-        for e in range(n):
-            row = []
-            for kind, g in self.outputs:
-                if kind in ("input", "pool"):
-                    row.append(results[kind][g])
-                elif kind in ("stage1", "stage2", "reduce"):
-                    row.append(results[kind][g * n + e])
-                elif kind in ("channel_gate", "spatial_gate"):
-                    row.append(results[kind][g][e])
-                else:
-                    row.append(None)
-            outputs.append(row)
-        return outputs
+            terms.append(self._spatial_gate(name, h if at is None else gate_inputs[at], at is None, padding))
+        return terms
 
     def _stage(self, stage: str, x: torch.Tensor) -> torch.Tensor:
         """ReLU and depthwise convolutions (one stack: every column's units in one call, the ReLU applied as x is

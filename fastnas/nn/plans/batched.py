@@ -2,9 +2,10 @@
 
 When a state h_j of a search cell is ready (a cell input or a finished node), the candidates of all the edges leaving
 it run at once (:class:`fastnas.nn.state_candidates.StateCandidates`: parameter-free candidates once per state, the
-convolutions, reductions and gates of all its edges as a few batched calls over stacked weights), and a node is summed
-by one :func:`fastnas.ops.mixed_sum` as soon as its last source has run, its weights picked by one indexing call.
-DARTS's arithmetic is unchanged; what changes is how many calls compute it.
+convolutions, reductions and gates of all its edges as a few batched calls over stacked weights), and one
+:func:`fastnas.ops.edge_sums` adds their weighted outputs to the running sums of the nodes they feed, its weights
+picked by one indexing call; a node is finished when its last source has run. DARTS's arithmetic is unchanged (up to
+the order of a node's terms); what changes is how many calls compute it.
 
 The cell's state dict keeps the per-edge names and shapes of the other plans (a state dict of any plan loads into
 any other); the parameters the optimisers see are the stacked ones.
@@ -67,9 +68,17 @@ class BatchedCellPlan(CellPlan):
         super().__init__(cell, runner)
         width = len(cell.active)
         self.sources = edges_by_source(cell)
-        slot = {e: (j, u) for j, edges in enumerate(self.sources) for u, e in enumerate(edges)}
-        self.slots = [[slot[e] for e in node] for node in cell.nodes]  # per node: (state, its edge's position)
-        self.positions = [tuple(e * width + c for e in node for c in range(width)) for node in cell.nodes]
+        nodes = len(cell.nodes)
+        for j, edges in enumerate(self.sources):  # state j feeds every node from max(j - 1, 0) on, in order
+            targets = [i for e in edges for i, node in enumerate(cell.nodes) if e in node]
+            if targets != list(range(max(j - 1, 0), nodes)):
+                raise ValueError("the batched plan runs cells whose every node reads every earlier state")
+        self.terms, self.positions = [], []
+        for j, candidates in enumerate(cell.state_candidates):
+            terms = candidates.terms + [(1, (c,)) for c in candidates.unbatched]  # the ops it does not know, last
+            columns = [c for _, cols in terms for c in cols]
+            self.terms.append([per_edge for per_edge, _ in terms])
+            self.positions.append(tuple(e * width + c for e in self.sources[j] for c in columns))
         self.pick = WeightPicker()
 
     def start(self) -> NodeSum:
@@ -77,20 +86,25 @@ class BatchedCellPlan(CellPlan):
 
     def nodes(self, inputs: Sequence[torch.Tensor], weights: torch.Tensor,
               edge_weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The nodes as running sums: each state in turn adds its edges' weighted candidates to the sums of the
+        nodes not finished yet (one :func:`fastnas.ops.edge_sums`); the first of them is then finished."""
         cell = self.cell
-        states, outputs = list(inputs), []
-        for i, slots in enumerate(self.slots):
-            while len(outputs) < i + 2:  # the states this node reads have all run their outgoing candidates
-                j = len(outputs)
-                h = states[j]
-                candidates = cell.state_candidates[j]
-                rows = self.runner.module(candidates, h)  # (a compiled region under --compile)
-                if candidates.unbatched:  # the ops it does not know, per edge
-                    for e, row in zip(self.sources[j], rows):
-                        row[:] = [cell.edges[e][c](h) if out is None else out for c, out in enumerate(row)]
-                outputs.append(rows)
-            terms = [out for j, u in slots for out in outputs[j][u]]
-            states.append(ops.mixed_sum(terms, self.pick(weights, self.positions[i])))
+        states, partial = list(inputs), None
+        for j, candidates in enumerate(cell.state_candidates):
+            h = states[j]
+            terms = list(self.runner.module(candidates, h))  # (a compiled region under --compile)
+            for c in candidates.unbatched:  # the ops it does not know, per edge
+                terms.append(torch.cat([cell.edges[e][c](h) for e in self.sources[j]], 1))
+            n, C = len(self.sources[j]), h.shape[1]
+            sums = ops.edge_sums(terms, self.pick(weights, self.positions[j]).view(n, -1), self.terms[j], C,
+                                 partial)
+            if j == 0:
+                partial = sums
+            elif n == 1:
+                states.append(sums)
+            else:  # the first node is finished; the others go on (channel slices, read where they are)
+                node, partial = sums.split([C, (n - 1) * C], 1)
+                states.append(node)
         return states[2:]
 
 
