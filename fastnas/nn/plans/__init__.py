@@ -9,8 +9,8 @@
 ``fused_norms``  the memory plan, with the backend's node sum applying the candidates' final batch norms
                  (:class:`FusedNormsPlan`; the default where its kernels run: the ``cpu`` backend, channels_last,
                  float32/float64, no autocast)
-``batched``      each state's outgoing candidates as a few batched calls over stacked weights, one fused sum per
-                 node (:class:`BatchedPlan`)
+``batched``      each state's outgoing candidates as a few batched calls over stacked weights, added to the running
+                 node sums by one call per state (:class:`BatchedPlan`)
 ``partial``      PC-DARTS's partial channels (:class:`PartialChannelsPlan`)
 ``regions``      another plan with the cell's modules run as compiled regions (:class:`RegionsPlan`)
 ``aux_skip``     another plan's sums plus DARTS-'s auxiliary skip on every edge (:class:`AuxSkipPlan`)
