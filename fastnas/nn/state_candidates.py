@@ -13,7 +13,7 @@ Every edge leaving a state h applies the same candidate ops to h, each edge with
   grouped 1×1 convolution and one batch norm over the stacked channels (per-channel statistics: exact), then the
   second halves of the separable convolutions the same way;
 * the factorized reductions of stride-2 edges (``skip_connect``'s and the gates') as one pair of 1×1 convolutions;
-* the channel gates' MLPs as batched matrix products, the spatial gates' convolutions as one convolution, and at
+* the channel gates' MLPs as two grouped 1×1 convolutions, the spatial gates' convolutions as one convolution, and at
   stride 1 every gate scaling the state in one call (:func:`fastnas.ops.scale_stack`).
 
 :meth:`StateCandidates.forward` returns the stacked outputs themselves (:attr:`StateCandidates.terms` says which
@@ -170,10 +170,12 @@ class StateCandidates(nn.Module):
             gates = [(p + ("1." if k in reduced else ""), op[1] if k in reduced else op) for p, op in per_edge(k)]
             g = len(self.channel_gates if kind == "channel_gate" else self.spatial_gates)
             name = f"{kind}{g}"
-            if kind == "channel_gate":
-                for attr, key in (("w1", "mlp.0.weight"), ("b1", "mlp.0.bias"), ("w2", "mlp.2.weight"),
-                                  ("b2", "mlp.2.bias")):
-                    self._stack(f"{name}_{attr}", gates, key, merge=False)
+            if kind == "channel_gate":  # the MLPs' weights as grouped 1×1 convolution weights (and biases)
+                hid, width = gates[0][1].mlp[0].weight.shape
+                self._stack(f"{name}_w1", gates, "mlp.0.weight", view=(hid, width, 1, 1))
+                self._stack(f"{name}_b1", gates, "mlp.0.bias")
+                self._stack(f"{name}_w2", gates, "mlp.2.weight", view=(width, hid, 1, 1))
+                self._stack(f"{name}_b2", gates, "mlp.2.bias")
                 self.channel_gates.append((name, reduced.get(k)))
             else:
                 self._stack(f"{name}_conv", gates, "conv.weight")
@@ -310,15 +312,13 @@ class StateCandidates(nn.Module):
         """Each unit's channel gate applied to x (``shared``: the state, the same input for every unit; else the
         units' own inputs [N, units·C, H, W]): [N, units·C, H, W]."""
         w1, b1, w2, b2 = (getattr(self, f"{name}_{a}") for a in ("w1", "b1", "w2", "b2"))
-        units, C, N = w1.shape[0], w1.shape[2], x.shape[0]
-        # the MLPs of all units as batched matrix products over [units, 2N, ·]: avg- and max-pooled rows
+        units, N = w1.shape[0] // w2.shape[1], x.shape[0]
+        # the MLPs of all units as two grouped 1×1 convolutions of the avg- and max-pooled rows [2N, ·, 1, 1]
         rows = torch.cat(ops.channel_pool(x), 0)  # [2N, C] (shared) or [2N, units·C]
-        pooled = rows.expand(units, -1, -1) if shared else rows.view(2 * N, units, C).transpose(0, 1)
-        hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), pooled, w1.transpose(1, 2)))
-        out = torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))  # [units, 2N, C]
-        logits = (out[:, :N] + out[:, N:]).transpose(0, 1)  # [N, units, C]
+        hidden = torch.relu(F.conv2d(rows.view(2 * N, -1, 1, 1), w1, b1, groups=1 if shared else units))
+        logits = F.conv2d(hidden, w2, b2, groups=units).view(2, N, -1).sum(0)  # [N, units·C]: avg + max paths
         # each unit scales its own channels, or every unit the shared state: one fused op either way
-        return (ops.scale_stack if shared else ops.channel_scale)(x, logits.reshape(N, units * C))
+        return (ops.scale_stack if shared else ops.channel_scale)(x, logits)
 
     def _spatial_gate(self, name: str, x: torch.Tensor, shared: bool, padding) -> torch.Tensor:
         """Each unit's spatial gate applied to x (as :meth:`_channel_gate`): [N, units·C, H, W]."""
