@@ -628,3 +628,14 @@ def _fused_node(w, num_normalized, running_means, running_vars, momentum, eps, *
 def test_single_channel_conv_bad_inputs(bad, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         bad()
+
+
+@pytest.mark.parametrize("used", ["avg", "max"])
+def test_channel_pool_with_one_output_used(used):
+    """No gradient is materialised for an unused output (nor for the positions): the other one's is right alone."""
+    x = _make((2, 5, 4, 3), torch.float64, "channels_last").requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    pick = 0 if used == "avg" else 1
+    (grad,) = torch.autograd.grad(ops.channel_pool(x, backend="cpu")[pick].sum(), x)
+    (want,) = torch.autograd.grad(ops.reference.channel_pool(ref_x)[pick].sum(), ref_x)
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)

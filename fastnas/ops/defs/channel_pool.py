@@ -67,12 +67,17 @@ def _autograd(kernels: dict):
         (x,) = inputs
         argmax = output[2]
         ctx.mark_non_differentiable(argmax)
+        ctx.set_materialize_grads(False)  # (no zero gradient is made for the positions)
         ctx.save_for_backward(argmax)
         ctx.hw = (x.shape[2], x.shape[3])
         ctx.channels_last = layout.prefers_channels_last(x)
 
     def backward(ctx, grad_avg, grad_max, _grad_argmax):
+        if grad_avg is None and grad_max is None:
+            return None
         (argmax,) = ctx.saved_tensors
+        grad_avg = torch.zeros_like(grad_max) if grad_avg is None else grad_avg
+        grad_max = torch.zeros_like(grad_avg) if grad_max is None else grad_max
         run = backward_kernels(kernels, REFERENCES)
         return run["channel_pool_backward"](grad_avg, grad_max, argmax, *ctx.hw, ctx.channels_last)
 

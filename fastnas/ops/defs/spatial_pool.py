@@ -59,11 +59,14 @@ def _autograd(kernels: dict):
     def setup_context(ctx, inputs, output):
         (x,) = inputs
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # (no zero gradient is made for the positions)
         ctx.save_for_backward(output[1])
         ctx.channels = x.shape[1]
         ctx.channels_last = layout.prefers_channels_last(x)
 
     def backward(ctx, grad, _grad_argmax):
+        if grad is None:
+            return None
         (argmax,) = ctx.saved_tensors
         run = backward_kernels(kernels, REFERENCES)
         return run["spatial_pool_backward"](grad, argmax, ctx.channels, ctx.channels_last)
