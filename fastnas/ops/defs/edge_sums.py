@@ -13,6 +13,7 @@ running sum over its sources, with no op per node and no view per edge. Terms ma
 channels_last tensors (read where they are). One backward call returns every term's gradient (a shared unit's summed
 over the edges) and, when needed, the weights'; the partial's gradient is the output's, passed on without a copy.
 Terms are kept for the backward only when the weights need a gradient; double backward differentiates the reference.
+A backend without kernels runs an einsum per term (a few calls, whatever the number of edges and candidates).
 """
 from __future__ import annotations
 
@@ -91,6 +92,26 @@ def _sums(terms, weights, per_edge, channels, partial):
     return torch.cat(outs, 1).to(terms[0].dtype)
 
 
+def _batched_sums(terms, weights, per_edge, channels, partial):
+    """The same sums as a few batched calls per term (an einsum over the term's units), not one per edge and
+    candidate: what runs where a backend has no kernel of its own (and the reference backend's forward)."""
+    n, C = weights.shape[0], channels
+    acc = layout.acc_dtype(terms[0].dtype)
+    w = weights.to(acc)
+    out = partial.to(acc).unflatten(1, (n, C)) if partial is not None else None  # [N, n, C, H, W]
+    k = 0
+    for x, pe in zip(terms, per_edge):
+        units = x.shape[1] // C
+        columns = units // n if pe else units
+        if pe:  # unit g·n + e: [N, g, e, C, H, W]
+            part = torch.einsum("ngechw,eg->nechw", x.to(acc).unflatten(1, (columns, n, C)), w[:, k:k + columns])
+        else:  # shared units: [N, u, C, H, W]
+            part = torch.einsum("nuchw,eu->nechw", x.to(acc).unflatten(1, (columns, C)), w[:, k:k + columns])
+        out = part if out is None else out + part
+        k += columns
+    return out.flatten(1, 2).to(terms[0].dtype)
+
+
 def reference(terms: Sequence[torch.Tensor], weights: torch.Tensor, per_edge: Sequence[int], channels: int,
               partial: torch.Tensor | None = None) -> torch.Tensor:
     """Per edge e, ``partial``'s C channels of e plus Σ_k weights[e, k] · candidate k of edge e (see the module
@@ -100,7 +121,7 @@ def reference(terms: Sequence[torch.Tensor], weights: torch.Tensor, per_edge: Se
 
 
 def _forward_kernel(terms, weights, per_edge, channels, partial):
-    out = _sums(terms, weights, per_edge, channels, partial)
+    out = _batched_sums(terms, weights, per_edge, channels, partial)
     return layout.shaped(out.shape, terms[0], layout.prefers_channels_last(terms[0])).copy_(out)
 
 
@@ -175,7 +196,7 @@ def edge_sums(terms: Sequence[torch.Tensor], weights: torch.Tensor, per_edge: Se
     check(terms, weights, per_edge, channels, partial)
     kernel = select(terms[0].device.type, backend).kernels.get(OP)
     if kernel is None or torch.is_autocast_enabled(terms[0].device.type):
-        return _sums(terms, weights, per_edge, channels, partial)
+        return _batched_sums(terms, weights, per_edge, channels, partial)
     return kernel(list(terms), weights, per_edge, channels, partial)
 
 
