@@ -11,6 +11,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace fastnas {
@@ -238,6 +239,19 @@ inline bool prefers_channels_last(const Tensor& t) {
 }
 
 inline Tensor in_layout(const Tensor& t, Layout l) { return t.contiguous(memory_format(l)); }
+
+// A result computed channels_last, in the layout the ops' rule gives: channels_last when x prefers it, else NCHW.
+inline Tensor in_rule_layout(const Tensor& result, const Tensor& x) {
+  return prefers_channels_last(x) ? result : result.contiguous();
+}
+
+// x as the kernels that walk channels_last pixel rows read it, and the distance between its pixels (elements):
+// channels_last data or a channel slice of it as it is, anything else made channels_last first.
+inline std::pair<Tensor, int64_t> channels_last_rows(const Tensor& x) {
+  if (x.is_contiguous(c10::MemoryFormat::ChannelsLast)) return {x, x.size(1)};
+  if (prefers_channels_last(x)) return {x, x.stride(3)};
+  return {x.contiguous(c10::MemoryFormat::ChannelsLast), x.size(1)};
+}
 
 // A same-shape output for `like` (empty_like semantics) and the buffer the kernel writes: the output itself when it
 // is NCHW or NHWC, else a contiguous temporary that finish_output copies back.

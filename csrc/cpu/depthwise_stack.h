@@ -305,19 +305,11 @@ void stack_input_grad(const T* g, at::TensorList weights, const StackProblem& p,
 
 namespace {
 
-// the output in the layout the ops' rule gives (channels_last when x prefers it, a channel slice included)
-inline Tensor in_rule_layout(const Tensor& t, const Tensor& x) {
-  return prefers_channels_last(x) ? t : t.contiguous();
-}
-
-// x as the kernels read it: channels_last data, or a channel slice of it (channel stride 1, pixels Xs apart) as it is
+// x as the kernels read it, its pixel stride into p.Xs
 inline Tensor pixel_strided(const Tensor& x, StackProblem& p) {
-  if (prefers_channels_last(x) && !x.is_contiguous(c10::MemoryFormat::ChannelsLast)) {
-    p.Xs = x.stride(3);
-    return x;
-  }
-  p.Xs = p.Cx;
-  return x.contiguous(c10::MemoryFormat::ChannelsLast);
+  auto [xc, xs] = channels_last_rows(x);
+  p.Xs = xs;
+  return xc;
 }
 
 Tensor depthwise_stack(const Tensor& x, at::TensorList weights, at::IntArrayRef stride, at::IntArrayRef padding,

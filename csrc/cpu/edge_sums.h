@@ -39,19 +39,6 @@ struct EdgeSumsProblem {
   int64_t unit_of(int64_t k, int64_t e) const { return cols[k].shared ? cols[k].unit : cols[k].unit * n + e; }
 };
 
-// a channel slice of a channels_last tensor (or channels_last data): channel stride 1, pixels xs >= C apart
-inline bool pixel_rows(const Tensor& x) {
-  const int64_t xs = x.stride(3);
-  return x.stride(1) == 1 && xs >= x.size(1) && x.stride(2) == x.size(3) * xs &&
-         (x.size(0) <= 1 || x.stride(0) == x.size(2) * x.size(3) * xs);
-}
-
-// x as the kernels read it (pixels xs apart), and xs
-inline std::pair<Tensor, int64_t> as_pixel_rows(const Tensor& x) {
-  if (x.size(2) * x.size(3) > 0 && pixel_rows(x)) return {x, x.stride(3)};
-  return {x.contiguous(c10::MemoryFormat::ChannelsLast), x.size(1)};
-}
-
 // the columns of terms of `units` C-channel units each (per_edge: g n + e is candidate g of edge e)
 inline void add_columns(const char* op, EdgeSumsProblem& p, at::IntArrayRef units, at::IntArrayRef per_edge,
                         const Tensor& weights) {
@@ -229,13 +216,13 @@ Tensor edge_sums(at::TensorList terms, const Tensor& weights, at::IntArrayRef pe
     std::vector<Tensor> held;
     std::vector<int64_t> xstride;
     for (const Tensor& x : terms) {
-      auto [xc, xs] = as_pixel_rows(x);
+      auto [xc, xs] = channels_last_rows(x);
       held.push_back(xc);
       xstride.push_back(xs);
     }
     Tensor pc;
     int64_t ps = 0;
-    if (partial.has_value()) std::tie(pc, ps) = as_pixel_rows(*partial);
+    if (partial.has_value()) std::tie(pc, ps) = channels_last_rows(*partial);
     const Tensor wa = as_acc(weights, x0.scalar_type());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "fastnas::edge_sums", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -246,7 +233,7 @@ Tensor edge_sums(at::TensorList terms, const Tensor& weights, at::IntArrayRef pe
                                   out.data_ptr<scalar_t>(), p);
     });
   }
-  return prefers_channels_last(x0) ? out : out.contiguous();
+  return in_rule_layout(out, x0);
 }
 
 std::tuple<std::vector<Tensor>, Tensor> edge_sums_backward(const Tensor& grad, at::TensorList terms,
@@ -292,7 +279,7 @@ std::tuple<std::vector<Tensor>, Tensor> edge_sums_backward(const Tensor& grad, a
     std::vector<Tensor> held;
     std::vector<int64_t> xstride;
     for (const Tensor& x : terms) {
-      auto [xc, xs] = need_weights_grad ? as_pixel_rows(x) : std::pair<Tensor, int64_t>{x, 0};
+      auto [xc, xs] = need_weights_grad ? channels_last_rows(x) : std::pair<Tensor, int64_t>{x, 0};
       held.push_back(xc);
       xstride.push_back(xs);
     }

@@ -328,7 +328,7 @@ std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, at::IntArrayRef kernel_si
       max_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), g);
     });
   }
-  return {prefers_channels_last(x) ? out : out.contiguous(), pos};
+  return {in_rule_layout(out, x), pos};
 }
 
 Tensor max_pool2d_backward(const Tensor& grad, const Tensor& argmax, int64_t H, int64_t W,
@@ -369,7 +369,7 @@ Tensor avg_pool2d(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef 
       avg_pool_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g);
     });
   }
-  return prefers_channels_last(x) ? out : out.contiguous();
+  return in_rule_layout(out, x);
 }
 
 Tensor avg_pool2d_backward(const Tensor& grad, int64_t H, int64_t W, at::IntArrayRef kernel_size,
@@ -400,15 +400,14 @@ std::tuple<Tensor, Tensor> pool_pair(const Tensor& x, at::IntArrayRef kernel_siz
   Tensor pos = pool_output(x, {g.N, g.C, g.Ho, g.Wo}, true, at::kByte);
   if (pos.numel() > 0) {
     // a channel slice of a channels_last tensor (a node of a search cell's running sums) is read where it is
-    const bool slice = prefers_channels_last(x) && !x.is_contiguous(c10::MemoryFormat::ChannelsLast);
-    Tensor xc = slice ? x : x.contiguous(c10::MemoryFormat::ChannelsLast);
+    auto [xc, xs] = channels_last_rows(x);
     PoolGeometry gx = g;
-    gx.xs = slice ? x.stride(3) : 0;
+    gx.xs = xs;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::pool_pair", [&] {
       pool_pair_fwd<scalar_t>(xc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), gx);
     });
   }
-  return {prefers_channels_last(x) ? out : out.contiguous(), pos};
+  return {in_rule_layout(out, x), pos};
 }
 
 Tensor pool_pair_backward(const Tensor& grad, const Tensor& argmax, int64_t H, int64_t W, at::IntArrayRef kernel_size,

@@ -112,13 +112,10 @@ Tensor stacked_output(const Tensor& x, const StackGates& g) {
                    x.options().memory_format(c10::MemoryFormat::ChannelsLast));
 }
 
-// the output in the layout the ops' rule gives (channels_last when x prefers it, else contiguous)
-Tensor in_rule_layout_of(const Tensor& t, const Tensor& x) { return prefers_channels_last(x) ? t : t.contiguous(); }
-
 Tensor scale_stack(const Tensor& x_in, const Tensor& logits) {
   const StackGates g = stack_gates("scale_stack", x_in, logits);
   Tensor out = stacked_output(x_in, g);
-  if (out.numel() == 0) return in_rule_layout_of(out, x_in);
+  if (out.numel() == 0) return in_rule_layout(out, x_in);
   const Tensor x = in_layout(x_in, Layout::NHWC);
   const Tensor l = as_acc(logits, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastnas::scale_stack", [&] {
@@ -126,7 +123,7 @@ Tensor scale_stack(const Tensor& x_in, const Tensor& logits) {
     const Tensor s = sigmoid_of<A>(l);
     scale_stack_forward<scalar_t>(x.const_data_ptr<scalar_t>(), s.const_data_ptr<A>(), out.data_ptr<scalar_t>(), g);
   });
-  return in_rule_layout_of(out, x_in);
+  return in_rule_layout(out, x_in);
 }
 
 std::tuple<Tensor, Tensor> scale_stack_backward(const Tensor& grad, const Tensor& x_in, const Tensor& logits,

@@ -11,8 +11,13 @@ from .. import ops
 class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d``; without dilation, ceil mode or returned indices, on the selected backend's pooling."""
 
+    @property
+    def fused(self) -> bool:
+        """Whether its settings are the ones the ops' pooling computes (else it is ``nn.MaxPool2d``'s)."""
+        return self.dilation in (1, (1, 1)) and not self.ceil_mode and not self.return_indices
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dilation not in (1, (1, 1)) or self.ceil_mode or self.return_indices or x.dim() != 4:
+        if not self.fused or x.dim() != 4:
             return super().forward(x)
         return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
@@ -21,7 +26,12 @@ class AvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d``; with ``count_include_pad=False`` and no ceil mode or divisor override, on the selected
     backend's pooling."""
 
+    @property
+    def fused(self) -> bool:
+        """Whether its settings are the ones the ops' pooling computes (else it is ``nn.AvgPool2d``'s)."""
+        return not self.count_include_pad and not self.ceil_mode and self.divisor_override is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.count_include_pad or self.ceil_mode or self.divisor_override is not None or x.dim() != 4:
+        if not self.fused or x.dim() != 4:
             return super().forward(x)
         return ops.avg_pool2d(x, self.kernel_size, self.stride, self.padding)

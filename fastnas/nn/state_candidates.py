@@ -337,13 +337,10 @@ class StateCandidates(nn.Module):
 def _pair_config(first: nn.Module, second: nn.Module) -> tuple | None:
     """(kernel size, stride, padding) when ``first`` and ``second`` are a max and an average pool that
     :func:`fastnas.ops.pool_pair` computes together (one configuration, its pooling arithmetic), else None."""
-    if not (type(first) is MaxPool2d and type(second) is AvgPool2d):
+    if not (type(first) is MaxPool2d and type(second) is AvgPool2d and first.fused and second.fused):
         return None
     config = [(m.kernel_size, m.stride, m.padding) for m in (first, second)]
-    if config[0] != config[1] or first.dilation not in (1, (1, 1)) or first.ceil_mode or first.return_indices \
-            or second.ceil_mode or second.count_include_pad or second.divisor_override is not None:
-        return None
-    return config[0]
+    return config[0] if config[0] == config[1] else None
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -46,8 +46,8 @@ class SharedReLU:
 
 class WeightPicker:
     """Entries of a node's weights [edges, ops] as one vector, picked by one indexing call (not one call per entry),
-    with a constant 1 after them where asked (the weight of a share already summed). The index tensors are made once
-    per (positions, device)."""
+    with a constant 1 after them where asked (the weight of a share already summed), or as a matrix (:meth:`block`).
+    The index tensors are made once per (positions, device)."""
 
     def __init__(self) -> None:
         self.indices: dict[tuple, torch.Tensor] = {}
@@ -63,6 +63,14 @@ class WeightPicker:
         if one:
             flat = torch.nn.functional.pad(flat, (0, 1), value=1.0)
         return flat.index_select(0, index)
+
+    def block(self, weights: torch.Tensor, positions: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+        """``weights.flatten()[positions]`` as a matrix (one row per tuple), by one ``torch.take``."""
+        key = (positions, weights.device)
+        index = self.indices.get(key)
+        if index is None:
+            index = self.indices[key] = torch.tensor(positions, device=weights.device)
+        return torch.take(weights, index)
 
 
 class Runner(Protocol):

@@ -4,8 +4,8 @@ When a state h_j of a search cell is ready (a cell input or a finished node), th
 it run at once (:class:`fastnas.nn.state_candidates.StateCandidates`: parameter-free candidates once per state, the
 convolutions, reductions and gates of all its edges as a few batched calls over stacked weights), and one
 :func:`fastnas.ops.edge_sums` adds their weighted outputs to the running sums of the nodes they feed, its weights
-picked by one indexing call (``torch.take``); a node is finished when its last source has run. DARTS's arithmetic is unchanged (up to
-the order of a node's terms); what changes is how many calls compute it.
+picked by one indexing call (``torch.take``); a node is finished when its last source has run. DARTS's arithmetic
+is unchanged (up to the order of a node's terms); what changes is how many calls compute it.
 
 The cell's state dict keeps the per-edge names and shapes of the other plans (a state dict of any plan loads into
 any other); the parameters the optimisers see are the stacked ones.
@@ -19,7 +19,7 @@ from torch import nn
 
 from ... import ops
 from ..state_candidates import StateCandidates
-from .base import CellPlan, NodeSum, Plan, Runner
+from .base import CellPlan, NodeSum, Plan, Runner, WeightPicker
 
 
 class _RunBatched(nn.Module):
@@ -78,8 +78,8 @@ class BatchedCellPlan(CellPlan):
             terms = candidates.terms + [(1, (c,)) for c in candidates.unbatched]  # the ops it does not know, last
             columns = [c for _, cols in terms for c in cols]
             self.terms.append([per_edge for per_edge, _ in terms])
-            self.positions.append([[e * width + c for c in columns] for e in self.sources[j]])
-        self.indices: dict[torch.device, list[torch.Tensor]] = {}  # per device, per state: positions [edges, K]
+            self.positions.append(tuple(tuple(e * width + c for c in columns) for e in self.sources[j]))
+        self.pick = WeightPicker()
 
     def start(self) -> NodeSum:
         raise TypeError("the batched plan runs a cell's nodes together: call nodes()")
@@ -90,9 +90,6 @@ class BatchedCellPlan(CellPlan):
         nodes not finished yet (one :func:`fastnas.ops.edge_sums`); the first of them is then finished."""
         cell = self.cell
         states, partial = list(inputs), None
-        indices = self.indices.get(weights.device)
-        if indices is None:
-            indices = self.indices[weights.device] = [torch.tensor(p, device=weights.device) for p in self.positions]
         for j, candidates in enumerate(cell.state_candidates):
             h = states[j]
             terms = list(self.runner.module(candidates, h))  # (a compiled region under --compile)
@@ -100,7 +97,7 @@ class BatchedCellPlan(CellPlan):
                 terms.append(torch.cat([cell.edges[e][c](h) for e in self.sources[j]], 1))
             n, C = len(self.sources[j]), h.shape[1]
             # the weights of the state's edges [edges, candidates]: one indexing call
-            sums = ops.edge_sums(terms, torch.take(weights, indices[j]), self.terms[j], C, partial)
+            sums = ops.edge_sums(terms, self.pick.block(weights, self.positions[j]), self.terms[j], C, partial)
             if j == 0:
                 partial = sums
             elif n == 1:

@@ -40,9 +40,13 @@ def _gates(x: torch.Tensor, logits: torch.Tensor, acc: torch.dtype) -> torch.Ten
     return s.unsqueeze(2)
 
 
-def _scaled(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _product(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     acc = layout.acc_dtype(x.dtype)
-    out = (x.to(acc).unsqueeze(1) * _gates(x, logits, acc)).flatten(1, 2).to(x.dtype)
+    return (x.to(acc).unsqueeze(1) * _gates(x, logits, acc)).flatten(1, 2).to(x.dtype)
+
+
+def _scaled(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    out = _product(x, logits)
     return layout.shaped(out.shape, x, layout.prefers_channels_last(x)).copy_(out)
 
 
@@ -50,8 +54,7 @@ def reference(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Unit u of the output: x·sigmoid(logits[:, u·C:(u+1)·C])[:, :, None, None] (channel logits) or
     x·sigmoid(logits[:, u:u+1]) (spatial logits)."""
     check(x, logits)
-    acc = layout.acc_dtype(x.dtype)
-    return (x.to(acc).unsqueeze(1) * _gates(x, logits, acc)).flatten(1, 2).to(x.dtype)
+    return _product(x, logits)
 
 
 def _backward_kernel(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor,
